@@ -1,0 +1,49 @@
+"""glassroom: run an AI agent's code in a disposable, policy-first, audited sandbox.
+
+The public surface is exactly ``__all__`` (pinned by tests/unit/test_public_api.py).
+"""
+
+from ._errors import (
+    AuditError,
+    AuditIntegrityError,
+    BackendUnavailable,
+    CommandError,
+    GlassroomError,
+    PlanError,
+    PolicyError,
+    SandboxClosed,
+    SandboxError,
+    SandboxPathError,
+    WallError,
+)
+from ._sandbox import Files, RunResult, Sandbox
+from .backends.base import FileEntry, Receipt
+from .lifecycle.supervisor import Blocked
+from .policy import Policy, default_policy, load_policy, parse_policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuditError",
+    "AuditIntegrityError",
+    "BackendUnavailable",
+    "Blocked",
+    "CommandError",
+    "FileEntry",
+    "Files",
+    "GlassroomError",
+    "PlanError",
+    "Policy",
+    "PolicyError",
+    "Receipt",
+    "RunResult",
+    "Sandbox",
+    "SandboxClosed",
+    "SandboxError",
+    "SandboxPathError",
+    "WallError",
+    "__version__",
+    "default_policy",
+    "load_policy",
+    "parse_policy",
+]

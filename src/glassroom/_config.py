@@ -1,0 +1,60 @@
+"""Where glassroom keeps its host-side state, and who the sandbox runs as.
+
+Every location can be overridden by an environment variable of the
+*supervisor* (never seen inside a sandbox), so tests and services can keep
+their state apart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Host uid/gid the sandbox runs as when glassroom itself runs as root:
+#: "root outside, nobody inside".  Inside, the sandbox sees uid/gid 1000.
+DEFAULT_SANDBOX_UID = 65534
+DEFAULT_SANDBOX_GID = 65534
+INSIDE_UID = 1000
+INSIDE_GID = 1000
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def state_dir() -> Path:
+    """Runtime state (sandbox records for the reaper, the init script)."""
+    env = os.environ.get("GLASSROOM_STATE_DIR")
+    if env:
+        return Path(env)
+    if is_root():
+        return Path("/run/glassroom")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.access(runtime, os.W_OK):
+        return Path(runtime) / "glassroom"
+    return Path(f"/tmp/glassroom-{os.geteuid()}")
+
+
+def audit_log_path() -> Path:
+    env = os.environ.get("GLASSROOM_AUDIT_LOG")
+    if env:
+        return Path(env)
+    if is_root():
+        return Path("/var/lib/glassroom/audit.jsonl")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "glassroom" / "audit.jsonl"
+
+
+def sandbox_ids() -> tuple[int, int]:
+    """The host uid/gid sandboxed code runs as."""
+    if not is_root():
+        return os.geteuid(), os.getegid()
+    uid = int(os.environ.get("GLASSROOM_SANDBOX_UID", DEFAULT_SANDBOX_UID))
+    gid = int(os.environ.get("GLASSROOM_SANDBOX_GID", DEFAULT_SANDBOX_GID))
+    if uid == 0 or gid == 0:
+        raise ValueError("GLASSROOM_SANDBOX_UID/GID must not be 0: nobody inside")
+    return uid, gid
+
+
+def cgroup_parent() -> str:
+    return os.environ.get("GLASSROOM_CGROUP_PARENT", "glassroom")

@@ -1,0 +1,324 @@
+"""The in-sandbox init: applies the last walls, then runs commands on request.
+
+It runs INSIDE the sandbox as ``/usr/bin/python3 -I -S /.glassroom/sandbox_init.py``
+after bubblewrap has built the namespaces and mounts and loaded seccomp.
+Landlock must come after the mounts (a Landlock-restricted process may not
+change its mount topology), so it cannot be applied before bwrap; this
+process applies it to itself before anything untrusted runs, and every
+command inherits it.
+
+Import cost matters (it is paid on every sandbox start), so only C modules
+and ``landlock`` (ctypes) are imported: no ``socket``, ``signal``, ``json``.
+
+Protocol, over the SOCK_SEQPACKET socket on fd 3 (one message = one datagram):
+
+* supervisor -> init: ``marshal`` dicts (the supervisor is trusted), fds
+  attached with SCM_RIGHTS.
+* init -> supervisor: JSON objects.  The supervisor treats them as untrusted
+  (sandboxed code could have taken this process over): bounded, validated.
+
+Ops: ``config`` (first), ``exec`` (fds: stdin, stdout, stderr), ``file``
+(fd: a pipe end), ``signal``.  Replies: ``ready``, ``started``, ``exit``,
+``error``, ``fatal``.
+"""
+
+import _json
+import _socket
+import marshal
+import os
+import resource
+import select
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import landlock  # noqa: E402  (stdlib-only sibling module, bound read-only here)
+
+CTL_FD = int(sys.argv[1]) if len(sys.argv) > 1 else 3  # the supervisor passes the number
+SIGKILL = 9
+MAX_MSG = 1 << 20
+_json_str = _json.encode_basestring_ascii
+
+
+def _enc(value: object) -> str:
+    """Tiny JSON encoder: avoids importing ``json`` (it pulls in ``re``).
+
+    Everything is imported before Landlock is applied: after that the
+    interpreter's own files may be invisible to this process.
+    """
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return _json_str(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(_json_str(str(k)) + ":" + _enc(v) for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_enc(v) for v in value) + "]"
+    return _json_str(str(value))
+
+
+class Init:
+    def __init__(self) -> None:
+        self.ctl = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, CTL_FD)
+        self.children: dict[int, tuple[int, int]] = {}  # pidfd -> (request id, pid)
+        self.poll = select.poll()
+        self.poll.register(self.ctl.fileno(), select.POLLIN)
+
+    def send(self, msg: dict[str, object]) -> None:
+        try:
+            self.ctl.send(_enc(msg).encode())
+        except OSError:
+            self.shutdown()
+
+    def recv(self) -> tuple[dict[str, object], list[int]]:
+        data, anc, _flags, _addr = self.ctl.recvmsg(MAX_MSG, _socket.CMSG_SPACE(4 * 8))
+        if not data:
+            self.shutdown()
+        fds: list[int] = []
+        for level, kind, payload in anc:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds += [
+                    int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4)
+                ]
+        return marshal.loads(data), fds
+
+    def shutdown(self) -> None:
+        """The supervisor went away: nothing may outlive it."""
+        for _pidfd, (_rid, pid) in list(self.children.items()):
+            try:
+                os.killpg(pid, SIGKILL)
+            except OSError:
+                pass
+        os._exit(0)
+
+    def configure(self, cfg: dict[str, object]) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        # Not dumpable: code running as the same uid cannot open /proc/<init>/mem.
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+        try:
+            abi = landlock.restrict(
+                read=cfg["read"],
+                write=cfg["write"],
+                execute=cfg["execute"],
+                devices=cfg["devices"],
+                listable=cfg["listable"],
+            )
+        except OSError as exc:
+            self.send({"op": "fatal", "wall": "landlock", "error": str(exc)})
+            os._exit(125)
+        for name, value in cfg["rlimits"].items():
+            try:
+                resource.setrlimit(getattr(resource, name), (value, value))
+            except (OSError, ValueError) as exc:
+                self.send({"op": "fatal", "wall": "rlimits", "error": f"{name}: {exc}"})
+                os._exit(125)
+        self.send({"op": "ready", "landlock_abi": abi, "pid": os.getpid()})
+
+    def spawn(self, rid: int, fds: list[int], body: object) -> None:
+        """Fork a child that runs ``body``; report its start and, later, its exit."""
+        errr, errw = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(errr)
+                os.setsid()
+                self.ctl.close()
+                body(errw, fds)  # type: ignore[operator]
+            except OSError as exc:
+                # Before the op started, errw carries the error; once the op has
+                # closed errw (and started streaming) the errno is the exit code.
+                try:
+                    os.write(errw, str(exc.errno or 0).encode() + b" " + str(exc).encode())
+                except OSError:
+                    pass
+                os._exit((exc.errno or 1) & 0xFF)
+            finally:
+                os._exit(127)
+        os.close(errw)
+        for fd in fds:
+            os.close(fd)
+        err = os.read(errr, 4096)
+        os.close(errr)
+        if err:
+            os.waitpid(pid, 0)
+            code, _, text = err.decode(errors="replace").partition(" ")
+            self.send({"op": "error", "id": rid, "errno": int(code or 0), "error": text})
+            return
+        pidfd = os.pidfd_open(pid)
+        self.children[pidfd] = (rid, pid)
+        self.poll.register(pidfd, select.POLLIN)
+        self.send({"op": "started", "id": rid, "pid": pid})
+
+    def reap(self, pidfd: int) -> None:
+        rid, pid = self.children.pop(pidfd)
+        self.poll.unregister(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            self.send({"op": "exit", "id": rid, "code": None, "signal": os.WTERMSIG(status)})
+        else:
+            self.send(
+                {"op": "exit", "id": rid, "code": os.waitstatus_to_exitcode(status), "signal": None}
+            )
+
+    def loop(self) -> None:
+        while True:
+            for fd, _ev in self.poll.poll():
+                if fd == self.ctl.fileno():
+                    msg, fds = self.recv()
+                    self.handle(msg, fds)
+                elif fd in self.children:
+                    self.reap(fd)
+            # Orphans re-parented to bwrap's pid 1 are reaped by it, not here.
+
+    def handle(self, msg: dict[str, object], fds: list[int]) -> None:
+        op = msg.get("op")
+        rid = int(msg.get("id", 0))  # type: ignore[arg-type]
+        if op == "config":
+            self.configure(msg)
+        elif op == "exec":
+            self.spawn(rid, fds, _exec_body(msg))
+        elif op == "file":
+            self.spawn(rid, fds, _file_body(msg))
+        elif op == "signal":
+            for _pidfd, (crid, pid) in self.children.items():
+                if crid == msg.get("target"):
+                    try:
+                        os.killpg(pid, int(msg["sig"]))  # type: ignore[arg-type]
+                    except OSError:
+                        pass
+        else:
+            self.send({"op": "error", "id": rid, "errno": 22, "error": f"unknown op {op!r}"})
+
+
+def _exec_body(msg: dict[str, object]) -> object:
+    def body(errw: int, fds: list[int]) -> None:
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        os.closerange(3, errw)
+        os.closerange(errw + 1, 1 << 16)
+        env = msg["env"]
+        os.chdir(msg["cwd"])  # type: ignore[arg-type]
+        argv = msg["argv"]
+        exe = argv[0]  # type: ignore[index]
+        if "/" not in exe:
+            exe = _which(exe, env.get("PATH", ""))  # type: ignore[union-attr]
+        os.execve(exe, argv, env)  # type: ignore[arg-type]
+
+    return body
+
+
+def _which(name: str, path: str) -> str:
+    denied = None
+    for d in path.split(":"):
+        cand = d + "/" + name
+        try:
+            st = os.stat(cand)
+        except OSError:
+            continue
+        if st.st_mode & 0o170000 == 0o100000:
+            if os.access(cand, os.X_OK):
+                return cand
+            denied = cand
+    if denied:
+        return denied
+    raise FileNotFoundError(2, f"{name}: command not found")
+
+
+def _file_body(msg: dict[str, object]) -> object:
+    """File operations run in a child so they see exactly the sandbox's view."""
+
+    def body(errw: int, fds: list[int]) -> None:
+        kind, path = msg["kind"], msg["path"]
+        pipe = fds[0] if fds else -1
+        if kind == "read":
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)  # type: ignore[arg-type]
+            limit = int(msg["max"])  # type: ignore[arg-type]
+            os.close(errw)
+            while limit > 0:
+                chunk = os.read(fd, min(limit, 1 << 16))
+                if not chunk:
+                    break
+                limit -= len(chunk)
+                os.write(pipe, chunk)
+            os._exit(0)
+        elif kind == "write":
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY
+            fd = os.open(path, flags, int(msg.get("mode", 0o644)))  # type: ignore[arg-type]
+            os.close(errw)
+            while True:
+                chunk = os.read(pipe, 1 << 16)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.close(fd)
+            os._exit(0)
+        elif kind == "list":
+            entries = []
+            with os.scandir(path) as it:  # type: ignore[type-var]
+                for e in it:
+                    st = e.stat(follow_symlinks=False)
+                    kind_ = (
+                        "dir"
+                        if e.is_dir(follow_symlinks=False)
+                        else ("symlink" if e.is_symlink() else "file")
+                    )
+                    entries.append({"name": e.name, "type": kind_, "size": st.st_size})
+            os.close(errw)
+            os.write(pipe, _enc(entries).encode())
+            os._exit(0)
+        elif kind == "mkdir":
+            os.makedirs(path, exist_ok=True)  # type: ignore[arg-type]
+            os.close(errw)
+            os._exit(0)
+        elif kind == "remove":
+            _remove(path)  # type: ignore[arg-type]
+            os.close(errw)
+            os._exit(0)
+        raise OSError(22, f"unknown file op {kind!r}")
+
+    return body
+
+
+def _remove(path: str) -> None:
+    """rmtree without importing shutil (not importable once Landlock is on)."""
+    try:
+        os.unlink(path)
+        return
+    except IsADirectoryError:
+        pass
+    except PermissionError:
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise
+    with os.scandir(path) as it:
+        for e in list(it):
+            if e.is_dir(follow_symlinks=False):
+                _remove(e.path)
+            else:
+                os.unlink(e.path)
+    os.rmdir(path)
+
+
+def main() -> None:
+    init = Init()
+    msg, _fds = init.recv()
+    if msg.get("op") != "config":
+        init.send({"op": "fatal", "wall": "init", "error": "first message must be config"})
+        os._exit(125)
+    init.configure(msg)
+    init.loop()
+
+
+if __name__ == "__main__":
+    main()

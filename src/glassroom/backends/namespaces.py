@@ -1,0 +1,723 @@
+"""The ``namespaces`` backend (risk "low"): bubblewrap + seccomp + Landlock + cgroups.
+
+Construction order, and why:
+
+1. cgroups are made on the host first, so limits exist before any code runs.
+2. ``bwrap`` builds user/mount/pid/net/ipc/uts/cgroup namespaces and a new
+   empty root holding only the plan's mounts, loads the seccomp filter,
+   drops every capability and sets no_new_privs.  It reports the sandbox's
+   pid 1 on ``--info-fd`` and then *waits* on ``--block-fd``.
+3. The supervisor moves that pid into the cgroups, then unblocks bwrap; so
+   every process of the sandbox is born inside its limits.
+4. bwrap execs the in-sandbox init, which applies Landlock (it cannot come
+   earlier: Landlock forbids mount changes) and rlimits, then reports ready.
+
+Any failure on the way kills what exists and raises ``WallError`` naming
+the wall: the sandbox never runs half-built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import queue
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .. import _config
+from .._errors import BackendUnavailable, SandboxClosed, SandboxError, SandboxPathError, WallError
+from .._sys import cgroups, proc, seccomp
+from ..plan import LaunchPlan, Mount
+from ._channel import Channel, ProtocolViolation, close_quietly
+from .base import EventSink, ExecRequest, ExecResult, FileEntry, Receipt
+
+INIT_FILES = ("sandbox_init.py", "landlock.py")
+INIT_DIR_INSIDE = "/.glassroom"
+PYTHON_FOR_INIT = "/usr/bin/python3"
+START_TIMEOUT_S = 10.0
+EXIT_GRACE_S = 0.1
+
+
+def _bwrap() -> str:
+    path = shutil.which("bwrap")
+    if not path:
+        raise BackendUnavailable(
+            "namespaces: bubblewrap (bwrap) is not installed; apt-get install bubblewrap",
+            rule="backend.namespaces",
+        )
+    return path
+
+
+def install_init(state: Path) -> Path:
+    """Copy the init script where the unprivileged sandbox user can read it.
+
+    The package may live under /root (not readable by the sandbox uid), so
+    the two stdlib-only files are copied to the state dir once per content.
+    """
+    src = Path(__file__).resolve().parent.parent / "_sys"
+    dest = state / "init"
+    dest.mkdir(parents=True, exist_ok=True, mode=0o755)
+    os.chmod(state, 0o755)
+    os.chmod(dest, 0o755)
+    for name in INIT_FILES:
+        data = (src / name).read_bytes()
+        target = dest / name
+        if not target.exists() or target.read_bytes() != data:
+            tmp = dest / f".{name}.{os.getpid()}"
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+    for name, content in _identity_files().items():
+        target = dest / name
+        if not target.exists() or target.read_text() != content:
+            target.write_text(content)
+            os.chmod(target, 0o644)
+    return dest
+
+
+def _identity_files() -> dict[str, str]:
+    uid, gid = _config.INSIDE_UID, _config.INSIDE_GID
+    return {
+        "passwd": f"agent:x:{uid}:{gid}:agent:/workspace:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
+        "group": f"agent:x:{gid}:\nnogroup:x:65534:\n",
+    }
+
+
+def _mount_args(m: Mount) -> list[str]:
+    if m.kind == "ro-bind":
+        return ["--ro-bind", str(m.source), m.target]
+    if m.kind == "bind":
+        return ["--bind", str(m.source), m.target]
+    if m.kind == "tmpfs":
+        args = ["--size", str(m.size_bytes)] if m.size_bytes else []
+        if m.mode is not None:
+            args = ["--perms", f"{m.mode:o}", *args]
+        return [*args, "--tmpfs", m.target]
+    if m.kind == "proc":
+        return ["--proc", m.target]
+    if m.kind == "dev":
+        return ["--dev", m.target]
+    if m.kind == "symlink":
+        return ["--symlink", str(m.source), m.target]
+    if m.kind == "dir":
+        return ["--dir", m.target]
+    raise WallError(f"mounts: unsupported mount kind {m.kind!r} for {m.target}", rule=m.rule)
+
+
+def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int]) -> list[str]:
+    argv = [
+        _bwrap(),
+        "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+        "--unshare-uts", "--unshare-cgroup",
+        "--disable-userns",
+        "--die-with-parent", "--new-session",
+        "--cap-drop", "ALL",
+        "--uid", str(_config.INSIDE_UID), "--gid", str(_config.INSIDE_GID),
+        "--hostname", "sandbox",
+        "--clearenv",
+        "--info-fd", str(fds["info"]),
+        "--block-fd", str(fds["block"]),
+        "--seccomp", str(fds["seccomp"]),
+    ]  # fmt: skip
+    for m in plan.mounts:
+        argv += _mount_args(m)
+    argv += ["--ro-bind", str(init_dir), INIT_DIR_INSIDE]
+    if not Path("/etc/passwd").exists() or not any(
+        r.path in ("/etc", "/etc/passwd") for r in plan.fs_rules
+    ):
+        argv += [
+            "--ro-bind", str(init_dir / "passwd"), "/etc/passwd",
+            "--ro-bind", str(init_dir / "group"), "/etc/group",
+        ]  # fmt: skip
+    if not any(r.path == "/usr" or PYTHON_FOR_INIT.startswith(r.path + "/") for r in plan.fs_rules):
+        # The init's interpreter must exist inside even when the policy hides
+        # /usr; it is bound but NOT given a Landlock read rule, so sandboxed
+        # code cannot read it (the init imports everything before Landlock).
+        argv += ["--ro-bind", "/usr", "/usr"]
+        for name in ("lib", "lib64", "bin"):
+            if os.path.islink("/" + name):
+                argv += ["--symlink", os.readlink("/" + name), "/" + name]
+    argv += ["--remount-ro", "/", "--chdir", plan.workspace]
+    argv += ["--", PYTHON_FOR_INIT, "-I", "-S", f"{INIT_DIR_INSIDE}/sandbox_init.py"]
+    return argv
+
+
+def init_config(plan: LaunchPlan) -> dict[str, Any]:
+    read = [r.path for r in plan.fs_rules if r.access == "read"] + ["/etc/passwd", "/etc/group"]
+    write = [r.path for r in plan.fs_rules if r.access == "write"]
+    execute = sorted({t.path for t in plan.tools} | set(plan.loaders))
+    lim = plan.limits
+    return {
+        "op": "config",
+        "read": sorted(set(read)),
+        "write": write,
+        "execute": execute,
+        "devices": ["/dev"],
+        "listable": ["/"],
+        "rlimits": {
+            "RLIMIT_FSIZE": lim.disk_bytes,
+            "RLIMIT_CORE": 0,
+            "RLIMIT_NOFILE": 1024,
+        },
+    }
+
+
+class NamespacesBackend:
+    name: ClassVar[str] = "namespaces"
+    risks: ClassVar[Sequence[str]] = ("low",)
+
+    def start(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> NamespacesInstance:
+        inst = NamespacesInstance(plan, sandbox_id, on_event)
+        try:
+            inst.build()
+        except BaseException:
+            inst.kill()
+            inst.destroy()
+            raise
+        return inst
+
+
+class NamespacesInstance:
+    """One running sandbox: bwrap + init + cgroups, driven over the channel."""
+
+    def __init__(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> None:
+        self.plan = plan
+        self.sandbox_id = sandbox_id
+        self.on_event = on_event
+        self.walls: dict[str, Any] = {}
+        self.state = _config.state_dir()
+        self.record_path = self.state / "sandboxes" / f"{sandbox_id}.json"
+        self.cg: cgroups.CgroupSet | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.child_pid: int | None = None
+        self.channel: Channel | None = None
+        self.deadline = time.monotonic() + plan.limits.max_runtime_s
+        self.dead_reason: str | None = None
+        self.killed_by_deadline = False
+        self._reader: threading.Thread | None = None
+        self._destroyed: Receipt | None = None
+        self._lock = threading.Lock()
+
+    # -- construction ------------------------------------------------------
+
+    def build(self) -> None:
+        init_dir = install_init(self.state)
+        self._write_record()
+        lim = self.plan.limits
+        self.cg = cgroups.CgroupSet.create(
+            self.sandbox_id,
+            # The workspace is a tmpfs whose pages are charged to the
+            # sandbox's memory cgroup, so the cap is memory + disk.
+            cgroups.CgroupLimits(
+                memory_bytes=lim.memory_bytes + lim.disk_bytes, pids=lim.pids, cpus=lim.cpus
+            ),
+            parent=_config.cgroup_parent(),
+        )
+        self.walls["cgroups"] = {
+            "paths": list(self.cg.paths),
+            "pids": lim.pids,
+            "memory_bytes": lim.memory_bytes + lim.disk_bytes,
+            "cpus": lim.cpus,
+        }
+        self._write_record()
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        block_r, block_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            sec_fd = seccomp.bpf_memfd(self.plan.seccomp_profile)
+        except Exception as exc:
+            raise WallError(f"seccomp: cannot compile filter: {exc}", rule="seccomp") from exc
+        fds = {"info": info_w, "block": block_r, "seccomp": sec_fd}
+        argv = bwrap_argv(self.plan, init_dir, fds)
+        argv.append(str(child_sock.fileno()))
+        uid, gid = _config.sandbox_ids()
+        as_root = _config.is_root()
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env={},
+                cwd="/",
+                pass_fds=(info_w, block_r, sec_fd, child_sock.fileno()),
+                user=uid if as_root else None,
+                group=gid if as_root else None,
+                extra_groups=[] if as_root else None,
+                close_fds=True,
+            )
+        finally:
+            close_quietly(info_w, block_r, sec_fd)
+            child_sock.close()
+        self._write_record()
+        try:
+            info = self._read_info(info_r)
+        finally:
+            close_quietly(info_r)
+        self.child_pid = int(info["child-pid"])
+        self._write_record()
+        try:
+            self.cg.add_pid(self.child_pid)
+        finally:
+            os.write(block_w, b"1")
+            close_quietly(block_w)
+        self.walls.update({
+            "namespaces": ["user", "mount", "pid", "net", "ipc", "uts", "cgroup"],
+            "userns_nested": "disabled",
+            "uid_map": f"inside {_config.INSIDE_UID} -> host {uid}",
+            "capabilities": "none",
+            "no_new_privs": True,
+            "seccomp": f"{self.plan.seccomp_profile} ({len(seccomp.load_profile(self.plan.seccomp_profile))} rules)",
+            "mounts": [f"{m.kind} {m.target}" for m in self.plan.mounts],
+            "network": "private netns, loopback only",
+        })  # fmt: skip
+        self.channel = Channel(parent_sock, self._violation)
+        self.channel.send(init_config(self.plan))
+        ready = self._await_ready(parent_sock)
+        self.walls["landlock"] = {
+            "abi": ready["landlock_abi"],
+            "tools": [t.path for t in self.plan.tools],
+        }
+        self.walls["rlimits"] = init_config(self.plan)["rlimits"]
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"glassroom-{self.sandbox_id}", daemon=True
+        )
+        self._reader.start()
+
+    def _read_info(self, fd: int) -> dict[str, Any]:
+        buf = b""
+        end = time.monotonic() + START_TIMEOUT_S
+        while True:
+            r, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
+            if not r:
+                raise WallError(
+                    "namespaces: bwrap did not report its child in time", rule="namespaces"
+                )
+            chunk = os.read(fd, 4096)
+            buf += chunk
+            try:
+                return dict(json.loads(buf))
+            except ValueError:
+                if not chunk:
+                    raise WallError(
+                        f"namespaces: bwrap failed: {self._bwrap_stderr()}", rule="namespaces"
+                    ) from None
+
+    def _bwrap_stderr(self) -> str:
+        assert self.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=2)
+        err = self.proc.stderr.read() if self.proc.stderr else b""
+        text = err.decode(errors="replace").strip().splitlines()
+        return text[-1] if text else f"exit status {self.proc.returncode}"
+
+    def _await_ready(self, sock: socket.socket) -> dict[str, Any]:
+        assert self.channel is not None
+        sock.settimeout(START_TIMEOUT_S)
+        try:
+            msg = self.channel.recv_one()
+        except (TimeoutError, OSError) as exc:
+            raise WallError(f"init: no answer from the sandbox ({exc})", rule="init") from None
+        except ProtocolViolation as exc:
+            raise WallError(f"init: {exc}", rule="init") from None
+        finally:
+            sock.settimeout(None)
+        if msg is None:
+            raise WallError(
+                f"init: sandbox exited during start: {self._bwrap_stderr()}", rule="init"
+            )
+        if msg["op"] == "fatal":
+            wall = msg.get("wall", "init")
+            raise WallError(f"{wall}: {msg.get('error', 'failed')}", rule=wall)
+        if msg["op"] != "ready":
+            raise WallError(f"init: unexpected first reply {msg['op']!r}", rule="init")
+        return msg
+
+    def _write_record(self) -> None:
+        """What the reaper needs if this supervisor dies without cleaning up."""
+        sup = os.getpid()
+        pids = []
+        for pid in (self.proc.pid if self.proc else None, self.child_pid):
+            if pid:
+                pids.append({"pid": pid, "start": proc.process_start_time(pid)})
+        rec = {
+            "sandbox_id": self.sandbox_id,
+            "backend": "namespaces",
+            "supervisor": {"pid": sup, "start": proc.process_start_time(sup)},
+            "pids": pids,
+            "cgroup": {"name": self.sandbox_id, "parent": _config.cgroup_parent()},
+            "paths": [],
+            "created": time.time(),
+        }
+        self.record_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, self.record_path)
+
+    # -- the reader thread: replies, deadline -------------------------------
+
+    def _violation(self, what: str) -> None:
+        self.on_event(
+            "anomaly",
+            {"reason": "protocol violation by sandbox init", "detail": what},
+            "deny",
+            "init.protocol",
+        )
+
+    def _read_loop(self) -> None:
+        assert self.channel is not None
+        sock = self.channel.sock
+        reason = "sandbox exited"
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                self.killed_by_deadline = True
+                reason = "max_runtime exceeded"
+                self.on_event(
+                    "anomaly",
+                    {"reason": "max runtime exceeded; sandbox killed",
+                     "max_runtime_s": self.plan.limits.max_runtime_s},
+                    "deny", "resources.max_runtime_s",
+                )  # fmt: skip
+                self.kill()
+                break
+            try:
+                r, _, _ = select.select([sock], [], [], min(remaining, 3600))
+            except (OSError, ValueError):
+                break
+            if not r:
+                continue
+            try:
+                msg = self.channel.recv_one()
+            except ProtocolViolation as exc:
+                self._violation(str(exc))
+                reason = "protocol violation"
+                self.kill()
+                break
+            except OSError:
+                break
+            if msg is None:
+                break
+            self.channel.dispatch(msg)
+        self.dead_reason = reason
+        self.channel.close(reason)
+
+    # -- operations ---------------------------------------------------------
+
+    def _request(self, msg: dict[str, Any], fds: Sequence[int]) -> tuple[int, Any]:
+        if self.channel is None or self._destroyed is not None:
+            raise SandboxClosed("the sandbox has been destroyed")
+        rid, q = self.channel.new_request()
+        msg["id"] = rid
+        self.channel.send(msg, list(fds))
+        return rid, q
+
+    def _closed_error(self) -> SandboxClosed:
+        if self.killed_by_deadline:
+            return SandboxClosed(
+                f"sandbox {self.sandbox_id} was killed at its max runtime "
+                f"({self.plan.limits.max_runtime_s:g}s)",
+                rule="resources.max_runtime_s",
+            )
+        return SandboxClosed(f"sandbox {self.sandbox_id} is no longer running ({self.dead_reason})")
+
+    def exec(self, req: ExecRequest) -> ExecResult:
+        start = time.monotonic()
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        msg = {"op": "exec", "argv": list(req.argv), "env": dict(req.env), "cwd": req.cwd}
+        try:
+            rid, q = self._request(msg, [in_r, out_w, err_w])
+        except SandboxClosed:
+            close_quietly(in_r, in_w, out_r, out_w, err_r, err_w)
+            raise self._closed_error() from None
+        close_quietly(in_r, out_w, err_w)
+        assert self.channel is not None
+        try:
+            first = q.get()
+            if first["op"] == "closed":
+                raise self._closed_error()
+            if first["op"] == "error":
+                return ExecResult(
+                    exit_code=126 if first["errno"] == errno.EACCES else 127,
+                    signal=None, stdout=b"", stderr=f"{req.argv[0]}: {first['error']}\n".encode(),
+                    duration_ms=(time.monotonic() - start) * 1000, truncated=False,
+                    exec_errno=first["errno"], exec_error=first["error"],
+                )  # fmt: skip
+            return self._collect(rid, q, req, start, in_w, out_r, err_r)
+        finally:
+            self.channel.forget(rid)
+            close_quietly(in_w, out_r, err_r)
+
+    def _collect(self, rid: int, q: Any, req: ExecRequest, start: float,
+                 in_w: int, out_r: int, err_r: int) -> ExecResult:  # fmt: skip
+        """Feed stdin, read bounded output, wait for the exit; enforce the timeout."""
+        stdin = memoryview(req.stdin or b"")
+        if not stdin:
+            close_quietly(in_w)
+            in_w = -1
+        else:
+            os.set_blocking(in_w, False)
+        bufs: dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray()}
+        open_fds = {out_r, err_r}
+        budget = req.max_output_bytes
+        truncated = timed_out = False
+        exit_msg: dict[str, Any] | None = None
+        exit_seen_at = 0.0
+        run_deadline = start + req.timeout_s if req.timeout_s else None
+        poller = select.poll()
+        for fd in open_fds:
+            poller.register(fd, select.POLLIN)
+        if in_w >= 0:
+            poller.register(in_w, select.POLLOUT)
+        while True:
+            if exit_msg is None:
+                with contextlib.suppress(queue.Empty):
+                    exit_msg = _as_exit(q.get_nowait())
+                    exit_seen_at = time.monotonic()
+            now = time.monotonic()
+            if exit_msg is not None and (not open_fds or now - exit_seen_at > EXIT_GRACE_S):
+                break
+            if run_deadline and now > run_deadline and not timed_out:
+                timed_out = True
+                with contextlib.suppress(SandboxClosed):
+                    assert self.channel is not None
+                    self.channel.send({"op": "signal", "target": rid, "sig": signal.SIGKILL})
+            if exit_msg is None and not open_fds and in_w < 0:
+                # Only the exit is missing: block on it (bounded by the timeout).
+                wait = 1.0 if run_deadline is None else max(0.0, run_deadline - now) + 0.01
+                with contextlib.suppress(queue.Empty):
+                    exit_msg = _as_exit(q.get(timeout=wait))
+                    exit_seen_at = time.monotonic()
+                continue
+            wait_ms = 2 if exit_msg is not None else 50
+            for fd, ev in poller.poll(wait_ms):
+                if fd == in_w:
+                    try:
+                        n = os.write(in_w, stdin[:65536])
+                        stdin = stdin[n:]
+                    except OSError:
+                        stdin = memoryview(b"")
+                    if not stdin:
+                        poller.unregister(in_w)
+                        close_quietly(in_w)
+                        in_w = -1
+                    continue
+                chunk = os.read(fd, 65536) if ev & (select.POLLIN | select.POLLHUP) else b""
+                if not chunk:
+                    poller.unregister(fd)
+                    open_fds.discard(fd)
+                    continue
+                if len(chunk) > budget:
+                    chunk, truncated = chunk[:budget], True
+                budget -= len(chunk)
+                bufs[fd] += chunk
+                if truncated:
+                    # Over the output cap: stop reading; the writer gets EPIPE.
+                    for f in list(open_fds):
+                        poller.unregister(f)
+                        close_quietly(f)
+                    open_fds.clear()
+                    break
+        if in_w >= 0:
+            close_quietly(in_w)
+        sig = exit_msg.get("signal")
+        code = exit_msg.get("code")
+        exit_code = 128 + sig if sig else int(code or 0)
+        limits = ["output"] if truncated else []
+        if exit_msg.get("closed") and self.killed_by_deadline:
+            limits.append("max_runtime")
+        return ExecResult(
+            exit_code=exit_code, signal=sig, stdout=bytes(bufs[out_r]), stderr=bytes(bufs[err_r]),
+            duration_ms=(time.monotonic() - start) * 1000, truncated=truncated,
+            timed_out=timed_out or bool(exit_msg.get("closed") and self.killed_by_deadline),
+            limits_hit=limits,
+        )  # fmt: skip
+
+    def cgroup_stats(self) -> dict[str, int]:
+        if self.cg is None:
+            return {}
+        try:
+            return self.cg.stats()
+        except OSError:
+            return {}
+
+    def workspace_usage(self) -> tuple[int, int] | None:
+        """(used, total) bytes of the workspace tmpfs, seen through /proc/PID/root."""
+        if not self.child_pid:
+            return None
+        try:
+            st = os.statvfs(f"/proc/{self.child_pid}/root{self.plan.workspace}")
+        except OSError:
+            return None
+        total = st.f_blocks * st.f_frsize
+        return total - st.f_bavail * st.f_frsize, total
+
+    # -- files --------------------------------------------------------------
+
+    def _file_op(self, kind: str, path: str, *, data: bytes | None = None,
+                 max_bytes: int = 0, mode: int = 0o644) -> bytes:  # fmt: skip
+        if not path.startswith("/"):
+            path = f"{self.plan.workspace}/{path}"
+        r, w = os.pipe2(os.O_CLOEXEC)
+        give, keep = (r, w) if kind == "write" else (w, r)
+        msg = {"op": "file", "kind": kind, "path": path, "max": max_bytes, "mode": mode}
+        try:
+            _rid, q = self._request(msg, [give])
+        except SandboxClosed:
+            close_quietly(r, w)
+            raise self._closed_error() from None
+        close_quietly(give)
+        out = bytearray()
+        try:
+            first = q.get()
+            if first["op"] == "closed":
+                raise self._closed_error()
+            if first["op"] == "error":
+                raise _path_error(kind, path, first["errno"], first["error"])
+            if kind == "write":
+                view = memoryview(data or b"")
+                try:
+                    while view:
+                        view = view[os.write(keep, view[: 1 << 16]) :]
+                except BrokenPipeError:
+                    pass
+                close_quietly(keep)
+            else:
+                while chunk := os.read(keep, 1 << 16):
+                    out += chunk
+            done = q.get()
+            if done["op"] == "closed":
+                raise self._closed_error()
+            code = done.get("code") or 0
+            if code:
+                raise _path_error(kind, path, code, os.strerror(code))
+        finally:
+            close_quietly(keep)
+        return bytes(out)
+
+    def read_file(self, path: str, max_bytes: int) -> bytes:
+        return self._file_op("read", path, max_bytes=max_bytes)
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self._file_op("write", path, data=data, mode=mode)
+
+    def list_dir(self, path: str) -> list[FileEntry]:
+        raw = self._file_op("list", path)
+        try:
+            items = json.loads(raw or b"[]")
+            return [FileEntry(str(i["name"]), str(i["type"]), int(i["size"])) for i in items]
+        except (ValueError, KeyError, TypeError) as exc:
+            self._violation(f"malformed directory listing: {exc}")
+            raise SandboxError(f"list {path}: malformed reply from sandbox") from None
+
+    def remove(self, path: str) -> None:
+        self._file_op("remove", path)
+
+    def make_dir(self, path: str) -> None:
+        self._file_op("mkdir", path)
+
+    # -- teardown -----------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.dead_reason is None
+
+    def kill(self) -> None:
+        """SIGKILL the sandbox's pid 1: the kernel then kills its whole pid namespace.
+
+        The outer bwrap is left to reap pid 1 and exit by itself (killing it
+        first would leave pid 1 a zombie of the host's init); it is killed
+        only if it does not exit promptly.
+        """
+        with self._lock:
+            if self.child_pid:
+                with contextlib.suppress(OSError):
+                    os.kill(self.child_pid, signal.SIGKILL)
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    self.proc.wait(timeout=2.0 if self.child_pid else 0)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(OSError):
+                        self.proc.kill()
+            if self.cg is not None:
+                with contextlib.suppress(OSError):
+                    self.cg.kill_all(timeout=5.0)
+
+    def destroy(self) -> Receipt:
+        if self._destroyed is not None:
+            return self._destroyed
+        removed: dict[str, Any] = {}
+        self.kill()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+            if self.proc.stderr:
+                self.proc.stderr.close()
+            removed["processes"] = {"bwrap": self.proc.pid, "sandbox_pid1": self.child_pid}
+        if self.channel is not None:
+            self.channel.close("destroyed")
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+        if self.cg is not None:
+            removed["cgroups"] = self.cg.remove()
+        removed["workspace"] = "tmpfs in the sandbox's mount namespace, freed with it"
+        removed["mounts"] = "private mount namespace, released when its last process exited"
+        if self.record_path.exists():
+            self.record_path.unlink()
+            removed["state"] = str(self.record_path)
+        self._destroyed = Receipt(self.sandbox_id, removed, self._leftovers())
+        return self._destroyed
+
+    def _leftovers(self) -> dict[str, list[str]]:
+        left: dict[str, list[str]] = {"processes": [], "cgroups": [], "mounts": [], "state": []}
+        for pid in (self.proc.pid if self.proc else None, self.child_pid):
+            if pid and proc.process_start_time(pid) is not None:
+                left["processes"].append(str(pid))
+        if self.cg is not None:
+            left["cgroups"] = [p for p in self.cg.paths if os.path.isdir(p)]
+        left["mounts"] = proc.mounts_under(f"/proc/{self.child_pid}/") if self.child_pid else []
+        left["mounts"] += [m for m in proc.mounts_under("/") if self.sandbox_id in m]
+        if self.record_path.exists():
+            left["state"].append(str(self.record_path))
+        return left
+
+
+def _as_exit(msg: dict[str, Any]) -> dict[str, Any]:
+    """A "closed" wake-up means the whole sandbox died: report it as SIGKILL."""
+    if msg["op"] == "closed":
+        return {"op": "exit", "code": None, "signal": int(signal.SIGKILL), "closed": True}
+    return msg
+
+
+def _path_error(kind: str, path: str, err: int, text: str) -> SandboxError:
+    if err in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOTDIR, errno.EXDEV):
+        why = {
+            errno.EACCES: "outside the sandbox's view or not allowed by the policy",
+            errno.EPERM: "not allowed by the policy",
+            errno.ENOENT: "no such file in the sandbox",
+            errno.EROFS: "read-only in the sandbox",
+            errno.ENOTDIR: "a path component is not a directory",
+            errno.EXDEV: "crosses a mount the policy keeps apart",
+        }[err]
+        exc: SandboxError = SandboxPathError(
+            f"{kind} {path}: {why} ({errno.errorcode.get(err, err)})",
+            rule="filesystem.write" if kind in ("write", "mkdir", "remove") else "filesystem.read",
+        )
+    else:
+        exc = SandboxError(f"{kind} {path}: {text} ({errno.errorcode.get(err, err)})")
+    exc.errno = err  # type: ignore[attr-defined]
+    return exc

@@ -1,0 +1,221 @@
+"""``glassroom``: the single command-line entry point.
+
+Exit status: a command's own status for ``run``; 125 whenever glassroom
+itself refused or failed, with one line on stderr naming the rule or the
+missing capability (so 125 is never confused with the command's status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .._errors import REFUSED_EXIT, GlassroomError
+
+PROG = "glassroom"
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return REFUSED_EXIT
+
+
+def _load(policy: str | None) -> Any:
+    from ..policy import default_policy, load_policy
+
+    return load_policy(policy) if policy else default_policy()
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from .._sandbox import Sandbox
+
+    argv = list(ns.cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        return _fail("run: no command given (usage: glassroom run [options] -- CMD [ARG...])")
+    policy = _load(ns.policy)
+    with Sandbox(policy, backend=ns.backend, audit_log=ns.audit_log) as sb:
+        res = sb.run(argv, timeout_s=ns.timeout)
+        if ns.json:
+            print(json.dumps({
+                "sandbox_id": sb.id,
+                "backend": sb.backend,
+                "exit_code": res.exit_code,
+                "stdout": res.stdout,
+                "stderr": res.stderr,
+                "duration_ms": round(res.duration_ms, 3),
+                "truncated": res.truncated,
+                "blocked": [b.as_dict() for b in res.blocked],
+            }))  # fmt: skip
+        else:
+            sys.stdout.buffer.write(res.stdout_bytes)
+            sys.stdout.flush()
+            sys.stderr.buffer.write(res.stderr_bytes)
+            for b in res.blocked:
+                print(f"{PROG}: blocked {b.action} {b.target} (rule {b.rule})", file=sys.stderr)
+    return res.exit_code
+
+
+def cmd_policy_check(ns: argparse.Namespace) -> int:
+    from ..policy import compile as compile_policy
+    from ..policy import load_policy
+
+    policy = load_policy(ns.file)
+    plan = compile_policy(policy, ns.backend)
+    print(
+        f"{ns.file}: ok (risk {policy.risk} -> backend {plan.backend}; "
+        f"{len(policy.filesystem.read)} read, {len(policy.filesystem.write)} write paths; "
+        f"{len(plan.tools)} tools; network {'none' if not policy.network.allow else 'allowlist'})"
+    )
+    return 0
+
+
+def cmd_audit_verify(ns: argparse.Namespace) -> int:
+    from .. import _config
+    from ..audit import verify
+
+    path = Path(ns.log or _config.audit_log_path())
+    res = verify(path)
+    if ns.json:
+        print(json.dumps({"ok": res.ok, "records": res.records, "problems": res.problems,
+                          "last_seq": res.last_seq}))  # fmt: skip
+    elif res.ok:
+        print(f"{path}: ok, {res.records} records, chain intact (last seq {res.last_seq})")
+    else:
+        print(f"{path}: FAILED, {len(res.problems)} problem(s) in {res.records} records")
+        for p in res.problems:
+            print(f"  {p}")
+    return 0 if res.ok else 1
+
+
+def cmd_audit_show(ns: argparse.Namespace) -> int:
+    from .. import _config
+    from ..audit import format_table, read_records, select
+
+    path = Path(ns.log or _config.audit_log_path())
+    recs = select(read_records(path), sandbox=ns.sandbox, blocked=ns.blocked)
+    if ns.json:
+        for r in recs:
+            print(json.dumps(r, sort_keys=True))
+    else:
+        print(format_table(recs))
+    return 0
+
+
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    from .doctor import report, render
+
+    rep = report()
+    print(json.dumps(rep, indent=2) if ns.json else render(rep))
+    return 0
+
+
+def cmd_drill(ns: argparse.Namespace) -> int:
+    from ..drill import render, run_drill
+
+    results = run_drill(backend=ns.backend, audit_log=ns.audit_log)
+    if ns.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        print(render(results))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(audit_log=ns.audit_log)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--audit-log", default=argparse.SUPPRESS,
+        help="audit log file (default: $GLASSROOM_AUDIT_LOG or the system one)",
+    )  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog=PROG, parents=[common], description="Run agent code in a disposable, audited sandbox."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    r = sub.add_parser("run", help="run one command in a fresh sandbox")
+    r.add_argument("--policy", help="policy TOML file (default: the built-in strict policy)")
+    r.add_argument(
+        "--backend", help="namespaces | gvisor | microvm (default: from the policy's risk)"
+    )
+    r.add_argument("--json", action="store_true", help="print a JSON result")
+    r.add_argument("--timeout", type=float, default=None, help="per-command timeout in seconds")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
+    r.set_defaults(func=cmd_run)
+
+    pol = sub.add_parser("policy", help="policy tools").add_subparsers(
+        dest="policy_cmd", required=True
+    )
+    pc = pol.add_parser("check", help="validate a policy file and compile it")
+    pc.add_argument("file")
+    pc.add_argument("--backend")
+    pc.set_defaults(func=cmd_policy_check)
+
+    au = sub.add_parser("audit", help="the audit log").add_subparsers(
+        dest="audit_cmd", required=True
+    )
+    av = au.add_parser("verify", help="check the hash chain; names every broken record")
+    av.add_argument("log", nargs="?")
+    av.add_argument("--json", action="store_true")
+    av.set_defaults(func=cmd_audit_verify)
+    ash = au.add_parser("show", help="print records")
+    ash.add_argument("log", nargs="?")
+    ash.add_argument("--sandbox")
+    ash.add_argument("--blocked", action="store_true")
+    ash.add_argument("--json", action="store_true")
+    ash.set_defaults(func=cmd_audit_show)
+
+    d = sub.add_parser("doctor", help="what this host supports")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor)
+
+    dr = sub.add_parser("drill", help="try every escape; each beside its harmless twin")
+    dr.add_argument("--backend")
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(func=cmd_drill)
+
+    de = sub.add_parser(
+        "demo", help="a demo agent task: real work, one blocked action, the audit trail"
+    )
+    de.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exc:  # argparse misuse: a clear message was printed
+        return REFUSED_EXIT if exc.code else 0
+    if not hasattr(ns, "audit_log"):
+        ns.audit_log = None
+    if ns.audit_log:
+        os.environ["GLASSROOM_AUDIT_LOG"] = ns.audit_log
+    try:
+        return int(ns.func(ns))
+    except GlassroomError as exc:
+        return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

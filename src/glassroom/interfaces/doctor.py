@@ -1,0 +1,65 @@
+"""``glassroom doctor``: what this host can enforce, probe by probe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _config
+
+
+def report() -> dict[str, Any]:
+    from .._sys import probe
+
+    userns_ok, userns_detail = probe.userns()
+    sec_ok, sec_detail = probe.seccomp()
+    kvm_kind, kvm_detail = probe.kvm()
+    abi = probe.landlock_abi()
+    bwrap = probe.bwrap()
+    rep: dict[str, Any] = {
+        "running_as": "root" if _config.is_root() else f"uid {_config.sandbox_ids()[0]}",
+        "user_namespaces": {"ok": userns_ok, "detail": userns_detail},
+        "landlock": {"ok": abi > 0, "abi": abi},
+        "seccomp": {"ok": sec_ok, "detail": sec_detail},
+        "cgroups": {k: {"version": v[0], "mount": v[1]} for k, v in probe.cgroups().items()},
+        "bwrap": bwrap,
+        "kvm": {"kind": kvm_kind, "detail": kvm_detail},
+        "runsc": probe.runsc(),
+        "qemu": probe.qemu(),
+        "state_dir": str(_config.state_dir()),
+        "audit_log": str(_config.audit_log_path()),
+    }
+    ready = (
+        userns_ok
+        and abi > 0
+        and sec_ok
+        and bool(bwrap)
+        and all(c in rep["cgroups"] for c in ("memory", "pids", "cpu"))
+    )
+    rep["backends"] = {
+        "namespaces": "ready" if ready else "unavailable",
+        "gvisor": "not implemented in this build" + ("" if rep["runsc"] else "; runsc missing"),
+        "microvm": "not implemented in this build",
+    }
+    return rep
+
+
+def render(rep: dict[str, Any]) -> str:
+    def mark(ok: bool) -> str:
+        return "ok  " if ok else "MISS"
+
+    cg = ", ".join(f"{k}=v{v['version'].lstrip('v')}" for k, v in sorted(rep["cgroups"].items()))
+    lines = [
+        f"running as      {rep['running_as']}",
+        f"{mark(rep['user_namespaces']['ok'])} user namespaces  {rep['user_namespaces']['detail']}",
+        f"{mark(rep['landlock']['ok'])} landlock         ABI {rep['landlock']['abi']}",
+        f"{mark(rep['seccomp']['ok'])} seccomp          {rep['seccomp']['detail']}",
+        f"{mark(bool(rep['cgroups']))} cgroups          {cg or 'none'}",
+        f"{mark(bool(rep['bwrap']))} bwrap            {rep['bwrap'] or 'not installed'}",
+        f"{mark(rep['kvm']['kind'] == 'real')} kvm              {rep['kvm']['kind']}: {rep['kvm']['detail']}",
+        f"{mark(bool(rep['runsc']))} runsc            {rep['runsc'] or 'not installed'}",
+        f"{mark(bool(rep['qemu']))} qemu             {rep['qemu'] or 'not installed'}",
+        "backends:",
+    ]
+    lines += [f"  {k:<11} {v}" for k, v in rep["backends"].items()]
+    lines += [f"state dir       {rep['state_dir']}", f"audit log       {rep['audit_log']}"]
+    return "\n".join(lines)

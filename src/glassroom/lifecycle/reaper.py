@@ -1,0 +1,80 @@
+"""Clean up after supervisors that died without destroying their sandboxes.
+
+Every sandbox has a record in ``<state>/sandboxes/ID.json`` written before
+any of its parts exist (supervisor pid + start time, its processes, its
+cgroup).  A record whose supervisor is gone is an orphan: its processes are
+killed, its cgroups removed and the record deleted.  Start times guard
+against pid reuse: a recycled pid is never killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from .. import _config
+from .._sys import cgroups, proc
+
+
+def _same_process(entry: dict[str, Any]) -> bool:
+    pid, start = entry.get("pid"), entry.get("start")
+    if not isinstance(pid, int) or pid <= 1:
+        return False
+    now = proc.process_start_time(pid)
+    return now is not None and now == start
+
+
+def orphan_records(state: Path | None = None) -> list[Path]:
+    base = (state or _config.state_dir()) / "sandboxes"
+    out = []
+    for path in sorted(base.glob("*.json")) if base.is_dir() else []:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            out.append(path)
+            continue
+        if not _same_process(rec.get("supervisor", {})):
+            out.append(path)
+    return out
+
+
+def reap(state: Path | None = None) -> list[dict[str, Any]]:
+    """Remove every orphaned sandbox; return what was cleaned, one dict each."""
+    cleaned = []
+    for path in orphan_records(state):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            rec = {}
+        done: dict[str, Any] = {"sandbox_id": rec.get("sandbox_id", path.stem), "killed": []}
+        for entry in rec.get("pids", []):
+            if _same_process(entry):
+                with contextlib.suppress(OSError):
+                    os.kill(entry["pid"], signal.SIGKILL)
+                    done["killed"].append(entry["pid"])
+        cg = rec.get("cgroup")
+        if isinstance(cg, dict) and isinstance(cg.get("name"), str):
+            with contextlib.suppress(Exception):
+                cs = cgroups.CgroupSet.open(cg["name"], parent=str(cg.get("parent", "glassroom")))
+                cs.kill_all(timeout=5.0)
+                done["cgroups"] = cs.remove()
+        for extra in rec.get("paths", []):
+            with contextlib.suppress(OSError):
+                _rmtree(Path(extra))
+        with contextlib.suppress(OSError):
+            path.unlink()
+        cleaned.append(done)
+    return cleaned
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

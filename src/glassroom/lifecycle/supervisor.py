@@ -1,0 +1,218 @@
+"""The supervisor: create → run → destroy, with every step in the audit log.
+
+It owns what must watch or outlive the sandbox: the audit log, the
+reaper, and turning backend facts (exit status, cgroup counters, exec
+errors) into decisions with the rule that made them.
+"""
+
+from __future__ import annotations
+
+import errno
+import secrets
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import _config
+from .._errors import BackendUnavailable, GlassroomError, SandboxClosed
+from ..audit import AuditLog
+from ..backends.base import EventSink, ExecRequest, ExecResult, Instance, Receipt
+from ..plan import LaunchPlan
+from ..policy import Policy
+from ..policy import compile as compile_policy
+from . import reaper
+
+_reaped_once = threading.Lock()
+_reaped = False
+
+
+@dataclass(frozen=True)
+class Blocked:
+    action: str
+    target: str
+    rule: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"action": self.action, "target": self.target, "rule": self.rule}
+
+
+@dataclass
+class RunOutcome:
+    result: ExecResult
+    blocked: list[Blocked] = field(default_factory=list)
+
+
+def get_backend(name: str) -> Any:
+    if name == "namespaces":
+        from ..backends.namespaces import NamespacesBackend
+
+        return NamespacesBackend()
+    raise BackendUnavailable(f"backend {name!r} is not available in this build", rule="backend")
+
+
+def reap_orphans(audit: AuditLog) -> None:
+    """Run the reaper once per process, before the first sandbox starts."""
+    global _reaped
+    with _reaped_once:
+        if _reaped:
+            return
+        _reaped = True
+        for done in reaper.reap():
+            audit.append(done["sandbox_id"], "reaper.cleaned", done, decision="info",
+                         rule="lifecycle.reaper")  # fmt: skip
+
+
+class Supervised:
+    """One sandbox under supervision."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        backend: str | None = None,
+        audit_log: str | Path | None = None,
+    ) -> None:
+        self.policy = policy
+        self.audit = AuditLog(audit_log or _config.audit_log_path())
+        self.id = "sb-" + secrets.token_hex(6)
+        self._instance: Instance | None = None
+        self._receipt: Receipt | None = None
+        self._counters: dict[str, int] = {}
+        self._lock = threading.Lock()
+        try:
+            reap_orphans(self.audit)
+            self.plan: LaunchPlan = compile_policy(policy, backend)
+            self.backend = self.plan.backend
+            inst = get_backend(self.backend).start(self.plan, self.id, self._sink())
+        except GlassroomError as exc:
+            self.audit.append(self.id, "sandbox.refused", {"error": str(exc)},
+                              decision="deny", rule=exc.rule)  # fmt: skip
+            self.audit.close()
+            raise
+        self._instance = inst
+        self._counters = self._limit_counters()
+        self.audit.append(
+            self.id,
+            "sandbox.created",
+            {
+                "backend": self.backend,
+                "tier": self.plan.risk,
+                "policy_digest": self.plan.policy_digest,
+                "walls": inst.walls,
+                "limits": self.plan.limits.__dict__,
+            },
+            decision="allow",
+        )
+
+    def _sink(self) -> EventSink:
+        def sink(event: str, details: dict[str, Any], decision: str, rule: str | None) -> None:
+            self.audit.append(self.id, event, details, decision=decision, rule=rule)
+
+        return sink
+
+    @property
+    def instance(self) -> Instance:
+        if self._instance is None or self._receipt is not None:
+            raise SandboxClosed(f"sandbox {self.id} has been destroyed")
+        return self._instance
+
+    def _limit_counters(self) -> dict[str, int]:
+        stats = getattr(self._instance, "cgroup_stats", None)
+        return dict(stats()) if stats else {}
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout_s: float | None = None,
+    ) -> RunOutcome:
+        inst = self.instance
+        full_env = dict(self.plan.env)
+        full_env.update(env or {})
+        req = ExecRequest(
+            argv=tuple(argv), env=full_env, cwd=cwd or self.plan.workspace, stdin=stdin,
+            timeout_s=timeout_s, max_output_bytes=self.plan.limits.max_output_bytes,
+        )  # fmt: skip
+        self.audit.append(self.id, "command.started",
+                          {"argv": list(argv), "cwd": req.cwd, "env": sorted(full_env)})  # fmt: skip
+        res = inst.exec(req)
+        blocked = self._judge(req, res)
+        self.audit.append(
+            self.id,
+            "command.ended",
+            {
+                "argv0": argv[0] if argv else "",
+                "exit_code": res.exit_code,
+                "signal": res.signal,
+                "duration_ms": round(res.duration_ms, 3),
+                "stdout_bytes": len(res.stdout),
+                "stderr_bytes": len(res.stderr),
+                "truncated": res.truncated,
+                "timed_out": res.timed_out,
+            },
+            decision="deny" if blocked else "info",
+            rule=blocked[0].rule if blocked else None,
+        )
+        return RunOutcome(res, blocked)
+
+    def _judge(self, req: ExecRequest, res: ExecResult) -> list[Blocked]:
+        """Turn what the backend saw into blocked actions, each logged with its rule."""
+        out: list[Blocked] = []
+        if res.exec_errno == errno.EACCES:
+            out.append(Blocked("exec", req.argv[0], "tools.allow"))
+        if res.truncated:
+            out.append(Blocked("output", f"{self.plan.limits.max_output_bytes} bytes",
+                               "resources.max_output_bytes"))  # fmt: skip
+        if res.timed_out and "max_runtime" in res.limits_hit:
+            out.append(Blocked("timeout", f"{self.plan.limits.max_runtime_s:g}s",
+                               "resources.max_runtime_s"))  # fmt: skip
+        elif res.timed_out:
+            out.append(Blocked("timeout", f"{req.timeout_s:g}s", "run.timeout_s"))
+        now = self._limit_counters()
+        for key, rule, what in (
+            ("oom_kill", "resources.memory_mib", "memory"),
+            ("pids_max_hits", "resources.pids", "pids"),
+        ):
+            if now.get(key, 0) > self._counters.get(key, 0):
+                out.append(Blocked("limit", what, rule))
+        self._counters = now or self._counters
+        usage = getattr(self._instance, "workspace_usage", lambda: None)()
+        if usage and usage[1] and usage[0] >= usage[1]:
+            out.append(Blocked("limit", "disk (workspace full)", "resources.disk_mib"))
+        if res.signal == 25:  # SIGXFSZ: RLIMIT_FSIZE
+            out.append(Blocked("limit", "file size", "resources.disk_mib"))
+        for b in out:
+            self.audit.append(self.id, "blocked", {"action": b.action, "target": b.target},
+                              decision="deny", rule=b.rule)  # fmt: skip
+        return out
+
+    def file_event(self, op: str, path: str, error: GlassroomError | None) -> None:
+        if error is None:
+            self.audit.append(self.id, "file." + op, {"path": path}, decision="allow")
+        else:
+            self.audit.append(self.id, "blocked", {"action": op, "target": path,
+                                                   "error": str(error)},
+                              decision="deny", rule=error.rule)  # fmt: skip
+
+    def destroy(self) -> Receipt:
+        with self._lock:
+            if self._receipt is not None:
+                return self._receipt
+            if self._instance is None:
+                raise SandboxClosed(f"sandbox {self.id} was never started")
+            t0 = time.monotonic()
+            receipt = self._instance.destroy()
+            self._receipt = receipt
+            details = receipt.as_dict()
+            details["duration_ms"] = round((time.monotonic() - t0) * 1000, 3)
+            self.audit.append(self.id, "sandbox.destroyed", details,
+                              decision="info" if receipt.clean else "deny",
+                              rule=None if receipt.clean else "lifecycle.teardown")  # fmt: skip
+            self.audit.close()
+            return receipt

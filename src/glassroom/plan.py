@@ -1,0 +1,95 @@
+"""LaunchPlan: the immutable, typed list of operations a backend carries out.
+
+A backend receives a plan and never the raw policy, so every rule of the
+policy is turned into an operation in exactly one place (``policy.compile``)
+and each operation carries the name of the rule that produced it.  That name
+is what error messages and audit records quote ("filesystem.read[2]").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+MountKind = Literal["ro-bind", "bind", "tmpfs", "proc", "dev", "symlink", "dir", "file"]
+Access = Literal["read", "write"]
+
+WORKSPACE = "/workspace"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One entry of the sandbox's new, initially empty root."""
+
+    kind: MountKind
+    target: str
+    rule: str
+    source: str | None = None  # host path (bind), link target (symlink), content (file)
+    size_bytes: int | None = None  # tmpfs size cap
+    mode: int | None = None
+
+
+@dataclass(frozen=True)
+class FsRule:
+    """A Landlock rule: what the sandbox may do beneath ``path``."""
+
+    path: str  # path as the sandbox sees it (same as the host path for binds)
+    access: Access
+    rule: str
+
+
+@dataclass(frozen=True)
+class Tool:
+    """An executable the sandbox may execve (Landlock EXECUTE on ``path``)."""
+
+    name: str
+    path: str  # fully resolved path, identical inside and outside
+    rule: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpus: float
+    memory_bytes: int
+    pids: int
+    disk_bytes: int
+    max_runtime_s: float
+    max_output_bytes: int
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """``none``: a private network namespace with only loopback."""
+
+    mode: Literal["none"] = "none"
+    rule: str = "network.allow"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    backend: str
+    risk: str
+    mounts: tuple[Mount, ...]
+    fs_rules: tuple[FsRule, ...]
+    tools: tuple[Tool, ...]
+    limits: Limits
+    network: NetworkPlan
+    env: tuple[tuple[str, str], ...]
+    seccomp_profile: str = "default"
+    workspace: str = WORKSPACE
+    policy_digest: str = ""
+    #: Extra executables the loader needs (the ELF interpreter); not tools.
+    loaders: tuple[str, ...] = field(default=())
+
+    def walls(self) -> list[str]:
+        """Human-readable names of the walls this plan asks for."""
+        return [
+            "namespaces:user,mount,pid,net,ipc,uts,cgroup",
+            f"mounts:{len(self.mounts)}",
+            f"seccomp:{self.seccomp_profile}",
+            f"landlock:{len(self.fs_rules)} paths,{len(self.tools)} tools",
+            "cgroups:memory,pids,cpu",
+            "rlimits",
+            "no_new_privs",
+            "capabilities:none",
+        ]

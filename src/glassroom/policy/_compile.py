@@ -1,0 +1,180 @@
+"""compile(policy, backend) -> LaunchPlan: the one place rules become operations.
+
+Each operation records the rule it came from, and a rule the backend
+cannot enforce stops compilation with a ``PlanError`` naming it: a policy
+never runs with a rule quietly dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from .._errors import PlanError
+from ..plan import WORKSPACE, FsRule, LaunchPlan, Limits, Mount, NetworkPlan, Tool
+from ._model import Policy
+
+MIB = 1024 * 1024
+#: Strength order of the tiers; a weaker backend never serves a higher risk.
+TIERS = {"namespaces": 0, "gvisor": 1, "microvm": 2}
+RISK_BACKEND = {"low": "namespaces", "medium": "gvisor", "high": "microvm", "maximum": "microvm"}
+#: Where bare tool names are looked up on the host; also the sandbox's PATH.
+TOOL_PATH = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin")
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+BASE_ENV = (
+    ("PATH", SANDBOX_PATH),
+    ("HOME", WORKSPACE),
+    ("TMPDIR", "/tmp"),
+    ("LANG", "C.UTF-8"),
+    ("USER", "agent"),
+    ("LOGNAME", "agent"),
+    ("SHELL", "/bin/sh"),
+)
+
+
+def backend_for(policy: Policy, backend: str | None) -> str:
+    """The backend a policy runs on; an explicit one may be stronger, never weaker."""
+    wanted = RISK_BACKEND[policy.risk]
+    if backend is None:
+        return wanted
+    if backend not in TIERS:
+        raise PlanError(f"unknown backend {backend!r} (known: {', '.join(TIERS)})", rule="backend")
+    if TIERS[backend] < TIERS[wanted]:
+        raise PlanError(
+            f"risk {policy.risk!r} needs backend {wanted!r}; {backend!r} is a weaker tier",
+            rule="risk",
+        )
+    return backend
+
+
+def compile(policy: Policy, backend: str | None = None) -> LaunchPlan:  # noqa: A001
+    name = backend_for(policy, backend)
+    if name != "namespaces":
+        raise PlanError(f"backend {name!r} has no compiler yet", rule="backend")
+    if policy.network.allow:
+        raise PlanError(
+            "network.allow: this backend has no egress proxy yet, so allowed endpoints "
+            "cannot be enforced; use allow = [] (no network)",
+            rule="network.allow",
+        )
+    mounts: list[Mount] = []
+    rules: list[FsRule] = []
+    for i, path in enumerate(policy.filesystem.read):
+        rule = f"filesystem.read[{i}]"
+        mounts.append(Mount("ro-bind", path, rule, source=_existing(path, rule)))
+        rules.append(FsRule(path, "read", rule))
+    for i, path in enumerate(policy.filesystem.write):
+        rule = f"filesystem.write[{i}]"
+        mounts.append(Mount("bind", path, rule, source=_existing(path, rule)))
+        rules.append(FsRule(path, "write", rule))
+    mounts += _usr_merge_links(policy.filesystem.read)
+    lim = policy.resources
+    mounts += [
+        Mount("proc", "/proc", "sandbox.proc"),
+        Mount("dev", "/dev", "sandbox.dev"),
+        Mount("tmpfs", "/dev/shm", "sandbox.tmp", size_bytes=64 * MIB),
+        Mount("tmpfs", "/tmp", "sandbox.tmp", size_bytes=lim.disk_mib * MIB),
+        Mount("tmpfs", WORKSPACE, "resources.disk_mib", size_bytes=lim.disk_mib * MIB, mode=0o755),
+    ]
+    rules += [
+        FsRule("/proc", "read", "sandbox.proc"),
+        FsRule("/dev/shm", "write", "sandbox.tmp"),
+        FsRule("/tmp", "write", "sandbox.tmp"),
+        FsRule(WORKSPACE, "write", "workspace"),
+    ]
+    tools = tuple(_resolve_tool(t, i, policy) for i, t in enumerate(policy.tools.allow))
+    loaders = sorted({ld for t in tools if (ld := _elf_interpreter(t.path))})
+    return LaunchPlan(
+        backend=name,
+        risk=policy.risk,
+        mounts=tuple(mounts),
+        fs_rules=tuple(rules),
+        tools=tools,
+        loaders=tuple(loaders),
+        limits=Limits(
+            cpus=lim.cpus,
+            memory_bytes=lim.memory_mib * MIB,
+            pids=lim.pids,
+            disk_bytes=lim.disk_mib * MIB,
+            max_runtime_s=float(lim.max_runtime_s),
+            max_output_bytes=lim.max_output_bytes,
+        ),
+        network=NetworkPlan(),
+        env=BASE_ENV,
+        policy_digest=policy.digest(),
+    )
+
+
+def _existing(path: str, rule: str) -> str:
+    """The host source for a bind: it must exist; symlinks are resolved on the host."""
+    if not os.path.lexists(path):
+        raise PlanError(f"{rule}: {path} does not exist on this host", rule=rule)
+    return os.path.realpath(path)
+
+
+def _usr_merge_links(read: tuple[str, ...] | list[str]) -> list[Mount]:
+    """On merged-/usr hosts /bin, /lib, ... are links into /usr: recreate them."""
+    out = []
+    if "/usr" in read:
+        for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
+            host = "/" + name
+            if os.path.islink(host) and f"/{name}" not in read:
+                out.append(
+                    Mount("symlink", host, "filesystem.read(/usr)", source=os.readlink(host))
+                )
+    return out
+
+
+def _covered(path: str, read: list[str] | tuple[str, ...]) -> bool:
+    """Is ``path`` visible inside, i.e. beneath some read path (by its real path)?"""
+    for r in read:
+        real = os.path.realpath(r)
+        if path == real or path.startswith(real.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def _resolve_tool(name: str, i: int, policy: Policy) -> Tool:
+    rule = f"tools.allow[{i}]"
+    if name.startswith("/"):
+        candidates = [name]
+    else:
+        candidates = [f"{d}/{name}" for d in TOOL_PATH]
+    for cand in candidates:
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            real = os.path.realpath(cand)
+            if not _covered(real, policy.filesystem.read):
+                raise PlanError(
+                    f"{rule}: {name} resolves to {real}, which is not under any "
+                    "filesystem.read path, so it would not exist inside",
+                    rule=rule,
+                )
+            return Tool(name, real, rule)
+    raise PlanError(
+        f"{rule}: {name!r} not found on this host (searched {':'.join(TOOL_PATH)})", rule=rule
+    )
+
+
+def _elf_interpreter(path: str) -> str | None:
+    """PT_INTERP of an ELF executable: the loader the kernel must also execute."""
+    try:
+        with Path(path).open("rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit only (x86_64/aarch64)
+                return None
+            (phoff,) = struct.unpack_from("<Q", head, 0x20)
+            phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+            for n in range(phnum):
+                f.seek(phoff + n * phentsize)
+                p_type, _flags, p_offset = struct.unpack("<IIQ", f.read(16))
+                if p_type == 3:  # PT_INTERP
+                    f.seek(p_offset + 0)
+                    f.seek(phoff + n * phentsize + 32)
+                    (p_filesz,) = struct.unpack("<Q", f.read(8))
+                    f.seek(p_offset)
+                    interp = f.read(p_filesz).rstrip(b"\0").decode()
+                    return os.path.realpath(interp)
+    except (OSError, struct.error, UnicodeDecodeError):
+        return None
+    return None

@@ -1,0 +1,172 @@
+"""Pydantic models of a policy: the one validated, immutable form of it.
+
+Every section and field has a default (see ``_defaults``), so an empty file is
+the default policy.  Unknown keys are refused rather than ignored: a typo such
+as ``raed`` must not silently drop a rule.  Numbers are strict (no ``"2"`` or
+``true`` for a count) because a policy is a security document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from glassroom.policy import _defaults as d
+from glassroom.policy import _paths
+
+#: Error type of every glassroom-specific refusal; ``ctx["at"]`` (a loc suffix)
+#: points a cross-field error at the offending list item.
+ERROR_TYPE = "glassroom_policy"
+
+
+def refuse(reason: str, at: tuple[str | int, ...] = ()) -> PydanticCustomError:
+    """A validation error whose message is exactly ``reason``."""
+    return PydanticCustomError(ERROR_TYPE, "{reason}", {"reason": reason, "at": at})
+
+
+def _checked(check: Callable[[str], str | None]) -> AfterValidator:
+    def validate(value: str) -> str:
+        problem = check(value)
+        if problem:
+            raise refuse(problem)
+        return value
+
+    return AfterValidator(validate)
+
+
+ReadPath = Annotated[str, _checked(_paths.read_problem)]
+WritePath = Annotated[str, _checked(_paths.write_problem)]
+ToolName = Annotated[str, _checked(_paths.tool_problem)]
+NetworkEntry = Annotated[str, _checked(_paths.network_problem)]
+
+
+def _no_duplicates(values: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    for i, value in enumerate(values):
+        if value in seen:
+            raise refuse(f"{value!r} is listed twice (first at [{seen[value]}])", (i,))
+        seen[value] = i
+    return values
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class FilesystemPolicy(_Section):
+    """Host paths the sandbox sees; everything else is absent."""
+
+    read: list[ReadPath] = Field(default_factory=lambda: list(d.DEFAULT_READ))
+    write: list[WritePath] = Field(default_factory=lambda: list(d.DEFAULT_WRITE))
+
+    _unique = field_validator("read", "write")(_no_duplicates)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> FilesystemPolicy:
+        read = set(self.read)
+        for i, path in enumerate(self.write):
+            if path in read:
+                raise refuse(f"{path!r} is listed in both read and write", ("write", i))
+        return self
+
+
+class ToolsPolicy(_Section):
+    """The only executables that may run."""
+
+    allow: list[ToolName] = Field(default_factory=lambda: list(d.DEFAULT_TOOLS))
+
+    _unique = field_validator("allow")(_no_duplicates)
+
+
+class NetworkPolicy(_Section):
+    """Hosts the sandbox may reach; empty means no network at all."""
+
+    allow: list[NetworkEntry] = Field(default_factory=lambda: list(d.DEFAULT_NETWORK_ALLOW))
+
+    _unique = field_validator("allow")(_no_duplicates)
+
+
+class ResourcesPolicy(_Section):
+    """Caps that keep one run from exhausting the host."""
+
+    cpus: float = Field(default=d.CPUS, gt=0, le=64, strict=True)
+    memory_mib: int = Field(default=d.MEMORY_MIB, ge=16, le=1024 * 1024, strict=True)
+    pids: int = Field(default=d.PIDS, ge=4, le=32768, strict=True)
+    disk_mib: int = Field(default=d.DISK_MIB, ge=1, le=1024 * 1024, strict=True)
+    max_runtime_s: float = Field(default=d.MAX_RUNTIME_S, gt=0, le=86400, strict=True)
+    max_output_bytes: int = Field(
+        default=d.MAX_OUTPUT_BYTES, ge=1024, le=1024 * 1024 * 1024, strict=True
+    )
+
+
+class Policy(_Section):
+    """A whole, validated policy; build it with ``parse_policy``/``load_policy``."""
+
+    risk: d.Risk = d.DEFAULT_RISK
+    filesystem: FilesystemPolicy = Field(default_factory=FilesystemPolicy)
+    tools: ToolsPolicy = Field(default_factory=ToolsPolicy)
+    network: NetworkPolicy = Field(default_factory=NetworkPolicy)
+    resources: ResourcesPolicy = Field(default_factory=ResourcesPolicy)
+
+    @model_validator(mode="after")
+    def _tools_not_writable(self) -> Policy:
+        for i, tool in enumerate(self.tools.allow):
+            for j, path in enumerate(self.filesystem.write):
+                if tool.startswith("/") and _paths.is_within(tool, path):
+                    raise refuse(
+                        f"{tool!r} is beneath filesystem.write[{j}] {path!r}: "
+                        "the sandbox could replace it with anything",
+                        ("tools", "allow", i),
+                    )
+        return self
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form: names this exact policy in audit records."""
+        text = json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def to_toml(self) -> str:
+        """The policy as a complete TOML file (every field explicit)."""
+        out = [f"risk = {_toml_value(self.risk)}"]
+        for name in ("filesystem", "tools", "network", "resources"):
+            section: BaseModel = getattr(self, name)
+            out.append(f"\n[{name}]")
+            out.extend(f"{k} = {_toml_value(v)}" for k, v in section.model_dump().items())
+        return "\n".join(out) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        items = [_toml_value(v) for v in value]
+        flat = "[" + ", ".join(items) + "]"
+        if len(flat) <= 80:
+            return flat
+        return "[\n" + "".join(f"    {item},\n" for item in items) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string; control characters are escaped (TOML forbids them raw)."""
+    out = ['"']
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
