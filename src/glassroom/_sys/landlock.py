@@ -147,7 +147,8 @@ def restrict(
     Every file-system right the running kernel knows is handled, so anything
     not granted below is denied (EACCES): ``read`` paths get read rights,
     ``write`` directories everything except execute and device creation,
-    ``execute`` files execute+read, ``devices`` read/write/ioctl, ``listable`` directories only READ_DIR (so
+    ``execute`` files execute+read, ``devices`` read/write/ioctl,
+    ``listable`` directories only READ_DIR (so
     ``ls /`` works without granting reads of the files beneath).  With ABI >= 6
     and ``scope``, signals and abstract unix sockets cannot reach processes
     outside the domain.  Raises OSError naming the failed step; it never

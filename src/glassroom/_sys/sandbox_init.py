@@ -22,6 +22,8 @@ Ops: ``config`` (first), ``exec`` (fds: stdin, stdout, stderr), ``file``
 ``error``, ``fatal``.
 """
 
+from __future__ import annotations
+
 import _json
 import _socket
 import marshal
@@ -32,7 +34,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import landlock  # noqa: E402  (stdlib-only sibling module, bound read-only here)
+import landlock  # type: ignore[import-not-found]
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # importing typing costs start-up time: annotations only
+    from collections.abc import Callable
+    from typing import Any
 
 CTL_FD = int(sys.argv[1]) if len(sys.argv) > 1 else 3  # the supervisor passes the number
 SIGKILL = 9
@@ -70,13 +77,13 @@ class Init:
         self.poll = select.poll()
         self.poll.register(self.ctl.fileno(), select.POLLIN)
 
-    def send(self, msg: dict[str, object]) -> None:
+    def send(self, msg: dict[str, Any]) -> None:
         try:
             self.ctl.send(_enc(msg).encode())
         except OSError:
             self.shutdown()
 
-    def recv(self) -> tuple[dict[str, object], list[int]]:
+    def recv(self) -> tuple[dict[str, Any], list[int]]:
         data, anc, _flags, _addr = self.ctl.recvmsg(MAX_MSG, _socket.CMSG_SPACE(4 * 8))
         if not data:
             self.shutdown()
@@ -98,7 +105,7 @@ class Init:
                 pass
         os._exit(0)
 
-    def configure(self, cfg: dict[str, object]) -> None:
+    def configure(self, cfg: dict[str, Any]) -> None:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
@@ -123,7 +130,7 @@ class Init:
                 os._exit(125)
         self.send({"op": "ready", "landlock_abi": abi, "pid": os.getpid()})
 
-    def spawn(self, rid: int, fds: list[int], body: object) -> None:
+    def spawn(self, rid: int, fds: list[int], body: Callable[[int, list[int]], None]) -> None:
         """Fork a child that runs ``body``; report its start and, later, its exit."""
         errr, errw = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
@@ -132,7 +139,7 @@ class Init:
                 os.close(errr)
                 os.setsid()
                 self.ctl.close()
-                body(errw, fds)  # type: ignore[operator]
+                body(errw, fds)
             except OSError as exc:
                 # Before the op started, errw carries the error; once the op has
                 # closed errw (and started streaming) the errno is the exit code.
@@ -180,9 +187,9 @@ class Init:
                     self.reap(fd)
             # Orphans re-parented to bwrap's pid 1 are reaped by it, not here.
 
-    def handle(self, msg: dict[str, object], fds: list[int]) -> None:
+    def handle(self, msg: dict[str, Any], fds: list[int]) -> None:
         op = msg.get("op")
-        rid = int(msg.get("id", 0))  # type: ignore[arg-type]
+        rid = int(msg.get("id", 0))
         if op == "config":
             self.configure(msg)
         elif op == "exec":
@@ -193,26 +200,26 @@ class Init:
             for _pidfd, (crid, pid) in self.children.items():
                 if crid == msg.get("target"):
                     try:
-                        os.killpg(pid, int(msg["sig"]))  # type: ignore[arg-type]
+                        os.killpg(pid, int(msg["sig"]))
                     except OSError:
                         pass
         else:
             self.send({"op": "error", "id": rid, "errno": 22, "error": f"unknown op {op!r}"})
 
 
-def _exec_body(msg: dict[str, object]) -> object:
+def _exec_body(msg: dict[str, Any]) -> Callable[[int, list[int]], None]:
     def body(errw: int, fds: list[int]) -> None:
         for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target)
         os.closerange(3, errw)
         os.closerange(errw + 1, 1 << 16)
         env = msg["env"]
-        os.chdir(msg["cwd"])  # type: ignore[arg-type]
+        os.chdir(msg["cwd"])
         argv = msg["argv"]
-        exe = argv[0]  # type: ignore[index]
+        exe = argv[0]
         if "/" not in exe:
-            exe = _which(exe, env.get("PATH", ""))  # type: ignore[union-attr]
-        os.execve(exe, argv, env)  # type: ignore[arg-type]
+            exe = _which(exe, env.get("PATH", ""))
+        os.execve(exe, argv, env)
 
     return body
 
@@ -234,15 +241,15 @@ def _which(name: str, path: str) -> str:
     raise FileNotFoundError(2, f"{name}: command not found")
 
 
-def _file_body(msg: dict[str, object]) -> object:
+def _file_body(msg: dict[str, Any]) -> Callable[[int, list[int]], None]:
     """File operations run in a child so they see exactly the sandbox's view."""
 
     def body(errw: int, fds: list[int]) -> None:
         kind, path = msg["kind"], msg["path"]
         pipe = fds[0] if fds else -1
         if kind == "read":
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)  # type: ignore[arg-type]
-            limit = int(msg["max"])  # type: ignore[arg-type]
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+            limit = int(msg["max"])
             os.close(errw)
             while limit > 0:
                 chunk = os.read(fd, min(limit, 1 << 16))
@@ -253,7 +260,7 @@ def _file_body(msg: dict[str, object]) -> object:
             os._exit(0)
         elif kind == "write":
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY
-            fd = os.open(path, flags, int(msg.get("mode", 0o644)))  # type: ignore[arg-type]
+            fd = os.open(path, flags, int(msg.get("mode", 0o644)))
             os.close(errw)
             while True:
                 chunk = os.read(pipe, 1 << 16)
@@ -266,7 +273,7 @@ def _file_body(msg: dict[str, object]) -> object:
             os._exit(0)
         elif kind == "list":
             entries = []
-            with os.scandir(path) as it:  # type: ignore[type-var]
+            with os.scandir(path) as it:
                 for e in it:
                     st = e.stat(follow_symlinks=False)
                     kind_ = (
@@ -279,11 +286,11 @@ def _file_body(msg: dict[str, object]) -> object:
             os.write(pipe, _enc(entries).encode())
             os._exit(0)
         elif kind == "mkdir":
-            os.makedirs(path, exist_ok=True)  # type: ignore[arg-type]
+            os.makedirs(path, exist_ok=True)
             os.close(errw)
             os._exit(0)
         elif kind == "remove":
-            _remove(path)  # type: ignore[arg-type]
+            _remove(path)
             os.close(errw)
             os._exit(0)
         raise OSError(22, f"unknown file op {kind!r}")

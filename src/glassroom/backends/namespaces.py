@@ -88,7 +88,9 @@ def install_init(state: Path) -> Path:
 def _identity_files() -> dict[str, str]:
     uid, gid = _config.INSIDE_UID, _config.INSIDE_GID
     return {
-        "passwd": f"agent:x:{uid}:{gid}:agent:/workspace:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
+        "passwd": (
+            f"agent:x:{uid}:{gid}:agent:/workspace:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
+        ),
         "group": f"agent:x:{gid}:\nnogroup:x:65534:\n",
     }
 
@@ -277,7 +279,8 @@ class NamespacesInstance:
             "uid_map": f"inside {_config.INSIDE_UID} -> host {uid}",
             "capabilities": "none",
             "no_new_privs": True,
-            "seccomp": f"{self.plan.seccomp_profile} ({len(seccomp.load_profile(self.plan.seccomp_profile))} rules)",
+            "seccomp": {"profile": self.plan.seccomp_profile,
+                        "rules": len(seccomp.load_profile(self.plan.seccomp_profile))},
             "mounts": [f"{m.kind} {m.target}" for m in self.plan.mounts],
             "network": "private netns, loopback only",
         })  # fmt: skip

@@ -80,7 +80,7 @@ def _one(att: Attempt, base: Policy, backend: str | None, log: Path, ctx: Any) -
         sid = sb.id
     twin_ok, blocked, detail = att.judge(twin, attack, ctx)
     return DrillResult(att.name, att.what, twin_ok, blocked, _audited(log, sid, att.rule),
-                       detail if twin_ok else f"twin failed: exit {twin.exit_code} {twin.stderr[:80]}",
+                       detail if twin_ok else f"twin failed: {twin.exit_code} {twin.stderr[:80]}",
                        att.rule)  # fmt: skip
 
 
@@ -109,7 +109,8 @@ def render(results: list[DrillResult]) -> str:
     for r in results:
         rows.append(
             f"{r.name:<24} {'ok' if r.twin_ok else 'FAIL':<5} {'yes' if r.blocked else 'NO':<8} "
-            f"{'ok' if r.audited else 'MISS':<6} {'PASS' if r.passed else 'FAIL':<6} {' '.join(r.detail.split())[:70]}"
+            f"{'ok' if r.audited else 'MISS':<6} {'PASS' if r.passed else 'FAIL':<6} "
+            f"{' '.join(r.detail.split())[:70]}"
         )
     failed = sum(not r.passed for r in results)
     rows.append(f"{len(results) - failed} passed, {failed} failed")

@@ -109,7 +109,7 @@ def cmd_audit_show(ns: argparse.Namespace) -> int:
 
 
 def cmd_doctor(ns: argparse.Namespace) -> int:
-    from .doctor import report, render
+    from .doctor import render, report
 
     rep = report()
     print(json.dumps(rep, indent=2) if ns.json else render(rep))

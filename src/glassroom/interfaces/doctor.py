@@ -55,7 +55,8 @@ def render(rep: dict[str, Any]) -> str:
         f"{mark(rep['seccomp']['ok'])} seccomp          {rep['seccomp']['detail']}",
         f"{mark(bool(rep['cgroups']))} cgroups          {cg or 'none'}",
         f"{mark(bool(rep['bwrap']))} bwrap            {rep['bwrap'] or 'not installed'}",
-        f"{mark(rep['kvm']['kind'] == 'real')} kvm              {rep['kvm']['kind']}: {rep['kvm']['detail']}",
+        f"{mark(rep['kvm']['kind'] == 'real')} kvm              "
+        f"{rep['kvm']['kind']}: {rep['kvm']['detail']}",
         f"{mark(bool(rep['runsc']))} runsc            {rep['runsc'] or 'not installed'}",
         f"{mark(bool(rep['qemu']))} qemu             {rep['qemu'] or 'not installed'}",
         "backends:",

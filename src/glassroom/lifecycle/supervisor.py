@@ -139,8 +139,8 @@ class Supervised:
             argv=tuple(argv), env=full_env, cwd=cwd or self.plan.workspace, stdin=stdin,
             timeout_s=timeout_s, max_output_bytes=self.plan.limits.max_output_bytes,
         )  # fmt: skip
-        self.audit.append(self.id, "command.started",
-                          {"argv": list(argv), "cwd": req.cwd, "env": sorted(full_env)})  # fmt: skip
+        started = {"argv": list(argv), "cwd": req.cwd, "env": sorted(full_env)}
+        self.audit.append(self.id, "command.started", started)
         res = inst.exec(req)
         blocked = self._judge(req, res)
         self.audit.append(

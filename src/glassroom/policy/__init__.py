@@ -8,6 +8,7 @@ See ``docs/policy.md`` for the reference.
 
 from __future__ import annotations
 
+from glassroom.policy._compile import backend_for, compile
 from glassroom.policy._load import (
     PolicyValidationError,
     default_policy,
@@ -15,7 +16,6 @@ from glassroom.policy._load import (
     parse_policy,
     validate_policy,
 )
-from glassroom.policy._compile import backend_for, compile
 from glassroom.policy._model import (
     FilesystemPolicy,
     NetworkPolicy,

@@ -48,7 +48,7 @@ def backend_for(policy: Policy, backend: str | None) -> str:
     return backend
 
 
-def compile(policy: Policy, backend: str | None = None) -> LaunchPlan:  # noqa: A001
+def compile(policy: Policy, backend: str | None = None) -> LaunchPlan:
     name = backend_for(policy, backend)
     if name != "namespaces":
         raise PlanError(f"backend {name!r} has no compiler yet", rule="backend")
@@ -137,10 +137,7 @@ def _covered(path: str, read: list[str] | tuple[str, ...]) -> bool:
 
 def _resolve_tool(name: str, i: int, policy: Policy) -> Tool:
     rule = f"tools.allow[{i}]"
-    if name.startswith("/"):
-        candidates = [name]
-    else:
-        candidates = [f"{d}/{name}" for d in TOOL_PATH]
+    candidates = [name] if name.startswith("/") else [f"{d}/{name}" for d in TOOL_PATH]
     for cand in candidates:
         if os.path.isfile(cand) and os.access(cand, os.X_OK):
             real = os.path.realpath(cand)
