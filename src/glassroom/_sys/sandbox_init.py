@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # importing typing costs start-up time: annotations only
     from collections.abc import Callable
     from typing import Any
 
-CTL_FD = int(sys.argv[1]) if len(sys.argv) > 1 else 3  # the supervisor passes the number
+CTL_FD = int(sys.argv[-1]) if len(sys.argv) > 1 else 3  # the supervisor passes the number
 SIGKILL = 9
 MAX_MSG = 1 << 20
 _json_str = _json.encode_basestring_ascii

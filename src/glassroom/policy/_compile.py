@@ -48,7 +48,25 @@ def backend_for(policy: Policy, backend: str | None) -> str:
     return backend
 
 
+#: Plans by (policy digest, backend).  Compiling resolves every tool on the
+#: host (stat + realpath + ELF parse): milliseconds that every sandbox start
+#: would otherwise pay again for the same policy.
+_PLANS: dict[tuple[str, str | None], LaunchPlan] = {}
+
+
 def compile(policy: Policy, backend: str | None = None) -> LaunchPlan:
+    """Compile (or reuse) the plan for ``policy`` on ``backend``."""
+    key = (policy.digest(), backend)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _compile(policy, backend)
+        if len(_PLANS) >= 64:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
     name = backend_for(policy, backend)
     if name != "namespaces":
         raise PlanError(f"backend {name!r} has no compiler yet", rule="backend")
