@@ -520,7 +520,7 @@ class NamespacesInstance:
                 timed_out = True
                 with contextlib.suppress(SandboxClosed):
                     assert self.channel is not None
-                    self.channel.send({"op": "signal", "target": rid, "sig": signal.SIGKILL})
+                    self.channel.send({"op": "signal", "target": rid, "sig": int(signal.SIGKILL)})
             if exit_msg is None and not open_fds and in_w < 0:
                 # Only the exit is missing: block on it (bounded by the timeout).
                 wait = 1.0 if run_deadline is None else max(0.0, run_deadline - now) + 0.01

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._errors import REFUSED_EXIT, GlassroomError
+from .._errors import REFUSED_EXIT, GlassroomError, PlanError, PolicyError
 
 PROG = "glassroom"
 
@@ -31,7 +31,29 @@ def _load(policy: str | None) -> Any:
     return load_policy(policy) if policy else default_policy()
 
 
+def _located(exc: GlassroomError, policy_file: str | None) -> GlassroomError:
+    """Give a compile-time refusal the policy file's name and the rule's line."""
+    from ..policy._load import rule_line
+
+    if not policy_file or not exc.rule or isinstance(exc, PolicyError):
+        return exc
+    try:
+        line = rule_line(Path(policy_file).read_text(), exc.rule)
+    except OSError:
+        return exc
+    where = f"{policy_file}:{line}" if line else policy_file
+    exc.message = f"{where}: {exc.message}"
+    return exc
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
+    try:
+        return _run(ns)
+    except PlanError as exc:
+        raise _located(exc, ns.policy) from None
+
+
+def _run(ns: argparse.Namespace) -> int:
     from .._sandbox import Sandbox
 
     argv = list(ns.cmd)
@@ -67,7 +89,10 @@ def cmd_policy_check(ns: argparse.Namespace) -> int:
     from ..policy import load_policy
 
     policy = load_policy(ns.file)
-    plan = compile_policy(policy, ns.backend)
+    try:
+        plan = compile_policy(policy, ns.backend)
+    except PlanError as exc:
+        raise _located(exc, ns.file) from None
     print(
         f"{ns.file}: ok (risk {policy.risk} -> backend {plan.backend}; "
         f"{len(policy.filesystem.read)} read, {len(policy.filesystem.write)} write paths; "
@@ -215,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: still one line and 125, never a bare traceback
+        return _fail(f"internal error: {type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

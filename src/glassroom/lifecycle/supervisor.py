@@ -133,6 +133,10 @@ class Supervised:
         timeout_s: float | None = None,
     ) -> RunOutcome:
         inst = self.instance
+        if not inst.alive():
+            raise inst._closed_error() if hasattr(inst, "_closed_error") else SandboxClosed(
+                f"sandbox {self.id} is no longer running"
+            )
         full_env = dict(self.plan.env)
         full_env.update(env or {})
         req = ExecRequest(

@@ -293,3 +293,23 @@ class _Scanner:
             else:
                 j += 1
         self.advance(j - self.i)
+
+
+def rule_line(text: str, rule: str) -> int | None:
+    """The line of a rule name such as ``tools.allow[3]`` or ``risk`` in ``text``.
+
+    Compile-time refusals (a rule the backend cannot enforce) name a rule,
+    not a pydantic location; this maps them back to the policy file.
+    """
+    loc: list[str | int] = []
+    for part in rule.split("."):
+        name, _, index = part.partition("[")
+        loc.append(name)
+        if index.rstrip("]").isdigit():
+            loc.append(int(index.rstrip("]")))
+    lines = locate(text)
+    while loc:
+        if tuple(loc) in lines:
+            return lines[tuple(loc)]
+        loc.pop()
+    return None

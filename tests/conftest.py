@@ -1,0 +1,139 @@
+"""Shared fixtures for every test tier.
+
+* The whole session runs with its own state dir and cgroup parent, so tests
+  never touch a production glassroom's records, init copy or cgroups.
+* ``backend`` is parametrized over :data:`BACKENDS`: a new tier is added to
+  every backend-parametrized test by adding its name there.
+* ``records`` / ``assert_blocked`` read the JSONL audit log a test wrote.
+  Import them with ``from conftest import records, assert_blocked``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+#: Every backend the backend-parametrized tests run on.  Later tiers go here.
+BACKENDS = ["namespaces"]
+
+#: Backends that must work on any host the test suite runs on: never skipped.
+REQUIRED_BACKENDS = frozenset({"namespaces"})
+
+TEST_CGROUP_PARENT = "glassroom-test"
+
+_ISOLATED_VARS = ("GLASSROOM_STATE_DIR", "GLASSROOM_CGROUP_PARENT", "GLASSROOM_AUDIT_LOG")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def glassroom_state_dir() -> Iterator[Path]:
+    """A private state dir and cgroup parent for the session; restored afterwards.
+
+    The state dir is under /tmp with mode 0755 (not pytest's tmp_path, which
+    lives under a 0700 dir): the sandbox runs as uid 65534 and must be able to
+    read the init script glassroom copies there.  GLASSROOM_AUDIT_LOG is also
+    pointed into it, as a safety net for any code path that falls back to the
+    default log; tests still pass their own ``audit_log``.
+    """
+    saved = {name: os.environ.get(name) for name in _ISOLATED_VARS}
+    state = Path(tempfile.mkdtemp(prefix="glassroom-state-", dir="/tmp"))
+    os.chmod(state, 0o755)
+    os.environ["GLASSROOM_STATE_DIR"] = str(state)
+    os.environ["GLASSROOM_CGROUP_PARENT"] = TEST_CGROUP_PARENT
+    os.environ["GLASSROOM_AUDIT_LOG"] = str(state / "session-audit.jsonl")
+    try:
+        yield state
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def audit_log(tmp_path: Path) -> Path:
+    """A fresh audit log path for one test (the file does not exist yet)."""
+    return tmp_path / "audit.jsonl"
+
+
+_backend_status: dict[str, str] = {}
+
+
+def _status(name: str) -> str:
+    if not _backend_status:
+        from glassroom.interfaces.doctor import report
+
+        _backend_status.update(report().get("backends", {}))
+    return _backend_status.get(name, "unknown backend")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend name under test.  Optional tiers are skipped where not ready."""
+    name: str = request.param
+    if name not in REQUIRED_BACKENDS:
+        status = _status(name)
+        if status != "ready":
+            pytest.skip(f"backend {name}: {status}")
+    return name
+
+
+@pytest.fixture
+def make_sandbox(backend: str, audit_log: Path) -> Iterator[Callable[..., Any]]:
+    """``make_sandbox(policy=None, **kw)``: a Sandbox on ``backend`` logging to
+    ``audit_log``; every sandbox made is destroyed at teardown, whatever happened."""
+    from glassroom import Sandbox
+
+    made: list[Any] = []
+
+    def make(policy: Any = None, **kw: Any) -> Any:
+        kw.setdefault("backend", backend)
+        kw.setdefault("audit_log", audit_log)
+        sb = Sandbox(policy, **kw)
+        made.append(sb)
+        return sb
+
+    yield make
+    for sb in made:
+        try:
+            sb.destroy()
+        except Exception as exc:  # report, but destroy the others first
+            pytest.fail(f"destroying {sb.id} at teardown failed: {exc!r}")
+
+
+def records(log: str | Path, sandbox: str | None = None) -> list[dict[str, Any]]:
+    """The parsed records of ``log`` in file order, optionally only one sandbox's."""
+    path = Path(log)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if sandbox is None or rec.get("sandbox") == sandbox:
+            out.append(rec)
+    return out
+
+
+def assert_blocked(log: str | Path, sandbox_id: str, rule: str) -> list[dict[str, Any]]:
+    """Assert the log holds a ``deny`` record with ``rule`` for ``sandbox_id``; return them."""
+    recs = records(log, sandbox_id)
+    hits = [r for r in recs if r.get("decision") == "deny" and r.get("rule") == rule]
+    assert hits, (
+        f"no deny record with rule {rule!r} for sandbox {sandbox_id}; its records: "
+        + json.dumps(_summary(recs), indent=1)
+    )
+    return hits
+
+
+def _summary(recs: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [f"{r.get('seq')} {r.get('event')} {r.get('decision')} {r.get('rule')}" for r in recs]
