@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _config
+from .._errors import WallError
 from .._sys import cgroups, proc
 
 
@@ -56,17 +57,33 @@ def reap(state: Path | None = None) -> list[dict[str, Any]]:
                 with contextlib.suppress(OSError):
                     os.kill(entry["pid"], signal.SIGKILL)
                     done["killed"].append(entry["pid"])
+        errors: list[str] = []
         cg = rec.get("cgroup")
         if isinstance(cg, dict) and isinstance(cg.get("name"), str):
-            with contextlib.suppress(Exception):
-                cs = cgroups.CgroupSet.open(cg["name"], parent=str(cg.get("parent", "glassroom")))
-                cs.kill_all(timeout=5.0)
-                done["cgroups"] = cs.remove()
+            parent = str(cg.get("parent", "glassroom"))
+            try:
+                cs = cgroups.CgroupSet.open(cg["name"], parent=parent)
+            except WallError:
+                cs = None  # none of its cgroups exists any more
+            if cs is not None:
+                try:
+                    cs.kill_all(timeout=5.0)
+                    done["cgroups"] = cs.remove()
+                except (OSError, WallError) as exc:
+                    errors.append(f"cgroups: {exc}")
+                if cs.exists():
+                    errors.append(f"cgroups still present: {list(cs.paths)}")
         for extra in rec.get("paths", []):
-            with contextlib.suppress(OSError):
+            try:
                 _rmtree(Path(extra))
-        with contextlib.suppress(OSError):
-            path.unlink()
+            except OSError as exc:
+                errors.append(f"{extra}: {exc.strerror}")
+        if errors:
+            # Keep the record: the next reaper pass must still find what is left.
+            done["errors"] = errors
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
         cleaned.append(done)
     return cleaned
 

@@ -61,7 +61,9 @@ def reap_orphans(audit: AuditLog) -> None:
             return
         _reaped = True
         for done in reaper.reap():
-            audit.append(done["sandbox_id"], "reaper.cleaned", done, decision="info",
+            failed = bool(done.get("errors"))
+            audit.append(done["sandbox_id"], "reaper.cleaned", done,
+                         decision="deny" if failed else "info",
                          rule="lifecycle.reaper")  # fmt: skip
 
 
