@@ -16,8 +16,8 @@ Every wait is bounded; nothing asserts on timing.
 from __future__ import annotations
 
 import contextlib
-import json
 import gc
+import json
 import os
 import secrets
 import select
