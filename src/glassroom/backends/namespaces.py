@@ -485,7 +485,7 @@ class NamespacesInstance:
             if first["op"] == "error":
                 return ExecResult(
                     exit_code=126 if first["errno"] == errno.EACCES else 127,
-                    signal=None, stdout=b"", stderr=f"{req.argv[0]}: {first['error']}\n".encode(),
+                    signal=None, stdout=b"", stderr=_exec_message(req.argv[0], first).encode(),
                     duration_ms=(time.monotonic() - start) * 1000, truncated=False,
                     exec_errno=first["errno"], exec_error=first["error"],
                 )  # fmt: skip
@@ -733,6 +733,14 @@ class NamespacesInstance:
 @functools.lru_cache(maxsize=8)
 def _profile_size(name: str) -> int:
     return len(seccomp.load_profile(name))
+
+
+def _exec_message(argv0: str, reply: dict[str, Any]) -> str:
+    if reply["errno"] == errno.EACCES:
+        return f"glassroom: {argv0}: exec denied by the policy (tools.allow)\n"
+    if reply["errno"] == errno.ENOENT:
+        return f"glassroom: {argv0}: command not found\n"
+    return f"glassroom: {argv0}: {reply['error']}\n"
 
 
 def _as_exit(msg: dict[str, Any]) -> dict[str, Any]:
