@@ -11,6 +11,19 @@ command -v bwrap >/dev/null || need+=(bubblewrap)
 [ -x /usr/bin/python3 ] || need+=(python3)
 [ -d /etc/ssl/certs ] || need+=(ca-certificates)
 command -v ip >/dev/null || need+=(iproute2)
+# The other tiers, needed by the tests (scripts/test.sh sets GLASSROOM_SETUP_TIERS=1);
+# the demo runs on the default backend and skips them.
+tiers=${GLASSROOM_SETUP_TIERS:-0}
+if [ "$tiers" = 1 ]; then
+# microvm tier: QEMU, a static busybox for the initramfs, mke2fs for the root image.
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+{ command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } \
+  || need+=(busybox-static)
+command -v mke2fs >/dev/null || need+=(e2fsprogs)
+# The gvisor tier: runsc, and a C compiler for its one-file compat shim (statx flags).
+command -v runsc >/dev/null || need+=(runsc)
+command -v cc >/dev/null || need+=(gcc)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
@@ -24,3 +37,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[test]"
+# The microvm guest kernel (apt-get download + dpkg-deb -x, never installed on the
+# host), initramfs, root image and booted-idle snapshot; cached, so a no-op when done.
+if [ "$tiers" = 1 ]; then
+  GLASSROOM_MICROVM_ALLOW_TCG=1 .venv/bin/glassroom microvm prepare >/dev/null
+fi

@@ -8,6 +8,7 @@ from ._errors import (
     AuditIntegrityError,
     BackendUnavailable,
     CommandError,
+    CredentialError,
     GlassroomError,
     PlanError,
     PolicyError,
@@ -16,7 +17,7 @@ from ._errors import (
     SandboxPathError,
     WallError,
 )
-from ._sandbox import Files, RunResult, Sandbox
+from ._sandbox import Files, RunResult, Sandbox, SandboxPool
 from .backends.base import FileEntry, Receipt
 from .lifecycle.supervisor import Blocked
 from .policy import Policy, default_policy, load_policy, parse_policy
@@ -29,6 +30,7 @@ __all__ = [
     "BackendUnavailable",
     "Blocked",
     "CommandError",
+    "CredentialError",
     "FileEntry",
     "Files",
     "GlassroomError",
@@ -41,6 +43,7 @@ __all__ = [
     "SandboxClosed",
     "SandboxError",
     "SandboxPathError",
+    "SandboxPool",
     "WallError",
     "__version__",
     "default_policy",

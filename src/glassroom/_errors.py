@@ -10,6 +10,7 @@ has to interpret raw ``OSError`` values::
     ├── PlanError                a backend cannot enforce a rule of the policy (names the rule)
     ├── WallError                a wall could not be built at start (names the wall); exit 125
     │   └── BackendUnavailable   the backend or a tool it needs is missing on this host
+    ├── CredentialError          a credential could not be issued, injected or verified
     ├── SandboxError             misuse or failure of a running sandbox
     │   ├── SandboxClosed        the sandbox was destroyed or hit its deadline
     │   ├── SandboxPathError     a path outside the sandbox's view
@@ -72,6 +73,11 @@ class WallError(GlassroomError):
 
 class BackendUnavailable(WallError):
     """The backend, or a host feature it needs, is not available here."""
+
+
+class CredentialError(GlassroomError):
+    """A credential could not be issued or injected (the sandbox does not start),
+    or a broker token failed verification."""
 
 
 class SandboxError(GlassroomError):

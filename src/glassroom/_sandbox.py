@@ -7,15 +7,16 @@ on ``__exit__``/``destroy()``; both are idempotent.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from ._errors import GlassroomError, SandboxError
-from .backends.base import FileEntry, Receipt
-from .lifecycle.supervisor import Blocked, Supervised
+from .backends.base import FileEntry, Process, Receipt
+from .egress import NetworkOptions
+from .lifecycle.supervisor import Blocked, RunOutcome, Supervised
 from .policy import Policy, default_policy, load_policy, parse_policy, validate_policy
 
 #: Largest file ``files.read`` returns unless told otherwise.
@@ -102,7 +103,19 @@ class Files:
 
 
 class Sandbox:
-    """A fresh sandbox for one task."""
+    """A fresh sandbox for one task.
+
+    With ``url=`` (and ``api_key=``) the sandbox lives in a ``glassroom serve``
+    at that URL instead of in this process; the API is the same (the object
+    is a :class:`glassroom._remote.RemoteSandbox`).
+    """
+
+    def __new__(cls, *args: Any, url: str | None = None, **kw: Any) -> Sandbox:
+        if url is not None and cls is Sandbox:
+            from ._remote import RemoteSandbox
+
+            return object.__new__(RemoteSandbox)
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -110,8 +123,14 @@ class Sandbox:
         *,
         backend: str | None = None,
         audit_log: str | Path | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        network: NetworkOptions | None = None,
     ) -> None:
-        self._sup = Supervised(_as_policy(policy), backend=backend, audit_log=audit_log)
+        if url is not None or api_key is not None:
+            raise SandboxError("api_key= is only meaningful with url= (a glassroom serve)")
+        self._sup = Supervised(_as_policy(policy), backend=backend, audit_log=audit_log,
+                               network=network)  # fmt: skip
         self.files = Files(self._sup)
 
     @property
@@ -159,6 +178,22 @@ class Sandbox:
             stderr_bytes=r.stderr,
         )
 
+    def spawn(
+        self,
+        cmd: Sequence[str] | str,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        on_exit: Callable[[RunOutcome], None] | None = None,
+    ) -> Process:
+        """Start a command in the background: a handle that streams output, takes
+        stdin and signals (``glassroom.backends.base.Process``)."""
+        argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        if not argv:
+            raise SandboxError("spawn: empty command")
+        return self._sup.spawn(argv, cwd=cwd, env=env, timeout_s=timeout_s, on_exit=on_exit)
+
     def destroy(self) -> Receipt:
         return self._sup.destroy()
 
@@ -174,3 +209,39 @@ class Sandbox:
         tb: TracebackType | None,
     ) -> None:
         self.destroy()
+
+
+class SandboxPool:
+    """Optional warm pool: ``pool.sandbox()`` returns a new, never-used Sandbox
+    that was built ahead of time, so the task does not wait for the walls.
+
+    Each sandbox is still used for one task and destroyed; see
+    ``glassroom.lifecycle.pool`` for why the pool outlives what it hands out.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | str | Path | Mapping[str, Any] | None = None,
+        *,
+        size: int = 2,
+        backend: str | None = None,
+        audit_log: str | Path | None = None,
+    ) -> None:
+        from .lifecycle.pool import Pool
+
+        self._pool = Pool(_as_policy(policy), size=size, backend=backend, audit_log=audit_log)
+
+    def sandbox(self, timeout: float = 30.0) -> Sandbox:
+        sb = object.__new__(Sandbox)
+        sb._sup = self._pool.take(timeout)
+        sb.files = Files(sb._sup)
+        return sb
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> SandboxPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -15,6 +15,8 @@ MountKind = Literal["ro-bind", "bind", "tmpfs", "proc", "dev", "symlink", "dir",
 Access = Literal["read", "write"]
 
 WORKSPACE = "/workspace"
+#: A per-sandbox tmpfs for credentials injected as files (mode 0400 each).
+SECRETS_DIR = "/run/glassroom/secrets"
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,52 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class NetworkPlan:
-    """``none``: a private network namespace with only loopback."""
+class HostRule:
+    """One ``network.allow|deny|ask`` entry as data (see ``policy._network``)."""
 
-    mode: Literal["none"] = "none"
+    kind: Literal["name", "wildcard", "ip", "cidr"]
+    value: str
+    port: int | None
+    rule: str  # "network.allow[0]"
+
+
+@dataclass(frozen=True)
+class HttpRule:
+    """One ``[[network.rules]]`` table: methods/paths allowed for a host (empty: any)."""
+
+    host: HostRule
+    methods: tuple[str, ...]
+    paths: tuple[str, ...]
+    inspect_tls: bool
+    rule: str  # "network.rules[0]"
+
+
+#: Where the egress dir (proxy socket, CA bundle) appears inside the sandbox.
+EGRESS_DIR_INSIDE = "/.glassroom-net"
+#: The loopback port inside the sandbox's netns that leads to the proxy.
+PROXY_PORT_INSIDE = 3128
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """``none``: a private network namespace with only loopback.
+
+    ``proxy``: the same namespace, plus one way out: a loopback port bridged
+    to the supervisor's egress proxy, which applies ``allow/deny/ask/rules``.
+    ``host_dir`` is filled in per sandbox by the supervisor (plans are cached).
+    """
+
+    mode: Literal["none", "proxy"] = "none"
     rule: str = "network.allow"
+    allow: tuple[HostRule, ...] = ()
+    deny: tuple[HostRule, ...] = ()
+    ask: tuple[HostRule, ...] = ()
+    rules: tuple[HttpRule, ...] = ()
+    ask_timeout_s: float = 60.0
+    inspect_tls: bool = False  # some rule inspects TLS: the sandbox gets a CA bundle
+    host_dir: str | None = None
+    #: Log direct connect/sendto attempts (seccomp user notification).
+    watch_direct: bool = True
 
 
 @dataclass(frozen=True)

@@ -154,26 +154,29 @@ def test_bad_policy_is_refused_with_file_and_line(
     assert not [r for r in records(audit_log) if r["event"] == "command.started"]
 
 
-NETWORK_POLICY = 'risk = "low"\n[network]\nallow = ["example.com"]\n'
+NETWORK_POLICY = 'risk = "low"\n[network]\nallow = ["*.com"]\n'
 
 
-def test_network_allow_is_refused(tmp_path: Path, audit_log: Path) -> None:
+def test_network_tld_wildcard_is_refused(tmp_path: Path, audit_log: Path) -> None:
     pol = policy_file(tmp_path, NETWORK_POLICY)
     for args in (["run", "--policy", str(pol), "--", "true"], ["policy", "check", str(pol)]):
         line = refused_line(cli(*args, log=audit_log))
-        assert "network.allow" in line, line
+        assert "network.allow[0]" in line and "top-level domain" in line, line
     assert not [r for r in records(audit_log) if r["event"] == "command.started"]
 
 
-def test_network_allow_refusal_names_file_and_line(tmp_path: Path, audit_log: Path) -> None:
-    """README: ``policy check`` gives "one-line errors with FILE:LINE".
-
-    The compile-time refusals (raised by policy.compile, not the loader)
-    currently carry only the field, not where it is.
-    """
+def test_network_refusal_names_file_and_line(tmp_path: Path, audit_log: Path) -> None:
+    """README: ``policy check`` gives "one-line errors with FILE:LINE"."""
     pol = policy_file(tmp_path, NETWORK_POLICY)
     line = refused_line(cli("policy", "check", str(pol), log=audit_log))
-    assert f"{pol}:3: network.allow" in line, line
+    assert f"{pol}:3: network.allow[0]" in line, line
+
+
+def test_approvals_cli_without_pending(tmp_path: Path, audit_log: Path) -> None:
+    listed = cli("approvals", "list", log=audit_log)
+    assert listed.returncode == 0 and "no pending approvals" in listed.stdout
+    line = refused_line(cli("approvals", "allow", "ap-0000000000", log=audit_log))
+    assert "no pending approval ap-0000000000" in line, line
 
 
 def test_high_risk_refused_on_weaker_backend(tmp_path: Path, audit_log: Path) -> None:

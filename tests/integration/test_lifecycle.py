@@ -319,6 +319,20 @@ def _assert_nothing_left(env: Env, children_before: set[int]) -> None:
         set(proc.children(os.getpid())) - children_before
     )
     assert not _mounts_mentioning(env.parent)
+    # Re-parented to init, a process would escape the check above: look
+    # host-wide for anything still naming this test's state dir.
+    def orphans() -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if str(env.state).encode() in f.read():
+                        found.append(pid)
+            except OSError:
+                continue
+        return found
+
+    assert _wait_for(lambda: not orphans(), 5), f"orphaned sandbox processes: {orphans()}"
 
 
 def _refusals(audit: Path) -> list[dict[str, Any]]:
@@ -523,3 +537,28 @@ def test_max_runtime_kills_every_process_of_the_sandbox(gr_env: Env) -> None:
     ]
     assert len(anomalies) == 1
     assert anomalies[0]["decision"] == "deny"
+
+
+def test_failure_before_child_pid_is_known_leaves_no_orphan(
+    gr_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bwrap is running but its child's pid was not read yet when start fails:
+    killing only the outer bwrap would orphan a sandbox pid 1, which a closed
+    block-fd would then release.  It must be found and killed."""
+    inst_cls = glassroom.backends.namespaces.NamespacesInstance
+    real = inst_cls._read_info
+    calls: list[float] = []
+
+    def late(self: Any, fd: int, timeout: float = 10.0) -> dict[str, Any]:
+        calls.append(timeout)
+        if len(calls) == 1:
+            raise WallError("namespaces: bwrap did not report its child in time (test)",
+                            rule="namespaces")  # fmt: skip
+        return real(self, fd, timeout=timeout)
+
+    monkeypatch.setattr(inst_cls, "_read_info", late)
+    before = set(proc.children(os.getpid()))
+    with pytest.raises(WallError):
+        Sandbox(audit_log=gr_env.audit)
+    assert len(calls) == 2, "the failure path did not look for bwrap's child"
+    _assert_nothing_left(gr_env, before)

@@ -19,7 +19,7 @@ from glassroom.drill import _one
 from glassroom.drill._attempts import Ctx, attempts, setup_ctx
 from glassroom.policy import default_policy
 
-BACKENDS = ["namespaces"]
+BACKENDS = ["namespaces", "gvisor", "microvm"]  # microvm under TCG here (conftest allows it)
 
 
 @pytest.fixture(scope="module")

@@ -462,3 +462,14 @@ def test_nonroot_without_delegated_cgroups_fails_closed(nonroot: Setup, how: str
     assert {"event": "sandbox.refused", "rule": out["rule"], "decision": "deny"} in out["audit"]
     assert not any(r["event"] == "sandbox.created" for r in out["audit"])
     assert cgroups.list_names(parent) == []
+    # Nothing escaped by being re-parented to init: no process anywhere on
+    # the host still names this test's state dir.
+    orphans = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(s.state).encode() in f.read():
+                    orphans.append(pid)
+        except OSError:
+            continue
+    assert orphans == [], f"orphaned sandbox processes: {orphans}"

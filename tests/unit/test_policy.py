@@ -116,7 +116,7 @@ def test_unknown_nested_field() -> None:
 
 
 def test_unknown_top_level_field_and_section() -> None:
-    allowed = "(allowed: risk, filesystem, tools, network, resources)"
+    allowed = "(allowed: risk, filesystem, tools, network, resources, credentials)"
     assert str(refused("# x\nrisks = 'low'\n")) == f"p.toml:2: risks: unknown field {allowed}"
     assert str(refused("\n[networking]\n")) == f"p.toml:2: networking: unknown field {allowed}"
 
@@ -402,8 +402,13 @@ def test_default_policy_is_documented_and_valid() -> None:
 def test_to_toml_round_trip() -> None:
     for p in (default_policy(), parse_policy(VALID)):
         assert parse_policy(p.to_toml()) == p
-    odd = validate_policy({"network": {"allow": ['a"b\\c', "é\x01\x7f", "tab\there"]}})
+    # Strings needing TOML escapes (network entries are host names now, so a
+    # free-text field carries them: a tool path).
+    odd = validate_policy({"tools": {"allow": ['/usr/bin/a"b\\c', "/usr/bin/é\x01\x7f"]}})
     assert parse_policy(odd.to_toml()) == odd
+    rules = validate_policy({"network": {"allow": ["a.test"], "rules": [
+        {"host": "a.test", "methods": ["GET"], "paths": ["/x/*"], "inspect_tls": True}]}})  # fmt: skip
+    assert parse_policy(rules.to_toml()) == rules
 
 
 def test_digest_stable_and_sensitive() -> None:

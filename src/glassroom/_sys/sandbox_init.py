@@ -108,6 +108,12 @@ class Init:
     def configure(self, cfg: dict[str, Any]) -> None:
         import ctypes
 
+        net: Any = None
+        if cfg.get("forward") or cfg.get("netwatch"):
+            import init_net  # type: ignore[import-not-found]  # before Landlock
+
+            net = init_net
+
         libc = ctypes.CDLL(None, use_errno=True)
         # Not dumpable: code running as the same uid cannot open /proc/<init>/mem.
         libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
@@ -128,7 +134,14 @@ class Init:
             except (OSError, ValueError) as exc:
                 self.send({"op": "fatal", "wall": "rlimits", "error": f"{name}: {exc}"})
                 os._exit(125)
-        self.send({"op": "ready", "landlock_abi": abi, "pid": os.getpid()})
+        ready = {"op": "ready", "landlock_abi": abi, "pid": os.getpid()}
+        if net is not None:  # the proxy bridge and the direct-attempt watch (init_net.py)
+            try:
+                ready.update(net.setup(cfg))
+            except OSError as exc:
+                self.send({"op": "fatal", "wall": "network", "error": str(exc)})
+                os._exit(125)
+        self.send(ready)
 
     def spawn(self, rid: int, fds: list[int], body: Callable[[int, list[int]], None]) -> None:
         """Fork a child that runs ``body``; report its start and, later, its exit."""
@@ -203,6 +216,11 @@ class Init:
                         os.killpg(pid, int(msg["sig"]))
                     except OSError:
                         pass
+        elif op == "netwatch-taken":  # the supervisor holds the listener now
+            try:
+                os.close(int(msg["fd"]))
+            except OSError:
+                pass
         else:
             self.send({"op": "error", "id": rid, "errno": 22, "error": f"unknown op {op!r}"})
 

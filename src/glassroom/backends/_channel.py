@@ -30,6 +30,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "error": (str,),
     "wall": (str,),
     "landlock_abi": (int,),
+    "netwatch_fd": (int,),
 }
 
 
@@ -119,6 +120,28 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
+
+
+def release_quietly(fd: int) -> None:
+    """Drop what ``fd`` refers to, but keep its number until its owner closes it.
+
+    ``fd`` becomes /dev/null (dup2), so the pipe end is gone (EOF / EPIPE for
+    the other side) while the number stays reserved.  Closing early and then
+    again in a ``finally`` would close whatever another thread (the egress
+    proxy, the audit log) opened under that number in between.
+    """
+    if fd < 0:
+        return
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.dup2(null, fd, inheritable=False)
+    except OSError:
+        pass
+    finally:
+        os.close(null)
 
 
 def close_quietly(*fds: int) -> None:

@@ -72,6 +72,44 @@ class Receipt:
         }
 
 
+class Process(Protocol):
+    """A command started with :meth:`Instance.spawn`, running in the background.
+
+    Output is kept as a list of ``(stream, bytes)`` events ("stdout" or
+    "stderr"), bounded by the request's ``max_output_bytes`` over the whole
+    life of the process; consumers read it from an index, so several may
+    follow one process.  ``result`` is set once it has exited.
+    """
+
+    pid: int
+    result: ExecResult | None
+
+    def events_since(
+        self, index: int, timeout: float
+    ) -> tuple[list[tuple[str, bytes]], int, bool]:
+        """New events from ``index`` (waiting up to ``timeout`` for some): (events, next
+        index, done).  ``done`` is true once the process exited and all was read."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> ExecResult | None:
+        """The result once the process exited; None if ``timeout`` passed first."""
+        ...
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process's group (a no-op once it exited)."""
+        ...
+
+    def write_stdin(self, data: bytes) -> None:
+        """Write to its stdin; ``BrokenPipeError`` once stdin is closed."""
+        ...
+
+    def close_stdin(self) -> None: ...
+
+    def on_exit(self, callback: Callable[[ExecResult], None]) -> None:
+        """Call ``callback(result)`` when it exits (at once if it already has)."""
+        ...
+
+
 class Instance(Protocol):
     """A running sandbox."""
 
@@ -79,6 +117,11 @@ class Instance(Protocol):
     walls: dict[str, Any]
 
     def exec(self, req: ExecRequest) -> ExecResult: ...
+    def spawn(self, req: ExecRequest) -> Process:
+        """Start ``req`` like :meth:`exec` (same walls, same errors for a denied or
+        missing executable, reported as the process's result) but return at once."""
+        ...
+
     def read_file(self, path: str, max_bytes: int) -> bytes: ...
     def write_file(self, path: str, data: bytes, mode: int) -> None: ...
     def list_dir(self, path: str) -> list[FileEntry]: ...

@@ -33,16 +33,19 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import _config
 from .._errors import BackendUnavailable, SandboxClosed, SandboxError, SandboxPathError, WallError
-from .._sys import cgroups, proc, seccomp
-from ..plan import LaunchPlan, Mount
-from ._channel import Channel, ProtocolViolation, close_quietly
+from .._sys import cgroups, netwatch, proc, seccomp
+from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan, Mount
+from ._channel import Channel, ProtocolViolation, close_quietly, release_quietly
 from .base import EventSink, ExecRequest, ExecResult, FileEntry, Receipt
 
-INIT_FILES = ("sandbox_init.py", "landlock.py")
+if TYPE_CHECKING:
+    from ._spawn import NamespacesProcess
+
+INIT_FILES = ("sandbox_init.py", "landlock.py", "init_net.py")
 INIT_DIR_INSIDE = "/.glassroom"
 PYTHON_FOR_INIT = "/usr/bin/python3"
 START_TIMEOUT_S = 10.0
@@ -74,7 +77,8 @@ def install_init(state: Path) -> Path:
         data = (src / name).read_bytes()
         target = dest / name
         if not target.exists() or target.read_bytes() != data:
-            tmp = dest / f".{name}.{os.getpid()}"
+            # pid + thread: a server starts sandboxes from many threads at once
+            tmp = dest / f".{name}.{os.getpid()}.{threading.get_ident()}"
             tmp.write_bytes(data)
             os.chmod(tmp, 0o644)
             os.replace(tmp, target)
@@ -173,6 +177,8 @@ def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int]) -> list[st
         for name in ("lib", "lib64", "bin"):
             if os.path.islink("/" + name):
                 argv += ["--symlink", os.readlink("/" + name), "/" + name]
+    if plan.network.host_dir:  # the egress proxy's socket and CA (see docs/network.md)
+        argv += ["--ro-bind", plan.network.host_dir, EGRESS_DIR_INSIDE]
     argv += ["--remount-ro", "/", "--chdir", plan.workspace]
     # A one-line launcher, so the init itself loads from its cached .pyc.
     launch = f"import sys;sys.path.insert(0,{INIT_DIR_INSIDE!r});import sandbox_init as m;m.main()"
@@ -197,7 +203,18 @@ def init_config(plan: LaunchPlan) -> dict[str, Any]:
             "RLIMIT_CORE": 0,
             "RLIMIT_NOFILE": 1024,
         },
+        **_net_config(plan),
     }
+
+
+def _net_config(plan: LaunchPlan) -> dict[str, Any]:
+    """The proxy bridge and the direct-attempt watch, for the init (``_sys/init_net.py``)."""
+    out: dict[str, Any] = {}
+    if plan.network.mode == "proxy":
+        out["forward"] = {"port": PROXY_PORT_INSIDE, "socket": f"{EGRESS_DIR_INSIDE}/proxy.sock"}
+    if plan.network.watch_direct:
+        out["netwatch"] = netwatch.filter_program()
+    return out
 
 
 class NamespacesBackend:
@@ -233,6 +250,8 @@ class NamespacesInstance:
         self.dead_reason: str | None = None
         self.killed_by_deadline = False
         self._reader: threading.Thread | None = None
+        self._pidfd: int | None = None
+        self._netwatch: netwatch.NetWatch | None = None
         self._destroyed: Receipt | None = None
         self._lock = threading.Lock()
 
@@ -242,12 +261,29 @@ class NamespacesInstance:
         init_dir = install_init(self.state)
         self._write_record()
         lim = self.plan.limits
+        # Limits exist before any process of the sandbox does.
+        self.cg = cgroups.CgroupSet.create(
+            self.sandbox_id,
+            # The workspace is a tmpfs whose pages are charged to the
+            # sandbox's memory cgroup, so the cap is memory + disk.
+            cgroups.CgroupLimits(
+                memory_bytes=lim.memory_bytes + lim.disk_bytes, pids=lim.pids, cpus=lim.cpus
+            ),
+            parent=_config.cgroup_parent(),
+        )
+        self.walls["cgroups"] = {
+            "paths": list(self.cg.paths),
+            "pids": lim.pids,
+            "memory_bytes": lim.memory_bytes + lim.disk_bytes,
+            "cpus": lim.cpus,
+        }
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         block_r, block_w = os.pipe2(os.O_CLOEXEC)
         try:
             sec_fd = seccomp.bpf_memfd(self.plan.seccomp_profile)
         except Exception as exc:
+            close_quietly(info_r, info_w, block_r, block_w)
             raise WallError(f"seccomp: cannot compile filter: {exc}", rule="seccomp") from exc
         fds = {"info": info_w, "block": block_r, "seccomp": sec_fd}
         argv = bwrap_argv(self.plan, init_dir, fds)
@@ -268,40 +304,30 @@ class NamespacesInstance:
                 extra_groups=[] if as_root else None,
                 close_fds=True,
             )
+        except BaseException:
+            close_quietly(info_r, block_w)
+            raise
         finally:
             close_quietly(info_w, block_r, sec_fd)
             child_sock.close()
         try:
-            # bwrap builds its namespaces meanwhile, then waits on block-fd:
-            # making the cgroups now overlaps the two.
-            self.cg = cgroups.CgroupSet.create(
-                self.sandbox_id,
-                # The workspace is a tmpfs whose pages are charged to the
-                # sandbox's memory cgroup, so the cap is memory + disk.
-                cgroups.CgroupLimits(
-                    memory_bytes=lim.memory_bytes + lim.disk_bytes, pids=lim.pids, cpus=lim.cpus
-                ),
-                parent=_config.cgroup_parent(),
-            )
-            self.walls["cgroups"] = {
-                "paths": list(self.cg.paths),
-                "pids": lim.pids,
-                "memory_bytes": lim.memory_bytes + lim.disk_bytes,
-                "cpus": lim.cpus,
-            }
-            try:
-                info = self._read_info(info_r)
-            finally:
-                close_quietly(info_r)
+            info = self._read_info(info_r)
             self.child_pid = int(info["child-pid"])
+            self._pidfd = os.pidfd_open(self.child_pid)  # it is blocked: alive for sure
             self._write_record()
             self.cg.add_pid(self.child_pid)
         except BaseException:
             # Never release a sandbox that is not inside its limits: kill it
             # while it is still blocked (EOF on block-fd would release it).
+            # Its pid 1 must die first: killing only the outer bwrap would
+            # orphan it, and the closed block-fd would then let it run.
+            if self._pidfd is None:
+                self._learn_child(info_r)
             self.kill()
             close_quietly(block_w)
             raise
+        finally:
+            close_quietly(info_r)
         os.write(block_w, b"1")
         close_quietly(block_w)
         self.walls.update({
@@ -323,14 +349,49 @@ class NamespacesInstance:
             "tools": [t.path for t in self.plan.tools],
         }
         self.walls["rlimits"] = init_config(self.plan)["rlimits"]
+        self._attach_netwatch(ready)
         self._reader = threading.Thread(
             target=self._read_loop, name=f"glassroom-{self.sandbox_id}", daemon=True
         )
         self._reader.start()
 
-    def _read_info(self, fd: int) -> dict[str, Any]:
+    def _attach_netwatch(self, ready: dict[str, Any]) -> None:
+        """Take the init's seccomp listener: direct network attempts get logged."""
+        fd = ready.get("netwatch_fd")
+        net = self.plan.network
+        self.walls["network"] = (
+            f"private netns, loopback only; proxy on 127.0.0.1:{PROXY_PORT_INSIDE}"
+            if net.mode == "proxy" else "private netns, loopback only"
+        )  # fmt: skip
+        if fd is None or self.child_pid is None:
+            return
+        rule = "network.direct" if net.mode == "proxy" else net.rule
+
+        def report(info: dict[str, Any]) -> None:
+            info["reason"] = ("no route: the only way out is the egress proxy"
+                              if net.mode == "proxy" else "no network: loopback only")  # fmt: skip
+            self.on_event("network.direct", info, "deny", rule)
+
+        try:
+            self._netwatch = netwatch.attach(self.child_pid, fd, report, self.sandbox_id)
+        except OSError as exc:
+            why = f"network: cannot watch direct attempts: {exc}"
+            raise WallError(why, rule="network") from exc
+        finally:
+            assert self.channel is not None
+            self.channel.send({"op": "netwatch-taken", "fd": fd})
+        self.walls["network_watch"] = "seccomp user notification: connect, sendto, sendmsg, raw"
+
+    def _learn_child(self, info_r: int) -> None:
+        """On a failed start, find bwrap's child (if it exists) so kill() reaches it."""
+        with contextlib.suppress(Exception):
+            info = self._read_info(info_r, timeout=2.0)
+            self.child_pid = int(info["child-pid"])
+            self._pidfd = os.pidfd_open(self.child_pid)
+
+    def _read_info(self, fd: int, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
         buf = b""
-        end = time.monotonic() + START_TIMEOUT_S
+        end = time.monotonic() + timeout
         while True:
             r, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
             if not r:
@@ -390,7 +451,8 @@ class NamespacesInstance:
             "supervisor": {"pid": sup, "start": proc.process_start_time(sup)},
             "pids": pids,
             "cgroup": {"name": self.sandbox_id, "parent": _config.cgroup_parent()},
-            "paths": [],
+            # The egress dir (proxy socket, CA cert) goes with the sandbox.
+            "paths": [self.plan.network.host_dir] if self.plan.network.host_dir else [],
             "created": time.time(),
         }
         self.record_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -409,42 +471,54 @@ class NamespacesInstance:
         )
 
     def _read_loop(self) -> None:
+        """Route replies and enforce the deadline until the sandbox ends.
+
+        Whatever ends this loop (EOF, a protocol violation, an unexpected
+        error) also ends the sandbox: without this thread nothing would
+        enforce the deadline, so the sandbox must not outlive it.
+        """
+        assert self.channel is not None
+        reason = "sandbox exited"
+        try:
+            reason = self._pump()
+        except Exception as exc:  # fail closed: log it, then kill below
+            reason = f"supervisor error: {type(exc).__name__}"
+            self._violation(f"reader stopped: {exc!r}")
+        finally:
+            self.dead_reason = reason
+            self.kill()
+            self.channel.close(reason)
+
+    def _pump(self) -> str:
         assert self.channel is not None
         sock = self.channel.sock
-        reason = "sandbox exited"
         while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 self.killed_by_deadline = True
-                reason = "max_runtime exceeded"
                 self.on_event(
                     "anomaly",
                     {"reason": "max runtime exceeded; sandbox killed",
                      "max_runtime_s": self.plan.limits.max_runtime_s},
                     "deny", "resources.max_runtime_s",
                 )  # fmt: skip
-                self.kill()
-                break
+                return "max_runtime exceeded"
             try:
                 r, _, _ = select.select([sock], [], [], min(remaining, 3600))
             except (OSError, ValueError):
-                break
+                return "channel closed"
             if not r:
                 continue
             try:
                 msg = self.channel.recv_one()
             except ProtocolViolation as exc:
                 self._violation(str(exc))
-                reason = "protocol violation"
-                self.kill()
-                break
+                return "protocol violation"
             except OSError:
-                break
+                return "channel closed"
             if msg is None:
-                break
+                return "sandbox exited"
             self.channel.dispatch(msg)
-        self.dead_reason = reason
-        self.channel.close(reason)
 
     # -- operations ---------------------------------------------------------
 
@@ -464,6 +538,12 @@ class NamespacesInstance:
                 rule="resources.max_runtime_s",
             )
         return SandboxClosed(f"sandbox {self.sandbox_id} is no longer running ({self.dead_reason})")
+
+    def spawn(self, req: ExecRequest) -> NamespacesProcess:
+        """A background process (see ``_spawn``); ``exec`` stays the fast blocking path."""
+        from ._spawn import spawn
+
+        return spawn(self, req)
 
     def exec(self, req: ExecRequest) -> ExecResult:
         start = time.monotonic()
@@ -498,8 +578,10 @@ class NamespacesInstance:
                  in_w: int, out_r: int, err_r: int) -> ExecResult:  # fmt: skip
         """Feed stdin, read bounded output, wait for the exit; enforce the timeout."""
         stdin = memoryview(req.stdin or b"")
+        # exec() closes in_w/out_r/err_r once, at the end; here they are only
+        # released (release_quietly), never closed twice.
         if not stdin:
-            close_quietly(in_w)
+            release_quietly(in_w)
             in_w = -1
         else:
             os.set_blocking(in_w, False)
@@ -545,7 +627,7 @@ class NamespacesInstance:
                         stdin = memoryview(b"")
                     if not stdin:
                         poller.unregister(in_w)
-                        close_quietly(in_w)
+                        release_quietly(in_w)
                         in_w = -1
                     continue
                 chunk = os.read(fd, 65536) if ev & (select.POLLIN | select.POLLHUP) else b""
@@ -561,11 +643,11 @@ class NamespacesInstance:
                     # Over the output cap: stop reading; the writer gets EPIPE.
                     for f in list(open_fds):
                         poller.unregister(f)
-                        close_quietly(f)
+                        release_quietly(f)
                     open_fds.clear()
                     break
         if in_w >= 0:
-            close_quietly(in_w)
+            release_quietly(in_w)
         sig = exit_msg.get("signal")
         code = exit_msg.get("code")
         exit_code = 128 + sig if sig else int(code or 0)
@@ -627,7 +709,7 @@ class NamespacesInstance:
                         view = view[os.write(keep, view[: 1 << 16]) :]
                 except BrokenPipeError:
                     pass
-                close_quietly(keep)
+                release_quietly(keep)  # EOF for the reader; closed once, below
             else:
                 while chunk := os.read(keep, 1 << 16):
                     out += chunk
@@ -675,9 +757,10 @@ class NamespacesInstance:
         only if it does not exit promptly.
         """
         with self._lock:
-            if self.child_pid:
+            if self._pidfd is not None:
+                # Through a pidfd: a recycled pid can never be hit.
                 with contextlib.suppress(OSError):
-                    os.kill(self.child_pid, signal.SIGKILL)
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             if self.proc is not None and self.proc.poll() is None:
                 try:
                     self.proc.wait(timeout=2.0 if self.child_pid else 0)
@@ -685,7 +768,9 @@ class NamespacesInstance:
                     with contextlib.suppress(OSError):
                         self.proc.kill()
             if self.cg is not None:
-                with contextlib.suppress(OSError):
+                # A survivor shows up in the receipt's leftovers; kill() itself
+                # must not raise (it runs on the deadline thread too).
+                with contextlib.suppress(OSError, WallError):
                     self.cg.kill_all(timeout=5.0)
 
     def destroy(self) -> Receipt:
@@ -706,6 +791,11 @@ class NamespacesInstance:
             self.channel.close("destroyed")
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=5)
+        if self._pidfd is not None:
+            close_quietly(self._pidfd)
+            self._pidfd = None
+        if self._netwatch is not None:
+            self._netwatch.stop()
         if self.cg is not None:
             removed["cgroups"] = self.cg.remove()
         removed["workspace"] = "tmpfs in the sandbox's mount namespace, freed with it"

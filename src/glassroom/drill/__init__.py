@@ -19,6 +19,7 @@ from .. import _config
 from .._sandbox import Sandbox
 from ..policy import Policy, default_policy, validate_policy
 from ._attempts import Attempt, attempts, setup_ctx
+from ._network import network_attempts, setup_net
 
 
 @dataclass
@@ -46,7 +47,10 @@ class DrillResult:
 def _policy_for(base: Policy, extra: dict[str, Any]) -> Policy:
     data = base.model_dump()
     for section, values in extra.items():
-        data[section] = {**data[section], **values}
+        if isinstance(values, list):
+            data[section] = values
+        else:
+            data[section] = {**data[section], **values}
     return validate_policy(data)
 
 
@@ -73,9 +77,9 @@ def _one(att: Attempt, base: Policy, backend: str | None, log: Path, ctx: Any) -
             sb.run(["sh", "-c", "touch /workspace/left /tmp/left"])
             twin = sb.run(att.twin, env=twin_env)
     else:
-        with Sandbox(policy, backend=backend, audit_log=log) as sb:
+        with Sandbox(policy, backend=backend, audit_log=log, network=att.network) as sb:
             twin = sb.run(att.twin, env=twin_env)
-    with Sandbox(policy, backend=backend, audit_log=log) as sb:
+    with Sandbox(policy, backend=backend, audit_log=log, network=att.network) as sb:
         attack = sb.run(att.attack)
         sid = sb.id
     twin_ok, blocked, detail = att.judge(twin, attack, ctx)
@@ -92,14 +96,16 @@ def run_drill(
     base = default_policy()
     tmp = tempfile.mkdtemp(prefix="glassroom-drill-")
     ctx, cleanup = setup_ctx(tmp, set(base.tools.allow))
+    net, net_cleanup = setup_net()
     try:
         out = []
-        for att in attempts(ctx):
+        for att in attempts(ctx) + network_attempts(net):
             if only and att.name not in only:
                 continue
             out.append(_one(att, base, backend, log, ctx))
         return out
     finally:
+        net_cleanup()
         cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -70,6 +70,8 @@ class Attempt:
     rule: str | None = None
     policy: dict[str, Any] = field(default_factory=dict)
     same_sandbox: bool = False
+    #: ``NetworkOptions`` for the sandboxes (the network attempts' hosts map).
+    network: Any = None
 
 
 def _ok(res: Any) -> bool:
@@ -202,14 +204,18 @@ def attempts(ctx: Ctx) -> list[Attempt]:
         ),  # fmt: skip
         Attempt(
             "credential-not-injected",
-            "read a credential from the supervisor's environment",
-            ["sh", "-c", 'test "$GIVEN" = yes && echo OK'],
-            ["sh", "-c", "env; cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'; echo done"],
+            "read a credential that wasn't injected (supervisor env, host files)",
+            # Twin: the one credential the policy injects is readable.
+            ["sh", "-c", 'test "$GIVEN" = yes && test -s /run/glassroom/secrets/given && echo OK'],
+            ["sh", "-c", "env; cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'; "
+             "grep -rs . /run /workspace /tmp 2>/dev/null; echo done"],
             lambda t, a, x: (
                 _said(t, "OK"),
-                x.env_canary_value not in a.stdout and x.env_canary_name not in a.stdout,
-                "env and /proc/*/environ clean",
+                x.env_canary_value not in a.stdout and x.env_canary_name not in a.stdout
+                and x.canary_secret not in a.stdout,
+                "env, /proc/*/environ, /run, /tmp clean",
             ),
+            policy={"credentials": [{"name": "given", "source": "broker"}]},
         ),  # fmt: skip
         Attempt(
             "fork-bomb",

@@ -152,6 +152,77 @@ def cmd_drill(ns: argparse.Namespace) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
+def cmd_microvm(ns: argparse.Namespace) -> int:
+    """``microvm prepare``: kernel, initramfs, root image and snapshot, cached."""
+    from ..backends.microvm.prepare import prepare
+
+    print(json.dumps(prepare(snapshot=not ns.no_snapshot), indent=2))
+    return 0
+
+
+def cmd_approvals(ns: argparse.Namespace) -> int:
+    """``approvals list|allow|deny ID``: decide requests held by ``network.ask``."""
+    from ..egress import _approvals
+
+    if ns.approvals_cmd == "list":
+        items = [a.as_dict() for a in _approvals.pending()]
+        if ns.json:
+            print(json.dumps(items, indent=2))
+        else:
+            for a in items:
+                what = f"{a['method'] or 'CONNECT'} {a['host']}:{a['port']}{a['path'] or ''}"
+                print(f"{a['id']}  {a['sandbox']}  {what}  rule={a['rule']}")
+            if not items:
+                print("no pending approvals")
+        return 0
+    rec = _approvals.decide(ns.id, ns.approvals_cmd)
+    print(f"{ns.id}: {rec['decision']} (by {rec['by']})")
+    return 0 if rec["decision"] == ns.approvals_cmd else 1
+
+
+def _serve_config(ns: argparse.Namespace) -> Any:
+    from .http import ServeConfig
+
+    cfg = ServeConfig.load(ns.config) if ns.config else ServeConfig()
+    if ns.host:
+        cfg.host = ns.host
+    if ns.port:
+        cfg.port = ns.port
+    if ns.data_dir:
+        cfg.data_dir = Path(ns.data_dir)
+    key = os.environ.get("GLASSROOM_API_KEY")
+    if key:  # a single-tenant shortcut for local use: the key itself, from the environment
+        cfg.add_key(os.environ.get("GLASSROOM_TENANT", "default"), key)
+    return cfg
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from .http import hash_key, new_key, serve
+
+    if ns.new_key:
+        key = new_key()
+        print(f"key: {key}")
+        print(f'[tenants.{ns.new_key}]\napi_keys_sha256 = ["{hash_key(key)}"]')
+        return 0
+    cfg = _serve_config(ns)
+    if not cfg.key_hashes:
+        return _fail("serve: no API keys (add [tenants.NAME] api_keys_sha256 to --config, "
+                     "or set GLASSROOM_API_KEY)")  # fmt: skip
+    serve(cfg)
+    return 0
+
+
+def cmd_mcp(ns: argparse.Namespace) -> int:
+    from .mcp import run_http, run_stdio
+
+    cfg = _serve_config(ns)
+    if ns.http:
+        run_http(cfg, host=ns.host or "127.0.0.1", port=ns.port or 8050)
+    else:
+        run_stdio(cfg)
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -216,10 +287,42 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=cmd_drill)
 
+    mv = sub.add_parser("microvm", help="the microvm tier's guest kernel and images")
+    mvs = mv.add_subparsers(dest="microvm_cmd", required=True)
+    mvp = mvs.add_parser("prepare", help="fetch the guest kernel, build and cache the images")
+    mvp.add_argument("--no-snapshot", action="store_true", help="skip the booted-idle snapshot")
+    mvp.set_defaults(func=cmd_microvm)
+
     de = sub.add_parser(
         "demo", help="a demo agent task: real work, one blocked action, the audit trail"
     )
     de.set_defaults(func=cmd_demo)
+
+    ap = sub.add_parser("approvals", help="network requests held for a decision (network.ask)")
+    aps = ap.add_subparsers(dest="approvals_cmd", required=True)
+    apl = aps.add_parser("list", help="pending requests")
+    apl.add_argument("--json", action="store_true")
+    apl.set_defaults(func=cmd_approvals)
+    for verb in ("allow", "deny"):
+        apv = aps.add_parser(verb, help=f"{verb} a held request")
+        apv.add_argument("id")
+        apv.set_defaults(func=cmd_approvals)
+
+    for name, func, text in (
+        ("serve", cmd_serve, "HTTP API (own /v1 + E2B-compatible) for sandboxes"),
+        ("mcp", cmd_mcp, "MCP server (stdio; --http for streamable HTTP)"),
+    ):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--config", help="TOML: host, port, data_dir, tenants, templates")
+        sp.add_argument("--host", help="listen address (default 127.0.0.1)")
+        sp.add_argument("--port", type=int, help="listen port")
+        sp.add_argument("--data-dir", help="where the server keeps its audit log")
+        if name == "serve":
+            sp.add_argument("--new-key", metavar="TENANT",
+                            help="print a new API key and its config line, then exit")
+        else:
+            sp.add_argument("--http", action="store_true", help="streamable HTTP, not stdio")
+        sp.set_defaults(func=func)
     return p
 
 

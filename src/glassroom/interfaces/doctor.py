@@ -37,10 +37,37 @@ def report() -> dict[str, Any]:
     )
     rep["backends"] = {
         "namespaces": "ready" if ready else "unavailable",
-        "gvisor": "not implemented in this build" + ("" if rep["runsc"] else "; runsc missing"),
-        "microvm": "not implemented in this build",
+        "gvisor": _gvisor_status(rep),
+        "microvm": _microvm_status(),
     }
     return rep
+
+
+def _microvm_status() -> str:
+    from ..backends.microvm.qemu import status
+
+    return status()
+
+
+def _gvisor_status(rep: dict[str, Any]) -> str:
+    """gvisor is ready when runsc is there and its chosen platform works here."""
+    if not rep["runsc"]:
+        return "unavailable: runsc missing (apt-get install runsc)"
+    if not _config.is_root():
+        return "unavailable: runsc needs glassroom to run as root"
+    from .._errors import BackendUnavailable
+    from ..backends import _gvisor_spec
+
+    rep["runsc_platforms"] = _gvisor_spec.probe_platforms()
+    try:
+        chosen = _gvisor_spec.choose_platform()
+    except BackendUnavailable as exc:
+        return f"unavailable: {exc}"
+    if rep["runsc_platforms"].get(chosen) != "works":
+        return f"unavailable: platform {chosen}: {rep['runsc_platforms'].get(chosen)}"
+    if "memory" not in rep["cgroups"]:
+        return "unavailable: no memory cgroup"
+    return "ready"
 
 
 def render(rep: dict[str, Any]) -> str:
@@ -58,6 +85,7 @@ def render(rep: dict[str, Any]) -> str:
         f"{mark(rep['kvm']['kind'] == 'real')} kvm              "
         f"{rep['kvm']['kind']}: {rep['kvm']['detail']}",
         f"{mark(bool(rep['runsc']))} runsc            {rep['runsc'] or 'not installed'}",
+        *[f"       platform  {k}: {v}" for k, v in rep.get("runsc_platforms", {}).items()],
         f"{mark(bool(rep['qemu']))} qemu             {rep['qemu'] or 'not installed'}",
         "backends:",
     ]

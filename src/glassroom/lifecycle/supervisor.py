@@ -7,20 +7,25 @@ errors) into decisions with the rule that made them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import _config
 from .._errors import BackendUnavailable, GlassroomError, SandboxClosed
 from ..audit import AuditLog
-from ..backends.base import EventSink, ExecRequest, ExecResult, Instance, Receipt
-from ..plan import LaunchPlan
+from ..backends.base import EventSink, ExecRequest, ExecResult, Instance, Process, Receipt
+from ..credentials import Issued, env_name
+from ..credentials import issue as issue_credential
+from ..credentials._proxy_inject import header_hook
+from ..egress import Egress, NetworkOptions
+from ..plan import SECRETS_DIR, LaunchPlan
 from ..policy import Policy
 from ..policy import compile as compile_policy
 from . import reaper
@@ -50,6 +55,14 @@ def get_backend(name: str) -> Any:
         from ..backends.namespaces import NamespacesBackend
 
         return NamespacesBackend()
+    if name == "gvisor":
+        from ..backends.gvisor import GvisorBackend
+
+        return GvisorBackend()
+    if name == "microvm":
+        from ..backends.microvm import MicrovmBackend
+
+        return MicrovmBackend()
     raise BackendUnavailable(f"backend {name!r} is not available in this build", rule="backend")
 
 
@@ -76,6 +89,7 @@ class Supervised:
         *,
         backend: str | None = None,
         audit_log: str | Path | None = None,
+        network: NetworkOptions | None = None,
     ) -> None:
         self.policy = policy
         self.audit = AuditLog(audit_log or _config.audit_log_path())
@@ -84,17 +98,40 @@ class Supervised:
         self._receipt: Receipt | None = None
         self._counters: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._egress: Egress | None = None
+        self._issued: list[Issued] = []
+        #: Called once after destroy (the warm pool counts its sandboxes).
+        self.on_destroy: Callable[[], None] | None = None
+        #: Env vars every command gets: credentials injected as env, and
+        #: proxy placeholders.  Values never reach the audit log.
+        self._secret_env: dict[str, str] = {}
         try:
             reap_orphans(self.audit)
             self.plan: LaunchPlan = compile_policy(policy, backend)
+            # Issued before any wall exists: a source that fails costs nothing.
+            self._issue_credentials()
+            if self.plan.network.mode == "proxy":  # the only way out; see docs/network.md
+                network = self._with_credential_hook(network)
+                self._egress = Egress(self.plan.network, self.id, self._network_sink(), network)
+                self.plan = replace(self.plan, network=replace(
+                    self.plan.network, host_dir=str(self._egress.dir)))  # fmt: skip
             self.backend = self.plan.backend
             inst = get_backend(self.backend).start(self.plan, self.id, self._sink())
+            self._instance = inst
+            self._inject_credentials(inst)
         except GlassroomError as exc:
+            self._revoke_credentials(log=False)
+            if self._instance is not None:
+                self._instance.destroy()
+                self._instance = None
+            self._stop_egress()
             self.audit.append(self.id, "sandbox.refused", {"error": str(exc)},
                               decision="deny", rule=exc.rule)  # fmt: skip
             self.audit.close()
             raise
-        self._instance = inst
+        except BaseException:
+            self._stop_egress()
+            raise
         self._counters = self._limit_counters()
         self.audit.append(
             self.id,
@@ -108,6 +145,83 @@ class Supervised:
             },
             decision="allow",
         )
+
+    # -- credentials ----------------------------------------------------------
+
+    def _issue_credentials(self) -> None:
+        limit = self.policy.resources.max_runtime_s
+        for i, cred in enumerate(self.policy.credentials):
+            self._issued.append(issue_credential(cred, i, self.id, limit))
+
+    def _inject_credentials(self, inst: Instance) -> None:
+        for cred in self._issued:
+            if cred.inject == "file":
+                inst.write_file(f"{SECRETS_DIR}/{cred.name}", cred.value.encode(), 0o400)
+                where = f"{SECRETS_DIR}/{cred.name}"
+            elif cred.inject == "env":
+                self._secret_env[env_name(cred.name)] = cred.value
+                where = env_name(cred.name)
+            else:
+                assert cred.placeholder is not None
+                self._secret_env[env_name(cred.name)] = cred.placeholder
+                where = f"{env_name(cred.name)} (placeholder; the proxy adds the value)"
+        for cred in self._issued:
+            self.audit.append(self.id, "credential.issued", cred.audit_details(),
+                              decision="allow", rule=cred.rule)  # fmt: skip
+            details: dict[str, Any] = {"name": cred.name, "how": cred.inject, "where": where}
+            if cred.inject == "env":
+                details["warning"] = "injected as env: every process in the sandbox can read it"
+            self.audit.append(self.id, "credential.injected", details, decision="allow",
+                              rule=f"{cred.rule}.inject")  # fmt: skip
+
+    def _revoke_credentials(self, *, log: bool = True) -> None:
+        for cred in self._issued:
+            expired = time.time() >= cred.expires_at
+            error = None
+            try:
+                if cred.revoke is not None:
+                    cred.revoke()
+            except Exception as exc:  # a revoke that fails must be visible, not fatal
+                error = f"{type(exc).__name__}: {exc}"
+            if log:
+                details = {"name": cred.name, **{k: v for k, v in cred.facts.items()
+                                                 if k in ("token_id", "accessor", "lease_id")}}
+                if error:
+                    details["error"] = error
+                event = "credential.expired" if expired else "credential.revoked"
+                decision = "deny" if error else "info"
+                self.audit.append(self.id, event, details, decision=decision, rule=cred.rule)
+        self._issued = []
+        self._secret_env.clear()
+
+    # -- egress -----------------------------------------------------------------
+
+    def _with_credential_hook(self, network: NetworkOptions | None) -> NetworkOptions:
+        """Proxy credentials: the proxy swaps placeholders only for listed hosts."""
+        opts = network or NetworkOptions()
+        proxied = [c for c in self._issued if c.inject == "proxy"]
+        if not proxied:
+            return opts
+        creds = {c.name: c for c in self.policy.credentials}
+        hook = header_hook(
+            proxied,
+            {n: list(creds[n].hosts) for n in creds},
+            {n: creds[n].header for n in creds},
+            lambda event, details, decision, rule: self.audit.append(
+                self.id, event, details, decision=decision, rule=rule
+            ),
+        )
+        return replace(opts, rewrite_headers=hook)
+
+    def _network_sink(self) -> Callable[[dict[str, Any], str, str | None], None]:
+        def emit(details: dict[str, Any], decision: str, rule: str | None) -> None:
+            self.audit.append(self.id, "network.request", details, decision=decision, rule=rule)
+
+        return emit
+
+    def _stop_egress(self) -> dict[str, Any] | None:
+        egress, self._egress = self._egress, None
+        return egress.stop() if egress is not None else None
 
     def _sink(self) -> EventSink:
         def sink(event: str, details: dict[str, Any], decision: str, rule: str | None) -> None:
@@ -140,6 +254,7 @@ class Supervised:
                 f"sandbox {self.id} is no longer running"
             )
         full_env = dict(self.plan.env)
+        full_env.update(self._secret_env)
         full_env.update(env or {})
         req = ExecRequest(
             argv=tuple(argv), env=full_env, cwd=cwd or self.plan.workspace, stdin=stdin,
@@ -166,6 +281,55 @@ class Supervised:
             rule=blocked[0].rule if blocked else None,
         )
         return RunOutcome(res, blocked)
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        on_exit: Callable[[RunOutcome], None] | None = None,
+    ) -> Process:
+        """Start ``argv`` in the background; its end is judged and logged like ``run``'s."""
+        inst = self.instance
+        if not inst.alive():
+            raise SandboxClosed(f"sandbox {self.id} is no longer running")
+        full_env = dict(self.plan.env)
+        full_env.update(getattr(self, "_secret_env", None) or {})
+        full_env.update(env or {})
+        req = ExecRequest(
+            argv=tuple(argv), env=full_env, cwd=cwd or self.plan.workspace, stdin=None,
+            timeout_s=timeout_s, max_output_bytes=self.plan.limits.max_output_bytes,
+        )  # fmt: skip
+        self.audit.append(self.id, "command.started",
+                          {"argv": list(argv), "cwd": req.cwd, "env": sorted(full_env),
+                           "background": True})  # fmt: skip
+        if getattr(inst, "spawn", None) is None:  # a tier that has not implemented it yet
+            raise BackendUnavailable(
+                f"backend {self.backend!r} cannot run background processes yet", rule="backend"
+            )
+        proc = inst.spawn(req)
+
+        def ended(res: ExecResult) -> None:
+            blocked: list[Blocked] = []
+            with contextlib.suppress(GlassroomError):
+                blocked = self._judge(req, res)
+                self.audit.append(
+                    self.id, "command.ended",
+                    {"argv0": argv[0] if argv else "", "pid": proc.pid,
+                     "exit_code": res.exit_code, "signal": res.signal,
+                     "duration_ms": round(res.duration_ms, 3),
+                     "stdout_bytes": len(res.stdout), "stderr_bytes": len(res.stderr),
+                     "truncated": res.truncated, "timed_out": res.timed_out},
+                    decision="deny" if blocked else "info",
+                    rule=blocked[0].rule if blocked else None,
+                )  # fmt: skip
+            if on_exit is not None:
+                on_exit(RunOutcome(res, blocked))
+
+        proc.on_exit(ended)
+        return proc
 
     def _judge(self, req: ExecRequest, res: ExecResult) -> list[Blocked]:
         """Turn what the backend saw into blocked actions, each logged with its rule."""
@@ -214,6 +378,12 @@ class Supervised:
                 raise SandboxClosed(f"sandbox {self.id} was never started")
             t0 = time.monotonic()
             receipt = self._instance.destroy()
+            egress = self._stop_egress()  # after the sandbox: its open requests are logged
+            if egress is not None:
+                receipt.removed["egress"] = egress
+                if egress["left"]:
+                    receipt.leftovers.setdefault("state", []).append(egress["egress_dir"])
+            self._revoke_credentials()
             self._receipt = receipt
             details = receipt.as_dict()
             details["duration_ms"] = round((time.monotonic() - t0) * 1000, 3)
@@ -221,4 +391,6 @@ class Supervised:
                               decision="info" if receipt.clean else "deny",
                               rule=None if receipt.clean else "lifecycle.teardown")  # fmt: skip
             self.audit.close()
+            if self.on_destroy is not None:
+                self.on_destroy()
             return receipt

@@ -12,8 +12,10 @@ import struct
 from pathlib import Path
 
 from .._errors import PlanError
-from ..plan import WORKSPACE, FsRule, LaunchPlan, Limits, Mount, NetworkPlan, Tool
+from ..plan import SECRETS_DIR, WORKSPACE, FsRule, LaunchPlan, Limits, Mount, Tool
 from ._model import Policy
+from ._network import EGRESS_DIR_INSIDE, proxy_env
+from ._network import network_plan as _network_plan
 
 MIB = 1024 * 1024
 #: Strength order of the tiers; a weaker backend never serves a higher risk.
@@ -68,14 +70,13 @@ def compile(policy: Policy, backend: str | None = None) -> LaunchPlan:
 
 def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
     name = backend_for(policy, backend)
-    if name != "namespaces":
+    if name not in ("namespaces", "gvisor", "microvm"):
         raise PlanError(f"backend {name!r} has no compiler yet", rule="backend")
-    if policy.network.allow:
-        raise PlanError(
-            "network.allow: this backend has no egress proxy yet, so allowed endpoints "
-            "cannot be enforced; use allow = [] (no network)",
-            rule="network.allow",
-        )
+    if name == "microvm":
+        from ._microvm import check as _microvm_check
+
+        _microvm_check(policy)
+    network = _network_plan(policy)
     mounts: list[Mount] = []
     rules: list[FsRule] = []
     for i, path in enumerate(policy.filesystem.read):
@@ -101,6 +102,18 @@ def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
         FsRule("/tmp", "write", "sandbox.tmp"),
         FsRule(WORKSPACE, "write", "workspace"),
     ]
+    if network.mode == "proxy":
+        rules.append(FsRule(EGRESS_DIR_INSIDE, "read", "network.proxy"))
+    if any(c.inject == "file" for c in policy.credentials):
+        mounts.append(Mount("tmpfs", SECRETS_DIR, "credentials", size_bytes=MIB, mode=0o700))
+        rules.append(FsRule(SECRETS_DIR, "write", "credentials"))
+    for i, cred in enumerate(policy.credentials):
+        if cred.inject == "proxy" and not policy.network.allow:
+            raise PlanError(
+                f"credentials[{i}].inject: 'proxy' needs the egress proxy: list the "
+                "credential's hosts in network.allow",
+                rule=f"credentials[{i}].inject",
+            )
     tools = tuple(_resolve_tool(t, i, policy) for i, t in enumerate(policy.tools.allow))
     loaders = sorted({ld for t in tools if (ld := _elf_interpreter(t.path))})
     return LaunchPlan(
@@ -118,8 +131,8 @@ def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
             max_runtime_s=float(lim.max_runtime_s),
             max_output_bytes=lim.max_output_bytes,
         ),
-        network=NetworkPlan(),
-        env=BASE_ENV,
+        network=network,
+        env=BASE_ENV + proxy_env(network),
         policy_digest=policy.digest(),
     )
 

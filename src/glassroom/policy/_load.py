@@ -101,7 +101,7 @@ def _convert(exc: ValidationError, lines: dict[Loc, int], source: str | None) ->
     found: list[tuple[str, str | None, int | None]] = []
     for err in exc.errors(include_url=False):
         loc: Loc = tuple(err["loc"])
-        msg = err["msg"]
+        msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == ERROR_TYPE:
             loc += tuple(err.get("ctx", {}).get("at", ()))
         elif err["type"] == "extra_forbidden":

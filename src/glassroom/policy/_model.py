@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from glassroom.policy import _defaults as d
-from glassroom.policy import _paths
+from glassroom.policy import _network, _paths
+from glassroom.policy._credentials import CredentialPolicy
 
 #: Error type of every glassroom-specific refusal; ``ctx["at"]`` (a loc suffix)
 #: points a cross-field error at the offending list item.
@@ -42,7 +43,10 @@ def _checked(check: Callable[[str], str | None]) -> AfterValidator:
 ReadPath = Annotated[str, _checked(_paths.read_problem)]
 WritePath = Annotated[str, _checked(_paths.write_problem)]
 ToolName = Annotated[str, _checked(_paths.tool_problem)]
-NetworkEntry = Annotated[str, _checked(_paths.network_problem)]
+NetworkEntry = Annotated[str, _checked(_network.entry_problem)]
+RuleHost = Annotated[str, _checked(_network.rule_host_problem)]
+HttpMethod = Annotated[str, _checked(_network.method_problem)]
+PathPattern = Annotated[str, _checked(_network.path_problem)]
 
 
 def _no_duplicates(values: list[str]) -> list[str]:
@@ -83,12 +87,56 @@ class ToolsPolicy(_Section):
     _unique = field_validator("allow")(_no_duplicates)
 
 
+class NetworkRule(_Section):
+    """A finer HTTP rule for one host: only these methods and paths (empty: any)."""
+
+    host: RuleHost
+    methods: list[HttpMethod] = Field(default_factory=list)
+    paths: list[PathPattern] = Field(default_factory=list)
+    inspect_tls: bool = Field(default=False, strict=True)
+
+    _unique = field_validator("methods", "paths")(_no_duplicates)
+
+
 class NetworkPolicy(_Section):
-    """Hosts the sandbox may reach; empty means no network at all."""
+    """Hosts the sandbox may reach through the egress proxy (see docs/network.md).
 
+    ``allow`` and ``ask`` both empty: no network at all (no proxy either).
+    """
+
+    mode: Literal["proxy", "none"] = "proxy"
     allow: list[NetworkEntry] = Field(default_factory=lambda: list(d.DEFAULT_NETWORK_ALLOW))
+    deny: list[NetworkEntry] = Field(default_factory=list)
+    ask: list[NetworkEntry] = Field(default_factory=list)
+    ask_timeout_s: float = Field(default=60.0, gt=0, le=3600, strict=True)
+    rules: list[NetworkRule] = Field(default_factory=list)
 
-    _unique = field_validator("allow")(_no_duplicates)
+    _unique = field_validator("allow", "deny", "ask")(_no_duplicates)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NetworkPolicy:
+        if self.mode == "none":
+            for name in ("allow", "ask", "rules"):
+                if getattr(self, name):
+                    raise refuse(
+                        f"mode 'none' means no network at all; {name} must be empty", (name, 0)
+                    )
+        for name in ("allow", "ask"):
+            for i, entry in enumerate(getattr(self, name)):
+                if _network.parse_entry(entry).kind == "cidr":
+                    raise refuse(
+                        f"{entry!r}: a CIDR block may only be denied; allow or ask for "
+                        "single addresses",
+                        (name, i),
+                    )
+        admitted = [_network.parse_entry(e) for e in (*self.allow, *self.ask)]
+        for i, rule in enumerate(self.rules):
+            if not _network.rule_covered(_network.parse_entry(rule.host), admitted):
+                raise refuse(
+                    f"{rule.host!r} is not admitted by allow or ask: a rule only narrows them",
+                    ("rules", i, "host"),
+                )
+        return self
 
 
 class ResourcesPolicy(_Section):
@@ -112,6 +160,36 @@ class Policy(_Section):
     tools: ToolsPolicy = Field(default_factory=ToolsPolicy)
     network: NetworkPolicy = Field(default_factory=NetworkPolicy)
     resources: ResourcesPolicy = Field(default_factory=ResourcesPolicy)
+    #: Credentials handed to the task at runtime.  Empty: none at all.
+    credentials: list[CredentialPolicy] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _credentials_fit(self) -> Policy:
+        seen: dict[str, int] = {}
+        for i, cred in enumerate(self.credentials):
+            if cred.name in seen:
+                raise refuse(
+                    f"credential name {cred.name!r} is used twice "
+                    f"(first at credentials[{seen[cred.name]}])",
+                    ("credentials", i, "name"),
+                )
+            seen[cred.name] = i
+            if cred.ttl_s is not None and cred.ttl_s > self.resources.max_runtime_s:
+                raise refuse(
+                    f"ttl_s {cred.ttl_s:g} is longer than resources.max_runtime_s "
+                    f"{self.resources.max_runtime_s:g}: a credential must not outlive its task",
+                    ("credentials", i, "ttl_s"),
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _air_gap(self) -> Policy:
+        if self.risk == "maximum" and (self.network.allow or self.network.ask):
+            raise refuse(
+                "risk 'maximum' is air-gapped: no network, no proxy; allow must be empty",
+                ("network", "allow", 0) if self.network.allow else ("network", "ask", 0),
+            )
+        return self
 
     @model_validator(mode="after")
     def _tools_not_writable(self) -> Policy:
@@ -138,7 +216,17 @@ class Policy(_Section):
         for name in ("filesystem", "tools", "network", "resources"):
             section: BaseModel = getattr(self, name)
             out.append(f"\n[{name}]")
-            out.extend(f"{k} = {_toml_value(v)}" for k, v in section.model_dump().items())
+            data = section.model_dump()
+            tables = data.pop("rules", []) if name == "network" else []
+            out.extend(f"{k} = {_toml_value(v)}" for k, v in data.items())
+            for table in tables:
+                out.append(f"\n[[{name}.rules]]")
+                out.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+        for cred in self.credentials:
+            out.append("\n[[credentials]]")
+            out.extend(
+                f"{k} = {_toml_value(v)}" for k, v in cred.model_dump().items() if v is not None
+            )
         return "\n".join(out) + "\n"
 
 

@@ -1,0 +1,722 @@
+"""The ``microvm`` backend (risk "high" and "maximum"): one QEMU microVM per sandbox.
+
+Construction order:
+
+1. The accel is chosen (KVM if real; TCG only when allowed: see ``qemu``),
+   the image is prepared (cached) and the reaper record is written, listing
+   the VM's directory, before any process exists.
+2. QEMU starts from the booted-idle snapshot of this VM shape
+   (``-incoming fd:N``), or boots cold when snapshots are off.  It runs with
+   no NIC, a read-only root disk, one virtio-serial port to a unix socket
+   that the supervisor listens on, and QEMU's own seccomp sandbox.
+3. The agent answers ``hello``; the supervisor sends the walls (Landlock
+   rules, rlimits, cgroup limits, the seccomp program, fresh tmpfs sizes,
+   the clock) and the agent confirms them.
+4. A reader thread routes frames and enforces the deadline: at
+   ``max_runtime_s`` it kills QEMU, and with it everything in the VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import queue
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ... import _config
+from ..._errors import SandboxClosed, SandboxError, SandboxPathError, WallError
+from ..._sys import cgroups, netwatch, proc, seccomp
+from ...guest import protocol
+from ...plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, SECRETS_DIR, LaunchPlan
+from ..base import EventSink, ExecRequest, ExecResult, FileEntry, Instance, Process, Receipt
+from . import image as _image
+from . import qemu
+from ._channel import GuestChannel, ProtocolViolation
+
+CONFIG_TIMEOUT_S = 30.0
+MAX_LISTING = 1 << 20
+ENTRY_TYPES = ("file", "dir", "symlink")
+
+
+def snapshots_enabled() -> bool:
+    return os.environ.get("GLASSROOM_MICROVM_SNAPSHOT", "1") not in ("0", "no", "false")
+
+
+class MicrovmBackend:
+    name: ClassVar[str] = "microvm"
+    risks: ClassVar[Sequence[str]] = ("high", "maximum")
+
+    def start(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> MicrovmInstance:
+        inst = MicrovmInstance(plan, sandbox_id, on_event)
+        try:
+            inst.build()
+        except BaseException:
+            inst.destroy()
+            raise
+        return inst
+
+
+class MicrovmProcess:
+    """A command running in the VM (see :class:`base.Process`)."""
+
+    def __init__(self, inst: MicrovmInstance, req: ExecRequest) -> None:
+        self._inst = inst
+        self.req = req
+        self.pid = 0
+        self.started = time.monotonic()
+        self.events: list[tuple[str, bytes]] = []
+        self.result: ExecResult | None = None
+        self.rid = 0
+        self._cond = threading.Condition()
+        self._first = threading.Event()
+        self._error: dict[str, Any] | None = None
+        self._budget = req.max_output_bytes
+        self._truncated = False
+        self._timed_out = False
+        self._stdin_open = True
+        self._on_exit: list[Callable[[ExecResult], None]] = []
+        self._timer: threading.Timer | None = None
+
+    # -- frames from the reader thread ---------------------------------------------
+
+    def _frame(self, msg: dict[str, Any], payload: bytes) -> None:
+        op = msg["op"]
+        if op == "started":
+            self.pid = int(msg["pid"])
+            self._first.set()
+        elif op == "out":
+            if self.result is not None:
+                self._inst._anomaly(f"output for request {self.rid} after its exit")
+                return
+            if self._truncated:
+                return
+            chunk = payload
+            if len(chunk) > self._budget:
+                chunk, self._truncated = chunk[: self._budget], True
+            self._budget -= len(chunk)
+            with self._cond:
+                if chunk:
+                    self.events.append((msg["stream"], chunk))
+                self._cond.notify_all()
+            if self._truncated:
+                self.signal(int(signal.SIGKILL))
+        elif op == "error":
+            self._error = msg
+            self._finish(None)
+            self._first.set()
+        elif op == "exit":
+            self._inst._stats_from(msg)
+            self._finish(msg)
+            self._first.set()
+        elif op == "closed":
+            self._finish({"signal": int(signal.SIGKILL), "code": None, "closed": True})
+            self._first.set()
+        else:
+            self._inst._anomaly(f"unexpected {op!r} frame for a command")
+
+    def _finish(self, exit_msg: dict[str, Any] | None) -> None:
+        with self._cond:
+            if self.result is not None:
+                return
+            self._inst.channel_forget(self.rid)
+            if self._timer is not None:
+                self._timer.cancel()
+            dur = (time.monotonic() - self.started) * 1000
+            if exit_msg is None:  # exec failed in the guest
+                err = self._error or {"errno": errno.EIO, "error": "failed"}
+                e = int(err["errno"])
+                text = _exec_message(self.req.argv[0] if self.req.argv else "", e, err["error"])
+                self.events.append(("stderr", text.encode()))
+                self.result = ExecResult(
+                    exit_code=126 if e == errno.EACCES else 127, signal=None, stdout=b"",
+                    stderr=text.encode(), duration_ms=dur, truncated=False, exec_errno=e,
+                    exec_error=str(err["error"]),
+                )  # fmt: skip
+            else:
+                sig, code = exit_msg.get("signal"), exit_msg.get("code")
+                by_deadline = bool(exit_msg.get("closed") and self._inst.killed_by_deadline)
+                limits = ["output"] if self._truncated else []
+                if by_deadline:
+                    limits.append("max_runtime")
+                self.result = ExecResult(
+                    exit_code=128 + sig if sig else int(code or 0), signal=sig,
+                    stdout=b"".join(d for s, d in self.events if s == "stdout"),
+                    stderr=b"".join(d for s, d in self.events if s == "stderr"),
+                    duration_ms=dur, truncated=self._truncated,
+                    timed_out=self._timed_out or by_deadline, limits_hit=limits,
+                )  # fmt: skip
+            callbacks, self._on_exit = self._on_exit, []
+            self._cond.notify_all()
+        for cb in callbacks:
+            cb(self.result)
+
+    # -- the Process protocol ------------------------------------------------------------
+
+    def events_since(self, index: int, timeout: float) -> tuple[list[tuple[str, bytes]], int, bool]:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while len(self.events) <= index and self.result is None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            new = self.events[index:]
+            return new, index + len(new), self.result is not None and not new
+
+    def wait(self, timeout: float | None = None) -> ExecResult | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.result is not None, timeout)
+            return self.result
+
+    def signal(self, sig: int) -> None:
+        if self.result is None and self.rid:
+            with contextlib.suppress(SandboxClosed):
+                self._inst._send({"op": "signal", "id": self.rid, "sig": int(sig)})
+
+    def write_stdin(self, data: bytes) -> None:
+        if not self._stdin_open or self.result is not None:
+            raise BrokenPipeError("stdin is closed")
+        view = memoryview(data)
+        while view:
+            self._inst._send({"op": "stdin", "id": self.rid}, bytes(view[: protocol.CHUNK]))
+            view = view[protocol.CHUNK :]
+
+    def close_stdin(self) -> None:
+        if self._stdin_open and self.result is None:
+            self._stdin_open = False
+            with contextlib.suppress(SandboxClosed):
+                self._inst._send({"op": "stdin", "id": self.rid, "eof": True})
+
+    def on_exit(self, callback: Callable[[ExecResult], None]) -> None:
+        with self._cond:
+            if self.result is None:
+                self._on_exit.append(callback)
+                return
+        callback(self.result)
+
+    def _on_timeout(self) -> None:
+        self._timed_out = True
+        self.signal(int(signal.SIGKILL))
+
+
+class MicrovmInstance:
+    """One running microVM, driven over its control channel."""
+
+    def __init__(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> None:
+        self.plan = plan
+        self.sandbox_id = sandbox_id
+        self.on_event = on_event
+        self.walls: dict[str, Any] = {}
+        self.state = _config.state_dir()
+        self.record_path = self.state / "sandboxes" / f"{sandbox_id}.json"
+        self.vmdir = self.state / "microvm" / sandbox_id
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: GuestChannel | None = None
+        self.deadline = time.monotonic() + plan.limits.max_runtime_s
+        self.killed_by_deadline = False
+        self.dead_reason: str | None = None
+        self.boot: dict[str, Any] = {}
+        self._pidfd: int | None = None
+        self.cg: cgroups.CgroupSet | None = None
+        self._reader: threading.Thread | None = None
+        self._untagged: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._stats: dict[str, int] = {"oom_kill": 0, "pids_max_hits": 0}
+        self._workspace: tuple[int, int] | None = None
+        self._destroyed: Receipt | None = None
+        self._lock = threading.Lock()
+
+    # -- construction ----------------------------------------------------------------
+
+    def build(self) -> None:
+        t0 = time.monotonic()
+        accel = qemu.choose_accel()
+        img = _image.prepare()
+        lim = self.plan.limits
+        ram, vcpus = qemu.vm_size(lim.memory_bytes, lim.disk_bytes, lim.cpus)
+        proxy_sock = None
+        if self.plan.network.mode == "proxy":
+            if not self.plan.network.host_dir:
+                raise WallError("network: the egress proxy is not running", rule="network")
+            proxy_sock = str(Path(self.plan.network.host_dir) / "proxy.sock")
+        snap = None
+        # A VM with a NIC boots cold: its user-networking state is not snapshotted.
+        if snapshots_enabled() and proxy_sock is None:
+            snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm")
+        self.vmdir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        self._write_record()
+        chan = self.vmdir / "chan.sock"
+        srv = qemu.listen(chan)
+        snap_fd = None
+        if snap is not None:
+            try:
+                snap_fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # removed meanwhile (`microvm prepare` pruned it)
+                snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm")
+                snap_fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
+        log = open(self.vmdir / "qemu.log", "wb")  # noqa: SIM115
+        t1 = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                qemu.argv(img, accel, ram, vcpus, chan, console=None, incoming_fd=snap_fd,
+                          proxy_sock=proxy_sock),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env={},
+                cwd="/", close_fds=True, pass_fds=(snap_fd,) if snap_fd is not None else (),
+            )  # fmt: skip
+        finally:
+            log.close()
+            if snap_fd is not None:
+                os.close(snap_fd)
+        try:
+            self._pidfd = os.pidfd_open(self.proc.pid)
+            self._write_record()
+            self._cgroup(ram, vcpus)
+            conn = qemu.accept(srv, self.proc, qemu.BOOT_TIMEOUT_S, self._qemu_log)
+        finally:
+            srv.close()
+            with contextlib.suppress(OSError):
+                chan.unlink()
+        qemu.handshake(conn, qemu.BOOT_TIMEOUT_S)
+        t2 = time.monotonic()
+        self.attach(conn)
+        cfg = self._config()
+        bpf = seccomp.compile_bpf(self.plan.seccomp_profile)
+        watch = netwatch.filter_program() if self.plan.network.watch_direct else b""
+        self._send({**cfg, "seccomp_len": len(bpf)}, bpf + watch)
+        try:
+            reply = self._untagged.get(timeout=CONFIG_TIMEOUT_S)
+        except queue.Empty:
+            raise WallError(
+                "microvm: the guest agent did not apply the walls", rule="init"
+            ) from None
+        if reply["op"] == "fatal":
+            wall = str(reply.get("wall", "init"))
+            raise WallError(f"{wall}: {reply.get('error', 'failed')} (in the guest)", rule=wall)
+        if reply["op"] != "configured":
+            raise WallError(f"microvm: unexpected reply {reply['op']!r} to the walls", rule="init")
+        if proxy_sock is not None:
+            self._send_net_files()
+        self.boot = {"start": "snapshot restore" if snap else "cold boot",
+                     "vmm_ms": round((t2 - t1) * 1000, 1),
+                     "total_ms": round((time.monotonic() - t0) * 1000, 1)}  # fmt: skip
+        self.walls.update({
+            "vmm": "qemu -M microvm",
+            "accel": accel.detail if accel.emulated else accel.name,
+            "emulated": accel.emulated,
+            "guest_kernel": str(reply.get("kernel", img.kernel_release)),
+            "vcpus": vcpus,
+            "ram_mib": ram,
+            "network": (f"QEMU user networking, restrict=on: the only route is "
+                        f"{qemu.PROXY_ADDR}:{qemu.PROXY_PORT}, relayed to the egress proxy; "
+                        f"the guest forwards 127.0.0.1:{PROXY_PORT_INSIDE} there")
+            if proxy_sock else "no network device",
+            "network_watch": "in-guest seccomp user notification: connect, sendto, sendmsg, raw"
+            if watch else "off",
+            "root": "read-only ext4 image; /workspace, /tmp: fresh tmpfs per task",
+            "start": self.boot["start"],
+            "qemu_sandbox": "seccomp: obsolete, resourcecontrol denied"
+            + ("" if proxy_sock else "; elevateprivileges, spawn denied"),
+            "landlock": {"abi": int(reply.get("landlock_abi", 0)),
+                         "tools": [t.path for t in self.plan.tools]},
+            "seccomp": {"profile": self.plan.seccomp_profile, "where": "in the guest"},
+            "guest_cgroup": {"memory_bytes": cfg["memory_bytes"], "pids": cfg["pids"]},
+            "rlimits": cfg["rlimits"],
+            "guest_uid": _config.INSIDE_UID,
+        })  # fmt: skip
+
+    def attach(self, conn: socket.socket) -> None:
+        """Drive the guest on ``conn`` (the VM's channel, or a fake guest in tests)."""
+        self.channel = GuestChannel(conn, self._anomaly)
+        self.channel.on_untagged(self._untagged_frame)
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                         name=f"glassroom-{self.sandbox_id}")  # fmt: skip
+        self._reader.start()
+
+    def _cgroup(self, ram_mib: int, vcpus: int) -> None:
+        """QEMU itself in host cgroups: the VMM cannot take more than the VM's share."""
+        assert self.proc is not None
+        mem = (ram_mib + qemu.VMM_OVERHEAD_MIB) << 20
+        self.cg = cgroups.CgroupSet.create(
+            self.sandbox_id, cgroups.CgroupLimits(memory_bytes=mem, pids=qemu.VMM_PIDS,
+                                                  cpus=max(self.plan.limits.cpus, 0.1)),
+            parent=_config.cgroup_parent(),
+        )  # fmt: skip
+        self._write_record()
+        self.cg.add_pid(self.proc.pid)
+        self.walls["cgroups"] = {"paths": list(self.cg.paths), "memory_bytes": mem,
+                                 "pids": qemu.VMM_PIDS, "cpus": self.plan.limits.cpus,
+                                 "holds": "the qemu process"}  # fmt: skip
+
+    def _send_net_files(self) -> None:
+        """The proxy's CA files, for TLS inspection (the guest cannot see the host's dir)."""
+        assert self.plan.network.host_dir is not None
+        for f in sorted(Path(self.plan.network.host_dir).glob("*.pem")):
+            data = memoryview(f.read_bytes())
+            self._send({"op": "netfile", "name": f.name, "start": True})
+            while data:
+                self._send({"op": "netfile", "name": f.name}, bytes(data[: protocol.CHUNK]))
+                data = data[protocol.CHUNK :]
+
+    def _config(self) -> dict[str, Any]:
+        plan, lim = self.plan, self.plan.limits
+        read = [r.path for r in plan.fs_rules if r.access == "read"] + ["/etc/passwd", "/etc/group"]
+        write = [r.path for r in plan.fs_rules if r.access == "write"]
+        return {
+            "op": "config",
+            "time": time.time(),
+            "read": sorted(set(read)),
+            "write": write,
+            "execute": sorted({t.path for t in plan.tools} | set(plan.loaders)),
+            "rlimits": {"RLIMIT_FSIZE": lim.disk_bytes, "RLIMIT_CORE": 0, "RLIMIT_NOFILE": 1024},
+            "memory_bytes": lim.memory_bytes + lim.disk_bytes,
+            "pids": lim.pids,
+            "disk_bytes": lim.disk_bytes,
+            "secrets": [m.target for m in plan.mounts if m.target == SECRETS_DIR],
+            "net": {
+                "addr": qemu.GUEST_ADDR,
+                "mask": "255.255.255.0",
+                "port": PROXY_PORT_INSIDE,
+                "proxy": [qemu.PROXY_ADDR, qemu.PROXY_PORT],
+                "dir": EGRESS_DIR_INSIDE,
+            }
+            if plan.network.mode == "proxy"
+            else None,
+        }
+
+    def _qemu_log(self) -> str:
+        try:
+            return (self.vmdir / "qemu.log").read_text(errors="replace").strip()[-300:]
+        except OSError:
+            return ""
+
+    def _write_record(self) -> None:
+        sup = os.getpid()
+        pids = []
+        if self.proc is not None:
+            pids.append({"pid": self.proc.pid, "start": proc.process_start_time(self.proc.pid)})
+        rec = {
+            "sandbox_id": self.sandbox_id,
+            "backend": "microvm",
+            "supervisor": {"pid": sup, "start": proc.process_start_time(sup)},
+            "pids": pids,
+            "cgroup": {"name": self.sandbox_id, "parent": _config.cgroup_parent()}
+            if self.cg is not None
+            else None,
+            "paths": [str(self.vmdir)]
+            + ([self.plan.network.host_dir] if self.plan.network.host_dir else []),
+            "created": time.time(),
+        }
+        self.record_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, self.record_path)
+
+    # -- the reader thread ----------------------------------------------------------------
+
+    def _untagged_frame(self, msg: dict[str, Any], _payload: bytes) -> None:
+        if msg["op"] != "netdirect":
+            self._untagged.put(msg)
+            return
+        info = {k: v for k, v in msg.items() if k != "op"}
+        info["reason"] = "no route: the VM has no network device"
+        info["seen_by"] = "guest agent (the guest's own report)"
+        net = self.plan.network
+        if net.mode == "proxy":
+            info["reason"] = "no route: the only way out is the egress proxy"
+        rule = "network.direct" if net.mode == "proxy" else net.rule
+        self.on_event("network.direct", info, "deny", rule)
+
+    def _anomaly(self, what: str) -> None:
+        self.on_event("anomaly", {"reason": "protocol violation by the guest", "detail": what},
+                      "deny", "guest.protocol")  # fmt: skip
+
+    def _read_loop(self) -> None:
+        assert self.channel is not None
+        reason = "sandbox exited"
+        try:
+            reason = self._pump()
+        except Exception as exc:  # fail closed
+            reason = f"supervisor error: {type(exc).__name__}"
+            self._anomaly(f"reader stopped: {exc!r}")
+        finally:
+            self.dead_reason = reason
+            self.kill()
+            self.channel.close(reason)
+            self._untagged.put({"op": "closed", "reason": reason})
+
+    def _pump(self) -> str:
+        assert self.channel is not None
+        sock = self.channel.sock
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                self.killed_by_deadline = True
+                self.on_event("anomaly", {"reason": "max runtime exceeded; VM killed",
+                                          "max_runtime_s": self.plan.limits.max_runtime_s},
+                              "deny", "resources.max_runtime_s")  # fmt: skip
+                return "max_runtime exceeded"
+            try:
+                r, _, _ = select.select([sock], [], [], min(remaining, 3600))
+            except (OSError, ValueError):
+                return "channel closed"
+            if not r:
+                continue
+            try:
+                data = sock.recv(1 << 16)
+            except OSError:
+                return "channel closed"
+            if not data:
+                return "sandbox exited"
+            try:
+                self.channel.feed(data)
+            except ProtocolViolation as exc:
+                self._anomaly(str(exc))
+                return "protocol violation"
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if self.channel is None or self._destroyed is not None:
+            raise SandboxClosed("the sandbox has been destroyed")
+        try:
+            self.channel.send(header, payload)
+        except SandboxClosed:
+            raise self._closed_error() from None
+
+    def channel_forget(self, rid: int) -> None:
+        if self.channel is not None and rid:
+            self.channel.forget(rid)
+
+    def _closed_error(self) -> SandboxClosed:
+        if self.killed_by_deadline:
+            return SandboxClosed(
+                f"sandbox {self.sandbox_id} was killed at its max runtime "
+                f"({self.plan.limits.max_runtime_s:g}s)",
+                rule="resources.max_runtime_s",
+            )
+        return SandboxClosed(f"sandbox {self.sandbox_id} is no longer running ({self.dead_reason})")
+
+    def _stats_from(self, msg: dict[str, Any]) -> None:
+        for key in ("oom_kill", "pids_max_hits"):
+            if isinstance(msg.get(key), int):
+                self._stats[key] = max(self._stats[key], int(msg[key]))
+        ws = msg.get("workspace")
+        if ws is not None:
+            self._workspace = (int(ws[0]), int(ws[1]))
+
+    def cgroup_stats(self) -> dict[str, int]:
+        """The guest cgroup's counters, as last reported (the guest's claim)."""
+        return dict(self._stats)
+
+    def workspace_usage(self) -> tuple[int, int] | None:
+        return self._workspace
+
+    def spawn(self, req: ExecRequest) -> MicrovmProcess:
+        if self.channel is None or self._destroyed is not None:
+            raise self._closed_error()
+        p = MicrovmProcess(self, req)
+        try:
+            p.rid = self.channel.register(p._frame)
+        except SandboxClosed:
+            raise self._closed_error() from None
+        self._send({"op": "exec", "id": p.rid, "argv": list(req.argv), "env": dict(req.env),
+                    "cwd": req.cwd})  # fmt: skip
+        if req.timeout_s:
+            p._timer = threading.Timer(req.timeout_s, p._on_timeout)
+            p._timer.daemon = True
+            p._timer.start()
+        p._first.wait()
+        if req.stdin is not None and p.result is None:
+            with contextlib.suppress(BrokenPipeError, SandboxClosed):
+                p.write_stdin(req.stdin)
+        p.close_stdin()
+        return p
+
+    def exec(self, req: ExecRequest) -> ExecResult:
+        p = self.spawn(req)
+        res = p.wait()
+        assert res is not None
+        return res
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _file_op(self, kind: str, path: str, *, data: bytes = b"", max_bytes: int = 0,
+                 mode: int = 0o644, limit: int = 0) -> bytes:  # fmt: skip
+        if not path.startswith("/"):
+            path = f"{self.plan.workspace}/{path}"
+        if self.channel is None or self._destroyed is not None:
+            raise self._closed_error()
+        q: queue.Queue[tuple[dict[str, Any], bytes]] = queue.Queue()
+        try:
+            rid = self.channel.register(lambda m, p: q.put((m, p)))
+        except SandboxClosed:
+            raise self._closed_error() from None
+        out = bytearray()
+        cap = limit or max_bytes
+        try:
+            self._send({"op": "file", "id": rid, "kind": kind, "path": path, "max": max_bytes,
+                        "mode": mode})  # fmt: skip
+            if kind == "write":
+                view = memoryview(data)
+                while view:
+                    self._send({"op": "data", "id": rid}, bytes(view[: protocol.CHUNK]))
+                    view = view[protocol.CHUNK :]
+                self._send({"op": "eof", "id": rid})
+            while True:
+                msg, payload = q.get()
+                op = msg["op"]
+                if op == "closed":
+                    raise self._closed_error()
+                if op == "data":
+                    if kind not in ("read", "list") or len(out) + len(payload) > cap:
+                        self._anomaly(f"{kind} {path}: the guest sent more data than asked for")
+                        raise SandboxError(f"{kind} {path}: malformed reply from the sandbox")
+                    out += payload
+                elif op == "done":
+                    code = int(msg["code"])
+                    if code:
+                        raise _path_error(kind, path, code)
+                    return bytes(out)
+                elif op == "error":
+                    raise _path_error(kind, path, int(msg["errno"]))
+                else:
+                    self._anomaly(f"{kind} {path}: unexpected {op!r} frame")
+                    raise SandboxError(f"{kind} {path}: malformed reply from the sandbox")
+        finally:
+            self.channel_forget(rid)
+
+    def read_file(self, path: str, max_bytes: int) -> bytes:
+        return self._file_op("read", path, max_bytes=max_bytes)
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self._file_op("write", path, data=data, mode=mode)
+
+    def list_dir(self, path: str) -> list[FileEntry]:
+        raw = self._file_op("list", path, limit=MAX_LISTING)
+        try:
+            items = json.loads(raw or b"[]")
+            if not isinstance(items, list):
+                raise TypeError("not a list")
+            out = []
+            for i in items:
+                name, kind, size = i["name"], i["type"], i["size"]
+                if (not isinstance(name, str) or not name or len(name) > 255 or "/" in name
+                        or "\0" in name or name in (".", "..")):  # fmt: skip
+                    raise ValueError(f"entry name {str(name)[:60]!r} is not a name in {path}")
+                if kind not in ENTRY_TYPES:
+                    raise ValueError(f"entry type {str(kind)[:20]!r}")
+                if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 1 << 62:
+                    raise ValueError("entry size")
+                out.append(FileEntry(name, kind, size))
+            return out
+        except (ValueError, KeyError, TypeError) as exc:
+            self._anomaly(f"malformed directory listing of {path}: {exc}")
+            raise SandboxError(f"list {path}: malformed reply from the sandbox") from None
+
+    def remove(self, path: str) -> None:
+        self._file_op("remove", path)
+
+    def make_dir(self, path: str) -> None:
+        self._file_op("mkdir", path)
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.dead_reason is None
+
+    def kill(self) -> None:
+        """SIGKILL QEMU (through its pidfd): the VM and everything in it end at once."""
+        with self._lock:
+            if self._pidfd is not None:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            elif self.proc is not None and self.proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    self.proc.kill()
+            if self.cg is not None:
+                with contextlib.suppress(OSError, WallError):
+                    self.cg.kill_all(timeout=5.0)
+
+    def destroy(self) -> Receipt:
+        if self._destroyed is not None:
+            return self._destroyed
+        removed: dict[str, Any] = {}
+        self.kill()
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+            removed["processes"] = {"qemu": self.proc.pid}
+        if self.channel is not None:
+            self.channel.close("destroyed")
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
+        if self.cg is not None:
+            removed["cgroups"] = self.cg.remove()
+        if self.vmdir.exists():
+            shutil.rmtree(self.vmdir, ignore_errors=True)
+            removed["vm_dir"] = str(self.vmdir)
+        removed["workspace"] = "tmpfs in the guest's RAM, freed with the VM"
+        if self.record_path.exists():
+            self.record_path.unlink()
+            removed["state"] = str(self.record_path)
+        self._destroyed = Receipt(self.sandbox_id, removed, self._leftovers())
+        return self._destroyed
+
+    def _leftovers(self) -> dict[str, list[str]]:
+        left: dict[str, list[str]] = {"processes": [], "cgroups": [], "state": []}
+        if self.cg is not None:
+            left["cgroups"] = [p for p in self.cg.paths if os.path.isdir(p)]
+        if self.proc is not None and self.proc.poll() is None:
+            left["processes"].append(str(self.proc.pid))
+        for p in (self.vmdir, self.record_path):
+            if p.exists():
+                left["state"].append(str(p))
+        return left
+
+
+def _exec_message(argv0: str, err: int, text: str) -> str:
+    if err == errno.EACCES:
+        return f"glassroom: {argv0}: exec denied by the policy (tools.allow)\n"
+    if err == errno.ENOENT:
+        return f"glassroom: {argv0}: command not found\n"
+    return f"glassroom: {argv0}: {text}\n"
+
+
+def _path_error(kind: str, path: str, err: int) -> SandboxError:
+    name = errno.errorcode.get(err, str(err))
+    whys = {
+        errno.EACCES: "outside the sandbox's view or not allowed by the policy",
+        errno.EPERM: "not allowed by the policy",
+        errno.ENOENT: "no such file in the sandbox",
+        errno.EROFS: "read-only in the sandbox",
+        errno.ENOTDIR: "a path component is not a directory",
+        errno.EXDEV: "crosses a mount the policy keeps apart",
+    }
+    if err in whys:
+        exc: SandboxError = SandboxPathError(
+            f"{kind} {path}: {whys[err]} ({name})",
+            rule="filesystem.write" if kind in ("write", "mkdir", "remove") else "filesystem.read",
+        )
+    else:
+        exc = SandboxError(f"{kind} {path}: {os.strerror(err) if 0 < err < 200 else err} ({name})")
+    exc.errno = err  # type: ignore[attr-defined]
+    return exc
+
+
+def _conforms(i: MicrovmInstance, p: MicrovmProcess) -> tuple[Instance, Process]:
+    """Never called: mypy checks here that both classes satisfy the protocols."""
+    return i, p

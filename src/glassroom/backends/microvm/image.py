@@ -1,0 +1,383 @@
+"""The guest kernel, initramfs and read-only root image, built once and cached.
+
+* **Kernel.** ``GLASSROOM_MICROVM_KERNEL`` (a vmlinuz; its modules, if any,
+  in ``GLASSROOM_MICROVM_MODULES``), or Debian's ``linux-image-cloud-amd64``
+  fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into
+  the cache: the host's own boot is never touched.
+* **Initramfs** (uncompressed newc cpio, ~2.6 MB): static busybox, the five
+  virtio modules the cloud kernel lacks built in, and a 20-line ``/init``
+  that mounts the root image read-only and ``switch_root``s to the agent.
+* **Root image** (ext4 via ``mke2fs -d``, no journal, read-only): the
+  host's python3 and stdlib, coreutils, dash, bash, grep, sed, findutils,
+  diffutils and their shared libraries, ``/etc/ssl/certs``, and the agent.
+  Tools are copied from the host at the same paths, so the plan's tool
+  paths mean the same inside.
+
+The cache lives in ``GLASSROOM_MICROVM_CACHE``, or ``/var/cache/glassroom/
+microvm`` as root.  Everything is keyed by content: a changed agent or
+kernel gives a new image id, and snapshots are per image id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..._errors import BackendUnavailable
+
+#: Modules the cloud kernel needs, in load order (see issue 6).
+MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "failover",
+    "net_failover",
+    "virtio_net",
+)
+KERNEL_PACKAGE = "linux-image-cloud-amd64"
+#: Debian packages whose executables go into the image (plus their libraries).
+TOOL_PACKAGES = (
+    "coreutils", "dash", "bash", "grep", "sed", "findutils", "diffutils", "gzip", "tar",
+    "hostname", "python3.11-minimal", "python3-minimal",
+)  # fmt: skip
+#: Copied without their package: the drill's "not allowed" tool, the OS identity.
+EXTRA_FILES = ("/usr/bin/perl", "/usr/lib/os-release", "/etc/os-release", "/etc/debian_version")
+PYTHON_LIB = "/usr/lib/python3.11"
+PYTHON_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
+               "unittest", "distutils", "config-3.11-x86_64-linux-gnu", "site-packages",
+               "dist-packages", "venv", "turtle.py"}  # fmt: skip
+GUEST_FILES = ("agent.py", "protocol.py")
+#: Mount points the read-only root must already have.
+GUEST_DIRS = (
+    "dev",
+    "proc",
+    "sys",
+    "run",
+    "tmp",
+    "workspace",
+    "sys/fs/cgroup",
+    ".glassroom",
+)
+
+INIT_SCRIPT = """#!/bin/busybox sh
+export PATH=/bin
+B=/bin/busybox
+$B mount -t devtmpfs dev /dev
+$B mount -t proc proc /proc
+args=""
+for a in $($B cat /proc/cmdline); do
+  case "$a" in virtio_mmio.device=*) args="$args device=${a#virtio_mmio.device=}";; esac
+done
+for m in virtio_ring virtio virtio_mmio virtio_blk virtio_console \\
+         failover net_failover virtio_net; do
+  if [ -f /m/$m.ko ]; then
+    if [ $m = virtio_mmio ]; then $B insmod /m/$m.ko $args; else $B insmod /m/$m.ko; fi
+  fi
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do $B usleep 10000; i=$((i+1)); done
+$B mount -t ext4 -o ro,noatime /dev/vda /newroot || $B poweroff -f
+$B mount --move /dev /newroot/dev
+$B umount /proc
+exec $B switch_root /newroot /usr/bin/python3 -I -S -B /.glassroom/agent.py
+"""
+
+
+@dataclass(frozen=True)
+class Image:
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    image_id: str
+    kernel_release: str
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            "kernel_bytes": self.kernel.stat().st_size,
+            "initrd_bytes": self.initrd.stat().st_size,
+            "rootfs_bytes": self.rootfs.stat().st_size,
+        }
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("GLASSROOM_MICROVM_CACHE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/cache/glassroom/microvm")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "glassroom" / "microvm"
+
+
+def _unavailable(what: str) -> BackendUnavailable:
+    return BackendUnavailable(f"microvm: {what}", rule="backend.microvm")
+
+
+def _guest_sources() -> list[Path]:
+    here = Path(__file__).resolve().parent.parent.parent
+    return [here / "guest" / n for n in GUEST_FILES] + [here / "_sys" / "landlock.py"]
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(hashlib.sha256(p).digest())
+    return h.hexdigest()[:16]
+
+
+# -- kernel ---------------------------------------------------------------------
+
+
+def _kernel(cache: Path, fetch: bool) -> tuple[Path, Path | None, str]:
+    """(vmlinuz, modules dir or None, release)."""
+    user = os.environ.get("GLASSROOM_MICROVM_KERNEL")
+    if user:
+        k = Path(user)
+        if not k.is_file():
+            raise _unavailable(f"GLASSROOM_MICROVM_KERNEL={user} does not exist")
+        mods = os.environ.get("GLASSROOM_MICROVM_MODULES")
+        return k, Path(mods) if mods else None, k.name.removeprefix("vmlinuz-")
+    kdir = cache / "kernel"
+    found = sorted(kdir.glob("boot/vmlinuz-*"))
+    if not found:
+        if not fetch:
+            raise _unavailable("no guest kernel prepared; run `glassroom microvm prepare`")
+        _fetch_kernel(kdir)
+        found = sorted(kdir.glob("boot/vmlinuz-*"))
+        if not found:
+            raise _unavailable("the kernel package held no /boot/vmlinuz-*")
+    vmlinuz = found[-1]
+    release = vmlinuz.name.removeprefix("vmlinuz-")
+    mod_dir = kdir / "lib" / "modules" / release
+    return vmlinuz, mod_dir if mod_dir.is_dir() else None, release
+
+
+def _fetch_kernel(kdir: Path) -> None:
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        raise _unavailable("apt-get/dpkg-deb missing: set GLASSROOM_MICROVM_KERNEL to a vmlinuz")
+    dl = kdir.parent / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    dep = subprocess.run(["apt-cache", "depends", KERNEL_PACKAGE], capture_output=True,
+                         text=True, check=False).stdout  # fmt: skip
+    pkgs = [ln.split(":", 1)[1].strip() for ln in dep.splitlines()
+            if ln.strip().startswith("Depends:") and "linux-image-" in ln]  # fmt: skip
+    if not pkgs:
+        raise _unavailable(f"apt-cache knows no {KERNEL_PACKAGE} (apt-get update?)")
+    debs = sorted(dl.glob(f"{pkgs[0]}_*.deb"))
+    if not debs:
+        r = subprocess.run(["apt-get", "download", "-q", pkgs[0]], cwd=dl, capture_output=True,
+                           text=True, check=False)  # fmt: skip
+        debs = sorted(dl.glob(f"{pkgs[0]}_*.deb"))
+        if not debs:
+            raise _unavailable(f"apt-get download {pkgs[0]} failed: {r.stderr.strip()[-200:]}")
+    tmp = Path(tempfile.mkdtemp(dir=kdir.parent, prefix=".kernel-"))
+    try:
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], check=True)
+        if kdir.exists():
+            shutil.rmtree(kdir)
+        os.replace(tmp, kdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- initramfs --------------------------------------------------------------------
+
+
+def _cpio(entries: list[tuple[str, int, bytes, int]]) -> bytes:
+    """newc archive of (name, mode, data, rdev) entries."""
+    out = bytearray()
+    for ino, (name, mode, data, rdev) in enumerate([*entries, ("TRAILER!!!", 0, b"", 0)], 1):
+        nb = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(nb), 0)
+        hdr = "070701" + "".join(f"{v:08X}" for v in fields)
+        out += hdr.encode() + nb
+        out += b"\0" * (-len(out) % 4)
+        out += data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def _build_initrd(mods: Path | None, dest: Path) -> None:
+    busybox = shutil.which("busybox")
+    if not busybox:
+        raise _unavailable("busybox is missing: apt-get install busybox-static")
+    if subprocess.run(["ldd", busybox], capture_output=True, check=False).returncode == 0:
+        raise _unavailable(f"{busybox} is dynamically linked: apt-get install busybox-static")
+    entries: list[tuple[str, int, bytes, int]] = [
+        (d, 0o040755, b"", 0) for d in ("bin", "dev", "proc", "sys", "newroot", "m")
+    ]
+    entries.append(("dev/console", 0o020600, b"", (5 << 8) | 1))
+    entries.append(("bin/busybox", 0o100755, Path(busybox).read_bytes(), 0))
+    entries.append(("bin/sh", 0o120777, b"busybox", 0))
+    entries.append(("init", 0o100755, INIT_SCRIPT.encode(), 0))
+    if mods is not None:
+        for name in MODULES:
+            found = list(mods.rglob(f"{name}.ko"))
+            if found:
+                entries.append((f"m/{name}.ko", 0o100644, found[0].read_bytes(), 0))
+    tmp = dest.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(_cpio(entries))
+    os.replace(tmp, dest)
+
+
+# -- root image -------------------------------------------------------------------
+
+
+def _pkg_files(pkg: str) -> list[str]:
+    r = subprocess.run(["dpkg", "-L", pkg], capture_output=True, text=True, check=False)
+    return r.stdout.splitlines() if r.returncode == 0 else []
+
+
+def _libs(paths: list[str]) -> set[str]:
+    out: set[str] = set()
+    for i in range(0, len(paths), 200):
+        r = subprocess.run(["ldd", *paths[i : i + 200]], capture_output=True, text=True,
+                           check=False)  # fmt: skip
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            for p in parts:
+                if p.startswith("/") and os.path.exists(p):
+                    out.add(p)
+    return out
+
+
+def _is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def _copy_into(root: Path, path: str) -> None:
+    """Copy host ``path`` to the same place under ``root`` (dirs resolved on the host)."""
+    real_dir = os.path.realpath(os.path.dirname(path))
+    dest = root / real_dir.lstrip("/") / os.path.basename(path)
+    if dest.exists() or dest.is_symlink():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.islink(path):
+        os.symlink(os.readlink(path), dest)
+        target = os.path.realpath(path)
+        if os.path.isfile(target):
+            _copy_into(root, target)
+    elif os.path.isfile(path):
+        shutil.copy2(path, dest)
+
+
+def _build_rootfs(dest: Path) -> None:
+    mke2fs = shutil.which("mke2fs", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if not mke2fs:
+        raise _unavailable("mke2fs is missing: apt-get install e2fsprogs")
+    stage = Path(tempfile.mkdtemp(prefix=".rootfs-", dir=dest.parent))
+    try:
+        files: list[str] = []
+        for pkg in TOOL_PACKAGES:
+            files += [f for f in _pkg_files(pkg) if f.startswith(("/usr/bin/", "/bin/"))]
+        files += [f for f in EXTRA_FILES if os.path.exists(f)]
+        for f in files:
+            _copy_into(stage, f)
+        for dirpath, dirnames, filenames in os.walk(PYTHON_LIB):
+            rel = os.path.relpath(dirpath, PYTHON_LIB)
+            if rel == ".":
+                dirnames[:] = [d for d in dirnames if d not in PYTHON_SKIP]
+                filenames = [f for f in filenames if f not in PYTHON_SKIP]
+            for name in filenames:
+                _copy_into(stage, os.path.join(dirpath, name))
+        elves = [str(p) for p in stage.rglob("*") if p.is_file() and not p.is_symlink()
+                 and _is_elf(str(p))]  # fmt: skip
+        host_paths = ["/" + str(Path(p).relative_to(stage)) for p in elves]
+        for lib in sorted(_libs(host_paths)):
+            _copy_into(stage, lib)
+        for name in ("bin", "sbin", "lib", "lib64"):
+            if os.path.islink("/" + name):
+                os.symlink(os.readlink("/" + name), stage / name)
+        etc = stage / "etc"
+        (etc / "ssl").mkdir(parents=True, exist_ok=True)
+        if os.path.isdir("/etc/ssl/certs"):
+            shutil.copytree("/etc/ssl/certs", etc / "ssl" / "certs", symlinks=False,
+                            ignore_dangling_symlinks=True)  # fmt: skip
+        (etc / "alternatives").mkdir(exist_ok=True)
+        (etc / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n"
+                                    "agent:x:1000:1000:agent:/workspace:/bin/sh\n")  # fmt: skip
+        (etc / "group").write_text("root:x:0:\nagent:x:1000:\n")
+        (etc / "hostname").write_text("sandbox\n")
+        for d in GUEST_DIRS:
+            (stage / d).mkdir(parents=True, exist_ok=True)
+        (stage / "run" / "glassroom" / "secrets").mkdir(parents=True, exist_ok=True)
+        # The egress dir exists only when the VM has egress: a link into /run (tmpfs).
+        os.symlink("/run/glassroom-net", stage / ".glassroom-net")
+        for src in _guest_sources():
+            shutil.copy2(src, stage / ".glassroom" / src.name)
+        subprocess.run(["/usr/bin/python3", "-I", "-m", "compileall", "-q",
+                        str(stage / ".glassroom")], check=False,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        used = sum(p.lstat().st_size for p in stage.rglob("*"))
+        size_mib = used * 12 // 10 // (1 << 20) + 16
+        tmp = dest.with_suffix(f".tmp{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        r = subprocess.run(
+            [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L",
+             "glassroom", "-E", "root_owner=0:0", "-d", str(stage), str(tmp), f"{size_mib}M"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if r.returncode != 0:
+            raise _unavailable(f"mke2fs failed: {r.stderr.strip()[-200:]}")
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+# -- entry point ---------------------------------------------------------------------
+
+
+def prepare(fetch: bool = True) -> Image:
+    """Return the cached image, building what is missing or stale (one builder at a time)."""
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True, mode=0o755)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare(cache, fetch)
+
+
+def _prepare(cache: Path, fetch: bool) -> Image:
+    """Content-addressed: each kernel and each guest recipe has its own files, so
+    supervisors of different versions never rebuild each other's images."""
+    vmlinuz, mods, release = _kernel(cache, fetch)
+    # The recipe (this file) is part of the key: a changed file list rebuilds.
+    guest = _digest(*(p.read_bytes() for p in [*_guest_sources(), Path(__file__)]))
+    kstat = vmlinuz.stat()
+    kkey = _digest(f"{vmlinuz}:{kstat.st_size}:{kstat.st_mtime_ns}".encode(), INIT_SCRIPT.encode())
+    initrd = cache / f"initramfs-{kkey}.cpio"
+    rootfs = cache / f"rootfs-{guest}.ext4"
+    for path in (initrd, rootfs):
+        if not path.exists():
+            if not fetch:
+                raise _unavailable(f"{path.name} is not built; run `glassroom microvm prepare`")
+            if path == initrd:
+                _build_initrd(mods, initrd)
+            else:
+                _build_rootfs(rootfs)
+    return Image(vmlinuz, initrd, rootfs, _digest(kkey.encode(), guest.encode()), release)
+
+
+def prune(img: Image) -> list[str]:
+    """Remove images other than ``img``'s (``microvm prepare`` only)."""
+    gone = []
+    for old in [*cache_dir().glob("initramfs-*.cpio"), *cache_dir().glob("rootfs-*.ext4")]:
+        if old not in (img.initrd, img.rootfs):
+            with contextlib.suppress(OSError):
+                old.unlink()
+                gone.append(old.name)
+    return gone

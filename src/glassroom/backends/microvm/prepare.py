@@ -1,0 +1,37 @@
+"""``glassroom microvm prepare``: fetch the guest kernel, build the images, and
+save the booted-idle snapshot for the default VM shape (when an accel is allowed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ... import _config
+from ..._errors import BackendUnavailable
+from . import image, qemu
+
+
+def prepare(snapshot: bool = True) -> dict[str, Any]:
+    img = image.prepare(fetch=True)
+    out: dict[str, Any] = {
+        "cache": str(image.cache_dir()),
+        "kernel": str(img.kernel),
+        "kernel_release": img.kernel_release,
+        "pruned": image.prune(img) + qemu.prune_snapshots(img),
+        "image_id": img.image_id,
+        **img.sizes(),
+    }
+    if snapshot:
+        from ...policy import compile as compile_policy
+        from ...policy import validate_policy
+
+        try:
+            accel = qemu.choose_accel()
+        except BackendUnavailable as exc:
+            out["snapshot"] = f"skipped: {exc}"
+            return out
+        lim = compile_policy(validate_policy({"risk": "high"}), "microvm").limits
+        ram, vcpus = qemu.vm_size(lim.memory_bytes, lim.disk_bytes, lim.cpus)
+        path = qemu.ensure_snapshot(img, accel, ram, vcpus, _config.state_dir() / "microvm")
+        out["snapshot"] = str(path)
+        out["snapshot_bytes"] = path.stat().st_size
+    return out

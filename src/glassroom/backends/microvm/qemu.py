@@ -1,0 +1,359 @@
+"""The QEMU driver: accel choice, the ``-M microvm`` command line, snapshots.
+
+Accel: KVM when it is real.  Under PVM (this kind of host) or without
+KVM, TCG — full emulation — but only when allowed explicitly with
+``GLASSROOM_MICROVM_ALLOW_TCG=1``; the audit log and ``doctor`` then say
+"emulated — test only".  Otherwise the backend is unavailable (exit 125).
+
+Snapshots: a template VM is booted cold once per (image, memory, vCPUs),
+its agent answers, and its state is saved with ``migrate`` to
+``<cache>/snapshots/``.  A task VM then starts with ``-incoming fd:N``
+from that file: a booted, idle VM whose writable state (tmpfs) is empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..._errors import BackendUnavailable, WallError
+from ..._sys import probe
+from ...guest import protocol
+from .image import Image, cache_dir
+
+ALLOW_TCG_ENV = "GLASSROOM_MICROVM_ALLOW_TCG"
+EMULATED = "emulated — test only"
+#: Guest RAM beyond the policy's memory + disk: kernel, agent, page cache.
+RAM_OVERHEAD_MIB = 128
+BOOT_TIMEOUT_S = 60.0
+#: Host memory QEMU may use beyond the guest's RAM (TCG code cache, devices).
+VMM_OVERHEAD_MIB = 256
+#: QEMU's threads (vCPUs, I/O, RCU, migration) in its host pids cgroup.
+VMM_PIDS = 64
+#: Part of every snapshot's name: a changed command line needs new snapshots.
+ARGV_VERSION = 3
+#: The guest's network with a NIC: its address, and the proxy's (guestfwd).
+GUEST_NET = "10.0.2.0/24"
+GUEST_ADDR = "10.0.2.15"
+PROXY_ADDR = "10.0.2.100"
+PROXY_PORT = 3128
+PORT_NAME = "glassroom.0"
+
+
+@dataclass(frozen=True)
+class Accel:
+    name: str  # "kvm" | "tcg"
+    detail: str
+
+    @property
+    def emulated(self) -> bool:
+        return self.name == "tcg"
+
+
+def qemu_binary() -> str | None:
+    return shutil.which("qemu-system-x86_64")
+
+
+def tcg_allowed() -> bool:
+    return os.environ.get(ALLOW_TCG_ENV, "") in ("1", "yes", "true")
+
+
+def choose_accel() -> Accel:
+    kind, detail = probe.kvm()
+    if kind == "real" and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return Accel("kvm", f"KVM ({detail})")
+    if tcg_allowed():
+        return Accel("tcg", f"TCG, {EMULATED} (KVM {kind}: {detail}; {ALLOW_TCG_ENV}=1)")
+    raise BackendUnavailable(
+        f"microvm: no usable KVM here (KVM {kind}: {detail}); emulation (TCG) is for tests "
+        f"only and must be allowed explicitly with {ALLOW_TCG_ENV}=1",
+        rule="backend.microvm",
+    )
+
+
+def vm_size(memory_bytes: int, disk_bytes: int, cpus: float) -> tuple[int, int]:
+    """(RAM MiB, vCPUs) of the VM for a plan's limits."""
+    mib = (memory_bytes + disk_bytes) // (1 << 20) + RAM_OVERHEAD_MIB
+    mib = -(-mib // 64) * 64
+    vcpus = max(1, min(math.ceil(cpus - 0.001), os.cpu_count() or 1))
+    return mib, vcpus
+
+
+def _tsc_khz() -> int:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cmdline() -> str:
+    """Trimmed: no console chatter, no delay-loop or TSC calibration, power off on panic."""
+    parts = ["console=ttyS0", "quiet", "loglevel=1", "lpj=4000000", "reboot=t", "panic=-1",
+             "random.trust_cpu=on", "i8042.noaux", "i8042.nokbd", "8250.nr_uarts=1",
+             "cryptomgr.notests", "rdinit=/init", "init_on_free=1"]  # fmt: skip
+    khz = _tsc_khz()
+    if khz:
+        parts.append(f"tsc_early_khz={khz}")
+    return " ".join(parts)
+
+
+def argv(
+    image: Image, accel: Accel, ram_mib: int, vcpus: int, chan: Path, *,
+    console: Path | None, incoming_fd: int | None = None, qmp: Path | None = None,
+    confine: bool = True, proxy_sock: str | None = None,
+) -> list[str]:  # fmt: skip
+    qemu = qemu_binary()
+    if qemu is None:
+        raise BackendUnavailable("microvm: qemu-system-x86_64 is not installed "
+                                 "(apt-get install qemu-system-x86)",
+                                 rule="backend.microvm")  # fmt: skip
+    # Dies with the supervisor (as bwrap's --die-with-parent does), so no VM runs
+    # unwatched until the reaper's next pass.
+    setpriv = shutil.which("setpriv")
+    prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+    machine = "microvm,pit=on,pic=on,rtc=on"
+    # TCG's translation cache defaults to 1 GiB: bounded to fit the VMM's cgroup.
+    accel_opt = "kvm" if accel.name == "kvm" else "tcg,tb-size=64"
+    args = [
+        *prefix, qemu, "-M", machine, "-accel", accel_opt,
+        "-cpu", "host" if accel.name == "kvm" else "max",
+        "-smp", str(vcpus), "-m", f"{ram_mib}M",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline(),
+        "-serial", f"file:{console}" if console else "none",
+        "-drive", f"id=root,file={image.rootfs},format=raw,if=none,readonly=on",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=ch0,path={chan}",
+        "-device", f"virtserialport,chardev=ch0,name={PORT_NAME}",
+    ]  # fmt: skip
+    if proxy_sock is None:
+        args += ["-nic", "none"]
+    else:
+        # User networking with restrict=on: no route to the host or anywhere,
+        # except the one guestfwd address, relayed to the egress proxy's socket.
+        relay = Path(__file__).with_name("relay.py")
+        for p in (str(relay), proxy_sock):
+            if "," in p or " " in p:
+                raise WallError(f"microvm: path unusable on a QEMU command line: {p}",
+                                rule="network")  # fmt: skip
+        args += [
+            "-netdev", f"user,id=n0,restrict=on,ipv6=off,net={GUEST_NET},"
+            f"guestfwd=tcp:{PROXY_ADDR}:{PROXY_PORT}-cmd:"
+            f"/usr/bin/python3 -I -S {relay} {proxy_sock}",
+            "-device", "virtio-net-device,netdev=n0",
+        ]  # fmt: skip
+    if qmp is not None:
+        args += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    if incoming_fd is not None:
+        args += ["-incoming", f"fd:{incoming_fd}"]
+    if confine:
+        # QEMU's own seccomp filter: no obsolete syscalls, no resource control;
+        # without a NIC also no exec and no setuid.  With one, slirp forks and
+        # execs the proxy relay per connection, which needs both.
+        relaxed = "allow" if proxy_sock else "deny"
+        args += ["-sandbox", f"on,obsolete=deny,elevateprivileges={relaxed},spawn={relaxed},"
+                 "resourcecontrol=deny"]  # fmt: skip
+    return args
+
+
+# -- snapshots ---------------------------------------------------------------------------
+
+
+def snapshot_path(image: Image, ram_mib: int, vcpus: int, accel: Accel) -> Path:
+    return (
+        cache_dir()
+        / "snapshots"
+        / (f"{image.image_id}-v{ARGV_VERSION}-{accel.name}-m{ram_mib}-c{vcpus}.vmstate")
+    )
+
+
+def prune_snapshots(image: Image) -> list[str]:
+    """Remove snapshots of other images or command lines (``microvm prepare`` only:
+    a running supervisor of another version may still be using its own)."""
+    gone = []
+    for old in (cache_dir() / "snapshots").glob("*.vmstate"):
+        if not old.name.startswith(f"{image.image_id}-v{ARGV_VERSION}-"):
+            with contextlib.suppress(OSError):
+                old.unlink()
+                gone.append(old.name)
+    return gone
+
+
+def handshake(sock: socket.socket, timeout: float) -> dict[str, object]:
+    """Send hello, return the agent's ready frame (the one exchange before the channel runs)."""
+    sock.settimeout(timeout)
+    sock.sendall(protocol.encode({"op": "hello", "version": protocol.VERSION}))
+    dec = protocol.Decoder()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        data = sock.recv(1 << 16)
+        if not data:
+            raise WallError("microvm: the guest closed the channel during boot", rule="boot")
+        for header, _ in dec.feed(data):
+            if header.get("op") == "ready" and header.get("version") == protocol.VERSION:
+                sock.settimeout(None)
+                return header
+            raise WallError(f"microvm: unexpected first frame {str(header)[:80]}", rule="boot")
+    raise WallError("microvm: the guest agent did not answer in time", rule="boot")
+
+
+def listen(path: Path) -> socket.socket:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    srv.bind(str(path))
+    srv.listen(1)
+    return srv
+
+
+def accept(
+    srv: socket.socket,
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    errtext: Callable[[], str] = lambda: "",
+) -> socket.socket:
+    end = time.monotonic() + timeout
+    srv.settimeout(0.05)
+    while time.monotonic() < end:
+        try:
+            conn, _ = srv.accept()
+            conn.setblocking(True)
+            return conn
+        except TimeoutError:
+            if proc.poll() is not None:
+                raise WallError(f"microvm: qemu exited ({proc.returncode}): {errtext()}",
+                                rule="vmm") from None  # fmt: skip
+    raise WallError("microvm: qemu did not connect the control channel", rule="vmm")
+
+
+def _qmp(
+    sock_path: Path, commands: list[dict[str, object]], timeout: float
+) -> list[dict[str, object]]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            s.connect(str(sock_path))
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.02)
+    f = s.makefile("rwb")
+    json.loads(f.readline())  # greeting
+    out = []
+    for cmd in [{"execute": "qmp_capabilities"}, *commands]:
+        f.write(json.dumps(cmd).encode() + b"\n")
+        f.flush()
+        while True:
+            msg = json.loads(f.readline())
+            if "return" in msg or "error" in msg:
+                out.append(msg)
+                break
+    s.close()
+    return out
+
+
+def ensure_snapshot(image: Image, accel: Accel, ram_mib: int, vcpus: int, workdir: Path) -> Path:
+    """The saved booted-idle state for this VM shape; made once (cold boot + migrate)."""
+    dest = snapshot_path(image, ram_mib, vcpus, accel)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if dest.exists():
+            return dest
+        tmp = dest.with_suffix(f".tmp{os.getpid()}")
+        workdir.mkdir(parents=True, exist_ok=True)
+        chan, qmp = workdir / "tmpl-chan.sock", workdir / "tmpl-qmp.sock"
+        srv = listen(chan)
+        proc = subprocess.Popen(
+            argv(image, accel, ram_mib, vcpus, chan, console=None, qmp=qmp, confine=False),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={}, close_fds=True,
+        )  # fmt: skip
+        record = _template_record(workdir, proc.pid, [chan, qmp, tmp])
+        try:
+            conn = accept(srv, proc, BOOT_TIMEOUT_S)
+            handshake(conn, BOOT_TIMEOUT_S)
+            # Migrated while running (idle: it converges at once), so the
+            # restored VM starts running by itself.
+            res = _qmp(qmp, [{"execute": "migrate", "arguments": {"uri": f"exec:cat > {tmp}"}}],
+                       10.0)  # fmt: skip
+            if any("error" in r for r in res):
+                raise WallError(f"microvm: snapshot failed: {res}", rule="snapshot")
+            end = time.monotonic() + 120
+            while time.monotonic() < end:
+                st = _qmp(qmp, [{"execute": "query-migrate"}], 10.0)[-1]
+                ret = st.get("return")
+                status = ret.get("status") if isinstance(ret, dict) else None
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise WallError(f"microvm: snapshot migration {status}", rule="snapshot")
+                time.sleep(0.05)
+            else:
+                raise WallError("microvm: snapshot did not complete", rule="snapshot")
+            conn.close()
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+            srv.close()
+            for p in (chan, qmp, tmp, record):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+    return dest
+
+
+def _template_record(workdir: Path, pid: int, paths: list[Path]) -> Path:
+    """A reaper record for the template VM, in case this supervisor dies meanwhile."""
+    from ..._sys import proc as _proc
+
+    rec_dir = workdir.parent / "sandboxes"
+    rec_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    me = os.getpid()
+    rec = {
+        "sandbox_id": f"microvm-template-{pid}",
+        "backend": "microvm",
+        "supervisor": {"pid": me, "start": _proc.process_start_time(me)},
+        "pids": [{"pid": pid, "start": _proc.process_start_time(pid)}],
+        "cgroup": None,
+        "paths": [str(p) for p in paths],
+        "created": time.time(),
+    }
+    path = rec_dir / f"microvm-template-{pid}.json"
+    path.write_text(json.dumps(rec))
+    return path
+
+
+def status() -> str:
+    """The line ``doctor`` shows for the microvm tier."""
+    if qemu_binary() is None:
+        return "unavailable: qemu-system-x86_64 missing (apt-get install qemu-system-x86)"
+    kind, _detail = probe.kvm()
+    if kind == "real" and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "ready"
+    if tcg_allowed():
+        return f"ready ({EMULATED}: TCG, KVM is {kind})"
+    return (f"unavailable: KVM is {kind}; emulation (TCG) is test only: "
+            f"set {ALLOW_TCG_ENV}=1 to allow it")  # fmt: skip

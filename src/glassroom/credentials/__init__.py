@@ -1,0 +1,100 @@
+"""Credentials: issued per task at create, injected at runtime, revoked at destroy.
+
+``issue`` turns one ``[[credentials]]`` entry into an :class:`Issued`: the
+value (kept in supervisor memory only), what the audit log may say about it
+(name, scheme, scope, TTL, lease id or accessor — never the value), and how
+to revoke it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._errors import CredentialError
+from ..plan import SECRETS_DIR
+from ..policy._credentials import CredentialPolicy
+from ._broker import Broker, Claims
+
+MAX_SECRET_BYTES = 64 * 1024
+
+__all__ = ["SECRETS_DIR", "Broker", "Claims", "Issued", "env_name", "issue"]
+
+
+def env_name(name: str) -> str:
+    """The env var a credential appears as (real value for env, placeholder for proxy)."""
+    return "GLASSROOM_SECRET_" + name.upper()
+
+
+@dataclass
+class Issued:
+    name: str
+    rule: str
+    value: str = field(repr=False)
+    inject: str
+    expires_at: float
+    facts: dict[str, Any]
+    revoke: Callable[[], None] | None = None
+    #: inject = "proxy": what the sandbox sees instead of the value.
+    placeholder: str | None = None
+
+    def audit_details(self) -> dict[str, Any]:
+        return {"name": self.name, "inject": self.inject,
+                "expires_in_s": round(self.expires_at - time.time(), 3), **self.facts}  # fmt: skip
+
+
+def issue(
+    cred: CredentialPolicy, index: int, sandbox_id: str, max_runtime_s: float,
+    broker: Broker | None = None,
+) -> Issued:  # fmt: skip
+    rule = f"credentials[{index}]"
+    ttl = cred.ttl_s or max_runtime_s
+    scheme, _, addr = cred.source.partition(":")
+    facts: dict[str, Any] = {"source": scheme, "scope": list(cred.scope), "ttl_s": ttl}
+    revoke: Callable[[], None] | None = None
+    if scheme == "env":
+        value = os.environ.get(addr)
+        if value is None:
+            raise CredentialError(f"{rule}: the supervisor has no env var {addr}", rule=rule)
+        facts["var"] = addr
+    elif scheme == "file":
+        try:
+            with open(addr, "rb") as f:
+                raw = f.read(MAX_SECRET_BYTES + 1)
+        except OSError as exc:
+            msg = f"{rule}: cannot read {addr}: {exc.strerror}"
+            raise CredentialError(msg, rule=rule) from None
+        if len(raw) > MAX_SECRET_BYTES:
+            raise CredentialError(f"{rule}: {addr} is larger than 64 KiB", rule=rule)
+        value = raw.decode().strip()
+        facts["path"] = addr
+    elif scheme == "broker":
+        b = broker or Broker()
+        value, claims = b.mint(sandbox_id, cred.name, list(cred.scope), ttl)
+        facts["token_id"] = claims.jti
+
+        def revoke() -> None:
+            b.revoke(claims.jti)
+
+    elif scheme == "vault":
+        from ._vault import read_secret
+
+        path, _, fld = addr.partition("#")
+        value, lease, revoke = read_secret(path, fld, rule)
+        facts.update({"path": path, "field": fld, "lease_id": lease})
+    elif scheme == "vault-token":
+        from ._vault import child_token
+
+        value, accessor, revoke = child_token(
+            list(cred.scope), ttl, {"glassroom_sandbox": sandbox_id, "name": cred.name}, rule
+        )
+        facts["accessor"] = accessor
+    else:  # the policy model refuses unknown schemes; keep the check for API misuse
+        raise CredentialError(f"{rule}: unknown source scheme {scheme!r}", rule=rule)
+    placeholder = "glsr-" + secrets.token_hex(16) if cred.inject == "proxy" else None
+    expires = time.time() + ttl
+    return Issued(cred.name, rule, value, cred.inject, expires, facts, revoke, placeholder)

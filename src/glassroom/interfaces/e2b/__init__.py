@@ -1,0 +1,61 @@
+"""E2B-compatible endpoints: the unmodified ``e2b`` and ``e2b-code-interpreter``
+SDKs work against ``glassroom serve`` with ``E2B_API_URL`` and
+``E2B_SANDBOX_URL`` both set to the server's URL.
+
+Three parts: the control plane (``_control``), envd (``_envd``: files,
+process and filesystem RPC) and the code interpreter (``_interpreter``).
+None of them is in the own API's OpenAPI spec.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from . import _control, _envd, _interpreter
+
+
+def e2b_router() -> APIRouter:
+    r = APIRouter(include_in_schema=False)
+    add = r.add_api_route
+    for prefix in ("", "/v2"):
+        add(f"{prefix}/sandboxes", _control.create, methods=["POST"])
+        add(f"{prefix}/sandboxes", _control.list_sandboxes, methods=["GET"])
+        add(f"{prefix}/sandboxes/{{sandbox_id}}/connect", _control.connect, methods=["POST"])
+    add("/sandboxes/{sandbox_id}/timeout", _control.set_timeout, methods=["POST"])
+    add("/sandboxes/{sandbox_id}", _control.get_info, methods=["GET"])
+    add("/sandboxes/{sandbox_id}", _control.kill, methods=["DELETE"])
+    add("/health", _envd.health, methods=["GET"])
+    add("/files", _envd.get_file, methods=["GET"])
+    add("/files", _envd.post_file, methods=["POST"])
+    for method in (
+        "Start",
+        "Connect",
+        "List",
+        "SendInput",
+        "SendSignal",
+        "CloseStdin",
+        "Update",
+        "StreamInput",
+    ):
+        add(f"/process.Process/{method}", _envd.rpc, methods=["POST"])
+    for method in (
+        "Stat",
+        "ListDir",
+        "MakeDir",
+        "Move",
+        "Remove",
+        "WatchDir",
+        "CreateWatcher",
+        "GetWatcherEvents",
+        "RemoveWatcher",
+    ):
+        add(f"/filesystem.Filesystem/{method}", _envd.rpc, methods=["POST"])
+    add("/execute", _interpreter.execute, methods=["POST"])
+    add("/contexts", _interpreter.create_context, methods=["POST"])
+    add("/contexts", _interpreter.list_contexts, methods=["GET"])
+    add("/contexts/{context_id}", _interpreter.delete_context, methods=["DELETE"])
+    add("/contexts/{context_id}/restart", _interpreter.restart_context, methods=["POST"])
+    return r
+
+
+__all__ = ["e2b_router"]

@@ -1,0 +1,131 @@
+"""``glassroom serve`` settings: flags, or a TOML file.
+
+```toml
+host = "127.0.0.1"
+port = 8049
+data_dir = "/var/lib/glassroom/serve"      # its audit.jsonl; default: beside the audit log
+max_request_bytes = 16777216
+default_timeout_s = 300                     # a sandbox's deadline unless the client says
+[tenants.alice]
+max_sandboxes = 20
+api_keys_sha256 = ["<sha256 hex of the key>"]   # keys are never stored in clear
+[templates.data-job]
+policy = "/etc/glassroom/data-job.toml"     # a template is a named policy
+```
+
+A key is any string of at least 16 characters; ``glassroom serve --new-key
+TENANT`` prints one in E2B's format (``e2b_`` + 40 hex) with the line to
+add to the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..._config import audit_log_path
+from ..._errors import PolicyError
+from ...policy import Policy, default_policy, load_policy, validate_policy
+
+DEFAULT_PORT = 8049
+#: The sandbox's hard wall-clock cap in the built-in templates (the E2B default
+#: timeout is 300 s; ``set_timeout`` may extend up to this).
+TEMPLATE_MAX_RUNTIME_S = 3600.0
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A key in E2B's format, so the unmodified E2B SDKs accept it."""
+    return "e2b_" + secrets.token_hex(20)
+
+
+@dataclass
+class Tenant:
+    name: str
+    max_sandboxes: int = 20
+
+
+def builtin_templates() -> dict[str, Policy]:
+    """``base`` and ``code-interpreter-v1`` (E2B's names): the default policy
+    (bash, coreutils, python3; no network), with the cap E2B's timeouts need."""
+    base = default_policy().model_dump()
+    base["resources"]["max_runtime_s"] = TEMPLATE_MAX_RUNTIME_S
+    ci = default_policy().model_dump()
+    ci["resources"]["max_runtime_s"] = TEMPLATE_MAX_RUNTIME_S
+    ci["resources"]["max_output_bytes"] = 64 << 20  # the kernel is long-lived
+    ci["resources"]["memory_mib"] = 1024
+    return {"base": validate_policy(base), "code-interpreter-v1": validate_policy(ci)}
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: Path = field(default_factory=lambda: Path(audit_log_path()).parent / "serve")
+    max_request_bytes: int = 16 << 20
+    default_timeout_s: float = 300.0
+    #: sha256(key) -> tenant name
+    key_hashes: dict[str, str] = field(default_factory=dict)
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    templates: dict[str, Policy] = field(default_factory=builtin_templates)
+    default_template: str = "base"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.data_dir / "audit.jsonl"
+
+    def add_key(self, tenant: str, key: str, *, max_sandboxes: int | None = None) -> None:
+        t = self.tenants.setdefault(tenant, Tenant(tenant))
+        if max_sandboxes is not None:
+            t.max_sandboxes = max_sandboxes
+        self.key_hashes[hash_key(key)] = tenant
+
+    def tenant_for(self, key: str | None) -> Tenant | None:
+        if not key:
+            return None
+        digest = hash_key(key)
+        for known, tenant in self.key_hashes.items():
+            if hmac.compare_digest(known, digest):
+                return self.tenants.get(tenant)
+        return None
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServeConfig:
+        p = Path(path)
+        try:
+            raw: dict[str, Any] = tomllib.loads(p.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise PolicyError(f"cannot read serve config: {exc}", source=str(p)) from None
+        cfg = cls()
+        for key in ("host", "default_template"):
+            if key in raw:
+                setattr(cfg, key, str(raw[key]))
+        for key in ("port", "max_request_bytes"):
+            if key in raw:
+                setattr(cfg, key, int(raw[key]))
+        if "default_timeout_s" in raw:
+            cfg.default_timeout_s = float(raw["default_timeout_s"])
+        if "data_dir" in raw:
+            cfg.data_dir = Path(raw["data_dir"])
+        for name, t in dict(raw.get("tenants", {})).items():
+            cfg.tenants[name] = Tenant(name, int(t.get("max_sandboxes", 20)))
+            for h in t.get("api_keys_sha256", []):
+                cfg.key_hashes[str(h).lower()] = name
+        for name, t in dict(raw.get("templates", {})).items():
+            src = t.get("policy")
+            if not isinstance(src, str):
+                raise PolicyError(
+                    "a policy file path is required",
+                    source=str(p),
+                    field=f"templates.{name}.policy",
+                )
+            cfg.templates[name] = load_policy(src if Path(src).is_absolute() else p.parent / src)
+        return cfg

@@ -1,0 +1,15 @@
+"""``glassroom mcp``: glassroom's sandboxes as MCP tools (official ``mcp`` SDK, 2.x).
+
+Runs over stdio (``glassroom mcp``) or streamable HTTP (``glassroom mcp
+--http --port N``).  Every tool has an ``outputSchema`` (from a pydantic
+model) and returns ``structuredContent``; reads carry ``readOnlyHint``,
+exec and kill ``destructiveHint``.  A sandbox failure (a denied exec, a
+denied path, a limit) is an ``isError`` result whose text names the policy
+rule.  When a session ends, every sandbox it created is destroyed.
+"""
+
+from __future__ import annotations
+
+from ._server import build_server, run_http, run_stdio
+
+__all__ = ["build_server", "run_http", "run_stdio"]

@@ -1,0 +1,82 @@
+"""``[[credentials]]``: what a task may be handed, from where, and how.
+
+A credential is never part of the sandbox's image or environment at start;
+the supervisor fetches or mints it at create time, injects it the way the
+policy says, and revokes it at destroy.  The policy names the *source*, not
+the secret: values never appear in a policy, a plan or the audit log.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: Source schemes; the part after the colon is the scheme's own address.
+SCHEMES = ("vault", "vault-token", "env", "file", "broker")
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class CredentialPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: What the task asks for; also the file name / env var suffix.
+    name: str
+    #: ``vault:PATH#FIELD`` (a secret read via the supervisor's Vault/OpenBao
+    #: token), ``vault-token`` (a child token with ``scope`` as its policies),
+    #: ``env:NAME`` (the supervisor's own env var), ``file:/path`` (a host file
+    #: read by the supervisor), ``broker`` (a glassroom-signed token).
+    source: str
+    #: Lifetime in seconds; never longer than resources.max_runtime_s.
+    #: None: the sandbox's max runtime.
+    ttl_s: float | None = Field(default=None, gt=0, strict=True)
+    #: Passed on where the source supports scopes (broker claims, Vault
+    #: policies).  Empty: no scope (Vault: the default policy only).
+    scope: list[str] = Field(default_factory=list)
+    #: ``file``: /run/glassroom/secrets/NAME, mode 0400; ``env``: an env var
+    #: (audited as a warning); ``proxy``: only a placeholder inside, the real
+    #: value is added by the egress proxy on requests to ``hosts``.
+    inject: Literal["file", "env", "proxy"] = "file"
+    #: inject = "proxy": the hosts whose requests get the header.  Empty: never.
+    hosts: list[str] = Field(default_factory=list)
+    #: inject = "proxy": the header template; must contain ``{secret}``.
+    header: str = "Authorization: Bearer {secret}"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must match [a-z][a-z0-9_]{0,31} (it becomes a file and env name)")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        scheme, _, rest = v.partition(":")
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown source scheme {scheme!r} (known: {', '.join(SCHEMES)})")
+        if scheme == "vault" and ("#" not in rest or not rest.split("#")[0]):
+            raise ValueError("vault source must look like vault:PATH#FIELD")
+        if scheme == "env" and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", rest):
+            raise ValueError("env source must look like env:NAME")
+        if scheme == "file" and not rest.startswith("/"):
+            raise ValueError("file source must be an absolute path: file:/path")
+        if scheme in ("broker", "vault-token") and rest:
+            raise ValueError(f"{scheme} takes no address")
+        return v
+
+    @model_validator(mode="after")
+    def _proxy_fields(self) -> CredentialPolicy:
+        if self.inject == "proxy":
+            if not self.hosts:
+                raise ValueError("inject = 'proxy' needs hosts (where the header may be sent)")
+            if "{secret}" not in self.header or ":" not in self.header:
+                raise ValueError("header must look like 'Name: ... {secret} ...'")
+        elif self.hosts:
+            raise ValueError("hosts only applies to inject = 'proxy'")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return self.source.partition(":")[0]

