@@ -38,19 +38,30 @@ class ProtocolViolation(Exception):
     """The init sent something outside the protocol: a sign of compromise."""
 
 
-def parse_reply(raw: bytes) -> dict[str, Any]:
-    if len(raw) > MAX_REPLY:
-        raise ProtocolViolation(f"reply of {len(raw)} bytes exceeds {MAX_REPLY}")
+def parse_reply(
+    raw: bytes,
+    *,
+    ops: set[str] | frozenset[str] = frozenset(_OPS),
+    fields: dict[str, tuple[type, ...]] = _FIELD_TYPES,
+    max_len: int = MAX_REPLY,
+) -> dict[str, Any]:
+    """Validate one JSON reply of the (untrusted) init against a small schema.
+
+    Backends with a richer protocol pass their own ``ops``/``fields``; the
+    checks (size, JSON, known op, typed fields, bounded strings) are shared.
+    """
+    if len(raw) > max_len:
+        raise ProtocolViolation(f"reply of {len(raw)} bytes exceeds {max_len}")
     try:
         msg = json.loads(raw)
     except ValueError as exc:
         raise ProtocolViolation(f"malformed reply: {exc}") from None
-    if not isinstance(msg, dict) or msg.get("op") not in _OPS:
+    if not isinstance(msg, dict) or msg.get("op") not in ops:
         raise ProtocolViolation("reply is not an object with a known op")
     for key, value in msg.items():
         if key == "op":
             continue
-        types = _FIELD_TYPES.get(key)
+        types = fields.get(key)
         if types is None or not isinstance(value, types) or isinstance(value, bool):
             raise ProtocolViolation(f"reply field {key!r} has an unexpected value")
         if isinstance(value, str) and len(value) > 4096:

@@ -51,12 +51,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import _config
-from .._errors import BackendUnavailable, SandboxClosed, SandboxError, WallError
+from .._errors import BackendUnavailable, SandboxClosed, WallError
 from .._sys import cgroups, proc, seccomp
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan
 from . import _gvisor_spec as spec
 from ._channel import ProtocolViolation
-from .base import EventSink, ExecRequest, ExecResult, FileEntry, Receipt
+from ._channel import parse_reply as _parse_reply
+from ._files import FileOps
+from .base import EventSink, ExecRequest, ExecResult, Receipt
 
 START_TIMEOUT_S = 15.0
 REPLY_TIMEOUT_S = 10.0
@@ -82,23 +84,7 @@ _LAUNCH = f"import sys;sys.path.insert(0,{spec.INIT_DIR_INSIDE!r});import init_s
 
 def parse_reply(raw: bytes) -> dict[str, Any]:
     """Validate one JSON reply of the (untrusted) init; ProtocolViolation if off-schema."""
-    if len(raw) > MAX_JSON:
-        raise ProtocolViolation(f"reply of {len(raw)} bytes exceeds {MAX_JSON}")
-    try:
-        msg = json.loads(raw)
-    except ValueError as exc:
-        raise ProtocolViolation(f"malformed reply: {exc}") from None
-    if not isinstance(msg, dict) or msg.get("op") not in _OPS:
-        raise ProtocolViolation("reply is not an object with a known op")
-    for key, value in msg.items():
-        if key == "op":
-            continue
-        types = _FIELD_TYPES.get(key)
-        if types is None or not isinstance(value, types) or isinstance(value, bool):
-            raise ProtocolViolation(f"reply field {key!r} has an unexpected value")
-        if isinstance(value, str) and len(value) > 4096:
-            raise ProtocolViolation(f"reply field {key!r} is too long")
-    return msg
+    return _parse_reply(raw, ops=_OPS, fields=_FIELD_TYPES, max_len=MAX_JSON)
 
 
 class GvisorBackend:
@@ -123,7 +109,7 @@ class _Req:
         self.on_data = on_data
 
 
-class GvisorInstance:
+class GvisorInstance(FileOps):
     """One running sandbox: runsc + the stream-mode init + cgroups."""
 
     def __init__(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> None:
@@ -327,6 +313,9 @@ class GvisorInstance:
             raise self._closed_error() from None
         return rid, req
 
+    def _anomaly(self, what: str) -> None:
+        self._violation(what)
+
     def _violation(self, what: str) -> None:
         self.on_event("anomaly", {"reason": "protocol violation by sandbox init", "detail": what},
                       "deny", "init.protocol")  # fmt: skip
@@ -508,27 +497,6 @@ class GvisorInstance:
         finally:
             self._forget(rid)
         return bytes(out)
-
-    def read_file(self, path: str, max_bytes: int) -> bytes:
-        return self._file_op("read", path, max_bytes=max_bytes)
-
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        self._file_op("write", path, data=data, mode=mode)
-
-    def list_dir(self, path: str) -> list[FileEntry]:
-        raw = self._file_op("list", path)
-        try:
-            items = json.loads(raw or b"[]")
-            return [FileEntry(str(i["name"]), str(i["type"]), int(i["size"])) for i in items]
-        except (ValueError, KeyError, TypeError) as exc:
-            self._violation(f"malformed directory listing: {exc}")
-            raise SandboxError(f"list {path}: malformed reply from sandbox") from None
-
-    def remove(self, path: str) -> None:
-        self._file_op("remove", path)
-
-    def make_dir(self, path: str) -> None:
-        self._file_op("mkdir", path)
 
     # -- teardown -----------------------------------------------------------
 

@@ -40,7 +40,8 @@ from .._errors import BackendUnavailable, SandboxClosed, SandboxError, SandboxPa
 from .._sys import cgroups, netwatch, proc, seccomp
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan, Mount
 from ._channel import Channel, ProtocolViolation, close_quietly, release_quietly
-from .base import EventSink, ExecRequest, ExecResult, FileEntry, Receipt
+from ._files import FileOps
+from .base import EventSink, ExecRequest, ExecResult, Receipt
 
 if TYPE_CHECKING:
     from ._spawn import NamespacesProcess
@@ -232,7 +233,7 @@ class NamespacesBackend:
         return inst
 
 
-class NamespacesInstance:
+class NamespacesInstance(FileOps):
     """One running sandbox: bwrap + init + cgroups, driven over the channel."""
 
     def __init__(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> None:
@@ -461,6 +462,9 @@ class NamespacesInstance:
         os.replace(tmp, self.record_path)
 
     # -- the reader thread: replies, deadline -------------------------------
+
+    def _anomaly(self, what: str) -> None:
+        self._violation(what)
 
     def _violation(self, what: str) -> None:
         self.on_event(
@@ -722,27 +726,6 @@ class NamespacesInstance:
         finally:
             close_quietly(keep)
         return bytes(out)
-
-    def read_file(self, path: str, max_bytes: int) -> bytes:
-        return self._file_op("read", path, max_bytes=max_bytes)
-
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        self._file_op("write", path, data=data, mode=mode)
-
-    def list_dir(self, path: str) -> list[FileEntry]:
-        raw = self._file_op("list", path)
-        try:
-            items = json.loads(raw or b"[]")
-            return [FileEntry(str(i["name"]), str(i["type"]), int(i["size"])) for i in items]
-        except (ValueError, KeyError, TypeError) as exc:
-            self._violation(f"malformed directory listing: {exc}")
-            raise SandboxError(f"list {path}: malformed reply from sandbox") from None
-
-    def remove(self, path: str) -> None:
-        self._file_op("remove", path)
-
-    def make_dir(self, path: str) -> None:
-        self._file_op("mkdir", path)
 
     # -- teardown -----------------------------------------------------------
 

@@ -39,7 +39,8 @@ from ..._errors import SandboxClosed, SandboxError, SandboxPathError, WallError
 from ..._sys import cgroups, netwatch, proc, seccomp
 from ...guest import protocol
 from ...plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, SECRETS_DIR, LaunchPlan
-from ..base import EventSink, ExecRequest, ExecResult, FileEntry, Instance, Process, Receipt
+from .._files import FileOps
+from ..base import EventSink, ExecRequest, ExecResult, Instance, Process, Receipt
 from . import image as _image
 from . import qemu
 from ._channel import GuestChannel, ProtocolViolation
@@ -210,8 +211,10 @@ class MicrovmProcess:
         self.signal(int(signal.SIGKILL))
 
 
-class MicrovmInstance:
+class MicrovmInstance(FileOps):
     """One running microVM, driven over its control channel."""
+
+    _listing_kw: ClassVar[dict[str, Any]] = {"limit": MAX_LISTING}
 
     def __init__(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> None:
         self.plan = plan
@@ -594,40 +597,6 @@ class MicrovmInstance:
                     raise SandboxError(f"{kind} {path}: malformed reply from the sandbox")
         finally:
             self.channel_forget(rid)
-
-    def read_file(self, path: str, max_bytes: int) -> bytes:
-        return self._file_op("read", path, max_bytes=max_bytes)
-
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        self._file_op("write", path, data=data, mode=mode)
-
-    def list_dir(self, path: str) -> list[FileEntry]:
-        raw = self._file_op("list", path, limit=MAX_LISTING)
-        try:
-            items = json.loads(raw or b"[]")
-            if not isinstance(items, list):
-                raise TypeError("not a list")
-            out = []
-            for i in items:
-                name, kind, size = i["name"], i["type"], i["size"]
-                if (not isinstance(name, str) or not name or len(name) > 255 or "/" in name
-                        or "\0" in name or name in (".", "..")):  # fmt: skip
-                    raise ValueError(f"entry name {str(name)[:60]!r} is not a name in {path}")
-                if kind not in ENTRY_TYPES:
-                    raise ValueError(f"entry type {str(kind)[:20]!r}")
-                if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 1 << 62:
-                    raise ValueError("entry size")
-                out.append(FileEntry(name, kind, size))
-            return out
-        except (ValueError, KeyError, TypeError) as exc:
-            self._anomaly(f"malformed directory listing of {path}: {exc}")
-            raise SandboxError(f"list {path}: malformed reply from the sandbox") from None
-
-    def remove(self, path: str) -> None:
-        self._file_op("remove", path)
-
-    def make_dir(self, path: str) -> None:
-        self._file_op("mkdir", path)
 
     # -- teardown -----------------------------------------------------------------------------
 
