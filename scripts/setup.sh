@@ -23,6 +23,8 @@ command -v mke2fs >/dev/null || need+=(e2fsprogs)
 # The gvisor tier: runsc, and a C compiler for its one-file compat shim (statx flags).
 command -v runsc >/dev/null || need+=(runsc)
 command -v cc >/dev/null || need+=(gcc)
+# The audit sink tests send to a real syslog receiver (rsyslogd on 127.0.0.1).
+command -v rsyslogd >/dev/null || [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

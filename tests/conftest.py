@@ -30,7 +30,8 @@ REQUIRED_BACKENDS = frozenset({"namespaces", "gvisor", "microvm"})
 TEST_CGROUP_PARENT = "glassroom-test"
 
 _ISOLATED_VARS = ("GLASSROOM_STATE_DIR", "GLASSROOM_CGROUP_PARENT", "GLASSROOM_AUDIT_LOG",
-                  "GLASSROOM_MICROVM_ALLOW_TCG")  # fmt: skip
+                  "GLASSROOM_MICROVM_ALLOW_TCG", "GLASSROOM_AUDIT_ANCHOR_KEY",
+                  "GLASSROOM_AUDIT_SINKS")  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)

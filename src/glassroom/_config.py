@@ -58,3 +58,29 @@ def sandbox_ids() -> tuple[int, int]:
 
 def cgroup_parent() -> str:
     return os.environ.get("GLASSROOM_CGROUP_PARENT", "glassroom")
+
+
+def audit_anchor_key_path() -> Path:
+    """The supervisor's Ed25519 key that signs audit-log anchors.
+
+    Default: ``state_dir() / "audit-anchor.key"`` (the public key is beside it
+    as ``audit-anchor.pub``).  ``GLASSROOM_AUDIT_ANCHOR_KEY`` moves it: the
+    root default state dir is ``/run``, a tmpfs, and a key lost at reboot
+    makes every earlier anchor unverifiable, so a service should point this
+    at persistent storage.
+    """
+    env = os.environ.get("GLASSROOM_AUDIT_ANCHOR_KEY")
+    if env:
+        return Path(env)
+    return state_dir() / "audit-anchor.key"
+
+
+def audit_sinks() -> list[str]:
+    """External audit sinks from ``GLASSROOM_AUDIT_SINKS`` (comma-separated URLs).
+
+    Read by every :class:`glassroom.audit.AuditLog` that is not given its own
+    ``sinks``, so a supervisor forwards records without code changes.  Empty
+    items are ignored; the URLs are validated by the audit package.
+    """
+    raw = os.environ.get("GLASSROOM_AUDIT_SINKS", "")
+    return [item.strip() for item in raw.split(",") if item.strip()]

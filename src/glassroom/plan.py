@@ -123,6 +123,8 @@ class LaunchPlan:
     policy_digest: str = ""
     #: Extra executables the loader needs (the ELF interpreter); not tools.
     loaders: tuple[str, ...] = field(default=())
+    #: ``audit.level``: "actions", "files" or "syscalls" (see docs/audit.md).
+    audit_level: str = "actions"
 
     def walls(self) -> list[str]:
         """Human-readable names of the walls this plan asks for."""

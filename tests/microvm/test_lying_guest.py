@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import tempfile
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from glassroom import SandboxError
+from glassroom import SandboxError, WallError
+from glassroom.audit import AuditLog, verify
 from glassroom.backends.base import ExecRequest
-from glassroom.backends.microvm import MicrovmInstance
+from glassroom.backends.microvm import MicrovmInstance, _instance
 from glassroom.backends.microvm._channel import ProtocolViolation, check
 from glassroom.guest import protocol
 from glassroom.policy import compile as compile_policy
@@ -64,8 +67,10 @@ class FakeGuest:
 def attach() -> Iterator[Callable[[Reply], tuple[MicrovmInstance, list[Event]]]]:
     made: list[MicrovmInstance] = []
 
-    def make(reply: Reply) -> tuple[MicrovmInstance, list[Event]]:
-        plan = compile_policy(validate_policy({"risk": "high"}), "microvm")
+    def make(
+        reply: Reply, policy: dict[str, Any] | None = None
+    ) -> tuple[MicrovmInstance, list[Event]]:
+        plan = compile_policy(validate_policy(policy or {"risk": "high"}), "microvm")
         events: list[Event] = []
         inst = MicrovmInstance(plan, "sb-liar", lambda e, d, dec, r: events.append((e, d, dec, r)))
         host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -98,6 +103,13 @@ def test_decoder_refuses_oversized_lengths_before_reading() -> None:
         dec.feed(struct.pack(">II", protocol.MAX_HEADER + 1, 0))
     with pytest.raises(protocol.FrameError, match="exceed"):
         protocol.Decoder().feed(struct.pack(">II", 2, 1 << 31))
+
+
+def test_decoder_refuses_deep_nesting() -> None:
+    """A header nested past the recursion limit is a malformed frame, not a crash."""
+    deep = b'{"op":' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    with pytest.raises(protocol.FrameError, match="malformed"):
+        protocol.Decoder().feed(struct.pack(">II", len(deep), 0) + deep)
 
 
 @pytest.mark.parametrize("header", [
@@ -227,3 +239,171 @@ def test_truthful_guest_works(attach: Any) -> None:
     assert (res.exit_code, res.stdout) == (0, b"hi\n")
     assert [e.name for e in inst.list_dir("/workspace")] == ["a.py"]
     assert anomalies(events) == []
+
+
+# -- the file audit: the guest's trace reports ------------------------------------------
+
+FILES = {"risk": "high", "audit": {"level": "files"}}
+GOOD = {"syscall": "openat", "path": "/workspace/a", "flags": "O_RDONLY", "result": "ok", "pid": 7}
+
+
+def traced(events: list[Event]) -> list[Event]:
+    return [ev for ev in events if ev[1].get("source") == "guest agent (untrusted)"]
+
+
+def exec_replying(*frames: Callable[[int], bytes]) -> Reply:
+    """A guest that answers each exec with ``started``, the given frames, ``exit``."""
+
+    def reply(h: dict[str, Any], s: socket.socket) -> None:
+        if h["op"] != "exec":
+            return
+        rid = h["id"]
+        s.sendall(frame({"op": "started", "id": rid, "pid": 7}))
+        for f in frames:
+            s.sendall(f(rid))
+        s.sendall(frame({"op": "exit", "id": rid, "code": 0}))
+
+    return reply
+
+
+def trace(events: Any, **extra: Any) -> Callable[[int], bytes]:
+    return lambda rid: frame({"op": "trace", "id": rid, "events": events, **extra})
+
+
+def test_honest_trace_reports_are_logged_as_untrusted(attach: Any) -> None:
+    inst, events = attach(exec_replying(trace([GOOD, {**GOOD, "syscall": "unlinkat",
+                                                      "flags": None, "result": "EACCES"}])),
+                          FILES)  # fmt: skip
+    assert inst.exec(req(["true"])).exit_code == 0
+    got = traced(events)
+    assert [(e, dec, rule) for e, _d, dec, rule in got] == [
+        ("file.open", "allow", None), ("file.unlink", "deny", "filesystem.write"),
+    ]  # fmt: skip
+    assert all(d["untrusted"] is True for _e, d, _dec, _r in got)
+    assert anomalies(events) == []
+
+
+def test_lies_in_trace_frames_are_dropped_and_logged(attach: Any) -> None:
+    """Non-list events, non-dict events, wrong types, unwatched calls, unknown keys,
+    huge strings, an id that is not running: logged as anomalies, never a crash."""
+    bad_events = [
+        3, "openat", None, [GOOD], {"syscall": 5}, {"path": "/x", "result": "ok"},
+        {**GOOD, "pid": "7"}, {**GOOD, "pid": True}, {**GOOD, "path": ["/x"]},
+        {**GOOD, "argv": {"a": 1}}, {**GOOD, "result": "ok; and more"},
+        {**GOOD, "syscall": "ptrace"}, {**GOOD, "syscall": "newfstatat"},  # not watched at "files"
+    ]  # fmt: skip
+    liar = {**GOOD, "env": {"SECRET": "x"}, "evil": "y" * 10, "path": "/w/" + "p" * 60_000,
+            "path2": "\ud800lone surrogate"}  # fmt: skip
+    inst, events = attach(exec_replying(
+        trace({"not": "a list"}),                               # schema: wrong type
+        trace(bad_events),
+        trace([liar]),
+        lambda rid: frame({"op": "trace", "id": rid + 50, "events": [GOOD]}),  # not running
+        trace([GOOD], error="x" * 100),                          # the guest says it lost some
+        lambda rid: frame({"op": "trace", "events": [GOOD]}),   # no id
+    ), FILES)  # fmt: skip
+    assert inst.exec(req(["true"])).exit_code == 0
+    assert inst.dead_reason is None  # the channel is still up
+    found = anomalies(events)
+    assert any("'events' has the wrong type" in a for a in found), found
+    assert any(f"{len(bad_events)} malformed report(s)" in a for a in found), found
+    assert any("which is not running" in a for a in found), found
+    assert any("trace: missing id" in a for a in found), found
+    assert any(e == "anomaly" and rule == "audit.level" and "tracer" in d["reason"]
+               for e, d, _dec, rule in events)  # fmt: skip
+    got = traced(events)
+    assert len(got) == 2  # the liar (cleaned) and the GOOD of the "error" frame
+    d = got[0][1]
+    assert set(d) <= {"syscall", "path", "path2", "flags", "mode", "pid", "ppid", "parent",
+                      "argv", "result", "source", "untrusted"}  # fmt: skip
+    assert len(d["path"]) <= 1025 and d["path"].endswith("…")
+    d["path2"].encode()  # encodable: the lone surrogate was replaced
+    # The log takes every record as it is (a real AuditLog: types, sizes, chain).
+    with tempfile.TemporaryDirectory() as tmp:
+        log = AuditLog(f"{tmp}/a.jsonl")
+        log.append_many("sb-liar", [(e, d, dec, r) for e, d, dec, r in events])
+        log.close()
+        assert verify(f"{tmp}/a.jsonl").ok
+
+
+def test_a_million_reports_are_bounded(attach: Any) -> None:
+    """10^6 reports (1000 frames of 1000): the per-sandbox cap holds, one anomaly
+    says so, the rest are counted and dropped; a frame over the per-frame cap is
+    cut; the host's memory stays bounded."""
+    small = {"syscall": "openat", "result": "ok"}
+    one = frame({"op": "trace", "id": 1, "events": [small] * 1000})
+    cap = 5000
+    over = [small] * (_instance.MAX_TRACE_PER_FRAME + 500)
+
+    def reply(h: dict[str, Any], s: socket.socket) -> None:
+        if h["op"] != "exec":
+            return
+        rid = h["id"]
+        assert rid == 1  # the pre-encoded frames name it
+        s.sendall(frame({"op": "started", "id": rid, "pid": 7}))
+        s.sendall(frame({"op": "trace", "id": rid, "events": over}))
+        for _ in range(1000):
+            s.sendall(one)
+        s.sendall(frame({"op": "exit", "id": rid, "code": 0}))
+
+    inst, events = attach(reply, FILES)
+    inst.max_trace_events = cap
+    tracemalloc.start()
+    try:
+        assert inst.exec(req(["true"])).exit_code == 0
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(traced(events)) == cap
+    assert inst.trace_events == cap
+    assert inst.trace_dropped == 1_000_000 + len(over) - cap - 500
+    capped = [d for e, d, dec, rule in events
+              if e == "anomaly" and rule == "audit.level" and "more than" in d["reason"]]  # fmt: skip
+    assert len(capped) == 1
+    assert any("at most" in a for a in anomalies(events))
+    # The cap's records (kept by this test's sink) and a frame or two: not 10^6 reports.
+    assert peak < 16 << 20, f"peak {peak >> 20} MiB"
+
+
+def test_reports_batch_into_a_many_sink(attach: Any) -> None:
+    """A sink with ``many`` gets each frame's records in one call (one fsync)."""
+    inst, events = attach(exec_replying(trace([GOOD] * 10), trace([GOOD] * 3)), FILES)
+    batches: list[list[Event]] = []
+    sink = inst.on_event
+
+    def one(e: str, d: dict[str, Any], dec: str, r: str | None) -> None:
+        sink(e, d, dec, r)
+
+    one.many = batches.append  # type: ignore[attr-defined]
+    inst.on_event = one
+    assert inst.exec(req(["true"])).exit_code == 0
+    assert [len(b) for b in batches] == [10, 3]
+    assert traced(events) == []  # nothing went one by one
+
+
+def test_reports_when_the_audit_is_off_are_an_anomaly(attach: Any) -> None:
+    inst, events = attach(exec_replying(trace([GOOD])))
+    assert inst.exec(req(["true"])).exit_code == 0
+    assert traced(events) == []
+    assert any("file audit is off" in a for a in anomalies(events))
+
+
+def test_a_guest_that_cannot_trace_refuses_the_command(attach: Any) -> None:
+    """``wall: audit.level`` in an error: a WallError naming the rule, and a record."""
+
+    def reply(h: dict[str, Any], s: socket.socket) -> None:
+        if h["op"] in ("exec", "file"):
+            s.sendall(frame({"op": "error", "id": h["id"], "errno": 1,
+                             "error": "cannot trace the request", "wall": "audit.level"}))  # fmt: skip
+
+    inst, events = attach(reply, FILES)
+    with pytest.raises(WallError) as exc:
+        inst.exec(req(["true"]))
+    assert exc.value.rule == "audit.level"
+    assert any(e == "blocked" and dec == "deny" and rule == "audit.level"
+               for e, _d, dec, rule in events)  # fmt: skip
+    with pytest.raises(WallError) as exc:
+        inst.read_file("/workspace/f", 10)
+    assert exc.value.rule == "audit.level"
+    with pytest.raises(ProtocolViolation):  # only that wall may be named
+        check({"op": "error", "id": 1, "errno": 1, "error": "x", "wall": "landlock"}, b"")

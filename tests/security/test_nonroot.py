@@ -414,6 +414,38 @@ def test_walls_hold_when_glassroom_is_not_root(nonroot: Setup) -> None:
     assert out["audit_ok"], out["audit_problems"]
 
 
+def test_file_audit_when_glassroom_is_not_root(nonroot: Setup) -> None:
+    """``audit.level = "files"`` as nobody: the tracer (also nobody) sees inside,
+    the harmless write is logged as allowed and the malicious one as denied."""
+    s = nonroot
+    policy = {**POLICY, "audit": {"level": "files"}}
+
+    def body() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with Sandbox(policy) as sb:
+            out["id"] = sb.id
+            out["tracer_uid"] = os.stat(f"/proc/{sb._sup._instance._trace._proc.pid}").st_uid
+            r = sb.run(["python3", "-c", WRITE_OUT, "/workspace/ok", "/usr/gr-evil"], timeout_s=30)
+            out["stdout"] = r.stdout
+        out["opens"] = [
+            [rec["decision"], rec["rule"], rec["details"]["path"], rec["details"]["result"]]
+            for rec in glassroom.audit.read_records(s.audit)
+            if rec.get("event") == "file.open" and rec["details"]["path"].startswith(
+                ("/workspace/ok", "/usr/gr-evil"))
+        ]  # fmt: skip
+        out["audit_ok"] = glassroom.audit.verify(s.audit).ok
+        return out
+
+    out = _as_nobody(_env(s), body)
+    assert out["tracer_uid"] == NOBODY
+    assert json.loads(out["stdout"]) == {"/workspace/ok": "written", "/usr/gr-evil": "EROFS"}
+    assert out["opens"] == [
+        ["allow", None, "/workspace/ok", "ok"],
+        ["deny", "filesystem.write", "/usr/gr-evil", "EROFS"],
+    ]
+    assert out["audit_ok"]
+
+
 @pytest.mark.parametrize("how", ["parent-missing", "parent-not-writable"])
 def test_nonroot_without_delegated_cgroups_fails_closed(nonroot: Setup, how: str) -> None:
     s = nonroot

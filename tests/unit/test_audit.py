@@ -31,12 +31,23 @@ from glassroom.audit import (
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
+@pytest.fixture(autouse=True)
+def own_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own anchor key (in its own state dir) and no sinks from the env."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("GLASSROOM_STATE_DIR", str(state))
+    monkeypatch.delenv("GLASSROOM_AUDIT_ANCHOR_KEY", raising=False)
+    monkeypatch.delenv("GLASSROOM_AUDIT_SINKS", raising=False)
+    return state
+
+
 def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode()
 
 
 def make_log(path: Path, n: int = 10) -> Path:
-    with AuditLog(path, fsync=False) as log:
+    """A log WITHOUT an anchor: these tests are about the chain alone."""
+    with AuditLog(path, fsync=False, anchor=False) as log:
         for i in range(1, n + 1):
             log.append(f"sb{i % 3}", "command.started", {"argv": ["echo", str(i)]})
     return path
@@ -75,7 +86,9 @@ def test_append_writes_canonical_chained_records(tmp_path: Path) -> None:
         }  # fmt: skip
     assert (r1["seq"], r1["prev"], r1["decision"], r1["rule"]) == (1, GENESIS_HASH, "info", None)
     assert (r2["seq"], r2["prev"], r2["decision"], r2["rule"]) == (2, r1["hash"], "deny", "fs.deny")
-    assert verify(path) == VerifyResult(True, 2, [], 2, r2["hash"])
+    result = verify(path)
+    assert result == VerifyResult(True, 2, [], 2, r2["hash"], 2, result.anchor_status)
+    assert result.anchor_status and result.anchor_status.endswith(", ok")
 
 
 def test_creates_private_dirs_and_file(tmp_path: Path) -> None:
@@ -268,7 +281,7 @@ def test_tail_read_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         return data
 
     monkeypatch.setattr(os, "pread", counting)
-    with AuditLog(path, fsync=False) as log:
+    with AuditLog(path, fsync=False, anchor=False) as log:  # the anchor reads a line of its own
         log.append("-", "x")
         log.append("-", "x")  # cache hit: no read at all
     assert read <= 4097 < big
@@ -284,13 +297,143 @@ def test_tail_read_grows_window_for_large_records(tmp_path: Path) -> None:
     assert verify(path).ok
 
 
+# --------------------------------------------------------------------------- append_many
+
+
+FILE_EVENTS = [
+    ("file.open", {"syscall": "openat", "path": "/etc/passwd", "flags": "O_RDONLY",
+                   "result": "ok", "pid": 3, "source": "ptrace"}, "allow", None),
+    ("file.open", {"syscall": "openat", "path": "/etc/passwd", "flags": "O_WRONLY|O_CREAT",
+                   "result": "EROFS", "pid": 3, "source": "ptrace"}, "deny", "filesystem.write"),
+    ("exec", {"syscall": "execve", "path": "/bin/ls", "argv": ["ls", "-l"], "result": "ok",
+              "pid": 4, "ppid": 3, "source": "ptrace"}, "allow", None),
+]  # fmt: skip
+
+
+def test_append_many_chains_like_append(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        first = log.append("sb1", "sandbox.created")
+        batch = log.append_many("sb1", iter(FILE_EVENTS * 10))
+        last = log.append("sb1", "sandbox.destroyed")
+        assert log.append_many("sb1", []) == []
+    assert [r["seq"] for r in batch] == list(range(2, 32))
+    assert batch[0]["prev"] == first["hash"] and last["prev"] == batch[-1]["hash"]
+    raw = lines_of(path)
+    assert raw[1:31] == [canonical(r) + b"\n" for r in batch]
+    for rec, (event, details, decision, rule) in zip(batch, FILE_EVENTS * 10, strict=True):
+        assert (rec["sandbox"], rec["event"], rec["details"], rec["decision"], rec["rule"]) == (
+            "sb1", event, details, decision, rule)  # fmt: skip
+    result = verify(path)
+    assert result.ok, result.problems
+    assert result.last_seq == 32
+
+
+def test_append_many_is_one_write_and_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, anchor=False)
+    fd = log._fd
+    calls: list[str] = []
+    real_write, real_fsync = os.write, os.fsync
+
+    def write(f: int, data: Any) -> int:
+        if f == fd:
+            calls.append("write")
+        return real_write(f, data)
+
+    def fsync(f: int) -> None:
+        if f == fd:
+            calls.append("fsync")
+        real_fsync(f)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
+    log.append_many("sb", FILE_EVENTS * 100)
+    assert calls == ["write", "fsync"]
+    log.append("sb", "x")
+    assert calls == ["write", "fsync"] * 2  # the single append: the same, per record
+    log.close()
+    assert verify(path).records == 301
+
+
+def test_append_many_checks_every_item_before_writing(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        with pytest.raises(AuditError, match=r"item 2: audit decision"):
+            log.append_many("sb", [*FILE_EVENTS[:2], ("x", {}, "maybe", None)])
+        with pytest.raises(AuditError, match=r"item 1: expected \(event, details"):
+            log.append_many("sb", [FILE_EVENTS[0], ("x", {})])  # type: ignore[list-item]
+        with pytest.raises(AuditError, match=r"item 0: audit details .* not JSON-serializable"):
+            log.append_many("sb", [("x", {"s": {1}}, "info", None)])
+        with pytest.raises(AuditError, match="sandbox"):
+            log.append_many("", FILE_EVENTS)
+    assert path.read_bytes() == b""
+
+
+def test_append_many_truncates_oversized_details(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, fsync=False) as log:
+        recs = log.append_many("sb", [("exec", {"argv": ["x" * 100_000]}, "allow", None)] * 3)
+    assert all(r["details"]["_truncated"] for r in recs)
+    assert all(len(line) <= MAX_RECORD_BYTES for line in lines_of(path))
+    assert verify(path).ok
+
+
+def _single_appender(path: str, stop: Any, count: Any) -> None:
+    with AuditLog(path, fsync=False) as log:
+        for i in range(20_000):  # bounded even if the parent never says stop
+            if stop.is_set():
+                break
+            log.append("single", "command.started", {"i": i})
+            with count.get_lock():
+                count.value += 1
+
+
+def test_append_many_interleaves_with_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    stop, count = ctx.Event(), ctx.Value("i", 0)
+    child = ctx.Process(target=_single_appender, args=(str(path), stop, count))
+    child.start()
+    try:
+        with AuditLog(path, fsync=False) as log:
+            for b in range(30):
+                # Let the other process get some records in between, so the
+                # batches really are interleaved with its single appends.
+                seen = count.value
+                for _ in range(500):
+                    if count.value > seen:
+                        break
+                    threading.Event().wait(0.01)
+                log.append_many(f"batch{b}", FILE_EVENTS * 4)
+    finally:
+        stop.set()
+        child.join(30)
+    assert child.exitcode == 0
+    result = verify(path)
+    assert result.ok, result.problems
+    recs = list(read_records(path))
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+    singles = [r["seq"] for r in recs if r["sandbox"] == "single"]
+    assert len(singles) == count.value
+    for b in range(30):
+        seqs = [r["seq"] for r in recs if r["sandbox"] == f"batch{b}"]
+        assert seqs == list(range(seqs[0], seqs[0] + 12)), f"batch {b} was split"
+    batch_starts = next(r["seq"] for r in recs if r["sandbox"] == "batch0")
+    # a single record landed between batch 0 and batch 29
+    last_batch = next(r["seq"] for r in recs if r["sandbox"] == "batch29")
+    assert any(batch_starts < s < last_batch for s in singles)
+
+
 # --------------------------------------------------------------------------- verify
 
 
 def test_verify_empty_and_missing(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    assert verify(empty) == VerifyResult(True, 0, [], None, None)
+    assert verify(empty) == VerifyResult(True, 0, [], None, None, None, "none (no anchor key)")
     with pytest.raises(AuditError, match="does not exist"):
         verify(tmp_path / "nope.jsonl")
 

@@ -48,7 +48,17 @@ def setup(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def install_listener(bpf: bytes) -> int:
+def install_trace(bpf: bytes) -> None:
+    """The file/exec audit filter (SECCOMP_RET_TRACE; see ``_sys/tracer.py``).
+
+    Installed last, right before ``ready``: from here on every watched call
+    of this process and its children needs the tracer, which the supervisor
+    attaches before it sends the first request.
+    """
+    install_listener(bpf, flags=0)
+
+
+def install_listener(bpf: bytes, flags: int = SECCOMP_FILTER_FLAG_NEW_LISTENER) -> int:
     import ctypes
 
     class Fprog(ctypes.Structure):
@@ -58,9 +68,7 @@ def install_listener(bpf: bytes) -> int:
     buf = ctypes.create_string_buffer(bpf, len(bpf))
     prog = Fprog(len(bpf) // 8, ctypes.addressof(buf))
     nr = _SYS_SECCOMP[os.uname().machine]
-    fd = libc.syscall(
-        nr, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, ctypes.byref(prog)
-    )
+    fd = libc.syscall(nr, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, "seccomp(NEW_LISTENER): " + os.strerror(err))

@@ -109,7 +109,7 @@ class Init:
         import ctypes
 
         net: Any = None
-        if cfg.get("forward") or cfg.get("netwatch"):
+        if cfg.get("forward") or cfg.get("netwatch") or cfg.get("trace"):
             import init_net  # type: ignore[import-not-found]  # before Landlock
 
             net = init_net
@@ -135,11 +135,18 @@ class Init:
                 self.send({"op": "fatal", "wall": "rlimits", "error": f"{name}: {exc}"})
                 os._exit(125)
         ready = {"op": "ready", "landlock_abi": abi, "pid": os.getpid()}
-        if net is not None:  # the proxy bridge and the direct-attempt watch (init_net.py)
+        if net is not None and (cfg.get("forward") or cfg.get("netwatch")):
+            # the proxy bridge and the direct-attempt watch (init_net.py)
             try:
                 ready.update(net.setup(cfg))
             except OSError as exc:
                 self.send({"op": "fatal", "wall": "network", "error": str(exc)})
+                os._exit(125)
+        if cfg.get("trace"):  # the file/exec audit: last, so nothing above is traced
+            try:
+                net.install_trace(cfg["trace"])
+            except OSError as exc:
+                self.send({"op": "fatal", "wall": "audit.level", "error": str(exc)})
                 os._exit(125)
         self.send(ready)
 

@@ -12,6 +12,15 @@ across processes; ``O_APPEND`` plus a single write keeps each line whole.
 ``fsync`` after every record means a crash loses at most the record being
 written, and the writer repairs a torn last line before chaining on.
 
+Why :meth:`AuditLog.append_many`: a traced sandbox produces hundreds of file
+events a second; one lock, one write and one fsync per *batch* keeps the log
+off the critical path without weakening the chain.
+
+After writing, and still in order, each record goes to the optional sinks
+(:mod:`._sinks`; a queue, never a wait) and the chain head is signed into
+``<log>.anchor`` (:mod:`._anchor`) after the first append, on
+:meth:`AuditLog.anchor` and on :meth:`AuditLog.close`.
+
 The record schema and canonical serialization live here too, because the
 writer, the verifier and the reader must agree on them byte for byte.
 """
@@ -25,13 +34,15 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from .. import _config
 from .._errors import AuditError
+from . import _sinks
 
 GENESIS_HASH = "0" * 64
 """``prev`` of the first record: there is nothing before it."""
@@ -62,7 +73,8 @@ def record_hash(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
-def _is_digest(value: object) -> bool:
+def is_digest(value: object) -> bool:
+    """Is ``value`` a lowercase sha256 hex digest?"""
     return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
 
 
@@ -95,7 +107,7 @@ def parse_record_line(raw: bytes) -> dict[str, Any] | str:
         return "decision is not one of info/allow/deny"
     if obj["rule"] is not None and not isinstance(obj["rule"], str):
         return "rule is not a string or null"
-    if not _is_digest(obj["prev"]) or not _is_digest(obj["hash"]):
+    if not is_digest(obj["prev"]) or not is_digest(obj["hash"]):
         return "prev/hash is not a sha256 hex digest"
     return obj
 
@@ -193,7 +205,8 @@ class _Builder:
         return self.build(fallback)
 
 
-def _make_dirs(directory: Path) -> None:
+def make_dirs(directory: Path) -> None:
+    """Create missing directories with mode 0700 (existing ones keep their modes)."""
     missing: list[Path] = []
     while not directory.exists():
         missing.append(directory)
@@ -221,37 +234,105 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_tail(fd: int, size: int) -> tuple[bool, int, str]:
-    """Return ``(torn, last_seq, last_hash)`` by reading backwards from ``size``.
+def find_head(fd: int, size: int) -> tuple[bool, int, str, int]:
+    """Return ``(torn, last_seq, last_hash, end)`` by reading backwards from ``size``.
 
     ``torn`` is true when the file does not end in a newline (a crash mid-write).
     The last COMPLETE line that is a structurally valid record is the chain head;
-    garbage lines are skipped so the chain never extends from them.  The window
-    grows geometrically, so only the tail is read in the normal case.
+    garbage lines are skipped so the chain never extends from them.  ``end`` is
+    the byte offset just past that record's newline (0 if there is none): the
+    anchor records it so a later anchor can find the record again in O(1).
+    The window grows geometrically, so only the tail is read in the normal case.
     """
     if size == 0:
-        return False, 0, GENESIS_HASH
+        return False, 0, GENESIS_HASH, 0
     torn = _pread_all(fd, 1, size - 1) != b"\n"
     window = _TAIL_CHUNK
     while True:
         start = max(0, size - window)
-        lines = _pread_all(fd, size - start, start).split(b"\n")
-        lines.pop()  # after the last newline: empty, or the torn fragment
-        if start > 0:
-            lines = lines[1:]  # the window may begin mid-line
-        for raw in reversed(lines):
-            rec = parse_record_line(raw)
+        data = _pread_all(fd, size - start, start)
+        end = data.rfind(b"\n")  # after it: empty, or the torn fragment
+        while end >= 0:
+            begin = data.rfind(b"\n", 0, end)
+            if begin < 0 and start > 0:
+                break  # the window may begin mid-line: widen it
+            rec = parse_record_line(data[begin + 1 : end])
             if isinstance(rec, dict):
-                return torn, rec["seq"], rec["hash"]
+                return torn, rec["seq"], rec["hash"], start + end + 1
+            end = begin
         if start == 0:
-            return torn, 0, GENESIS_HASH
+            return torn, 0, GENESIS_HASH, 0
         window *= 4
 
 
-class AuditLog:
-    """Appends hash-chained records to one JSONL file; safe across threads and processes."""
+def read_tail(fd: int, size: int) -> tuple[bool, int, str]:
+    """Return ``(torn, last_seq, last_hash)``: :func:`find_head` without the offset."""
+    torn, seq, head, _ = find_head(fd, size)
+    return torn, seq, head
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+
+def line_ending_at(fd: int, end: int) -> bytes | None:
+    """The line (without its newline) whose newline is the byte at ``end - 1``.
+
+    ``None`` if that byte is not a newline or no line that long could be a record.
+    """
+    if end <= 0:
+        return None
+    window = _TAIL_CHUNK
+    while True:
+        start = max(0, end - window)
+        data = _pread_all(fd, end - start, start)
+        if len(data) != end - start or not data.endswith(b"\n"):
+            return None
+        begin = data.rfind(b"\n", 0, len(data) - 1)
+        if begin >= 0:
+            return data[begin + 1 : -1]
+        if start == 0:
+            return data[:-1]
+        if window > 2 * MAX_RECORD_BYTES:
+            return None
+        window *= 4
+
+
+_Item = tuple[str, dict[str, Any], str, str | None]
+"""A checked ``(event, details, decision, rule)``, ready to be chained."""
+
+
+def _check_item(event: str, details: Mapping[str, Any] | None, decision: str,
+                rule: str | None) -> _Item:  # fmt: skip
+    _check_name("event", event)
+    if rule is not None:
+        _check_name("rule", rule)
+    if decision not in DECISIONS:
+        raise AuditError(f"audit decision must be one of info/allow/deny, got {decision!r}")
+    return event, _normalize_details(details, event), decision, rule
+
+
+class AuditLog:
+    """Appends hash-chained records to one JSONL file; safe across threads and processes.
+
+    ``anchor`` (default on): sign the chain head into ``<path>.anchor`` with
+    the supervisor's key (see :mod:`glassroom.audit._anchor`) after the first
+    append, on :meth:`anchor` and on :meth:`close`.  ``anchor_key`` overrides
+    the key's path (default ``_config.audit_anchor_key_path()``).
+
+    ``sinks``: syslog URLs each record is also sent to, best effort (see
+    :mod:`glassroom.audit._sinks`); ``None`` means ``GLASSROOM_AUDIT_SINKS``,
+    ``[]`` means none.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        anchor: bool = True,
+        anchor_key: str | os.PathLike[str] | None = None,
+        sinks: Sequence[str] | None = None,
+    ) -> None:
+        # Imported here, not at the top: _anchor builds on this module's helpers.
+        from . import _anchor
+
         self.path = Path(path)
         self._fsync = fsync
         self._lock = threading.Lock()
@@ -259,10 +340,23 @@ class AuditLog:
         # (file size after our last write, its seq, its hash): lets us skip reading
         # the tail when nobody else appended since.
         self._cache: tuple[int, int, str] | None = None
+        self._sink_urls = list(_config.audit_sinks() if sinks is None else sinks)
+        for url in self._sink_urls:
+            _sinks.parse_sink_url(url)  # a bad URL fails here, before anything is opened
+        # A key problem (unwritable state dir, foreign .pub) fails here too, as an
+        # AuditError, rather than at close() when the records are already written.
+        self._key = _anchor.load_or_create_key(
+            Path(anchor_key) if anchor_key is not None else None
+        ) if anchor else None  # fmt: skip
+        self._anchor_file = _anchor.anchor_path(self.path)
+        # (file size when we last anchored or saw the anchor current, the anchor)
+        self._anchored: tuple[int, dict[str, Any]] | None = None
+        self._anchor_seen = False  # has an anchor file been seen since we opened?
         self._fd: int | None = self._open()
+        self._sinks = _sinks.open_sinks(self._sink_urls)
 
     def _open(self) -> int:
-        _make_dirs(self.path.parent)
+        make_dirs(self.path.parent)
         flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
         created = False
         try:
@@ -288,13 +382,18 @@ class AuditLog:
 
     def _after_fork(self) -> None:
         """A forked child shares the parent's open file description, so ``flock``
-        would not exclude the parent; give the child its own descriptor and lock."""
+        would not exclude the parent; give the child its own descriptor and lock.
+        The parent's sink threads do not exist here: start the child's own."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._cache = None
+        self._anchored = None
         if self._fd is not None:
             inherited, self._fd = self._fd, self._open()
             os.close(inherited)
+            self._sinks = _sinks.open_sinks(self._sink_urls)
+        else:
+            self._sinks = []
 
     def append(
         self,
@@ -307,12 +406,43 @@ class AuditLog:
     ) -> dict[str, Any]:
         """Write one record durably and return it (as written, after any truncation)."""
         _check_name("sandbox", sandbox)
-        _check_name("event", event)
-        if rule is not None:
-            _check_name("rule", rule)
-        if decision not in DECISIONS:
-            raise AuditError(f"audit decision must be one of info/allow/deny, got {decision!r}")
-        clean = _normalize_details(details, event)
+        item = _check_item(event, details, decision, rule)
+        return self._write(sandbox, [item])[0]
+
+    def append_many(
+        self,
+        sandbox: str,
+        items: Iterable[tuple[str, Mapping[str, Any] | None, str, str | None]],
+    ) -> list[dict[str, Any]]:
+        """Write a batch of ``(event, details, decision, rule)`` records for one sandbox.
+
+        Same checks and chain as :meth:`append`, but one ``flock``, one
+        ``os.write`` of all the lines and one ``fsync`` for the whole batch: a
+        traced sandbox produces hundreds of file events a second, and an fsync
+        per record would make the log the bottleneck.  Every item is checked
+        before anything is written, so a bad item writes nothing.  The records
+        are consecutive in the file (no other writer's record lands between
+        them) and are returned as written.
+        """
+        _check_name("sandbox", sandbox)
+        checked: list[_Item] = []
+        for index, item in enumerate(items):
+            try:
+                event, details, decision, rule = item
+            except (TypeError, ValueError):
+                raise AuditError(
+                    f"append_many item {index}: expected (event, details, decision, rule), "
+                    f"got {item!r:.200}"
+                ) from None
+            try:
+                checked.append(_check_item(event, details, decision, rule))
+            except AuditError as exc:
+                raise AuditError(f"append_many item {index}: {exc}") from None
+        if not checked:
+            return []
+        return self._write(sandbox, checked)
+
+    def _write(self, sandbox: str, items: list[_Item]) -> list[dict[str, Any]]:
         if self._pid != os.getpid():
             self._after_fork()
         with self._lock:
@@ -324,39 +454,47 @@ class AuditLog:
             except OSError as exc:
                 raise AuditError(f"cannot lock audit log {self.path}: {exc.strerror}") from exc
             try:
-                return self._append_locked(fd, sandbox, event, clean, decision, rule)
+                records, lines = self._append_locked(fd, sandbox, items)
+                self._first_anchor_locked(fd)
             except OSError as exc:
                 raise AuditError(f"cannot write audit log {self.path}: {exc.strerror}") from exc
             finally:
                 with contextlib.suppress(OSError):
                     fcntl.flock(fd, fcntl.LOCK_UN)
+            # Still under self._lock, so every sink sees this writer's records in order.
+            for sink in self._sinks:
+                for record, line in zip(records, lines, strict=True):
+                    sink.submit(line[:-1], record["event"], record["decision"], record["ts"])
+            return records
 
     def _append_locked(
-        self,
-        fd: int,
-        sandbox: str,
-        event: str,
-        details: dict[str, Any],
-        decision: str,
-        rule: str | None,
-    ) -> dict[str, Any]:
+        self, fd: int, sandbox: str, items: list[_Item]
+    ) -> tuple[list[dict[str, Any]], list[bytes]]:
         size = os.fstat(fd).st_size
         if self._cache is not None and self._cache[0] == size:
             torn, seq, prev = False, self._cache[1], self._cache[2]
         else:
             torn, seq, prev = read_tail(fd, size)
-        base = {
-            "seq": seq + 1,
-            "ts": _now(),
-            "sandbox": sandbox,
-            "event": event,
-            "decision": decision,
-            "rule": rule,
-            "prev": prev,
-        }
-        record, line = _Builder(base).fit(details)
+        records: list[dict[str, Any]] = []
+        lines: list[bytes] = []
+        for event, details, decision, rule in items:
+            seq += 1
+            base = {
+                "seq": seq,
+                "ts": _now(),
+                "sandbox": sandbox,
+                "event": event,
+                "decision": decision,
+                "rule": rule,
+                "prev": prev,
+            }
+            record, line = _Builder(base).fit(details)
+            records.append(record)
+            lines.append(line)
+            prev = record["hash"]
         # Terminate a torn line first, in the same write, so it stays one bad line.
-        data = memoryview(b"\n" + line if torn else line)
+        blob = b"".join([b"\n" if torn else b"", *lines])
+        data = memoryview(blob)
         self._cache = None  # unknown until the write and fsync succeed
         while data:  # one write in practice; loop only on a short write
             written = os.write(fd, data)
@@ -365,15 +503,151 @@ class AuditLog:
             data = data[written:]
         if self._fsync:
             os.fsync(fd)
-        self._cache = (size + len(line) + int(torn), record["seq"], record["hash"])
-        return record
+        self._cache = (size + len(blob), seq, prev)
+        return records, lines
+
+    # -- anchoring -------------------------------------------------------------
+
+    def _first_anchor_locked(self, fd: int) -> None:
+        """After this writer's first append: anchor now if the log has no anchor yet.
+
+        So that a non-empty log always has an anchor once a key exists (the
+        verifier treats a missing one as deleted).  One ``stat`` per writer;
+        a failure here is not the append's failure (the record is written) and
+        is raised by the next :meth:`anchor` or :meth:`close` instead.
+        """
+        if self._key is None or self._anchor_seen:
+            return
+        try:
+            if not self._anchor_file.exists():
+                self._anchor_locked(fd)
+            self._anchor_seen = True
+        except (AuditError, OSError):
+            pass
+
+    def anchor(self) -> dict[str, Any] | None:
+        """Sign the current chain head into ``<path>.anchor`` and return the anchor.
+
+        Cheap to call often: if the file has not grown since this writer last
+        anchored, it returns at once (one ``fstat``, no lock, no signature).
+        Otherwise, under the log's ``flock``: an anchor already at this seq is
+        kept; a new one is written only for a higher seq, and only after
+        checking that the record the old anchor names is still there with the
+        same hash (the supervisor never signs over a rewritten log).  Returns
+        ``None`` when anchoring is off or the log is empty.  Raises
+        :class:`AuditError` when the existing anchor is malformed or the log no
+        longer matches it.
+        """
+        if self._key is None:
+            return None
+        if self._pid != os.getpid():
+            self._after_fork()
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                raise AuditError(f"audit log {self.path} is closed")
+            return self._anchor_fd(fd)
+
+    def _anchor_fd(self, fd: int) -> dict[str, Any] | None:
+        try:
+            if self._anchored is not None and os.fstat(fd).st_size == self._anchored[0]:
+                return dict(self._anchored[1])
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise AuditError(f"cannot lock audit log {self.path}: {exc.strerror}") from exc
+        try:
+            return self._anchor_locked(fd)
+        except OSError as exc:
+            raise AuditError(f"cannot anchor audit log {self.path}: {exc.strerror}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _anchor_locked(self, fd: int) -> dict[str, Any] | None:
+        from . import _anchor
+
+        key = self._key
+        assert key is not None
+        size = os.fstat(fd).st_size
+        if self._cache is not None and self._cache[0] == size:
+            seq, head, end = self._cache[1], self._cache[2], size
+        else:
+            _, seq, head, end = find_head(fd, size)
+        if seq == 0:
+            return None
+        existing = _anchor.read_anchor(self._anchor_file)
+        if isinstance(existing, str):
+            raise AuditError(
+                f"audit anchor {self._anchor_file} is not a valid anchor ({existing}); "
+                "not replacing it: check the log with `glassroom audit verify`"
+            )
+        if existing is not None:
+            problem = self._continuity(fd, size, seq, head, existing)
+            if problem:
+                raise AuditError(
+                    f"audit log {self.path}: {problem}; not re-anchoring it: "
+                    "check it with `glassroom audit verify`"
+                )
+            if existing["seq"] == seq and existing["key_id"] == key.key_id:
+                self._anchored = (size, existing)
+                return dict(existing)
+        new = key.sign(
+            {"v": _anchor.ANCHOR_VERSION, "log": self.path.name, "seq": seq, "hash": head,
+             "offset": end, "ts": _now()}
+        )  # fmt: skip
+        _anchor.write_anchor(self._anchor_file, new, fsync=self._fsync)
+        self._anchored = (size, new)
+        self._anchor_seen = True
+        return dict(new)
+
+    @staticmethod
+    def _continuity(
+        fd: int, size: int, seq: int, head: str, existing: dict[str, Any]
+    ) -> str | None:
+        """Is the record the existing anchor names still where it says, unchanged?"""
+        old_seq, old_hash, offset = existing["seq"], existing["hash"], existing["offset"]
+        says = f"its anchor says seq {old_seq} has hash {old_hash[:16]}…"
+        if old_seq > seq:
+            return f"it ends at seq {seq} but {says}: it was truncated or rewritten"
+        if old_seq == seq:
+            return None if old_hash == head else f"{says} but it is {head[:16]}…: rewritten"
+        line = line_ending_at(fd, offset) if offset <= size else None
+        rec = parse_record_line(line) if line is not None else "no record there"
+        if isinstance(rec, str) or rec["seq"] != old_seq or rec["hash"] != old_hash:
+            return f"{says} (line ending at byte {offset}), but that record is gone or changed"
+        return None
+
+    # -- sinks and closing -----------------------------------------------------
+
+    def sink_stats(self) -> list[_sinks.SinkStats]:
+        """Per sink: records sent, dropped (queue full), failed, still pending, last error."""
+        return [sink.stats() for sink in self._sinks]
 
     def close(self) -> None:
-        """Close the file; safe to call more than once."""
+        """Anchor the head (if anchoring), close the file, flush the sinks; idempotent.
+
+        The sinks get at most ``CLOSE_TIMEOUT_S`` seconds in total to send what
+        is queued; what is left is counted as failed in :meth:`sink_stats`.
+        The file is closed even when anchoring fails; that failure is then
+        raised as an :class:`AuditError`.
+        """
+        if self._fd is not None and self._pid != os.getpid():
+            self._after_fork()
+        error: AuditError | None = None
         with self._lock:
             fd, self._fd = self._fd, None
-            if fd is not None:
+            if fd is None:
+                return
+            try:
+                if self._key is not None:
+                    self._anchor_fd(fd)
+            except AuditError as exc:
+                error = exc
+            finally:
                 os.close(fd)
+                _sinks.close_sinks(self._sinks)
+        if error is not None:
+            raise error
 
     def __enter__(self) -> Self:
         return self

@@ -14,6 +14,7 @@ import json
 import shlex
 import unicodedata
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +22,11 @@ from .._errors import AuditError
 from ._log import parse_record_line
 
 MAX_WIDTH = 160
+TYPES = frozenset({"file", "exec", "net"})
+#: ``blocked`` records with one of these ``details.action`` are file accesses (the SDK's file API).
+FILE_ACTIONS = frozenset({"read", "write", "list", "mkdir", "remove"})
+MARKS = {"allow": "✓", "deny": "✗", "info": "·"}
+_TARGET_WIDTH = 96
 _COMMAND_KEYS = ("argv", "cmd", "command")
 _EXIT_KEYS = ("exit_code", "returncode", "exit")
 _FIRST = (*_COMMAND_KEYS, *_EXIT_KEYS, "signal", "path", "paths", "reason")
@@ -57,20 +63,48 @@ def _iterate(f: IO[bytes], path: str | Path) -> Iterator[dict[str, Any]]:
             raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from exc
 
 
+def record_type(rec: dict[str, Any]) -> str | None:
+    """``"file"``, ``"exec"``, ``"net"`` or ``None``: which ``--type`` a record belongs to.
+
+    ``file``: ``file.*`` events (traced accesses and the SDK's file API), and
+    ``blocked`` records whose ``details.action`` is a file-API op; ``exec``:
+    traced ``exec`` and ``command.*``; ``net``: ``network.*``.
+    """
+    event = str(rec.get("event", ""))
+    if event.startswith("file."):
+        return "file"
+    if event == "blocked":
+        details = rec.get("details")
+        action = details.get("action") if isinstance(details, dict) else None
+        return "file" if action in FILE_ACTIONS else None
+    if event == "exec" or event.startswith("command."):
+        return "exec"
+    if event.startswith("network."):
+        return "net"
+    return None
+
+
 def select(
     records: Iterable[dict[str, Any]],
     *,
     sandbox: str | None = None,
     blocked: bool = False,
     event_prefix: str | None = None,
+    types: Iterable[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Keep records matching every given filter.
 
     ``sandbox`` matches an id or a prefix of it (the table shows 8 characters);
-    ``blocked`` keeps ``decision == "deny"``.  ``_error`` entries are kept only
+    ``blocked`` keeps ``decision == "deny"``; ``types`` keeps records of any of
+    the given kinds (``file``, ``exec``, ``net``; see :func:`record_type`), so
+    the CLI and the SDK filter the same way.  ``_error`` entries are kept only
     when no filter is given, since they cannot be attributed.
     """
-    filtered = sandbox is not None or blocked or event_prefix is not None
+    wanted = None if types is None else frozenset(types)
+    if wanted is not None and not wanted <= TYPES:
+        unknown = ", ".join(sorted(repr(t) for t in wanted - TYPES))
+        raise AuditError(f"unknown record type {unknown}: expected file, exec or net")
+    filtered = sandbox is not None or blocked or event_prefix is not None or wanted is not None
     out: list[dict[str, Any]] = []
     for rec in records:
         if "_error" in rec:
@@ -82,6 +116,8 @@ def select(
         if blocked and rec.get("decision") != "deny":
             continue
         if event_prefix is not None and not str(rec.get("event", "")).startswith(event_prefix):
+            continue
+        if wanted is not None and record_type(rec) not in wanted:
             continue
         out.append(rec)
     return out
@@ -170,3 +206,126 @@ def format_table(records: Iterable[dict[str, Any]]) -> str:
         )
         lines.append(_clip(line.rstrip()))
     return "\n".join(lines)
+
+
+def _offset(ts: Any, start: datetime | None) -> str:
+    when = _parse_ts(ts)
+    if when is None or start is None:
+        return "?"
+    return f"+{(when - start).total_seconds():.3f}s"
+
+
+def _parse_ts(ts: Any) -> datetime | None:
+    try:
+        return datetime.strptime(str(ts), "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        return None
+
+
+def _argv(value: Any) -> str:
+    if isinstance(value, list):
+        return shlex.join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def timeline_fields(rec: dict[str, Any]) -> tuple[str, str, str, str]:
+    """``(op, target, flags, result)`` of one record for the timeline (unescaped).
+
+    Traced events (``file.*``, ``exec``; schema in ``_events.py``) carry
+    ``path``/``path2``/``flags``/``argv``/``result``; the supervisor's own
+    events are mapped to the closest reading; anything else shows its event
+    name and a summary of its details.
+    """
+    event = str(rec.get("event", ""))
+    raw = rec.get("details")
+    d: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    result = "" if d.get("result") is None else str(d["result"])
+    if event.startswith("file.") and ("syscall" in d or "result" in d):
+        target = str(d.get("path", ""))
+        if d.get("path2") is not None:
+            target += f" -> {d['path2']}"
+        flags = str(d.get("flags") or "")
+        if d.get("mode") is not None:
+            flags = f"{flags} mode={d['mode']}".strip()
+        return event[5:], target, flags, result
+    if event.startswith("file."):  # the SDK's file API: {"path": ...}
+        return event[5:], str(d.get("path", "")), "", result
+    if event == "exec":
+        return "exec", _argv(d.get("argv")) or str(d.get("path", "")), "", result
+    if event == "blocked":
+        return str(d.get("action", "blocked")), str(d.get("target", "")), "", "blocked"
+    if event == "command.started":
+        return "run", _argv(d.get("argv")), "background" if d.get("background") else "", ""
+    if event == "command.ended":
+        if d.get("timed_out"):
+            outcome = "timed out"
+        elif d.get("signal"):
+            outcome = f"signal {d['signal']}"
+        else:
+            outcome = f"exit {d.get('exit_code', '?')}"
+        return "exit", str(d.get("argv0", "")), "", outcome
+    if event == "network.request" and d.get("host"):
+        port = f":{d['port']}" if d.get("port") else ""
+        op = str(d.get("method") or d.get("kind") or "request")
+        status = "" if d.get("status") is None else str(d["status"])
+        return op, f"{d['host']}{port}{d.get('path') or ''}", "", status
+    if event == "network.direct" and d.get("syscall"):  # a socket call that bypassed the proxy
+        if d.get("address") is not None:
+            port = f":{d['port']}" if d.get("port") is not None else ""
+            return str(d["syscall"]), f"{d['address']}{port}", "", result
+        return str(d["syscall"]), str(d.get("what", "")), "", result
+    return event, summarize(d), "", result
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_timeline(records: Iterable[dict[str, Any]]) -> str:
+    """A readable per-sandbox view: time offsets, allowed/denied marks, op, target, result.
+
+    One block per sandbox (in order of first appearance), each line::
+
+        +0.104s  ✗ open  /etc/passwd  O_WRONLY|O_CREAT  → EROFS  [filesystem.write]
+
+    The offset is from the sandbox's first record shown; ✓ allowed, ✗ denied
+    (with the rule in brackets), · information.  Text from the sandbox is
+    escaped as in :func:`format_table`; targets longer than 96 characters are
+    cut.  Unreadable lines are listed at the end.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    errors: list[dict[str, Any]] = []
+    for rec in records:
+        if "_error" in rec:
+            errors.append(rec)
+        else:
+            groups.setdefault(str(rec.get("sandbox", "")), []).append(rec)
+    if not groups and not errors:
+        return "(no records)"
+    out: list[str] = []
+    for sandbox, recs in groups.items():
+        start = next((t for t in (_parse_ts(r.get("ts")) for r in recs) if t), None)
+        first = _safe(str(recs[0].get("ts", "")))
+        noun = "record" if len(recs) == 1 else "records"
+        out.append(f"sandbox {_safe(sandbox)}  ({len(recs)} {noun}, from {first})")
+        rows = [(r, timeline_fields(r)) for r in recs]
+        offsets = [_offset(r.get("ts"), start) for r in recs]
+        off_w = max(len(o) for o in offsets)
+        op_w = min(12, max(len(_safe(f[0])) for _, f in rows))
+        for (rec, (op, target, flags, result)), offset in zip(rows, offsets, strict=True):
+            decision = str(rec.get("decision", ""))
+            parts = [f"{offset:>{off_w}}", f"{MARKS.get(decision, '?')} {_safe(op):<{op_w}}"]
+            if target:
+                parts.append(_cut(_safe(target), _TARGET_WIDTH))
+            if flags:
+                parts.append(_safe(flags))
+            if result:
+                parts.append(f"→ {_safe(result)}")
+            if decision == "deny":
+                parts.append(f"[{_safe(str(rec.get('rule') or '-'))}]")
+            out.append("  " + "  ".join(parts).rstrip())
+        out.append("")
+    if errors:
+        out.append("unreadable lines")
+        out.extend(f"  line {e.get('_line')}: {_safe(str(e['_error']))}" for e in errors)
+    return "\n".join(out).rstrip("\n")

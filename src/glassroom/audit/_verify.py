@@ -17,9 +17,14 @@ kind of tampering shows up as a problem that names its line and seq:
 Unparseable or torn lines are reported and skipped: the chain is checked
 across them, exactly as the writer chains across a torn line after a crash.
 
-What this cannot see: records removed from the END of the file, or a whole
-chain rewritten and rehashed from some point on (sha256 is unkeyed).  Compare
-``last_seq``/``last_hash`` with a copy kept elsewhere to catch those.
+What the chain alone cannot see: records removed from the END of the file,
+or a whole chain rewritten and rehashed from some point on (sha256 is
+unkeyed).  That is what the **anchor** is for: when ``<log>.anchor`` exists
+(see :mod:`glassroom.audit._anchor`), its Ed25519 signature is checked and
+the record it names must still be in the file with the same hash; records
+after it are fine (they are just not anchored yet).  When the anchor key
+exists but the anchor file does not, a non-empty log is reported too, so
+deleting the anchor cannot hide a rewrite.
 """
 
 from __future__ import annotations
@@ -29,7 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from .._errors import AuditError, AuditIntegrityError
+from . import _anchor
+from ._anchor import PublicKeySource
 from ._log import GENESIS_HASH, canonical_json, parse_record_line, record_hash
 
 _RECENT = 10_000  # how many hashes/seqs to remember for explanatory hints
@@ -42,6 +51,9 @@ class VerifyResult:
 
     ``records`` counts valid records; ``last_seq``/``last_hash`` are those of the
     last valid record (what the writer would chain from), ``None`` if there is none.
+    ``anchored_seq`` is the seq the anchor vouches for (``None``: no anchor was
+    checked); records after it passed the chain check but are not anchored
+    yet.  ``anchor_status`` is one human line about the anchor, for display.
     """
 
     ok: bool
@@ -49,6 +61,8 @@ class VerifyResult:
     problems: list[str]
     last_seq: int | None
     last_hash: str | None
+    anchored_seq: int | None = None
+    anchor_status: str | None = None
 
 
 @dataclass
@@ -109,6 +123,8 @@ class _Walker:
         self.gaps: list[_Gap] = []
         self.recent_hash: dict[str, tuple[int, int]] = {}  # hash -> (line, seq)
         self.recent_seq: dict[int, int] = {}  # seq -> first line seen
+        self.watch_seq: int | None = None  # the anchored seq
+        self.watch_hashes: list[str] = []  # hashes of the records with that seq
 
     def report(self, line: int, rank: int, message: str) -> None:
         self.problems.append((line, rank, len(self.problems), message))
@@ -132,6 +148,8 @@ class _Walker:
         if rec["prev"] != self.prev_hash:
             self.report(line, _R_LINK, self.link_message(line, seq, rec["prev"]))
         self.check_seq(line, seq)
+        if seq == self.watch_seq:
+            self.watch_hashes.append(rec["hash"])
         self.max_seq = max(self.max_seq, seq)
         self.prev_hash, self.prev_line, self.prev_seq = rec["hash"], line, seq
         self.remember(self.recent_hash, rec["hash"], (line, seq))
@@ -210,9 +228,83 @@ class _Walker:
         return [p[3] for p in sorted(self.problems)]
 
 
-def verify(path: str | Path) -> VerifyResult:
-    """Check the whole chain of the log at ``path`` and name every problem found."""
+def _find_key(
+    pubkey: PublicKeySource | None,
+) -> tuple[Ed25519PublicKey | None, str | None]:
+    """``(key, problem)``: the given key, else the configured one, else none.
+
+    A key passed explicitly that cannot be read raises (the caller asked for
+    it); a broken configured one is a problem of this verification.
+    """
+    if pubkey is not None:
+        try:
+            return _anchor.load_public_key(pubkey), None
+        except FileNotFoundError:
+            raise AuditError(f"public key file {pubkey!s} does not exist") from None
+    try:
+        found = _anchor.find_public_key()
+    except AuditError as exc:
+        return None, f"cannot use the configured anchor key: {exc}"
+    return (found[0], None) if found is not None else (None, None)
+
+
+def _check_anchor(
+    path: str | Path,
+    anchor: dict[str, Any] | str | None,
+    walker: _Walker,
+    pubkey: PublicKeySource | None,
+) -> tuple[list[str], int | None, str]:
+    """``(problems, anchored_seq, status line)`` for the anchor of the log at ``path``."""
+    where = _anchor.anchor_path(path)
+    key, key_problem = _find_key(pubkey)
+    problems = [key_problem] if key_problem else []
+    if isinstance(anchor, str):
+        return [*problems, f"anchor {where} is not a valid anchor ({anchor})"], None, "invalid"
+    if anchor is None:
+        if key is None:
+            return problems, None, "none (no anchor key)"
+        if Path(path).stat().st_size == 0:
+            return problems, None, "none (empty log)"
+        problems.append(
+            f"no anchor file {where}, but the anchor key {_anchor.key_id(key)} exists: the "
+            "anchor was deleted (which would hide a rewrite or truncation of the log), or "
+            "this log was written with anchoring off"
+        )
+        return problems, None, "MISSING"
+    seq, expected = anchor["seq"], anchor["hash"]
+    if key is not None:
+        bad_sig = _anchor.signature_problem(anchor, key)
+        if bad_sig:
+            problems.append(bad_sig)
+    if expected not in walker.watch_hashes:
+        says = f"the log was rewritten or truncated: anchor says seq {seq} has hash {expected}"
+        if not walker.watch_hashes:
+            last = walker.prev_seq if walker.prev_line is not None else "none"
+            problems.append(f"{says}, but the log has no record with seq {seq} (last seq {last})")
+        else:
+            problems.append(f"{says}, but the log's seq {seq} has hash {walker.watch_hashes[0]}")
+    signer = f"signed by key {anchor['key_id']}"
+    if key is None:
+        signer += " (signature not checked: no public key; pass --pubkey)"
+    status = f"seq {seq} {signer}, {'FAILED' if problems else 'ok'}"
+    later = walker.max_seq - seq
+    if not problems and later > 0:
+        status += f"; {later} later record{'s' if later != 1 else ''} not anchored yet"
+    if anchor["log"] != Path(path).name:
+        status += f" (the anchor names log {anchor['log']!r})"
+    return problems, seq, status
+
+
+def verify(path: str | Path, *, pubkey: PublicKeySource | None = None) -> VerifyResult:
+    """Check the whole chain of the log at ``path``, and its anchor; name every problem.
+
+    ``pubkey`` (a key, PEM/raw/hex bytes, or a file path) checks the anchor's
+    signature; default: the configured ``audit-anchor.pub``.
+    """
+    anchor = _anchor.read_anchor(_anchor.anchor_path(path))
     walker = _Walker()
+    if isinstance(anchor, dict):
+        walker.watch_seq = anchor["seq"]
     try:
         with open(path, "rb") as f:
             for number, raw in enumerate(f, start=1):
@@ -230,6 +322,8 @@ def verify(path: str | Path) -> VerifyResult:
     except OSError as exc:
         raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from exc
     problems = walker.finish()
+    anchor_problems, anchored_seq, status = _check_anchor(path, anchor, walker, pubkey)
+    problems += anchor_problems
     has_last = walker.prev_line is not None
     return VerifyResult(
         ok=not problems,
@@ -237,12 +331,14 @@ def verify(path: str | Path) -> VerifyResult:
         problems=problems,
         last_seq=walker.prev_seq if has_last else None,
         last_hash=walker.prev_hash if has_last else None,
+        anchored_seq=anchored_seq,
+        anchor_status=status,
     )
 
 
-def verify_or_raise(path: str | Path) -> VerifyResult:
+def verify_or_raise(path: str | Path, *, pubkey: PublicKeySource | None = None) -> VerifyResult:
     """Like :func:`verify`, but raise :class:`AuditIntegrityError` unless the log is intact."""
-    result = verify(path)
+    result = verify(path, pubkey=pubkey)
     if not result.ok:
         count = len(result.problems)
         raise AuditIntegrityError(

@@ -38,6 +38,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -45,6 +46,7 @@ from typing import Any
 
 from .. import _config
 from .._errors import BackendUnavailable, PlanError
+from ..audit._events import syscalls_for
 from ..plan import EGRESS_DIR_INSIDE, LaunchPlan, Mount
 
 INIT_DIR_INSIDE = "/.glassroom"
@@ -52,11 +54,25 @@ PYTHON_FOR_INIT = "/usr/bin/python3"
 #: Every runsc call has a timeout: a wedged runsc (kvm on PVM) must never hang us.
 PROBE_TIMEOUT_S = 10.0
 PLATFORMS = ("systrap", "ptrace", "kvm")
-#: Syscalls whose trace feeds the audit log (and the pids-limit counter).
+#: Syscalls whose trace feeds the audit log (and the pids-limit counter) at
+#: ``[audit] level = "actions"``; the other levels add ``syscalls_for(level)``.
 STRACE_SYSCALLS = (
     "execve", "execveat", "open", "openat", "creat", "socket", "connect", "sendto", "sendmsg",
     "fork", "vfork", "clone", "clone3",
 )  # fmt: skip
+#: Also traced at files/syscalls: they tell each process's cwd, so a relative
+#: path of a call without a dirfd (``rename("a", "b")``) is logged absolute.
+STRACE_CWD = ("chdir", "fchdir")
+#: runsc refuses to boot when ``--strace-syscalls`` names a syscall its strace
+#: table lacks (``enabling strace: syscall "X" not found``), so the names are
+#: probed once per runsc binary (:func:`strace_unknown`) and the unknown ones
+#: dropped (and listed in the sandbox's walls).  Debian's runsc 20221219 lacks
+#: ``openat2`` and ``fchmodat2`` (its sentry answers both with ENOSYS, so no
+#: access is missed) and ``faccessat2`` (implemented: at level ``syscalls`` an
+#: access check made with it is not logged on that runsc).
+#: Also dropped when the probe cannot tell (a run that fails for another reason).
+STRACE_MAYBE_UNKNOWN = ("openat2", "fchmodat2", "faccessat2")
+_STRACE_NOT_FOUND = re.compile(r'enabling strace: syscall \\?"(\w+)\\?" not found')
 #: Files the stream-mode init needs inside (copied to the state dir).
 INIT_FILES = ("sandbox_init.py", "landlock.py", "init_stream.py", "init_net.py")
 
@@ -102,6 +118,71 @@ def runsc_info() -> tuple[str, str, frozenset[str]]:
     path = runsc_path()
     version, known = _runsc_info(path, int(os.stat(path).st_mtime))
     return path, version, known
+
+
+def strace_syscalls(level: str) -> tuple[str, ...]:
+    """Every name ``--strace-syscalls`` gets at ``level`` (before dropping unknown ones)."""
+    if level == "actions":
+        return STRACE_SYSCALLS
+    return tuple(dict.fromkeys((*STRACE_SYSCALLS, *syscalls_for(level), *STRACE_CWD)))
+
+
+def strace_unknown(platform: str) -> frozenset[str]:
+    """The names of ``strace_syscalls("syscalls")`` this runsc's strace does not know."""
+    path = runsc_path()
+    return _strace_unknown(path, int(os.stat(path).st_mtime), platform)
+
+
+@functools.lru_cache(maxsize=4)
+def _strace_unknown(path: str, _mtime: int, platform: str) -> frozenset[str]:
+    """Boot ``runsc do true`` with the whole list; drop each name it reports unknown.
+
+    One run when runsc knows every name, one more per unknown name (about
+    0.1 s each).  If a run fails for another reason, the names some runsc
+    lacks (``STRACE_MAYBE_UNKNOWN``) are dropped as well: the sandbox then
+    starts, or reports its own failure.
+    """
+    wanted = list(strace_syscalls("syscalls"))
+    unknown: set[str] = set()
+    for _ in range(len(wanted)):
+        ok, text = _probe_strace(path, platform, wanted)
+        if ok:
+            break
+        m = _STRACE_NOT_FOUND.search(text)
+        if m is None or m.group(1) not in wanted:
+            unknown |= set(STRACE_MAYBE_UNKNOWN) & set(wanted)
+            break
+        unknown.add(m.group(1))
+        wanted.remove(m.group(1))
+    return frozenset(unknown)
+
+
+def _probe_strace(path: str, platform: str, names: list[str]) -> tuple[bool, str]:
+    """(booted fine, the boot log) of ``runsc do true`` tracing ``names``."""
+    import signal
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="glassroom-runsc-probe-")
+    log = os.path.join(root, "boot.log")
+    argv = [path, "--root", os.path.join(root, "state"), f"--platform={platform}",
+            "--network=none", "--ignore-cgroups", f"--debug-log={log}", "--debug-command=boot",
+            "--strace", "--strace-syscalls=" + ",".join(names), "do", "true"]  # fmt: skip
+    code: int | None = None
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True,
+                             cwd="/")  # fmt: skip
+        try:
+            code = p.wait(timeout=PROBE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        with open(log, errors="replace") as f:
+            return code == 0, f.read(1 << 20)
+    except OSError:
+        return code == 0, ""
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def platform_refusal(name: str) -> str | None:

@@ -189,6 +189,9 @@ class NamespacesProcess:
         )
 
     def _finish(self, res: ExecResult) -> None:
+        trace = getattr(self._inst, "_trace", None)
+        if trace is not None:  # its file/exec records come before its end
+            trace.sync()
         with self._cond:
             self.result = res
             callbacks = list(self._on_exit)

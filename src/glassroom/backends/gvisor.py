@@ -15,16 +15,20 @@ Construction order, and why:
    execs glassroom's init inside in *stream* mode (``_sys/init_stream``):
    the control channel is the container's stdin/stdout, framed.
 4. The init loads the seccomp programs and rlimits, and reports ready.
-5. runsc's ``--strace`` (limited to exec/open/connect/fork) is written to
-   a FIFO the supervisor reads: exec, open and connect events go to the
-   audit log, and failed forks (EAGAIN from ``RLIMIT_NPROC``) count as
-   pids-limit hits.
+5. runsc's ``--strace`` (exec/open/connect/fork, plus every file call of
+   ``[audit] level`` ``files``/``syscalls``) is written, one JSON record a
+   line, to a FIFO the supervisor reads: exec, file and connect events go to
+   the audit log (file and exec ones through ``audit/_events``, the schema
+   every tier shares), and failed forks (EAGAIN from ``RLIMIT_NPROC``) count
+   as pids-limit hits.
 
 Teardown does not use ``runsc delete --force`` (about 1.4 s): it kills
 every process in the sandbox's cgroups (freeze, SIGKILL, thaw), which ends
 the sentry, the gofer and runsc itself; the sentry's mounts lived in its
 own mount namespace and vanish with it; then it removes the per-sandbox
-dir (runsc's ``--root`` state and the trace FIFO) and the cgroups.
+dir (runsc's ``--root`` state and the trace FIFO) and the cgroups.  The
+FIFO is read to its end only once every process is gone and before destroy
+returns, so every traced event of the sandbox is in the log by then.
 
 Everything that comes out of the sandbox (frames, replies, trace lines) is
 untrusted: sizes are bounded and replies are checked against a schema.
@@ -34,9 +38,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import marshal
 import os
+import posixpath
 import queue
 import re
 import select
@@ -53,6 +59,7 @@ from typing import Any, ClassVar
 from .. import _config
 from .._errors import BackendUnavailable, SandboxClosed, WallError
 from .._sys import cgroups, proc, seccomp
+from ..audit import _events
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan
 from . import _gvisor_spec as spec
 from ._channel import ProtocolViolation
@@ -70,7 +77,7 @@ SENTRY_OVERHEAD_BYTES = 128 << 20
 HOST_PIDS_BACKSTOP = 4096
 MAX_JSON = 64 * 1024
 MAX_DATA = 64 * 1024
-MAX_EVENTS = 20000
+MAX_EVENTS = 1_000_000  # as on namespaces (_sys/tracewatch.py)
 _K_JSON, _K_OUT, _K_ERR = ord("J"), ord("O"), ord("E")
 _K_MSG, _K_IN, _K_CLOSE = ord("M"), ord("I"), ord("C")
 _OPS = {"ready", "started", "exit", "error", "fatal", "statfs"}
@@ -136,6 +143,9 @@ class GvisorInstance(FileOps):
         self._reader: threading.Thread | None = None
         self._tracer: Tracer | None = None
         self.platform = ""
+        #: What ``--strace-syscalls`` names, and what the level wanted but runsc lacks.
+        self.strace_syscalls: tuple[str, ...] = spec.STRACE_SYSCALLS
+        self.strace_missing: tuple[str, ...] = ()
 
     # -- construction ------------------------------------------------------
 
@@ -150,14 +160,22 @@ class GvisorInstance(FileOps):
             )
         self.platform = spec.choose_platform()
         spec.check_plan(self.plan)
+        level = self.plan.audit_level
+        if level != "actions":
+            unknown = spec.strace_unknown(self.platform)
+            wanted = spec.strace_syscalls(level)
+            self.strace_syscalls = tuple(n for n in wanted if n not in unknown)
+            self.strace_missing = tuple(n for n in wanted if n in unknown)
         init_dir = spec.install_init(self.state)
         self._write_record()
         self.sbdir.mkdir(parents=True, mode=0o700)
         fifo = self.sbdir / "trace"
         os.mkfifo(fifo, 0o600)
         # O_RDWR: the FIFO never reads as EOF while runsc has not opened it yet.
-        self._tracer = Tracer(os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC),
-                              self.on_event, self.sandbox_id, self.plan)  # fmt: skip
+        trace_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # fewer stalls of the sentry on a full FIFO
+            fcntl.fcntl(trace_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+        self._tracer = Tracer(trace_fd, self.on_event, self.sandbox_id, self.plan)
         lim = self.plan.limits
         mem = lim.memory_bytes + lim.disk_bytes + SENTRY_OVERHEAD_BYTES
         self.cg = cgroups.CgroupSet.create(
@@ -180,8 +198,8 @@ class GvisorInstance(FileOps):
             runsc, "--root", str(self.sbdir / "state"), f"--platform={self.platform}",
             "--network=none", "--ignore-cgroups",
             *(["--host-uds=open"] if proxied else []),
-            "--strace", "--strace-syscalls=" + ",".join(spec.STRACE_SYSCALLS),
-            f"--debug-log={fifo}", "--debug-command=boot",
+            "--strace", "--strace-syscalls=" + ",".join(self.strace_syscalls),
+            f"--debug-log={fifo}", "--debug-log-format=json", "--debug-command=boot",
             "run", "--bundle", str(bundle), self.sandbox_id,
         ]  # fmt: skip
         procs = [os.path.join(p, "cgroup.procs") for p in self.cg.paths]
@@ -221,6 +239,7 @@ class GvisorInstance(FileOps):
             raise WallError(f"{wall}: {ready.get('error', 'failed')}", rule=wall)
         if ready["op"] != "ready":
             raise WallError(f"init: unexpected first reply {ready['op']!r}", rule="init")
+        self._tracer.arm()
         _path, version, _known = spec.runsc_info()
         self.walls.update({
             "runsc": version,
@@ -240,8 +259,15 @@ class GvisorInstance(FileOps):
                 "(--host-uds=open)" if proxied else ""),
             "rlimits": {"RLIMIT_FSIZE": lim.disk_bytes, "RLIMIT_CORE": 0,
                         "RLIMIT_NOFILE": 1024, "RLIMIT_NPROC": lim.pids},
-            "audit": "runsc --strace: " + ",".join(spec.STRACE_SYSCALLS),
+            "audit": "runsc --strace: " + ",".join(self.strace_syscalls),
         })  # fmt: skip
+        if level != "actions":
+            self.walls["file_audit"] = {
+                "level": level,
+                "how": "runsc --strace: the sentry's record of each call's exit (observe only)",
+                "syscalls": sorted(set(self.strace_syscalls) & set(_events.syscalls_for(level))),
+                "not_traceable": sorted(self.strace_missing),
+            }
 
     def _stderr(self) -> str:
         if self.proc is None or self.proc.stderr is None:
@@ -529,7 +555,12 @@ class GvisorInstance(FileOps):
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=5)
         if self._tracer is not None:
+            # runsc, the sentry and the gofer are gone (kill() waited for the
+            # cgroups to empty): nothing writes the FIFO any more, and every
+            # record the sentry wrote is in it.  stop() reads it to the end and
+            # hands each event to the log before destroy returns.
             self._tracer.stop()
+            removed["tracer"] = {"events": self._tracer.events}
         if self.cg is not None:
             with contextlib.suppress(WallError):
                 removed["cgroups"] = self.cg.remove()
@@ -735,24 +766,278 @@ class GvisorProcess:
 
 
 # -- runsc's strace -> audit events ---------------------------------------------
+#
+# runsc writes its debug log with ``--debug-log-format=json``: one JSON object
+# per line, so a newline in a path (or in a task name) is escaped and can never
+# start a forged line.  Each strace exit message reads
+#   [tgid: tid] NAME X call(args) = RET (0xRET) [errno=N (text)] (duration)
+# where NAME is the task's name: at most 15 characters, chosen by sandboxed
+# code (prctl(PR_SET_NAME)), so it may itself contain " X call(".  The real
+# marker is the last " X " / " E " that can follow such a name (what follows
+# the real one is the call's name and a fixed first argument, never " X ").
+# The tail after the arguments is the sentry's own text and anchored at the end.
 
-_LINE = re.compile(
-    r"\] \[\s*(\d+):\s*(\d+)\] (\S*) X (\w+)\((.*)\) = (-?\d+) \(0x[0-9a-f]+\)"
-    r"(?: errno=(\d+) \([^)]*\))? \([^)]*\)\s*$"
+_HEAD = re.compile(r"\[\s*(\d+):\s*(\d+)\] ")
+_TAIL = re.compile(
+    r"(\w+)\((.*)\) = (-?\d+) \(0x[0-9a-f]+\)(?: errno=(\d+) \([^)]*\))? \([^)]*\)", re.S
 )
-_PATH_ARG = re.compile(r"0x[0-9a-f]+ ([^,]*), (O_[A-Z0-9_|x]+|0x[0-9a-f]+)")
-#: execve(0xADDR PATH, 0xADDR [argv...], 0xADDR [env...]): the env is never parsed.
-_EXEC_ARGS = re.compile(r"^0x[0-9a-f]+ (.*?), 0x[0-9a-f]+ \[")
+#: TASK_COMM_LEN - 1: the longest task name the sentry prints.
+COMM_MAX = 15
 _ADDR = re.compile(r"\{Family: (\w+), Addr: ([^,]*), Port: (\d+)")
-_WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND")
+_RESTART = {512: "ERESTARTSYS", 513: "ERESTARTNOINTR", 514: "ERESTARTNOHAND",
+            516: "ERESTART_RESTARTBLOCK"}  # fmt: skip
+
+# Argument layouts of the traced file calls, as runsc prints them (captured
+# from runsc 20221219, see tests/unit/test_gvisor_trace.py).  A path is printed
+# raw after its address; a dirfd as ``AT_FDCWD <cwd>``, ``0xN <its path>`` or
+# ``0xN (bad FD)``; a second dirfd as a bare number.  Paths are sandbox-chosen
+# text: where two of them could be split differently, the split only changes
+# the (bounded) path strings of that one record, never its call or result.
+_A = r"0x[0-9a-f]+"  # an address (of a path, a buffer, an array)
+_N = _A  # a number: a dirfd, flags, a length, a uid
+_DIRFD = rf"(?P<dfd>AT_FDCWD|{_N})(?: (?P<base>.*?))?"
+_MODE = r"(?P<mode>0o[0-7]+|0x[0-9a-f]+)"
+_FLAGS = r"(?P<flags>[A-Za-z0-9_|]+)"
+_STRUCT = r"(?: \{[^{}]*\})?"
+_QUOTED = r'(?: "(?:[^"\\]|\\.)*"(?:\.\.\.)?)?'
+_P = rf"{_A} (?P<path>.*)"
+_P_LAZY = rf"{_A} (?P<path>.*?)"
+_FILE_ARGS: dict[str, re.Pattern[str]] = {
+    name: re.compile(pattern, re.S)
+    for name, pattern in {
+        "open": rf"{_P}, {_FLAGS}, {_MODE}",
+        "openat": rf"{_DIRFD}, {_P}, {_FLAGS}, {_MODE}",
+        "creat": rf"{_P}, {_MODE}",
+        "unlink": _P,
+        "unlinkat": rf"{_DIRFD}, {_P}, (?P<at>{_N})",
+        "rename": rf"{_P_LAZY}, {_A} (?P<path2>.*)",
+        "renameat": rf"{_DIRFD}, {_P_LAZY}, (?P<dfd2>AT_FDCWD|{_N}), {_A} (?P<path2>.*)",
+        "renameat2": rf"{_DIRFD}, {_P_LAZY}, (?P<dfd2>AT_FDCWD|{_N}), {_A} (?P<path2>.*), {_N}",
+        "chmod": rf"{_P}, {_MODE}",
+        "fchmodat": rf"{_DIRFD}, {_P}, {_MODE}",
+        "fchmodat2": rf"{_DIRFD}, {_P}, {_MODE}, {_N}",
+        "link": rf"{_P_LAZY}, {_A} (?P<path2>.*)",
+        "linkat": rf"{_DIRFD}, {_P_LAZY}, (?P<dfd2>AT_FDCWD|{_N}), {_A} (?P<path2>.*), {_N}",
+        # symlink(target, linkpath): the new link is the path, its target path2.
+        "symlink": rf"{_A} (?P<path2>.*?), {_P}",
+        "symlinkat": rf"{_A} (?P<path2>.*?), {_DIRFD}, {_P}",
+        "mkdir": rf"{_P}, {_MODE}",
+        "mkdirat": rf"{_DIRFD}, {_P}, {_MODE}",
+        "rmdir": _P,
+        "truncate": rf"{_P}, {_N}",
+        "chown": rf"{_P}, {_N}, {_N}",
+        "lchown": rf"{_P}, {_N}, {_N}",
+        "fchownat": rf"{_DIRFD}, {_P}, {_N}, {_N}, {_N}",
+        "stat": rf"{_P}, {_A}{_STRUCT}",
+        "lstat": rf"{_P}, {_A}{_STRUCT}",
+        "newfstatat": rf"{_DIRFD}, {_P}, {_A}{_STRUCT}, {_N}",
+        "statx": rf"{_DIRFD}, {_P}, {_N}, {_N}, {_A}{_STRUCT}",
+        "access": rf"{_P}, (?:0o[0-7]+|{_N})",
+        "faccessat": rf"{_DIRFD}, {_P}, (?:0o[0-7]+|{_N})(?:, {_N})?",
+        "faccessat2": rf"{_DIRFD}, {_P}, (?:0o[0-7]+|{_N}), {_N}",
+        "readlink": rf"{_P_LAZY}, {_A}{_QUOTED}, {_N}",
+        "readlinkat": rf"{_DIRFD}, {_P_LAZY}, {_A}{_QUOTED}, {_N}",
+        "chdir": _P,
+    }.items()
+}
+#: execve(0xADDR PATH, 0xADDR [argv...], 0xADDR [env...]): the env is never parsed.
+_EXECVE = re.compile(rf"{_A} (?P<path>.*?), {_A} \[", re.S)
+_EXECVEAT = re.compile(rf"{_DIRFD}, {_A} (?P<path>.*?), {_A} \[", re.S)
+#: One Go-quoted argv string (``%q``), maybe cut (``"..."...``), then ", " or "]".
+_GO_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"(?:\.\.\.)?(, |\])', re.S)
+_GO_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[0-7]{3}|.)", re.S)
+_GO_SIMPLE = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+#: Open flag names as runsc prints them -> their (x86-64) bits, for ``_events.open_flags``.
+_O_BITS = {
+    "O_RDONLY": 0, "O_WRONLY": 0o1, "O_RDWR": 0o2, "O_CREAT": 0o100, "O_EXCL": 0o200,
+    "O_NOCTTY": 0o400, "O_TRUNC": 0o1000, "O_APPEND": 0o2000, "O_NONBLOCK": 0o4000,
+    "O_DSYNC": 0o10000, "O_ASYNC": 0o20000, "FASYNC": 0o20000, "O_DIRECT": 0o40000,
+    "O_LARGEFILE": 0o100000, "O_DIRECTORY": 0o200000, "O_NOFOLLOW": 0o400000,
+    "O_NOATIME": 0o1000000, "O_CLOEXEC": 0o2000000, "O_SYNC": 0o4010000,
+    "O_PATH": 0o10000000, "O_TMPFILE": 0o20200000,
+}  # fmt: skip
+_O_CREAT, _O_TMPFILE = 0o100, 0o20200000
+_AT_FDCWD = 0xFFFFFF9C
+_AT_REMOVEDIR = 0x200
+_FORKS = ("fork", "vfork", "clone", "clone3")
+#: At level ``actions``: opens are traced, and logged when they write or are refused.
+_ACTION_OPENS = ("open", "openat", "creat")
+#: Traced at files/syscalls to follow each process's cwd (``spec.STRACE_CWD``).
+_CWD_CALLS = ("chdir", "fchdir")
+Record = tuple[str, dict[str, Any], str, "str | None"]
+
+
+def split_exit(msg: str) -> tuple[int, str, str, str, int, int] | None:
+    """``(pid, name, call, args, ret, errno)`` of one strace exit message, else None."""
+    head = _HEAD.match(msg)
+    if head is None:
+        return None
+    rest = msg[head.end() :]
+    cut = next((i for i in range(min(COMM_MAX, len(rest)), -1, -1)
+                if rest.startswith((" X ", " E "), i)), -1)  # fmt: skip
+    if cut < 0 or rest[cut + 1] != "X":
+        return None
+    m = _TAIL.fullmatch(rest, cut + 3)
+    if m is None:
+        return None
+    call, args, ret, err = m.groups()
+    return int(head.group(1)), rest[:cut], call, args, int(ret), int(err) if err else 0
+
+
+def open_flags(text: str) -> int:
+    """``O_WRONLY|O_CREAT|0x8000`` (runsc's rendering) -> the numeric flags."""
+    value = 0
+    for part in text.split("|"):
+        if part.startswith("0x"):
+            with contextlib.suppress(ValueError):
+                value |= int(part, 16)
+        else:
+            value |= _O_BITS.get(part, 0)
+    return value
+
+
+def _is_cwd(dfd: str) -> bool:
+    return dfd == "AT_FDCWD" or int(dfd, 16) & 0xFFFFFFFF == _AT_FDCWD
+
+
+def _join(base: str, path: str) -> str:
+    return base if not path else base.rstrip("/") + "/" + path
+
+
+def _resolve(path: str, dfd: str | None, base: str | None, cwd: str | None) -> str:
+    """A relative path made absolute, as the ptrace tier makes it.
+
+    Against its dirfd's path as runsc printed it (``AT_FDCWD <cwd>``,
+    ``0x3 <dir>``), else against the caller's cwd as last seen (calls without
+    a dirfd); left relative when that is unknown.  A dirfd whose path runsc
+    could not name is named: ``<fd 3>/name``.
+    """
+    if path.startswith("/"):
+        return path
+    if base is not None and base.startswith("/"):
+        return _join(base, path)
+    if dfd is None or _is_cwd(dfd):
+        return _join(cwd, path) if cwd else path
+    if not path and base:
+        return base  # e.g. fstat via newfstatat(fd, "", AT_EMPTY_PATH) of a pipe
+    return f"<fd {int(dfd, 16) & 0xFFFFFFFF}>/{path}"
+
+
+def file_raw(call: str, args: str, cwd: str | None = None) -> tuple[dict[str, Any], str | None]:
+    """The raw dict (``audit/_events``) of one traced file call's arguments,
+    and the caller's cwd if the line shows it (an ``AT_FDCWD <cwd>`` dirfd).
+
+    ``cwd`` is the caller's cwd as last seen, for relative paths of calls
+    without a dirfd.  A layout that does not parse still gives a record (the
+    call happened and its result is known): with the path ``?``.
+    """
+    raw: dict[str, Any] = {"syscall": call}
+    pattern = _FILE_ARGS.get(call)
+    m = pattern.fullmatch(args) if pattern is not None else None
+    if m is None:
+        raw["path"] = "?"
+        if call == "creat":
+            raw["flags"] = "O_WRONLY|O_CREAT|O_TRUNC"
+        return raw, None
+    g = m.groupdict()
+    dfd, base = g.get("dfd"), g.get("base")
+    seen = base if dfd == "AT_FDCWD" and base and base.startswith("/") else None
+    cwd = seen or cwd
+    raw["path"] = _resolve(g["path"], dfd, base, cwd)
+    if g.get("path2") is not None:
+        path2, dfd2 = g["path2"], g.get("dfd2")
+        if dfd2 is not None and dfd is not None and dfd2 == dfd:
+            path2 = _resolve(path2, dfd, base, cwd)  # the same dir as the first path
+        else:
+            path2 = _resolve(path2, dfd2, None, cwd)
+        raw["path2"] = path2
+    flags = 0
+    if g.get("flags") is not None:
+        flags = open_flags(g["flags"])
+        raw["flags"] = _events.open_flags(flags)
+    elif call == "creat":
+        flags = 0o1101
+        raw["flags"] = "O_WRONLY|O_CREAT|O_TRUNC"
+    if g.get("at") is not None and int(g["at"], 16) & _AT_REMOVEDIR:
+        raw["flags"] = "AT_REMOVEDIR"
+    if g.get("mode") is not None:
+        creates = bool(flags & _O_CREAT) or flags & _O_TMPFILE == _O_TMPFILE
+        takes_mode = call not in ("open", "openat") or creates
+        if takes_mode:
+            with contextlib.suppress(ValueError):
+                raw["mode"] = oct(int(g["mode"], 0) & 0o7777)
+    return raw, seen
+
+
+def _unquote(text: str) -> str:
+    """The value of one Go ``%q`` string body (``\\x`` escapes are bytes)."""
+    out = bytearray()
+    pos = 0
+    for m in _GO_ESCAPE.finditer(text):
+        out += text[pos : m.start()].encode("utf-8", "replace")
+        esc = m.group(1)
+        if esc[0] == "x" and len(esc) == 3:
+            out.append(int(esc[1:], 16))
+        elif esc[0] in "uU" and len(esc) > 1:
+            cp = int(esc[1:], 16)
+            ok = cp <= 0x10FFFF and not 0xD800 <= cp <= 0xDFFF
+            out += (chr(cp) if ok else "\ufffd").encode()
+        elif len(esc) == 3:
+            out.append(int(esc, 8) & 0xFF)
+        else:
+            out += _GO_SIMPLE.get(esc, esc).encode("utf-8", "replace")
+        pos = m.end()
+    out += text[pos:].encode("utf-8", "replace")
+    return out.decode("utf-8", "replace")
+
+
+def go_strings(text: str, start: int) -> list[str]:
+    """The strings of the Go-quoted array opening at ``text[start - 1] == "["``.
+
+    Exactly one array is read (an execve's argv); what follows it (the
+    environment) is never looked at.
+    """
+    out: list[str] = []
+    pos = start
+    while len(out) < _events.MAX_ARGV:
+        m = _GO_STRING.match(text, pos)
+        if m is None:
+            break
+        out.append(_unquote(m.group(1)[: 4 * _events.MAX_ARG]))
+        pos = m.end()
+        if m.group(2) == "]":
+            break
+    return out
+
+
+def exec_raw(call: str, args: str, cwd: str | None = None) -> dict[str, Any]:
+    """The raw dict of one exec: path and argv (bounded); the environment is not read."""
+    m = (_EXECVEAT if call == "execveat" else _EXECVE).match(args)
+    if m is None:
+        return {"syscall": call, "path": "?", "argv": []}
+    g = m.groupdict()
+    path = _resolve(g["path"], g.get("dfd"), g.get("base"), cwd)
+    return {"syscall": call, "path": path, "argv": go_strings(args, m.end())}
+
+
+def errno_name(err: int) -> str:
+    return errno.errorcode.get(err) or _RESTART.get(err) or str(err)
 
 
 class Tracer:
-    """Reads runsc's ``--strace`` lines from the FIFO and turns them into audit events.
+    """Reads runsc's ``--strace`` records from the FIFO and turns them into audit events.
 
-    The lines are written by the sentry (trusted runsc), but their content
-    is shaped by sandboxed code (paths, argv), so lines are bounded and
-    parsed defensively; the environment of an execve is never recorded.
+    The records are written by the sentry (trusted runsc), but their content
+    is shaped by sandboxed code (paths, argv, task names), so lines are
+    bounded and parsed defensively; the environment of an execve is never
+    recorded.  Events go out in the order the lines arrive, one batch per
+    chunk read (``on_event.many`` if the sink has it: one fsync per batch).
+
+    At level ``actions``: exec, opens for writing or refused, network
+    attempts.  At ``files``/``syscalls``: every traced file call and exec
+    through the one schema (``audit/_events.to_record``), from the moment the
+    init reported ready (:meth:`arm`): glassroom's own init starting up is
+    not the sandbox's activity (the namespaces tier attaches at that point too).
     """
 
     def __init__(self, fd: int, on_event: EventSink, sandbox_id: str, plan: LaunchPlan) -> None:
@@ -764,6 +1049,11 @@ class Tracer:
                            else "no network: loopback only")  # fmt: skip
         self.on_event = on_event
         self.sandbox_id = sandbox_id
+        self.level = plan.audit_level if plan.audit_level in _events.LEVELS else "actions"
+        self._watched = frozenset(_events.syscalls_for(self.level))
+        self._armed = self.level == "actions"
+        self._many: Callable[[list[Record]], None] | None = getattr(on_event, "many", None)
+        self._batch: list[Record] = []
         self._buf = bytearray()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -771,11 +1061,26 @@ class Tracer:
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"glassroom-trace-{sandbox_id}")  # fmt: skip
         self._eagain = 0
-        self._events = 0
+        self.events = 0
         self._sockets: dict[tuple[int, int], str] = {}
+        self._ppid: dict[int, int] = {}
+        self._comm: dict[int, str] = {}
+        #: Each process's cwd as last seen (AT_FDCWD dirfds, chdir, fchdir, fork).
+        self._cwd: dict[int, str] = {}
 
     def start(self) -> None:
         self._thread.start()
+
+    def arm(self) -> None:
+        """From now on file and exec calls are logged (level files/syscalls).
+
+        Everything the init did before it reported ready is already in the
+        FIFO (a record is written when its call returns), so it is read and
+        dropped here first.
+        """
+        with self._lock:
+            self._drain_locked()
+            self._armed = True
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -789,27 +1094,47 @@ class Tracer:
     def drain(self) -> None:
         """Parse everything the FIFO holds now (also called before limits are judged)."""
         with self._lock:
-            while True:
-                try:
-                    chunk = os.read(self.fd, 1 << 16)
-                except (BlockingIOError, OSError):
-                    break
-                if not chunk:
-                    break
-                self._buf += chunk
-                while (nl := self._buf.find(b"\n")) >= 0:
-                    line = bytes(self._buf[:nl])
-                    del self._buf[: nl + 1]
-                    if b"strace.go" in line and b" X " in line:
-                        self._line(line.decode(errors="replace"))
-                if len(self._buf) > (1 << 20):  # one absurd line: drop it
-                    self._buf.clear()
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except (BlockingIOError, OSError):
+                break
+            if not chunk:
+                break
+            self._buf += chunk
+            while (nl := self._buf.find(b"\n")) >= 0:
+                line = bytes(self._buf[:nl])
+                del self._buf[: nl + 1]
+                if b" X " in line:
+                    try:
+                        self._line(line)
+                    except Exception as exc:  # a parser bug must not stop the audit
+                        why = f"unparseable strace record ({type(exc).__name__})"
+                        self._emit(("anomaly", {"reason": why}, "info", "audit"))
+            if len(self._buf) > (1 << 20):  # one absurd line: drop it (the rest is no JSON)
+                self._buf.clear()
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        with contextlib.suppress(Exception):  # the audit log reports its own errors
+            if self._many is not None:
+                self._many(batch)
+            else:
+                for event, details, decision, rule in batch:
+                    self.on_event(event, details, decision, rule)
 
     def fork_eagain(self) -> int:
         self.drain()
         return self._eagain
 
     def stop(self) -> None:
+        """Log every record still in the FIFO, then stop (the sandbox is dead by now)."""
         self.drain()
         self._stop.set()
         with contextlib.suppress(OSError):
@@ -823,44 +1148,99 @@ class Tracer:
         with contextlib.suppress(OSError):
             os.close(self._wake_w)
 
-    def _emit(self, event: str, details: dict[str, Any], decision: str, rule: str | None) -> None:
-        self._events += 1
-        if self._events == MAX_EVENTS:
-            self.on_event("anomaly", {"reason": f"more than {MAX_EVENTS} traced events; "
-                                      "the rest are not logged"}, "info", "audit")  # fmt: skip
-        if self._events < MAX_EVENTS:
-            details["source"] = "runsc strace"
-            self.on_event(event, details, decision, rule)
+    def _emit(self, record: Record) -> None:
+        self.events += 1
+        if self.events == MAX_EVENTS:
+            why = f"more than {MAX_EVENTS} traced events; the rest are not logged"
+            self._batch.append(("anomaly", {"reason": why}, "info", "audit"))
+        elif self.events < MAX_EVENTS:
+            self._batch.append(record)
 
-    def _line(self, line: str) -> None:
-        m = _LINE.search(line)
-        if not m:
+    def _net_event(self, details: dict[str, Any]) -> None:
+        details["source"] = "runsc strace"
+        self._emit(("network.direct", details, "deny", self.net_rule))
+
+    def _line(self, raw: bytes) -> None:
+        try:
+            msg = json.loads(raw).get("msg")
+        except (ValueError, AttributeError, RecursionError):
             return
-        _tid, pid, comm, call, args, ret, err_s = m.groups()
-        err = int(err_s) if err_s else 0
-        result = errno.errorcode.get(err, str(err)) if err else "ok"
-        if call in ("fork", "vfork", "clone", "clone3"):
+        if not isinstance(msg, str):
+            return
+        parsed = split_exit(msg)
+        if parsed is None:
+            return
+        pid, comm, call, args, ret, err = parsed
+        if len(self._comm) > 4096:
+            self._comm.clear()
+        self._comm[pid] = comm
+        if call in _FORKS:
             if err == errno.EAGAIN:
                 self._eagain += 1
-        elif call in ("execve", "execveat"):
-            self._exec(call, args, int(pid), comm, err, result)
-        elif call in ("open", "openat", "creat"):
-            pm = _PATH_ARG.search(args)
-            if not pm:
-                return
-            path, flags = pm.group(1)[:1024], pm.group(2)
-            writing = call == "creat" or any(f in flags for f in _WRITE_FLAGS)
-            if err in (errno.EACCES, errno.EPERM, errno.EROFS):
-                rule = "filesystem.write" if writing else "filesystem.read"
-                self._emit("file.open", {"path": path, "flags": flags, "pid": int(pid),
-                                         "comm": comm, "result": result}, "deny", rule)  # fmt: skip
-            elif writing and not err:
-                self._emit("file.open", {"path": path, "flags": flags, "pid": int(pid),
-                                         "comm": comm, "result": "ok"}, "allow", None)  # fmt: skip
+            elif not err and ret > 0 and "CLONE_THREAD" not in args:
+                if len(self._ppid) > 4096:
+                    self._ppid.clear()
+                self._ppid[ret] = pid
+                if pid in self._cwd:
+                    self._set_cwd(ret, self._cwd[pid])
+        elif call in _CWD_CALLS:
+            if self._armed and call in self._watched:  # logged at level syscalls
+                self._file(call, args, pid, err)  # (with the cwd before it)
+            if not err:
+                self._chdir(call, args, pid)
         elif call == "socket":
-            self._socket(args, int(pid), -1 if err_s else int(ret))
+            self._socket(args, pid, -1 if err else ret)
         elif call in ("connect", "sendto", "sendmsg"):
-            self._net(call, args, int(pid), result)
+            self._net(call, args, pid, errno_name(err) if err else "ok")
+        elif not self._armed:
+            return  # glassroom's init starting up (files/syscalls only; see arm())
+        elif call in _events.EXEC_SYSCALLS:
+            self._exec(call, args, pid, comm, err)
+        elif call in self._watched or (self.level == "actions" and call in _ACTION_OPENS):
+            self._file(call, args, pid, err)
+
+    def _set_cwd(self, pid: int, cwd: str) -> None:
+        if len(self._cwd) > 4096:
+            self._cwd.clear()
+        self._cwd[pid] = cwd[: _events.MAX_PATH]
+
+    def _chdir(self, call: str, args: str, pid: int) -> None:
+        """Follow a successful chdir/fchdir, to make later relative paths absolute."""
+        if call == "fchdir":
+            m = re.fullmatch(r"0x[0-9a-f]+ (/.*)", args, re.S)
+            new = m.group(1) if m else None
+        else:
+            raw, _seen = file_raw("chdir", args, self._cwd.get(pid))
+            new = posixpath.normpath(raw["path"]) if raw["path"].startswith("/") else None
+        if new is None:
+            self._cwd.pop(pid, None)
+        else:
+            self._set_cwd(pid, new)
+
+    def _file(self, call: str, args: str, pid: int, err: int) -> None:
+        raw, seen = file_raw(call, args, self._cwd.get(pid))
+        if seen:
+            self._set_cwd(pid, seen)
+        raw["pid"] = pid
+        raw["result"] = errno_name(err) if err else "ok"
+        record = _events.to_record(raw, "runsc strace")
+        if self.level == "actions":  # today's subset: opens that write, and refusals
+            writing = _events.writes("open", str(raw.get("flags", "")))
+            if record[2] != "deny" and not (writing and not err):
+                return
+        self._emit(record)
+
+    def _exec(self, call: str, args: str, pid: int, comm: str, err: int) -> None:
+        raw = exec_raw(call, args, self._cwd.get(pid))
+        raw["pid"] = pid
+        raw["result"] = errno_name(err) if err else "ok"
+        ppid = self._ppid.get(pid)
+        if ppid is not None:
+            raw["ppid"] = ppid
+        # The parent's name; before its fork's return is seen, the caller's own
+        # name before the exec (inherited from that parent at the fork).
+        raw["parent"] = self._comm.get(ppid, comm) if ppid is not None else comm
+        self._emit(_events.to_record(raw, "runsc strace"))
 
     def _socket(self, args: str, pid: int, fd: int) -> None:
         """Remember each socket's type (for the protocol of later attempts); log raw ones."""
@@ -875,9 +1255,8 @@ class Tracer:
         self._sockets[(pid, fd)] = proto
         if family == "AF_PACKET" or kind == "SOCK_RAW":
             what = "packet socket" if family == "AF_PACKET" else "raw socket"
-            self._emit("network.direct", {"syscall": "socket", "what": what, "pid": pid,
-                                          "destination": what, "reason": self.net_reason},
-                       "deny", self.net_rule)  # fmt: skip
+            self._net_event({"syscall": "socket", "what": what, "pid": pid,
+                             "destination": what, "reason": self.net_reason})  # fmt: skip
 
     def _net(self, call: str, args: str, pid: int, result: str) -> None:
         am = _ADDR.search(args)
@@ -889,26 +1268,9 @@ class Tracer:
         fm = re.match(r"0x([0-9a-f]+) ", args)
         proto = self._sockets.get((pid, int(fm.group(1), 16)), "unknown") if fm else "unknown"
         inet6 = family == "AF_INET6"
-        self._emit("network.direct", {
+        self._net_event({
             "syscall": call, "family": "inet6" if inet6 else "inet", "address": addr,
             "port": int(port), "protocol": proto, "pid": pid, "result": result,
             "destination": f"[{addr}]:{port}" if inet6 else f"{addr}:{port}",
             "reason": self.net_reason,
-        }, "deny", self.net_rule)  # fmt: skip
-
-    def _exec(self, call: str, args: str, pid: int, comm: str, err: int, result: str) -> None:
-        if call == "execveat":  # skip the dirfd argument
-            args = args.partition(", ")[2]
-        pm = _EXEC_ARGS.match(args)
-        path = pm.group(1)[:1024] if pm else ""
-        argv: list[str] = []
-        if pm:  # decode exactly one array, the argv (the env after it holds secrets)
-            with contextlib.suppress(ValueError):
-                val, _end = json.JSONDecoder().raw_decode(args, pm.end() - 1)
-                if isinstance(val, list):
-                    argv = [str(a)[:1024] for a in val[:256]]
-        deny = err in (errno.EACCES, errno.EPERM)
-        self._emit("exec", {"path": path, "argv": argv, "pid": pid, "parent": comm,
-                            "result": result},
-                   "deny" if deny else ("allow" if not err else "info"),
-                   "tools.allow" if deny else None)  # fmt: skip
+        })  # fmt: skip

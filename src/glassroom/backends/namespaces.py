@@ -31,13 +31,13 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from .. import _config
 from .._errors import BackendUnavailable, SandboxClosed, SandboxError, SandboxPathError, WallError
-from .._sys import cgroups, netwatch, proc, seccomp
+from .._sys import cgroups, netwatch, proc, seccomp, tracewatch
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan, Mount
 from ._channel import Channel, ProtocolViolation, close_quietly, release_quietly
 from ._files import FileOps
@@ -46,7 +46,7 @@ from .base import EventSink, ExecRequest, ExecResult, Receipt
 if TYPE_CHECKING:
     from ._spawn import NamespacesProcess
 
-INIT_FILES = ("sandbox_init.py", "landlock.py", "init_net.py")
+INIT_FILES = ("sandbox_init.py", "landlock.py", "init_net.py", "tracer.py")
 INIT_DIR_INSIDE = "/.glassroom"
 PYTHON_FOR_INIT = "/usr/bin/python3"
 START_TIMEOUT_S = 10.0
@@ -215,6 +215,8 @@ def _net_config(plan: LaunchPlan) -> dict[str, Any]:
         out["forward"] = {"port": PROXY_PORT_INSIDE, "socket": f"{EGRESS_DIR_INSIDE}/proxy.sock"}
     if plan.network.watch_direct:
         out["netwatch"] = netwatch.filter_program()
+    if plan.audit_level != "actions":  # file/exec audit (_sys/tracer.py)
+        out["trace"] = tracewatch.filter_program(plan.audit_level)
     return out
 
 
@@ -253,6 +255,7 @@ class NamespacesInstance(FileOps):
         self._reader: threading.Thread | None = None
         self._pidfd: int | None = None
         self._netwatch: netwatch.NetWatch | None = None
+        self._trace: tracewatch.TraceWatch | None = None
         self._destroyed: Receipt | None = None
         self._lock = threading.Lock()
 
@@ -260,6 +263,12 @@ class NamespacesInstance(FileOps):
 
     def build(self) -> None:
         init_dir = install_init(self.state)
+        if self.plan.audit_level != "actions":
+            # Started first: its interpreter starts while bwrap builds the walls.
+            self._trace = tracewatch.TraceWatch(
+                self.plan.audit_level, self._trace_sink(), self.sandbox_id,
+                program=init_dir / "tracer.py", python=PYTHON_FOR_INIT,
+            )  # fmt: skip
         self._write_record()
         lim = self.plan.limits
         # Limits exist before any process of the sandbox does.
@@ -351,6 +360,7 @@ class NamespacesInstance(FileOps):
         }
         self.walls["rlimits"] = init_config(self.plan)["rlimits"]
         self._attach_netwatch(ready)
+        self._attach_tracer()
         self._reader = threading.Thread(
             target=self._read_loop, name=f"glassroom-{self.sandbox_id}", daemon=True
         )
@@ -382,6 +392,35 @@ class NamespacesInstance(FileOps):
             assert self.channel is not None
             self.channel.send({"op": "netwatch-taken", "fd": fd})
         self.walls["network_watch"] = "seccomp user notification: connect, sendto, sendmsg, raw"
+
+    def _trace_sink(self) -> Callable[[list[tuple[str, dict[str, Any], str, str | None]]], None]:
+        many = getattr(self.on_event, "many", None)
+        if many is not None:
+            return cast("Callable[[list[tuple[str, dict[str, Any], str, str | None]]], None]", many)
+
+        def one_by_one(batch: list[tuple[str, dict[str, Any], str, str | None]]) -> None:
+            for event, details, decision, rule in batch:
+                self.on_event(event, details, decision, rule)
+
+        return one_by_one
+
+    def _attach_tracer(self) -> None:
+        """Seize the init before it gets any request: every command is traced."""
+        if self._trace is None or self.child_pid is None:
+            return
+        pid = netwatch.init_host_pid(self.child_pid)
+        if pid is None:
+            raise WallError("audit.level: cannot find the sandbox's init to trace",
+                            rule="audit.level")  # fmt: skip
+        self._trace.attach(pid)
+        cpus = self._trace.pin(pid, self.plan.limits.cpus)
+        names = sorted(set(tracewatch.syscall_table(self.plan.audit_level).values()))
+        self.walls["file_audit"] = {
+            "level": self.plan.audit_level,
+            "how": "ptrace on seccomp RET_TRACE (observe only; EXITKILL)",
+            "syscalls": names,
+            "cpus": cpus,
+        }
 
     def _learn_child(self, info_r: int) -> None:
         """On a failed start, find bwrap's child (if it exists) so kill() reaches it."""
@@ -577,6 +616,8 @@ class NamespacesInstance(FileOps):
         finally:
             self.channel.forget(rid)
             close_quietly(in_w, out_r, err_r)
+            if self._trace is not None:  # its calls are logged before its end is
+                self._trace.sync()
 
     def _collect(self, rid: int, q: Any, req: ExecRequest, start: float,
                  in_w: int, out_r: int, err_r: int) -> ExecResult:  # fmt: skip
@@ -779,6 +820,9 @@ class NamespacesInstance(FileOps):
             self._pidfd = None
         if self._netwatch is not None:
             self._netwatch.stop()
+        if self._trace is not None:  # its last reports are logged before we return
+            self._trace.close()
+            removed["tracer"] = {"events": self._trace.events}
         if self.cg is not None:
             removed["cgroups"] = self.cg.remove()
         removed["workspace"] = "tmpfs in the sandbox's mount namespace, freed with it"

@@ -8,6 +8,16 @@ the in-guest walls: its own cgroup (memory, pids), uid 1000, no new
 privileges, a Landlock allowlist (``landlock.py``, copied from the host
 package), rlimits and the same seccomp filter as the namespaces tier.
 
+File audit (``[audit] level`` other than ``actions``): every such child is
+followed by its own tracer, a fork of this agent running ``tracer.py``
+(ptrace on the calls a seccomp ``RET_TRACE`` filter selects).  The child
+waits on a gate until the tracer has seized it, then enters its walls and
+installs the trace filter last; the agent forwards the tracer's reports as
+``trace`` frames, all of them before the request's ``exit``/``done``/``error``
+frame.  No tracer, no command: a tracer that cannot attach fails the request
+(``wall: audit.level``), and a tracer that dies takes its tracees along
+(``PTRACE_O_EXITKILL``).
+
 The guest is untrusted by the host: nothing this program says is believed
 beyond what the host validates.  Its job is to make the in-guest walls as
 strong as those of the other tiers.
@@ -31,6 +41,11 @@ sys.path.insert(0, "/.glassroom")
 import landlock  # type: ignore[import-not-found]
 import protocol  # type: ignore[import-not-found]
 
+try:  # imported at boot, so a snapshot of the idle agent already holds it
+    import tracer  # type: ignore[import-not-found]
+except Exception:  # the audit then fails closed at configure time
+    tracer = None
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -39,6 +54,20 @@ UID = GID = 1000
 CGROUP = "/sys/fs/cgroup/task"
 PORT_NAME = "glassroom.0"
 EXIT_GRACE_S = 0.1
+#: How long a tracer may take to seize a new child (TCG guests are slow).
+ATTACH_TIMEOUT_S = 20.0
+#: After the command ended, how long its tracer may go on following
+#: descendants that escaped the process group before they are killed.
+TRACE_GRACE_S = 1.0
+#: ... and how long after that the tracer itself gets before SIGKILL.
+TRACE_KILL_S = 5.0
+#: A trace frame's header stays below this (protocol.MAX_HEADER is 64 KiB).
+TRACE_FRAME_BYTES = 56 * 1024
+TRACE_FRAME_EVENTS = 512
+#: Per event: paths are cut like the host cuts them; argv gets a byte budget.
+TRACE_PATH_CHARS = 1024
+TRACE_ARGV_BYTES = 12 * 1024
+TRACE_LINE_BYTES = 32 * 1024
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -241,6 +270,19 @@ class Proc:
         self.stdin_w = stdin_w
         self.status: int | None = None
         self.exited_at = 0.0
+        self.trace: Trace | None = None
+
+
+class Trace:
+    """The tracer process of one request: its pid, report pipe and stop pipe."""
+
+    def __init__(self, pid: int, fd: int, ctl: int, buf: bytes) -> None:
+        self.pid = pid
+        self.fd = fd  # reports, one JSON object a line; EOF when the tracer is done
+        self.ctl = ctl  # closing it asks the tracer to kill what is left and finish
+        self.buf = buf
+        self.status: int | None = None
+        self.killed = False
 
 
 class Agent:
@@ -255,6 +297,11 @@ class Agent:
         self.writes: dict[int, dict[str, Any]] = {}
         self.watch = -1
         self.net_dir = ""
+        self.audit = "actions"
+        self.trace_bpf = b""
+        self.trace_names: dict[int, str] = {}
+        self.by_tfd: dict[int, Proc] = {}
+        self.tracer_exits: dict[int, int] = {}
         self.sig_r, sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         os.set_blocking(sig_w, False)
         signal.set_wakeup_fd(sig_w)
@@ -263,7 +310,10 @@ class Agent:
     # -- output to the host ---------------------------------------------------
 
     def send(self, header: "dict[str, Any]", payload: bytes = b"") -> None:
-        data = memoryview(protocol.encode(header, payload))
+        self.send_frame(protocol.encode(header, payload))
+
+    def send_frame(self, frame: bytes) -> None:
+        data = memoryview(frame)
         while data:
             try:
                 data = data[os.write(self.port, data) :]
@@ -278,7 +328,7 @@ class Agent:
 
     def run(self) -> None:
         while True:
-            rlist = [self.port, self.sig_r, *self.by_fd]
+            rlist = [self.port, self.sig_r, *self.by_fd, *self.by_tfd]
             if self.watch >= 0:
                 rlist.append(self.watch)
             pending = [p for p in self.procs.values() if p.status is not None]
@@ -298,11 +348,20 @@ class Agent:
                     except OSError:
                         pass
                     self._reap()
+                elif fd in self.by_tfd:
+                    self._trace_pump(self.by_tfd[fd])
                 else:
                     self._pump(fd)
             now = time.monotonic()
             for p in list(self.procs.values()):
-                if p.status is not None and (not p.fds or now - p.exited_at > EXIT_GRACE_S):
+                if p.status is None:
+                    continue
+                if p.trace is not None:
+                    if not self._trace_nudge(p.trace, now - p.exited_at):
+                        continue
+                    self._trace_end(p.rid, p.trace)
+                    p.trace = None
+                if not p.fds or now - p.exited_at > EXIT_GRACE_S:
                     self._finish(p)
 
     def _read_port(self) -> None:
@@ -411,12 +470,24 @@ class Agent:
         if cfg.get("net"):
             self._net_up(cfg["net"])  # before the watch: the forwarder is not watched
         n = int(cfg.get("seccomp_len", len(bpf)))
-        if bpf[n:] and self.watch < 0:
-            self.watch = _install_listener(bpf[n:])
+        t = int(cfg.get("trace_len", 0))
+        watch = bpf[n : len(bpf) - t]
+        if watch and self.watch < 0:
+            self.watch = _install_listener(watch)
+        audit = cfg.get("audit") or {}
+        level = str(audit.get("level", "actions"))
+        if level != "actions":
+            if tracer is None or not t or not audit.get("syscalls"):
+                self.send({"op": "fatal", "wall": "audit.level",
+                           "error": "the guest cannot trace (no tracer or no filter)"})  # fmt: skip
+                return
+            self.trace_bpf = bpf[len(bpf) - t :]
+            self.trace_names = {int(k): str(v) for k, v in audit["syscalls"].items()}
+        self.audit = level
         self.cfg = cfg
         self.bpf = bpf[:n]
         self.send({"op": "configured", "landlock_abi": landlock.abi_version(),
-                   "kernel": os.uname().release})  # fmt: skip
+                   "kernel": os.uname().release, "audit": level})  # fmt: skip
 
     def _net_up(self, net: "dict[str, Any]") -> None:
         import fcntl
@@ -463,6 +534,192 @@ class Agent:
         for name, value in cfg["rlimits"].items():
             resource.setrlimit(getattr(resource, name), (value, value))
         _install_seccomp(self.bpf)
+        # Last: from here on every watched call stops for the tracer, which
+        # seized this process before the gate opened (without one, ENOSYS).
+        _install_seccomp(self.trace_bpf)
+
+    # -- the file audit: one tracer per request ------------------------------------
+
+    def _gate(self) -> "tuple[int, int]":
+        """A pipe the child waits on until its tracer is attached; (-1, -1) untraced."""
+        return os.pipe2(os.O_CLOEXEC) if self.trace_bpf else (-1, -1)
+
+    @staticmethod
+    def _wait_gate(gate: "tuple[int, int]") -> None:
+        """In the child: block until the agent opens the gate; die if it is closed."""
+        r, w = gate
+        if r < 0:
+            return
+        os.close(w)
+        while True:
+            try:
+                go = os.read(r, 1)
+                break
+            except InterruptedError:
+                continue
+        os.close(r)
+        if go != b"g":
+            os._exit(125)
+
+    def _trace_start(self, pid: int, gate: "tuple[int, int]") -> "Trace | None":
+        """Fork the tracer of ``pid``, wait until it has seized ``pid``, open the gate.
+
+        Raises OSError if the tracer cannot attach; the child then dies at the
+        closed gate without having run anything.
+        """
+        r, w = gate
+        if r < 0:
+            return None
+        os.close(r)
+        try:
+            trace = self._fork_tracer(pid)
+        except BaseException:
+            os.close(w)
+            raise
+        os.write(w, b"g")
+        os.close(w)
+        return trace
+
+    def _fork_tracer(self, target: int) -> Trace:
+        rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
+        ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
+        tpid = os.fork()
+        if tpid == 0:
+            code = 1
+            try:
+                _tracer_main(target, self.trace_names, rep_w, ctl_r)
+                code = 0
+            except BaseException as exc:
+                _log(f"tracer of {target}: {exc!r}")
+            os._exit(code)
+        os.close(rep_w)
+        os.close(ctl_r)
+        buf = b""
+        deadline = time.monotonic() + ATTACH_TIMEOUT_S
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([rep_r], [], [], left)[0]:
+                break
+            chunk = os.read(rep_r, 65536)
+            if not chunk:
+                break
+            buf += chunk
+        line, _, rest = buf.partition(b"\n")
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict) or answer.get("attached") != target:
+            why = answer.get("error") if isinstance(answer, dict) else None
+            for fd in (rep_r, ctl_w):
+                os.close(fd)
+            try:
+                os.kill(tpid, signal.SIGKILL)
+                os.waitpid(tpid, 0)
+            except OSError:
+                pass
+            raise OSError(errno.EPERM, f"cannot trace the request: {why or 'no answer'}")
+        os.set_blocking(rep_r, False)
+        return Trace(tpid, rep_r, ctl_w, rest)
+
+    def _trace_read(self, rid: int, trace: Trace) -> bool:
+        """Forward what the tracer wrote (one read); True once it is done (EOF)."""
+        try:
+            chunk = os.read(trace.fd, 1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._trace_end(rid, trace)
+            return True
+        data = trace.buf + chunk
+        cut = data.rfind(b"\n") + 1
+        trace.buf = data[cut:]
+        if len(trace.buf) > 1 << 18:  # no report line is that long
+            trace.buf = b""
+        self._send_trace(rid, data[:cut].split(b"\n"))
+        return False
+
+    def _trace_drain(self, rid: int, trace: Trace) -> None:
+        """The traced child is gone: forward every report up to the tracer's end."""
+        start = time.monotonic()
+        while trace.fd >= 0:
+            if self._trace_nudge(trace, time.monotonic() - start):
+                self._trace_end(rid, trace)
+                return
+            try:
+                select.select([trace.fd], [], [], EXIT_GRACE_S)
+            except InterruptedError:
+                continue
+            self._trace_read(rid, trace)
+
+    def _send_trace(self, rid: int, lines: "list[bytes]", error: str = "") -> None:
+        head = b'{"op":"trace","id":%d' % rid
+        if error:
+            head += b',"error":' + json.dumps(error[:200]).encode()
+        head += b',"events":['
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            if not (line.startswith(b"{") and line.endswith(b"}")):
+                continue
+            if len(line) > TRACE_LINE_BYTES:  # cannot happen (see _trace_line); never hide it
+                line = _trace_shrink(line)
+            if batch and (size + len(line) > TRACE_FRAME_BYTES
+                          or len(batch) >= TRACE_FRAME_EVENTS):  # fmt: skip
+                self.send_frame(protocol.encode_raw(head + b",".join(batch) + b"]}"))
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line) + 1
+        if batch or error:
+            self.send_frame(protocol.encode_raw(head + b",".join(batch) + b"]}"))
+
+    def _trace_end(self, rid: int, trace: Trace) -> None:
+        """EOF on the reports: reap the tracer, say if it ended badly."""
+        for fd in (trace.fd, trace.ctl):
+            self.by_tfd.pop(fd, None)
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        trace.fd = trace.ctl = -1
+        status = self.tracer_exits.pop(trace.pid, None)
+        if status is None:
+            try:  # at EOF it is exiting; after SIGKILL, do not hang on it
+                got, status = os.waitpid(trace.pid, os.WNOHANG if trace.killed else 0)
+                if got == 0:
+                    status = signal.SIGKILL
+            except ChildProcessError:
+                status = self.tracer_exits.pop(trace.pid, 0)
+        trace.status = status
+        if trace.killed or not os.WIFEXITED(status) or os.WEXITSTATUS(status):
+            why = "killed after the request ended" if trace.killed else f"status {status}"
+            self._send_trace(rid, [], error=f"the tracer ended abnormally ({why}); "
+                             "reports may be missing")  # fmt: skip
+
+    def _trace_pump(self, p: Proc) -> None:
+        if p.trace is not None and self._trace_read(p.rid, p.trace):
+            p.trace = None
+
+    def _trace_nudge(self, trace: Trace, since_exit: float) -> bool:
+        """The command ended; its tracer ends when the last traced process does.
+
+        Descendants that left the process group keep it going: after a grace
+        the tracer is asked to kill them (nothing of the command outlives it),
+        then it is killed itself.  True: give up waiting for its reports.
+        """
+        if since_exit > TRACE_GRACE_S and trace.ctl >= 0:
+            os.close(trace.ctl)
+            trace.ctl = -1
+        if since_exit > TRACE_GRACE_S + TRACE_KILL_S and not trace.killed:
+            trace.killed = True
+            try:
+                os.kill(trace.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        return since_exit > TRACE_GRACE_S + 2 * TRACE_KILL_S
 
     def exec(self, m: "dict[str, Any]") -> None:
         rid = int(m["id"])
@@ -473,9 +730,11 @@ class Agent:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         st_r, st_w = os.pipe2(os.O_CLOEXEC)
+        gate = self._gate()
         pid = os.fork()
         if pid == 0:
             try:
+                self._wait_gate(gate)
                 os.dup2(in_r, 0)
                 os.dup2(out_w, 1)
                 os.dup2(err_w, 2)
@@ -495,6 +754,15 @@ class Agent:
             os._exit(127)
         for fd in (in_r, out_w, err_w, st_w):
             os.close(fd)
+        try:
+            trace = self._trace_start(pid, gate)
+        except OSError as exc:
+            for fd in (in_w, out_r, err_r, st_r):
+                os.close(fd)
+            os.waitpid(pid, 0)  # it died at the closed gate, having run nothing
+            self.send({"op": "error", "id": rid, "errno": exc.errno or errno.EPERM,
+                       "error": str(exc.strerror or exc)[:200], "wall": "audit.level"})  # fmt: skip
+            return
         report = b""
         while True:
             try:
@@ -508,6 +776,8 @@ class Agent:
         if report:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
+            if trace is not None:  # its reports (the failed execve) come first
+                self._trace_drain(rid, trace)
             os.waitpid(pid, 0)
             err, text = json.loads(report)
             self.send({"op": "error", "id": rid, "errno": int(err), "error": str(text)})
@@ -515,9 +785,12 @@ class Agent:
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
         p = Proc(rid, pid, {out_r: "stdout", err_r: "stderr"}, in_w)
+        p.trace = trace
         self.procs[rid] = p
         for fd in p.fds:
             self.by_fd[fd] = p
+        if trace is not None:
+            self.by_tfd[trace.fd] = p
         self.send({"op": "started", "id": rid, "pid": pid})
         self._reap()
 
@@ -570,6 +843,9 @@ class Agent:
                 return
             if pid == 0:
                 return
+            if any(p.trace is not None and p.trace.pid == pid for p in self.procs.values()):
+                self.tracer_exits[pid] = status
+                continue
             for p in self.procs.values():
                 if p.pid == pid and p.status is None:
                     p.status = status
@@ -619,10 +895,12 @@ class Agent:
             self.send({"op": "done", "id": rid, "code": errno.EAGAIN})
             return
         r, w = os.pipe2(os.O_CLOEXEC)
+        gate = self._gate()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
+                self._wait_gate(gate)
                 os.close(r)
                 self._wall()
                 out = _file_body(m, data)
@@ -635,7 +913,24 @@ class Agent:
                 code = errno.EIO
             os._exit(code)
         os.close(w)
+        try:
+            trace = self._trace_start(pid, gate)
+        except OSError as exc:
+            os.close(r)
+            os.waitpid(pid, 0)  # it died at the closed gate, having run nothing
+            self.send({"op": "error", "id": rid, "errno": exc.errno or errno.EPERM,
+                       "error": str(exc.strerror or exc)[:200], "wall": "audit.level"})  # fmt: skip
+            return
         while True:
+            if trace is not None and trace.fd >= 0:
+                try:  # the tracer's pipe must not fill while the child writes
+                    ready = select.select([r, trace.fd], [], [])[0]
+                except InterruptedError:
+                    continue
+                if trace.fd in ready:
+                    self._trace_read(rid, trace)
+                if r not in ready:
+                    continue
             try:
                 chunk = os.read(r, protocol.CHUNK)
             except InterruptedError:
@@ -644,6 +939,8 @@ class Agent:
                 break
             self.send({"op": "data", "id": rid}, chunk)
         os.close(r)
+        if trace is not None:
+            self._trace_drain(rid, trace)
         while True:
             try:
                 _, status = os.waitpid(pid, 0)
@@ -652,6 +949,114 @@ class Agent:
                 continue
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else errno.EIO
         self.send({"op": "done", "id": rid, "code": code})
+
+
+def _trace_line(ev: "dict[str, Any]") -> bytes:
+    """One report as a JSON line, small enough for a frame (the host cuts further)."""
+    for key in ("path", "path2"):
+        v = ev.get(key)
+        if isinstance(v, str) and len(v) > TRACE_PATH_CHARS:
+            ev[key] = v[:TRACE_PATH_CHARS] + "…"
+    argv = ev.get("argv")
+    if argv:
+        kept: list[str] = []
+        budget = TRACE_ARGV_BYTES
+        for a in argv:
+            a = a[:TRACE_PATH_CHARS]
+            budget -= len(json.dumps(a, ensure_ascii=False).encode()) + 1  # as sent
+            if budget < 0:
+                kept.append(f"…({len(argv) - len(kept)} more arguments)")
+                break
+            kept.append(a)
+        ev["argv"] = kept
+    return json.dumps(ev, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def _trace_shrink(line: bytes) -> bytes:
+    """A report too large for a frame, cut to what always fits (the call is still seen)."""
+    try:
+        ev = json.loads(line)
+    except ValueError:
+        ev = {}
+    small = {k: str(ev.get(k, "?"))[:256] for k in ("syscall", "path", "result")}
+    if isinstance(ev.get("pid"), int):
+        small["pid"] = ev["pid"]
+    return json.dumps(small).encode()
+
+
+def _tracer_main(target: int, names: "dict[int, str]", out: int, ctl: int) -> None:
+    """In a fork of the agent: follow ``target``'s tree, report each call to ``out``.
+
+    The first line is ``{"attached": pid}`` (or ``{"error": ...}``); then one
+    JSON object per call, in batches every ~10 ms.  EOF on ``ctl`` (the agent
+    gave up waiting for the tree to end) kills every tracee still there.
+    """
+    import threading
+
+    signal.set_wakeup_fd(-1)
+    for s in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+    # Nothing of the agent's: not the host channel, not other commands' pipes.
+    lo, hi = sorted((out, ctl))
+    os.closerange(3, lo)
+    os.closerange(lo + 1, hi)
+    os.closerange(hi + 1, 1 << 16)
+    pending: list[bytes] = []
+    lock = threading.Lock()
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(out, view) :]
+
+    def flush() -> None:
+        with lock:
+            n = len(pending)
+            if n:
+                data = b"".join(pending[:n])
+                del pending[:n]
+                write(data)
+
+    def emit(ev: "dict[str, Any]") -> None:
+        pending.append(_trace_line(ev))
+        if len(pending) >= 256:  # a full pipe stops the tracer, and so the tracees
+            flush()
+
+    t = tracer.Tracer(names, emit)
+    try:
+        t.seize(target)
+    except OSError as exc:
+        write(json.dumps({"error": str(exc)[:200]}).encode() + b"\n")
+        return
+    write(json.dumps({"attached": target}).encode() + b"\n")
+
+    def flusher() -> None:
+        while True:
+            time.sleep(tracer.FLUSH_S)
+            try:
+                flush()
+            except OSError:
+                os._exit(4)  # the agent is gone; EXITKILL takes the tracees along
+
+    def stopper() -> None:
+        while True:
+            try:
+                if not os.read(ctl, 64):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        for pid in list(t.known):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    threading.Thread(target=flusher, daemon=True).start()
+    threading.Thread(target=stopper, daemon=True).start()
+    t.run()
+    flush()
 
 
 def _file_body(m: "dict[str, Any]", data: bytes) -> bytes:

@@ -21,7 +21,8 @@ MAX_PAYLOAD = 256 * 1024
 #: Output and file data travel in chunks of at most this many bytes.
 CHUNK = 64 * 1024
 #: Bumped whenever the wire format changes: host and guest must agree.
-VERSION = 1
+#: 2: ``trace`` frames (the file audit), ``audit`` in config/configured.
+VERSION = 2
 
 
 class FrameError(Exception):
@@ -30,6 +31,13 @@ class FrameError(Exception):
 
 def encode(header: "dict[str, Any]", payload: bytes = b"") -> bytes:
     head = json.dumps(header, separators=(",", ":")).encode()
+    if len(head) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
+        raise FrameError(f"frame too large ({len(head)}+{len(payload)} bytes)")
+    return PREFIX.pack(len(head), len(payload)) + head + payload
+
+
+def encode_raw(head: bytes, payload: bytes = b"") -> bytes:
+    """:func:`encode` for a header that is already JSON (the guest's trace batches)."""
     if len(head) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
         raise FrameError(f"frame too large ({len(head)}+{len(payload)} bytes)")
     return PREFIX.pack(len(head), len(payload)) + head + payload
@@ -62,7 +70,7 @@ class Decoder:
             del self.buf[:total]
             try:
                 header = json.loads(raw)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # RecursionError: deep nesting
                 raise FrameError(f"malformed header: {exc}") from None
             if not isinstance(header, dict):
                 raise FrameError("header is not a JSON object")

@@ -106,28 +106,35 @@ def cmd_audit_verify(ns: argparse.Namespace) -> int:
     from ..audit import verify
 
     path = Path(ns.log or _config.audit_log_path())
-    res = verify(path)
+    res = verify(path, pubkey=ns.pubkey)
     if ns.json:
         print(json.dumps({"ok": res.ok, "records": res.records, "problems": res.problems,
-                          "last_seq": res.last_seq}))  # fmt: skip
-    elif res.ok:
+                          "last_seq": res.last_seq, "anchored_seq": res.anchored_seq,
+                          "anchor": res.anchor_status}))  # fmt: skip
+        return 0 if res.ok else 1
+    if res.ok:
         print(f"{path}: ok, {res.records} records, chain intact (last seq {res.last_seq})")
     else:
         print(f"{path}: FAILED, {len(res.problems)} problem(s) in {res.records} records")
         for p in res.problems:
             print(f"  {p}")
+    print(f"anchor: {res.anchor_status}")
     return 0 if res.ok else 1
 
 
 def cmd_audit_show(ns: argparse.Namespace) -> int:
     from .. import _config
-    from ..audit import format_table, read_records, select
+    from ..audit import format_table, format_timeline, read_records, select
+    from ..audit._log import canonical_json
 
     path = Path(ns.log or _config.audit_log_path())
-    recs = select(read_records(path), sandbox=ns.sandbox, blocked=ns.blocked)
+    recs = select(read_records(path), sandbox=ns.sandbox, blocked=ns.blocked, types=ns.type)
     if ns.json:
+        # JSONL as stored: a record's canonical JSON is its line in the file, byte for byte.
         for r in recs:
-            print(json.dumps(r, sort_keys=True))
+            sys.stdout.write(canonical_json(r).decode("ascii") + "\n")
+    elif ns.timeline:
+        print(format_timeline(recs))
     else:
         print(format_table(recs))
     return 0
@@ -270,12 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     av = au.add_parser("verify", help="check the hash chain; names every broken record")
     av.add_argument("log", nargs="?")
     av.add_argument("--json", action="store_true")
+    av.add_argument("--pubkey", metavar="FILE",
+                    help="anchor public key (PEM or raw; default: audit-anchor.pub "
+                         "beside the anchor key)")  # fmt: skip
     av.set_defaults(func=cmd_audit_verify)
     ash = au.add_parser("show", help="print records")
     ash.add_argument("log", nargs="?")
-    ash.add_argument("--sandbox")
-    ash.add_argument("--blocked", action="store_true")
-    ash.add_argument("--json", action="store_true")
+    ash.add_argument("--sandbox", help="a sandbox id or a prefix of it")
+    ash.add_argument("--type", action="append", choices=("file", "exec", "net"),
+                     help="file accesses, execs/commands, network; repeatable")  # fmt: skip
+    ash.add_argument("--blocked", action="store_true", help="only denied records")
+    how = ash.add_mutually_exclusive_group()
+    how.add_argument("--json", action="store_true", help="JSONL, one record per line as stored")
+    how.add_argument("--timeline", action="store_true",
+                     help="per sandbox: time offset, allowed/denied, op, path, result")  # fmt: skip
     ash.set_defaults(func=cmd_audit_show)
 
     d = sub.add_parser("doctor", help="what this host supports")

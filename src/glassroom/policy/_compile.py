@@ -134,6 +134,7 @@ def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
         network=network,
         env=BASE_ENV + proxy_env(network),
         policy_digest=policy.digest(),
+        audit_level=policy.audit.level,
     )
 
 

@@ -12,6 +12,10 @@ Risk = Literal["low", "medium", "high", "maximum"]
 
 DEFAULT_RISK: Final[Risk] = "low"
 
+AuditLevel = Literal["actions", "files", "syscalls"]
+#: What the supervisor does and sees; ``files`` adds every access inside (docs/audit.md).
+DEFAULT_AUDIT_LEVEL: Final[AuditLevel] = "actions"
+
 #: Programs and libraries, the alternatives symlinks they go through, and TLS roots.
 #: Kept fixed (not filtered by what exists here) so a policy means the same on every
 #: host; compiling the policy deals with paths this host lacks.

@@ -152,6 +152,18 @@ class ResourcesPolicy(_Section):
     )
 
 
+class AuditPolicy(_Section):
+    """How much of what happens inside the sandbox the audit log sees (docs/audit.md).
+
+    ``actions``: what the supervisor does and sees (commands, files moved in
+    and out, network, denials it can attribute).  ``files``: also every file
+    access attempt and every exec inside, each with its result.
+    ``syscalls``: also the metadata calls (stat, access, readlink, chdir, ...).
+    """
+
+    level: d.AuditLevel = d.DEFAULT_AUDIT_LEVEL
+
+
 class Policy(_Section):
     """A whole, validated policy; build it with ``parse_policy``/``load_policy``."""
 
@@ -162,6 +174,7 @@ class Policy(_Section):
     resources: ResourcesPolicy = Field(default_factory=ResourcesPolicy)
     #: Credentials handed to the task at runtime.  Empty: none at all.
     credentials: list[CredentialPolicy] = Field(default_factory=list)
+    audit: AuditPolicy = Field(default_factory=AuditPolicy)
 
     @model_validator(mode="after")
     def _credentials_fit(self) -> Policy:
@@ -213,7 +226,7 @@ class Policy(_Section):
     def to_toml(self) -> str:
         """The policy as a complete TOML file (every field explicit)."""
         out = [f"risk = {_toml_value(self.risk)}"]
-        for name in ("filesystem", "tools", "network", "resources"):
+        for name in ("filesystem", "tools", "network", "resources", "audit"):
             section: BaseModel = getattr(self, name)
             out.append(f"\n[{name}]")
             data = section.model_dump()

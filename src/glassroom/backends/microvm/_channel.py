@@ -20,13 +20,15 @@ from ..._errors import SandboxClosed
 from ...guest import protocol
 
 Handler = Callable[[dict[str, Any], bytes], None]
+#: ``(frame, request is running)``: a ``trace`` frame, routed apart.
+TraceHandler = Callable[[dict[str, Any], bool], None]
 
 _INT = (int,)
 _OPT_INT = (int, type(None))
 #: op -> {field: allowed types}; "op" and "id" are checked apart.
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "ready": {"version": _INT},
-    "configured": {"landlock_abi": _INT, "kernel": (str,)},
+    "configured": {"landlock_abi": _INT, "kernel": (str,), "audit": (str,)},
     "started": {"pid": _INT},
     "out": {"stream": (str,)},
     "exit": {
@@ -36,7 +38,9 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
         "pids_max_hits": _INT,
         "workspace": (list,),
     },  # fmt: skip
-    "error": {"errno": _INT, "error": (str,)},
+    # ``wall``: the request was refused because a wall could not be built
+    # for it (only "audit.level": no tracer could follow it).
+    "error": {"errno": _INT, "error": (str,), "wall": (str,)},
     "fatal": {"wall": (str,), "error": (str,)},
     "data": {},
     "done": {"code": _INT},
@@ -51,7 +55,12 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
         "destination": (str,),
         "what": (str,),
     },
+    # What the guest's tracer saw a request do (the file audit): the guest's
+    # claim, validated event by event by the instance (see ``_instance``).
+    "trace": {"events": (list,), "error": (str,)},
 }
+#: Walls a guest may name in an ``error`` frame.
+WALLS = frozenset({"audit.level"})
 #: Ops that are not replies to a request.
 UNTAGGED = {"ready", "configured", "fatal", "netdirect"}
 #: Ops that carry a payload; every other op must come with an empty one.
@@ -88,6 +97,8 @@ def check(header: dict[str, Any], payload: bytes) -> dict[str, Any]:
         raise ProtocolViolation(f"{op}: missing id")
     if op == "netdirect":
         _check_netdirect(header)
+    if op == "error" and "wall" in header and header["wall"] not in WALLS:
+        raise ProtocolViolation("error: unknown wall")
     if op == "out" and header.get("stream") not in ("stdout", "stderr"):
         raise ProtocolViolation("out: unknown stream")
     if op == "exit":
@@ -135,6 +146,7 @@ class GuestChannel:
         self._send_lock = threading.Lock()
         self._handlers: dict[int, Handler] = {}
         self._untagged: Handler | None = None
+        self._trace: TraceHandler | None = None
         self.closed: str | None = None
         self.on_anomaly = on_anomaly
 
@@ -148,6 +160,12 @@ class GuestChannel:
 
     def on_untagged(self, handler: Handler) -> None:
         self._untagged = handler
+
+    def on_trace(self, handler: TraceHandler) -> None:
+        """``trace`` frames go to ``handler``, not to their request's handler, so
+        a request's own code never sees them; the handler learns whether the
+        id names a request that is still running."""
+        self._trace = handler
 
     def forget(self, rid: int) -> None:
         with self._lock:
@@ -182,6 +200,12 @@ class GuestChannel:
                 continue
             with self._lock:
                 handler = self._handlers.get(rid)
+            if msg["op"] == "trace":
+                if self._trace is None:
+                    self.on_anomaly("unsolicited 'trace' frame")
+                else:
+                    self._trace(msg, handler is not None)
+                continue
             if handler is None:
                 self.on_anomaly(f"{msg['op']!r} frame for unknown request id {rid}")
                 continue

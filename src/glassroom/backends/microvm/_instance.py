@@ -14,6 +14,15 @@ Construction order:
    the clock) and the agent confirms them.
 4. A reader thread routes frames and enforces the deadline: at
    ``max_runtime_s`` it kills QEMU, and with it everything in the VM.
+
+File audit (``[audit] level`` ``files``/``syscalls``): the host sends the
+trace filter and the syscall table with the walls; in the guest a tracer
+follows each command and file operation (see ``guest/agent.py``), and its
+reports arrive as ``trace`` frames before the request's end.  They are the
+guest's claim: each one is checked (bounded count, types, known syscalls,
+a request that is running), turned into a record by the one schema
+(``audit/_events.py``) with source "guest agent (untrusted)" and
+``untrusted: true``, and anything off is an anomaly, never a crash.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import errno
 import json
 import os
 import queue
+import re
 import select
 import shutil
 import signal
@@ -36,7 +46,8 @@ from typing import Any, ClassVar
 
 from ... import _config
 from ..._errors import SandboxClosed, SandboxError, SandboxPathError, WallError
-from ..._sys import cgroups, netwatch, proc, seccomp
+from ..._sys import cgroups, netwatch, proc, seccomp, tracewatch
+from ...audit._events import MAX_ARGV, MAX_PATH, syscalls_for, to_record
 from ...guest import protocol
 from ...plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, SECRETS_DIR, LaunchPlan
 from .._files import FileOps
@@ -48,6 +59,16 @@ from ._channel import GuestChannel, ProtocolViolation
 CONFIG_TIMEOUT_S = 30.0
 MAX_LISTING = 1 << 20
 ENTRY_TYPES = ("file", "dir", "symlink")
+#: The ``source`` of every record built from the guest's trace reports.
+TRACE_SOURCE = "guest agent (untrusted)"
+#: Reports per ``trace`` frame (the agent sends at most 512).
+MAX_TRACE_PER_FRAME = 1024
+#: Reports per sandbox; past it one anomaly, and the rest are not logged.
+MAX_TRACE_EVENTS = tracewatch.MAX_EVENTS
+_TRACE_STR = ("syscall", "path", "path2", "flags", "mode", "result", "parent")
+_TRACE_INT = ("pid", "ppid")
+_RESULT = re.compile(r"ok|E[A-Z0-9_]{1,30}|unfinished \(process ended\)")
+Record = tuple[str, dict[str, Any], str, "str | None"]
 
 
 def snapshots_enabled() -> bool:
@@ -238,6 +259,10 @@ class MicrovmInstance(FileOps):
         self._workspace: tuple[int, int] | None = None
         self._destroyed: Receipt | None = None
         self._lock = threading.Lock()
+        self._trace_calls = frozenset(syscalls_for(plan.audit_level))
+        self.max_trace_events = MAX_TRACE_EVENTS
+        self.trace_events = 0
+        self.trace_dropped = 0
 
     # -- construction ----------------------------------------------------------------
 
@@ -295,7 +320,10 @@ class MicrovmInstance(FileOps):
         cfg = self._config()
         bpf = seccomp.compile_bpf(self.plan.seccomp_profile)
         watch = netwatch.filter_program() if self.plan.network.watch_direct else b""
-        self._send({**cfg, "seccomp_len": len(bpf)}, bpf + watch)
+        level = self.plan.audit_level
+        trace = tracewatch.filter_program(level) if level != "actions" else b""
+        self._send({**cfg, "seccomp_len": len(bpf), "trace_len": len(trace)},
+                   bpf + watch + trace)  # fmt: skip
         try:
             reply = self._untagged.get(timeout=CONFIG_TIMEOUT_S)
         except queue.Empty:
@@ -307,6 +335,10 @@ class MicrovmInstance(FileOps):
             raise WallError(f"{wall}: {reply.get('error', 'failed')} (in the guest)", rule=wall)
         if reply["op"] != "configured":
             raise WallError(f"microvm: unexpected reply {reply['op']!r} to the walls", rule="init")
+        if reply.get("audit", "actions") != level:
+            said = str(reply.get("audit"))[:40]
+            raise WallError(f"audit.level: the guest agent did not enable level {level!r} "
+                            f"(it said {said!r})", rule="audit.level")  # fmt: skip
         if proxy_sock is not None:
             self._send_net_files()
         self.boot = {"start": "snapshot restore" if snap else "cold boot",
@@ -336,11 +368,21 @@ class MicrovmInstance(FileOps):
             "rlimits": cfg["rlimits"],
             "guest_uid": _config.INSIDE_UID,
         })  # fmt: skip
+        if level != "actions":
+            self.walls["file_audit"] = {
+                "level": level,
+                "how": "ptrace in the guest, reported by the agent (untrusted)",
+                "syscalls": sorted(self._trace_calls),
+                "source": TRACE_SOURCE,
+                "enforced_by": "Landlock and the guest kernel; the records are the guest's claim",
+                "per_sandbox_max": self.max_trace_events,
+            }
 
     def attach(self, conn: socket.socket) -> None:
         """Drive the guest on ``conn`` (the VM's channel, or a fake guest in tests)."""
         self.channel = GuestChannel(conn, self._anomaly)
         self.channel.on_untagged(self._untagged_frame)
+        self.channel.on_trace(self._trace_frame)
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                          name=f"glassroom-{self.sandbox_id}")  # fmt: skip
         self._reader.start()
@@ -385,6 +427,14 @@ class MicrovmInstance(FileOps):
             "pids": lim.pids,
             "disk_bytes": lim.disk_bytes,
             "secrets": [m.target for m in plan.mounts if m.target == SECRETS_DIR],
+            "audit": {
+                "level": plan.audit_level,
+                "syscalls": {
+                    str(nr): name for nr, name in tracewatch.syscall_table(plan.audit_level).items()
+                },
+            }
+            if plan.audit_level != "actions"
+            else None,
             "net": {
                 "addr": qemu.GUEST_ADDR,
                 "mask": "255.255.255.0",
@@ -438,6 +488,90 @@ class MicrovmInstance(FileOps):
             info["reason"] = "no route: the only way out is the egress proxy"
         rule = "network.direct" if net.mode == "proxy" else net.rule
         self.on_event("network.direct", info, "deny", rule)
+
+    # -- the file audit: the guest's trace reports ----------------------------------------
+
+    def _trace_frame(self, msg: dict[str, Any], running: bool) -> None:
+        """One ``trace`` frame (its schema is checked): log what holds up, flag the rest."""
+        rid = msg["id"]
+        if not self._trace_calls:
+            self._anomaly(f"trace report for request {rid} but the file audit is off")
+            return
+        if not running:
+            self._anomaly(f"trace report for request {rid}, which is not running")
+            return
+        if msg.get("error"):
+            self.on_event("anomaly", {"reason": "the guest's tracer ended abnormally; "
+                                      "reports may be missing", "detail": msg["error"],
+                                      "request": rid, "seen_by": TRACE_SOURCE},
+                          "deny", "audit.level")  # fmt: skip
+        events: list[Any] = msg.get("events", [])
+        if len(events) > MAX_TRACE_PER_FRAME:
+            self._anomaly(f"trace frame for request {rid} with {len(events)} reports "
+                          f"(at most {MAX_TRACE_PER_FRAME}); the rest are dropped")  # fmt: skip
+            events = events[:MAX_TRACE_PER_FRAME]
+        batch: list[Record] = []
+        bad = 0
+        for ev in events:
+            if self.trace_events >= self.max_trace_events:
+                self.trace_dropped += 1
+                continue
+            clean = self._trace_event(ev)
+            if clean is None:
+                bad += 1
+                continue
+            event, details, decision, rule = to_record(clean, TRACE_SOURCE)
+            details["untrusted"] = True
+            batch.append((event, details, decision, rule))
+            self.trace_events += 1
+            if self.trace_events == self.max_trace_events:
+                why = f"more than {self.max_trace_events} traced calls; the rest are not logged"
+                batch.append(("anomaly", {"reason": why, "seen_by": TRACE_SOURCE},
+                              "info", "audit.level"))  # fmt: skip
+        if batch:
+            self._log_many(batch)
+        if bad:
+            self._anomaly(f"trace frame for request {rid}: {bad} malformed report(s) dropped")
+
+    def _trace_event(self, ev: Any) -> dict[str, Any] | None:
+        """The known keys of one report, each of the right type and bounded; None if off."""
+        if not isinstance(ev, dict):
+            return None
+        syscall = ev.get("syscall")
+        if not isinstance(syscall, str) or syscall not in self._trace_calls:
+            return None
+        out: dict[str, Any] = {}
+        for key in _TRACE_STR:
+            value = ev.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                return None
+            out[key] = _text(value)
+        for key in _TRACE_INT:
+            value = ev.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 32:
+                return None
+            out[key] = value
+        argv = ev.get("argv")
+        if argv is not None:
+            if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv[:MAX_ARGV]):
+                return None
+            out["argv"] = [_text(a) for a in argv[:MAX_ARGV]]
+        if not _RESULT.fullmatch(out.get("result", "")):
+            return None
+        return out
+
+    def _log_many(self, batch: list[Record]) -> None:
+        """Hand a batch to the sink: in one go if it can take one (one fsync)."""
+        many = getattr(self.on_event, "many", None)
+        if callable(many):
+            many(batch)
+            return
+        for event, details, decision, rule in batch:
+            self.on_event(event, details, decision, rule)
 
     def _anomaly(self, what: str) -> None:
         self.on_event("anomaly", {"reason": "protocol violation by the guest", "detail": what},
@@ -539,6 +673,15 @@ class MicrovmInstance(FileOps):
             p._timer.daemon = True
             p._timer.start()
         p._first.wait()
+        err = p._error
+        if err is not None and err.get("wall"):
+            # A wall could not be built for this command (no tracer could
+            # follow it): it never ran.  Refused, like a sandbox that cannot start.
+            wall, text = str(err["wall"]), str(err.get("error", ""))
+            self.on_event("blocked", {"action": "exec", "target": req.argv[0] if req.argv else "",
+                                      "error": text, "seen_by": TRACE_SOURCE},
+                          "deny", wall)  # fmt: skip
+            raise WallError(f"{wall}: {text} (in the guest); the command did not run", rule=wall)
         if req.stdin is not None and p.result is None:
             with contextlib.suppress(BrokenPipeError, SandboxClosed):
                 p.write_stdin(req.stdin)
@@ -591,6 +734,10 @@ class MicrovmInstance(FileOps):
                         raise _path_error(kind, path, code)
                     return bytes(out)
                 elif op == "error":
+                    wall = msg.get("wall")
+                    if wall:
+                        why = f"{msg.get('error', '')} (in the guest); {kind} {path} did not run"
+                        raise WallError(f"{wall}: {why}", rule=str(wall))
                     raise _path_error(kind, path, int(msg["errno"]))
                 else:
                     self._anomaly(f"{kind} {path}: unexpected {op!r} frame")
@@ -639,6 +786,8 @@ class MicrovmInstance(FileOps):
             shutil.rmtree(self.vmdir, ignore_errors=True)
             removed["vm_dir"] = str(self.vmdir)
         removed["workspace"] = "tmpfs in the guest's RAM, freed with the VM"
+        if self._trace_calls:
+            removed["file_audit"] = {"events": self.trace_events, "dropped": self.trace_dropped}
         if self.record_path.exists():
             self.record_path.unlink()
             removed["state"] = str(self.record_path)
@@ -655,6 +804,16 @@ class MicrovmInstance(FileOps):
             if p.exists():
                 left["state"].append(str(p))
         return left
+
+
+def _text(value: str) -> str:
+    """A guest string, cut (``to_record`` cuts again, with a mark) and encodable."""
+    cut = value[: MAX_PATH + 1]
+    try:
+        cut.encode()
+    except UnicodeEncodeError:  # lone surrogates
+        cut = cut.encode("utf-8", "replace").decode()
+    return cut
 
 
 def _exec_message(argv0: str, err: int, text: str) -> str:

@@ -9,7 +9,8 @@
   that mounts the root image read-only and ``switch_root``s to the agent.
 * **Root image** (ext4 via ``mke2fs -d``, no journal, read-only): the
   host's python3 and stdlib, coreutils, dash, bash, grep, sed, findutils,
-  diffutils and their shared libraries, ``/etc/ssl/certs``, and the agent.
+  diffutils and their shared libraries, ``/etc/ssl/certs``, and the agent
+  (with ``landlock.py`` and ``tracer.py``, copied from ``_sys``).
   Tools are copied from the host at the same paths, so the plan's tool
   paths mean the same inside.
 
@@ -56,6 +57,8 @@ PYTHON_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3
                "unittest", "distutils", "config-3.11-x86_64-linux-gnu", "site-packages",
                "dist-packages", "venv", "turtle.py"}  # fmt: skip
 GUEST_FILES = ("agent.py", "protocol.py")
+#: From ``_sys``: the Landlock wrapper, and the ptrace tracer of the file audit.
+SYS_FILES = ("landlock.py", "tracer.py")
 #: Mount points the read-only root must already have.
 GUEST_DIRS = (
     "dev",
@@ -123,8 +126,9 @@ def _unavailable(what: str) -> BackendUnavailable:
 
 
 def _guest_sources() -> list[Path]:
+    """The agent and the stdlib-only host modules it imports (copied as they are)."""
     here = Path(__file__).resolve().parent.parent.parent
-    return [here / "guest" / n for n in GUEST_FILES] + [here / "_sys" / "landlock.py"]
+    return [here / "guest" / n for n in GUEST_FILES] + [here / "_sys" / n for n in SYS_FILES]
 
 
 def _digest(*parts: bytes) -> str:

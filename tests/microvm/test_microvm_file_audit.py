@@ -1,0 +1,203 @@
+"""The microVM tier's file audit: every file access and exec in the guest, logged.
+
+In the guest a tracer (a fork of the agent running ``_sys/tracer.py``)
+follows each command and each Files-API operation; the agent forwards what
+it saw, and the host logs each report through the shared schema, marked as
+the guest's claim (``source: "guest agent (untrusted)"``, ``untrusted: true``).
+The lies a guest could tell about it are in ``test_lying_guest.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from glassroom import Sandbox
+from glassroom.audit import read_records, verify
+from glassroom.backends.microvm import qemu
+from glassroom.policy import parse_policy
+
+FILES = parse_policy('[audit]\nlevel = "files"\n')
+SOURCE = "guest agent (untrusted)"
+#: In the guest image (copied for the drill), not in tools.allow.
+DENIED_TOOL = "/usr/bin/perl"
+
+SCRIPT = r"""
+import os, subprocess, sys
+with open("/workspace/a.txt", "w") as f:
+    f.write("hello")
+with open("/workspace/a.txt") as f:
+    assert f.read() == "hello"
+os.rename("/workspace/a.txt", "/workspace/b.txt")
+os.unlink("/workspace/b.txt")
+subprocess.run(["ls"], check=True)
+try:
+    open("/usr/x", "w")
+    print("WRITE-ALLOWED")
+except OSError as e:
+    print("write refused", e.errno)
+try:
+    subprocess.run([sys.argv[1], "-v"])
+    print("EXEC-ALLOWED")
+except OSError as e:
+    print("exec refused", e.errno)
+"""
+
+
+@pytest.fixture(autouse=True)
+def _need_qemu() -> None:
+    if qemu.qemu_binary() is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+
+
+def _traced(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in recs if r["details"].get("source") == SOURCE]
+
+
+def _find(recs: list[dict[str, Any]], event: str, **want: Any) -> int:
+    for i, r in enumerate(recs):
+        d = r["details"]
+        if r["event"] == event and all(
+            (v(d.get(k)) if callable(v) else d.get(k) == v) for k, v in want.items()
+        ):
+            return i
+    lines = [f"{r['event']} {r['decision']} {json.dumps(r['details'])[:160]}" for r in recs]
+    raise AssertionError(f"no {event} with {want} among:\n" + "\n".join(lines[-80:]))
+
+
+def _has(flag: str) -> Any:
+    return lambda f: isinstance(f, str) and flag in f.split("|")
+
+
+def test_scripted_task_in_the_guest(audit_log: Path) -> None:
+    with Sandbox(FILES, backend="microvm", audit_log=audit_log) as sb:
+        walls = sb.walls
+        res = sb.run(["python3", "-c", SCRIPT, DENIED_TOOL])
+        sid = sb.id
+    assert res.exit_code == 0, res.stderr
+    assert "write refused" in res.stdout and "exec refused" in res.stdout, res.stdout
+    assert "ALLOWED" not in res.stdout
+    fa = walls["file_audit"]
+    assert fa["level"] == "files" and "untrusted" in fa["how"] and "openat" in fa["syscalls"]
+
+    recs = [r for r in read_records(audit_log) if r["sandbox"] == sid]
+    traced = _traced(recs)
+    assert traced, "no traced record at all"
+    for r in traced:  # every report is marked as the guest's claim
+        assert r["details"]["untrusted"] is True and r["details"]["source"] == SOURCE
+        assert r["event"] == "exec" or r["event"].startswith("file.")
+
+    order = [
+        _find(traced, "exec", result="ok", path="/usr/bin/python3"),
+        _find(traced, "file.open", path="/workspace/a.txt", flags=_has("O_CREAT"), result="ok"),
+        _find(traced, "file.open", path="/workspace/a.txt", flags=_has("O_RDONLY"), result="ok"),
+        _find(
+            traced, "file.rename", path="/workspace/a.txt", path2="/workspace/b.txt", result="ok"
+        ),
+        _find(traced, "file.unlink", path="/workspace/b.txt", result="ok"),
+        _find(traced, "exec", result="ok", argv=["ls"], path=lambda p: p.endswith("/ls")),
+    ]
+    assert order == sorted(order), f"accesses out of order: {order}"
+    assert all(traced[i]["decision"] == "allow" for i in order)
+
+    write = traced[_find(traced, "file.open", path="/usr/x")]
+    assert (write["decision"], write["rule"]) == ("deny", "filesystem.write"), write
+    assert write["details"]["result"] in ("EACCES", "EROFS")
+    exe = traced[_find(traced, "exec", path=DENIED_TOOL)]
+    assert (exe["decision"], exe["rule"]) == ("deny", "tools.allow"), exe
+    assert exe["details"]["result"] == "EACCES"
+    assert order[-1] < traced.index(write) < traced.index(exe)
+
+    # All of the command's reports are in the log before its end is.
+    ended = next(i for i, r in enumerate(recs) if r["event"] == "command.ended")
+    assert recs.index(exe) < ended
+    assert verify(audit_log).ok
+
+
+def test_files_api_and_syscalls_level(audit_log: Path) -> None:
+    """Files-API operations are traced too; ``syscalls`` adds the metadata calls."""
+    policy = parse_policy('[audit]\nlevel = "syscalls"\n')
+    with Sandbox(policy, backend="microvm", audit_log=audit_log) as sb:
+        sb.files.write("/workspace/api.txt", "data")
+        assert sb.files.read("/workspace/api.txt") == b"data"
+        with pytest.raises(Exception):  # noqa: B017 - any refusal; the log says which
+            sb.files.write("/usr/api.txt", "no")
+        assert sb.run(["stat", "/workspace/api.txt"]).exit_code == 0
+        sid = sb.id
+    recs = [r for r in read_records(audit_log) if r["sandbox"] == sid]
+    traced = _traced(recs)
+    w = _find(traced, "file.open", path="/workspace/api.txt", flags=_has("O_CREAT"), result="ok")
+    r = _find(traced, "file.open", path="/workspace/api.txt", flags=_has("O_RDONLY"), result="ok")
+    denied = traced[_find(traced, "file.open", path="/usr/api.txt")]
+    assert w < r < traced.index(denied)
+    assert (denied["decision"], denied["rule"]) == ("deny", "filesystem.write")
+    _find(traced, "file.stat", path="/workspace/api.txt", result="ok")
+    # Each API op's reports come before the supervisor's own record of it.
+    api_write = next(i for i, x in enumerate(recs) if x["event"] == "file.write")
+    assert recs.index(traced[w]) < api_write
+    assert verify(audit_log).ok
+
+
+DAEMON = r"""
+import os, time
+if os.fork() == 0:
+    os.setsid()           # leaves the command's process group
+    time.sleep(0.3)
+    open("/workspace/late", "w").close()
+    time.sleep(60)
+    os._exit(0)
+"""
+
+
+def test_escaped_descendant_is_followed_then_ended(audit_log: Path) -> None:
+    """A descendant that left the process group is still traced, and it does not
+    keep the command (or its tracer) alive past a short grace."""
+    with Sandbox(FILES, backend="microvm", audit_log=audit_log) as sb:
+        t0 = time.monotonic()
+        assert sb.run(["python3", "-c", DAEMON]).exit_code == 0
+        took = time.monotonic() - t0
+        left = sb.run(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]).stdout
+        sid = sb.id
+    assert took < 10, took
+    assert "sleep(60)" not in left, left
+    recs = [r for r in read_records(audit_log) if r["sandbox"] == sid]
+    late = _find(recs, "file.open", path="/workspace/late", result="ok")
+    ended = next(i for i, r in enumerate(recs) if r["event"] == "command.ended")
+    assert late < ended
+
+
+def test_many_calls_and_a_huge_argv(audit_log: Path) -> None:
+    """Thousands of reports travel in bounded frames; a huge argv is cut, not fatal."""
+    n = 3000
+    loop = f"import os\nfor i in range({n}):\n    try: os.open('/workspace/none-%d' % i, 0)\n    except OSError: pass\n"
+    with Sandbox(FILES, backend="microvm", audit_log=audit_log) as sb:
+        assert sb.run(["python3", "-c", loop]).exit_code == 0
+        # The host's own exec frame is bounded, so the huge argv is built inside.
+        # Control characters: six bytes each once JSON-escaped, the worst case.
+        huge = "import os; os.execv('/usr/bin/true', ['true'] + ['\\x01' * 1000] * 300)"
+        assert sb.run(["python3", "-c", huge]).exit_code == 0
+        assert sb.run(["true"]).exit_code == 0  # still alive
+        sid = sb.id
+    recs = [r for r in read_records(audit_log) if r["sandbox"] == sid]
+    misses = [r for r in recs if r["event"] == "file.open"
+              and r["details"]["path"].startswith("/workspace/none-")]  # fmt: skip
+    assert len(misses) == n
+    assert [r["details"]["path"] for r in misses] == [f"/workspace/none-{i}" for i in range(n)]
+    assert all(r["details"]["result"] == "ENOENT" and r["decision"] == "info" for r in misses)
+    big = recs[_find(recs, "exec", path="/usr/bin/true", argv=lambda a: a and len(a) > 2)]
+    argv = big["details"]["argv"]
+    assert argv[0] == "true" and "more arguments" in argv[-1] and len(argv) < 300
+    assert not [r for r in recs if r["event"] == "anomaly"]
+    assert verify(audit_log).ok
+
+
+def test_actions_level_sends_no_reports(audit_log: Path) -> None:
+    with Sandbox({"risk": "high"}, backend="microvm", audit_log=audit_log) as sb:
+        assert sb.run(["python3", "-c", "open('/workspace/x', 'w')"]).exit_code == 0
+        assert "file_audit" not in sb.walls
+        sid = sb.id
+    assert not _traced([r for r in read_records(audit_log) if r["sandbox"] == sid])
