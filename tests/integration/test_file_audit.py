@@ -128,6 +128,19 @@ def _tracer_pid(sb: Sandbox) -> int:
     return int(inst._trace._proc.pid)
 
 
+def test_the_tracer_holds_no_more_than_the_sandbox(audit_log: Path) -> None:
+    """As root, the tracer runs as the sandbox's own host uid, without capabilities."""
+    from glassroom._config import is_root, sandbox_ids
+
+    with Sandbox(FILES, backend="namespaces", audit_log=audit_log) as sb:
+        status = Path(f"/proc/{_tracer_pid(sb)}/status").read_text()
+        assert sb.run(["true"]).exit_code == 0
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    uid = sandbox_ids()[0] if is_root() else os.getuid()
+    assert fields["Uid"].split() == [str(uid)] * 4
+    assert int(fields["CapEff"], 16) == 0
+
+
 def test_killing_the_tracer_kills_the_sandbox(audit_log: Path) -> None:
     """Fail closed: no tracer, no sandbox (PTRACE_O_EXITKILL)."""
     with Sandbox(FILES, backend="namespaces", audit_log=audit_log) as sb:
@@ -172,3 +185,96 @@ def test_clone_untraced_cannot_touch_files(how: str, audit_log: Path) -> None:
     else:
         assert res.stdout.strip() == "38"  # ENOSYS: the open never ran
         assert opens == []
+
+
+RACE = r"""
+import ctypes, os, threading
+libc = ctypes.CDLL(None, use_errno=True)
+buf = ctypes.create_string_buffer(40)
+ctypes.memmove(buf, b"/workspace/innocent.txt\0", 24)
+stop = []
+def flip():
+    while not stop:
+        ctypes.memmove(buf, b"/workspace/HIDDEN.txt\0\0\0", 24)
+        ctypes.memmove(buf, b"/workspace/innocent.txt\0", 24)
+t = threading.Thread(target=flip)
+t.start()
+for _ in range(300):
+    fd = libc.open(buf, 0o101, 0o644)
+    if fd >= 0:
+        os.close(fd)
+stop.append(1)
+t.join()
+print(sorted(os.listdir("/workspace")))
+"""
+
+
+def test_a_path_rewritten_during_the_call_is_logged_as_the_kernel_saw_it(
+    audit_log: Path,
+) -> None:
+    """TOCTOU on the log: a second thread flips the path buffer while open()
+    runs.  Every file that exists must appear in the log under its real name
+    (taken from the fd the kernel returned), with the claimed name beside it."""
+    with Sandbox(FILES, backend="namespaces", audit_log=audit_log) as sb:
+        res = sb.run(["python3", "-c", RACE])
+        sid = sb.id
+    assert res.exit_code == 0, res.stderr
+    created = set(json.loads(res.stdout.replace("'", '"')))
+    opens = [r["details"] for r in records(audit_log, sid) if r["event"] == "file.open"
+             and r["details"]["path"].startswith("/workspace/")]  # fmt: skip
+    logged = {d["path"].rsplit("/", 1)[1] for d in opens if d["result"] == "ok"}
+    assert created <= logged, (created, logged)
+    for d in opens:
+        if "path_arg" in d:  # the race was caught: the kernel's name wins
+            assert d["path_arg"] != d["path"]
+
+
+MORE_CALLS = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+os.mknod("/workspace/fifo", 0o600 | 0o010000)
+os.utime("/workspace/fifo")
+fd = os.open("/workspace/f", os.O_RDONLY | os.O_CREAT, 0o644)
+os.fchmod(fd, 0o600)
+os.close(fd)
+os.setxattr("/workspace/f", "user.k", b"v")
+for name in ("a", "b"):
+    open("/workspace/" + name, "w").close()
+assert libc.renameat2(-100, b"/workspace/a", -100, b"/workspace/b", 2) == 0
+"""
+
+
+def test_calls_beyond_open_are_logged(audit_log: Path) -> None:
+    with Sandbox(FILES, backend="namespaces", audit_log=audit_log) as sb:
+        res = sb.run(["python3", "-c", MORE_CALLS])
+        sid = sb.id
+    assert res.exit_code == 0, res.stderr
+    got = {(r["event"], r["details"]["path"], r["details"].get("flags"))
+           for r in records(audit_log, sid) if r["event"].startswith("file.")}  # fmt: skip
+    for want in [
+        ("file.mknod", "/workspace/fifo", None),
+        ("file.utime", "/workspace/fifo", None),
+        ("file.chmod", "/workspace/f", None),  # fchmod, named through its fd
+        ("file.xattr", "/workspace/f", None),
+        ("file.rename", "/workspace/a", "RENAME_EXCHANGE"),
+    ]:
+        assert want in got, want
+
+
+def test_spending_the_audit_budget_kills_the_sandbox(
+    audit_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: a task cannot flood past its audit and then act unseen."""
+    from glassroom._sys import tracewatch
+
+    monkeypatch.setattr(tracewatch, "MAX_EVENTS", 500)
+    with Sandbox(FILES, backend="namespaces", audit_log=audit_log) as sb:
+        assert sb.run(["true"]).exit_code == 0  # harmless: well inside the budget
+        flood = "import os\nfor i in range(100000):\n    os.path.exists('/nope/%d' % i) or " \
+                "os.access('/nope', 0) or open('/workspace/x', 'w').close()\n"
+        res = sb.run(["python3", "-c", flood])
+        sid = sb.id
+    assert res.exit_code != 0 and res.signal == signal.SIGKILL
+    anomalies = [r for r in records(audit_log, sid) if r["event"] == "anomaly"]
+    assert any(r["rule"] == "audit.level" and "budget" in r["details"]["reason"]
+               for r in anomalies)  # fmt: skip

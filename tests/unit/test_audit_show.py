@@ -264,3 +264,14 @@ def test_cli_timeline(log: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "✗ open  /etc/passwd  O_WRONLY|O_CREAT  → EROFS  [filesystem.write]" in out
     assert "✗ read  /etc/shadow  → blocked  [filesystem.read]" in out
     assert "✓" not in out and "·" not in out
+
+
+def test_timeline_shows_what_ran_when_argv0_names_something_else() -> None:
+    """argv[0] is the caller's choice: a spoofed one cannot hide the binary."""
+    from glassroom.audit._query import timeline_fields
+
+    rec = {"event": "exec", "details": {"path": "/usr/bin/od", "argv": ["ls", "-la"],
+                                        "result": "ok"}}  # fmt: skip
+    assert timeline_fields(rec)[1] == "/usr/bin/od ← ls -la"
+    rec["details"]["argv"] = ["od", "-c"]
+    assert timeline_fields(rec)[1] == "od -c"

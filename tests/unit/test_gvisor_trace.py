@@ -332,12 +332,18 @@ def test_without_many_each_event_is_handed_over_in_order() -> None:
     assert not hasattr(sink, "many")
 
 
-def test_the_event_cap_ends_in_one_anomaly(files: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_event_cap_ends_in_one_anomaly_and_a_kill(
+    files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: past the budget the sandbox is killed, not left running unseen."""
     monkeypatch.setattr(gvisor, "MAX_EVENTS", 3)
-    feed, _, _ = files
+    feed, tracer, _ = files
+    killed: list[bool] = []
+    tracer.on_overflow = lambda: killed.append(True)
     events = feed(*[OPEN_READ] * 6)
     assert [e[0] for e in events] == ["file.open", "file.open", "anomaly"]
-    assert events[-1][2:] == ("info", "audit")
+    assert events[-1][2:] == ("deny", "audit.level")
+    assert killed == [True]
 
 
 # --- network and forks (every level) ---------------------------------------------------------

@@ -79,6 +79,7 @@ _AT_EMPTY_PATH = 0x1000
 
 MAX_PATH = 4096
 FLUSH_S = 0.01
+MAX_BATCH = 4096
 MAX_ARGV = 256
 MAX_ARG = 1024
 
@@ -94,7 +95,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "unlinkat": ("dirfd", "path", "atflags"),
     "rename": ("path", "path2"),
     "renameat": ("dirfd", "path", "dirfd2", "path2"),
-    "renameat2": ("dirfd", "path", "dirfd2", "path2"),
+    "renameat2": ("dirfd", "path", "dirfd2", "path2", "rflags"),
     "chmod": ("path", "mode"),
     "fchmodat": ("dirfd", "path", "mode"),
     "fchmodat2": ("dirfd", "path", "mode"),
@@ -121,7 +122,26 @@ ROLES: dict[str, tuple[str, ...]] = {
     "readlink": ("path",),
     "readlinkat": ("dirfd", "path"),
     "chdir": ("path",),
+    "mknod": ("path", "mode"),
+    "mknodat": ("dirfd", "path", "mode"),
+    "utime": ("path",),
+    "utimes": ("path",),
+    "futimesat": ("dirfd", "path"),
+    "utimensat": ("dirfd", "path"),
+    "setxattr": ("path",),
+    "lsetxattr": ("path",),
+    "fsetxattr": ("fd",),
+    "removexattr": ("path",),
+    "lremovexattr": ("path",),
+    "fremovexattr": ("fd",),
+    "fchmod": ("fd", "mode"),
+    "fchown": ("fd",),
+    "ftruncate": ("fd",),
+    "fallocate": ("fd",),
 }
+#: renameat2 flags, by name.
+_RENAME_FLAGS = ((1, "RENAME_NOREPLACE"), (2, "RENAME_EXCHANGE"), (4, "RENAME_WHITEOUT"))
+_OPENS = frozenset({"open", "openat", "openat2", "creat"})
 
 _ERRNO = {
     1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 9: "EBADF", 12: "ENOMEM", 13: "EACCES",
@@ -222,7 +242,8 @@ class Tracer:
                 raw += chunk[:nul]
                 break
             raw += chunk
-        return raw.decode("utf-8", "surrogateescape").encode("utf-8", "replace").decode()
+        # Invalid UTF-8 stays visible as \xNN rather than a "?" two names share.
+        return raw.decode("utf-8", "backslashreplace")
 
     def _argv(self, pid: int, addr: int) -> list[str]:
         ptrs = self._read(pid, addr, 8 * MAX_ARGV)
@@ -266,6 +287,7 @@ class Tracer:
         roles = ROLES.get(name, ())
         ev: dict[str, Any] = {"syscall": name, "pid": self._ns(pid)}
         dirfd = dirfd2 = _AT_FDCWD
+        addrs: list[tuple[str, int, str]] = []
         for i, role in enumerate(roles):
             a = args[i]
             if role == "dirfd":
@@ -274,6 +296,13 @@ class Tracer:
                 dirfd2 = a
             elif role in ("path", "path2"):
                 ev[role] = self._string(pid, a)
+                addrs.append((role, a, ev[role]))
+            elif role == "fd":
+                ev["path"] = self._base(pid, a)
+            elif role == "rflags":
+                names = [n for bit, n in _RENAME_FLAGS if a & bit]
+                if names:
+                    ev["flags"] = "|".join(names)
             elif role == "flags":
                 ev["flags"] = _flags_text(a)
             elif role == "how":
@@ -299,6 +328,10 @@ class Tracer:
                 continue
             base = self._base(pid, fd)
             ev[key] = base if not p else (base.rstrip("/") + "/" + p)
+        if addrs and not name.startswith("exec"):
+            # Raw strings as read now, to compare at exit: another thread may
+            # rewrite the buffer before the kernel copies it (see _on_exit).
+            ev["_addrs"] = addrs
         if name.startswith("exec"):
             ppid = self.parent.get(pid)
             if ppid is not None:
@@ -309,6 +342,24 @@ class Tracer:
                 except OSError:
                     pass
         return ev
+
+    def _exec_truth(self, pid: int, ev: dict[str, Any]) -> None:
+        """After a successful exec: what the kernel loaded and the argv it copied."""
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+            if exe != ev.get("path"):
+                ev["exe"] = exe
+        except OSError:
+            pass
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                raw = f.read(MAX_ARG * 8)
+        except OSError:
+            return
+        argv = [a.decode("utf-8", "replace")[:MAX_ARG] for a in raw.split(b"\0")[:-1]]
+        if argv and argv != ev.get("argv", [])[: len(argv)]:
+            ev["argv_arg"] = ev.get("argv")
+            ev["argv"] = argv
 
     def _info_op(self, pid: int) -> int:
         n = _ptrace(PTRACE_GET_SYSCALL_INFO, pid, ctypes.c_void_p(88), self._info)
@@ -337,7 +388,35 @@ class Tracer:
             ev["result"] = _ERRNO.get(-rval, f"E{-rval}")
         else:
             ev["result"] = "ok"
+        self._verify_paths(pid, ev, rval)
         self.emit(ev)
+
+    def _verify_paths(self, pid: int, ev: dict[str, Any], rval: int) -> None:
+        """Prefer the kernel's own view of what was touched over sandbox memory.
+
+        The path was copied from the tracee at the seccomp stop; the kernel
+        copies it again after we resume, and another thread may rewrite the
+        buffer in between.  A successful open leaves an fd whose target is
+        the kernel's truth (``/proc/PID/fd/N``): that becomes ``path``, and
+        what memory said is kept as ``path_arg`` when it differs.  For calls
+        without an fd, the buffer is read again at exit: if it changed, the
+        record says ``path_changed`` and keeps both readings.
+        """
+        addrs = ev.pop("_addrs", ())
+        if ev["syscall"] in _OPENS and ev["result"] == "ok" and rval >= 0:
+            try:
+                real = os.readlink(f"/proc/{pid}/fd/{rval}")
+            except OSError:
+                real = None
+            if real is not None and real != os.path.normpath(ev.get("path", "")):
+                ev["path_arg"] = ev.get("path")
+                ev["path"] = real
+            return
+        for key, addr, before in addrs:
+            now = self._string(pid, addr)
+            if now != before:
+                ev["path_changed"] = True
+                ev[key + "_at_exit"] = now
 
     # -- the loop --------------------------------------------------------------
 
@@ -353,7 +432,8 @@ class Tracer:
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 ev = self.pending.pop(pid, None)
                 if ev is not None:
-                    ev["result"] = "unfinished (process ended)"
+                    ev.pop("_addrs", None)
+                    ev["result"] = "unknown (process ended during the call)"
                     self.emit(ev)
                 self.known.discard(pid)
                 self.parent.pop(pid, None)
@@ -381,9 +461,16 @@ class Tracer:
             if _ptrace(PTRACE_GETEVENTMSG, pid, None, ctypes.byref(self._msg)) == 0:
                 former = int(self._msg.value)
                 if former != pid and former in self.pending:  # a thread ran exec
+                    lost = self.pending.pop(pid, None)
+                    if lost is not None:  # the leader's call never returns now
+                        lost.pop("_addrs", None)
+                        lost["result"] = "unknown (another thread ran exec)"
+                        self.emit(lost)
                     self.pending[pid] = self.pending.pop(former)
             self.nspid.pop(pid, None)
-            if pid in self.pending:
+            ev = self.pending.get(pid)
+            if ev is not None:
+                self._exec_truth(pid, ev)
                 resume = PTRACE_SYSCALL  # still on the way to execve's exit
         elif event == EV_STOP:
             if sig in _STOPS:  # group-stop: stay stopped, but keep seeing events
@@ -407,17 +494,29 @@ def main() -> None:
         sys.exit(2)
     batch: list[bytes] = []
     lock = threading.Lock()
+    write_lock = threading.Lock()
+
+    def take() -> list[bytes]:
+        nonlocal batch
+        with lock:
+            taken, batch = batch, []
+        return taken
 
     def emit(ev: dict[str, Any]) -> None:
-        batch.append(json.dumps(ev, separators=(",", ":")).encode())
+        line = json.dumps(ev, separators=(",", ":")).encode()
+        with lock:
+            batch.append(line)
+            full = len(batch) >= MAX_BATCH
+        if full:
+            # Backpressure: a slow reader blocks this write, and with it every
+            # stopped tracee, instead of letting the buffer grow without bound.
+            flush()
 
     def flush() -> None:
-        with lock:
-            if not batch:
-                return
-            data = b"\n".join(batch) + b"\n"
-            batch.clear()
-            out.write(data)
+        with write_lock:  # one writer at a time keeps the batches in order
+            taken = take()
+            if taken:
+                out.write(b"\n".join(taken) + b"\n")
             out.flush()
 
     def flusher() -> None:
@@ -449,10 +548,12 @@ def main() -> None:
         for line in sys.stdin.buffer:
             word, _, arg = line.strip().partition(b" ")
             if word == b"sync" and arg.isdigit():
-                with lock:
-                    batch.append(b'{"synced":' + arg + b"}")
                 try:
-                    flush()
+                    with write_lock:  # after everything observed so far
+                        for chunk in (take(), [b'{"synced":' + arg + b"}"]):
+                            if chunk:
+                                out.write(b"\n".join(chunk) + b"\n")
+                        out.flush()
                 except OSError:
                     break
         os._exit(3)

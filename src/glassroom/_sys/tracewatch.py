@@ -28,8 +28,9 @@ from ..audit._events import syscalls_for, to_record
 
 TRACER = Path(__file__).with_name("tracer.py")
 ATTACH_TIMEOUT_S = 10.0
-#: A sandbox that makes more traced calls than this gets an anomaly record
-#: and no more file events (the log must not be a way to fill the host disk).
+#: A sandbox that makes more traced calls than this is killed, with an
+#: anomaly record: the log must not be a way to fill the host's disk, and a
+#: task must not be able to outrun its audit and then act unseen.
 MAX_EVENTS = 1_000_000
 _filters: dict[str, bytes] = {}
 _next_cpu = 0  # spreads traced sandboxes over the CPUs
@@ -84,16 +85,30 @@ class TraceWatch:
         *,
         program: Path = TRACER,
         python: str = sys.executable,
+        on_fail: Callable[[str], None] | None = None,
+        run_as: tuple[int, int] | None = None,
     ) -> None:
         """``program``/``python``: a copy of tracer.py and an interpreter that a
-        non-root supervisor can read (the package may live under /root)."""
+        non-root supervisor can read (the package may live under /root).
+        ``run_as``: (uid, gid) for the tracer.  As root, glassroom passes the
+        sandbox's own host uid: it owns the sandbox's user namespaces, so it
+        may trace them, and a tracer fed hostile memory holds nothing more
+        than the sandbox already has."""
         self.level = level
         self.sink = sink
+        #: Called (once) when the audit cannot go on: the budget is spent, the
+        #: log cannot be written, or the tracer died.  The caller kills the
+        #: sandbox: a task whose calls are no longer logged must not run on.
+        self.on_fail = on_fail
         self.events = 0
+        self._closing = False
+        self._failed = False
         self._proc = subprocess.Popen(
             [python, "-I", "-S", str(program)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             close_fds=True, env={},
+            user=run_as[0] if run_as else None, group=run_as[1] if run_as else None,
+            extra_groups=[] if run_as else None,
         )  # fmt: skip
         self._thread = threading.Thread(target=self._loop, name=f"trace-{name}", daemon=True)
         self._buf = b""
@@ -190,14 +205,32 @@ class TraceWatch:
                 elif raw and (r := self._record(raw)) is not None:
                     batch.append(r)
             if batch:
-                with contextlib.suppress(Exception):  # the log reports its own errors
+                try:
                     self.sink(batch)
+                except Exception as exc:  # any failure to log is fatal
+                    self._give_up(f"cannot write the audit log: {exc}")
+            if self.events > MAX_EVENTS:
+                self._give_up(f"more than {MAX_EVENTS} traced calls: the audit budget is spent")
             if synced or not chunk:
                 with self._cond:  # only now: the batch before the marker is written
                     self._synced = max(self._synced, synced) if chunk else 1 << 62
                     self._cond.notify_all()
             if not chunk:
+                if not self._closing:
+                    code = self._proc.poll()
+                    self._give_up(f"the tracer exited unexpectedly (status {code})")
                 return
+
+    def _give_up(self, why: str) -> None:
+        if self._failed:
+            return
+        self._failed = True
+        with contextlib.suppress(Exception):
+            self.sink([("anomaly", {"reason": why, "action": "sandbox killed"}, "deny",
+                        "audit.level")])  # fmt: skip
+        if self.on_fail is not None:
+            with contextlib.suppress(Exception):
+                self.on_fail(why)
 
     def sync(self, timeout: float = 2.0) -> bool:
         """Return once every call observed so far is handed to the sink.
@@ -222,10 +255,7 @@ class TraceWatch:
     def _record(self, raw: bytes) -> Record | None:
         self.events += 1
         if self.events > MAX_EVENTS:
-            if self.events == MAX_EVENTS + 1:
-                return ("anomaly", {"reason": f"more than {MAX_EVENTS} traced calls; "
-                                    "the rest are not logged"}, "info", "audit.level")  # fmt: skip
-            return None
+            return None  # _loop kills the sandbox after this batch
         try:
             ev = json.loads(raw)
         except ValueError:
@@ -242,6 +272,7 @@ class TraceWatch:
         returns.  That is what makes destroy return only after every event
         of the sandbox is in the log.
         """
+        self._closing = True
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=timeout)
         with contextlib.suppress(OSError):  # EOF: a tracer still running exits now

@@ -6,7 +6,9 @@ but all of them hand :func:`to_record` the same raw dict, so ``audit show``,
 the tests and users read one format:
 
 * event ``file.<op>`` - ``op`` is ``open``, ``unlink``, ``rename``, ``chmod``,
-  ``link``, ``symlink``, ``mkdir``, ``rmdir``, ``truncate``, ``chown``; at
+  ``link``, ``symlink``, ``mkdir``, ``rmdir``, ``truncate``, ``chown``,
+  ``mknod``, ``utime``, ``xattr`` (the fd forms too: ``fchmod``,
+  ``ftruncate``, ``fsetxattr``, ... name the file the fd points to); at
   level ``syscalls`` also ``stat``, ``access``, ``readlink``, ``chdir``.
 * event ``exec`` - a process exec: ``path``, ``argv``, ``ppid``/``parent``.
 
@@ -40,7 +42,13 @@ FILE_SYSCALLS: dict[str, str] = {
     "mkdir": "mkdir", "mkdirat": "mkdir",
     "rmdir": "rmdir",
     "truncate": "truncate",
-    "chown": "chown", "lchown": "chown", "fchownat": "chown",
+    "chown": "chown", "lchown": "chown", "fchownat": "chown", "fchown": "chown",
+    "fchmod": "chmod",
+    "ftruncate": "truncate", "fallocate": "truncate",
+    "mknod": "mknod", "mknodat": "mknod",
+    "utime": "utime", "utimes": "utime", "futimesat": "utime", "utimensat": "utime",
+    "setxattr": "xattr", "lsetxattr": "xattr", "fsetxattr": "xattr",
+    "removexattr": "xattr", "lremovexattr": "xattr", "fremovexattr": "xattr",
 }  # fmt: skip
 EXEC_SYSCALLS = ("execve", "execveat")
 #: Added at level ``syscalls``: metadata reads and moves.
@@ -52,9 +60,10 @@ META_SYSCALLS: dict[str, str] = {
 }  # fmt: skip
 
 #: Ops that change the tree: a refusal of one is a ``filesystem.write`` refusal.
-WRITE_OPS = frozenset(
-    {"unlink", "rename", "chmod", "link", "symlink", "mkdir", "rmdir", "truncate", "chown"}
-)
+WRITE_OPS = frozenset({
+    "unlink", "rename", "chmod", "link", "symlink", "mkdir", "rmdir", "truncate", "chown",
+    "mknod", "utime", "xattr",
+})  # fmt: skip
 _OPEN_WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND")
 #: Errors that mean "a wall said no", as opposed to ENOENT, EEXIST, ...
 DENIED = frozenset({"EACCES", "EPERM", "EROFS"})
@@ -62,6 +71,7 @@ DENIED = frozenset({"EACCES", "EPERM", "EROFS"})
 MAX_PATH = 1024
 MAX_ARGV = 256
 MAX_ARG = 1024
+MAX_ARGV_CHARS = 8192
 
 
 def syscalls_for(level: str) -> tuple[str, ...]:
@@ -115,8 +125,31 @@ def classify(op: str, result: str, flags: str = "") -> tuple[str, str | None]:
 
 
 def _clip(text: Any, limit: int = MAX_PATH) -> str:
+    """Bounded, keeping both ends: the file name at the end of a long path
+    matters as much as where it starts."""
     s = str(text)
-    return s if len(s) <= limit else s[:limit] + "…"
+    if len(s) <= limit:
+        return s
+    half = limit // 2
+    return f"{s[:half]}…({len(s) - 2 * half} chars)…{s[-half:]}"
+
+
+def _argv(argv: list[Any]) -> list[str]:
+    """At most MAX_ARGV arguments and MAX_ARGV_CHARS characters in all, so
+    one exec cannot make a 64 KiB record (or a thousand of them fill a disk)."""
+    out: list[str] = []
+    budget = MAX_ARGV_CHARS
+    for i, a in enumerate(argv[:MAX_ARGV]):
+        text = _clip(a, min(MAX_ARG, max(budget, 16)))
+        if budget <= 0:
+            out.append(f"…({len(argv) - i} more arguments)")
+            break
+        out.append(text)
+        budget -= len(text)
+    else:
+        if len(argv) > MAX_ARGV:
+            out.append(f"…({len(argv) - MAX_ARGV} more arguments)")
+    return out
 
 
 def to_record(raw: dict[str, Any], source: str) -> tuple[str, dict[str, Any], str, str | None]:
@@ -130,9 +163,13 @@ def to_record(raw: dict[str, Any], source: str) -> tuple[str, dict[str, Any], st
     result = _clip(raw.get("result", "?"), 32)
     flags = _clip(raw.get("flags", ""), 128) if raw.get("flags") else ""
     details: dict[str, Any] = {"syscall": syscall, "path": _clip(raw.get("path", ""))}
-    for key in ("path2", "mode", "parent"):
+    for key in ("path2", "mode", "parent", "exe", "path_arg", "path_at_exit", "path2_at_exit"):
         if raw.get(key) is not None:
             details[key] = _clip(raw[key])
+    if raw.get("path_changed") is True:
+        # Another thread rewrote the path while the call ran: which of the
+        # two the kernel used is unknown, so both are kept.
+        details["path_changed"] = True
     if flags:
         details["flags"] = flags
     for key in ("pid", "ppid"):
@@ -140,9 +177,10 @@ def to_record(raw: dict[str, Any], source: str) -> tuple[str, dict[str, Any], st
         if isinstance(value, int) and not isinstance(value, bool):
             details[key] = value
     if op == "exec":
-        argv = raw.get("argv")
-        if isinstance(argv, list):
-            details["argv"] = [_clip(a, MAX_ARG) for a in argv[:MAX_ARGV]]
+        for key in ("argv", "argv_arg"):
+            argv = raw.get(key)
+            if isinstance(argv, list):
+                details[key] = _argv(argv)
     details["result"] = result
     details["source"] = source
     decision, rule = classify(op, result, flags)

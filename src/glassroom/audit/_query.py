@@ -251,7 +251,13 @@ def timeline_fields(rec: dict[str, Any]) -> tuple[str, str, str, str]:
     if event.startswith("file."):  # the SDK's file API: {"path": ...}
         return event[5:], str(d.get("path", "")), "", result
     if event == "exec":
-        return "exec", _argv(d.get("argv")) or str(d.get("path", "")), "", result
+        shown = _argv(d.get("argv")) or str(d.get("path", ""))
+        argv0 = (d.get("argv") or [""])[0] if isinstance(d.get("argv"), list) else ""
+        path = str(d.get("exe") or d.get("path") or "")
+        # argv[0] is the caller's choice: when it does not name what ran, show that.
+        if path and argv0 not in (path, path.rsplit("/", 1)[-1]):
+            shown = f"{path} ← {shown}"
+        return "exec", shown, "", result
     if event == "blocked":
         return str(d.get("action", "blocked")), str(d.get("target", "")), "", "blocked"
     if event == "command.started":

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
+import json
 import math
 import os
 import socket
@@ -202,6 +204,23 @@ def format_syslog(
 
 _Item = tuple[bytes, str, str, str]
 
+#: Larger datagrams are cut by most receivers (and over 65,507 bytes cannot
+#: be sent at all): a sandbox must not make its own records undeliverable
+#: with one huge argv.  A larger record goes as a stub that names it.
+MAX_UDP_MESSAGE = 8192
+
+
+def _udp_stub(line: bytes) -> bytes:
+    """The record's identity without its details: seq and hash find the full
+    record in the JSONL file, and the sha256 of the line proves the match."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        rec = {}
+    keep = {k: rec.get(k) for k in ("seq", "ts", "sandbox", "event", "decision", "rule", "hash")}
+    keep["_truncated"] = {"bytes": len(line), "sha256": hashlib.sha256(line).hexdigest()}
+    return json.dumps(keep, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
 
 class SyslogSink:
     """One syslog receiver: a bounded queue drained by a daemon thread."""
@@ -305,6 +324,11 @@ class SyslogSink:
         )
         try:
             if self.config.transport == "udp":
+                if len(message) > MAX_UDP_MESSAGE:
+                    message = format_syslog(
+                        _udp_stub(line), event, decision, ts,
+                        facility=self.config.facility, hostname=self._hostname,
+                    )  # fmt: skip
                 self._send_udp(message)
             else:
                 self._send_tcp(b"%d " % len(message) + message)

@@ -176,6 +176,7 @@ class GvisorInstance(FileOps):
         with contextlib.suppress(OSError):  # fewer stalls of the sentry on a full FIFO
             fcntl.fcntl(trace_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
         self._tracer = Tracer(trace_fd, self.on_event, self.sandbox_id, self.plan)
+        self._tracer.on_overflow = self._audit_overflow
         lim = self.plan.limits
         mem = lim.memory_bytes + lim.disk_bytes + SENTRY_OVERHEAD_BYTES
         self.cg = cgroups.CgroupSet.create(
@@ -528,6 +529,11 @@ class GvisorInstance(FileOps):
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and self.dead_reason is None
+
+    def _audit_overflow(self) -> None:
+        """Kill from another thread: the tracer's own thread must keep draining."""
+        threading.Thread(target=self.kill, name=f"audit-kill-{self.sandbox_id}",
+                         daemon=True).start()  # fmt: skip
 
     def kill(self) -> None:
         """SIGKILL everything in the sandbox's cgroups: runsc, its gofer, the sentry, stubs."""
@@ -1048,6 +1054,8 @@ class Tracer:
         self.net_reason = ("no route: the only way out is the egress proxy" if proxied
                            else "no network: loopback only")  # fmt: skip
         self.on_event = on_event
+        #: Set by the instance: kills the sandbox when the event budget is spent.
+        self.on_overflow: Callable[[], None] | None = None
         self.sandbox_id = sandbox_id
         self.level = plan.audit_level if plan.audit_level in _events.LEVELS else "actions"
         self._watched = frozenset(_events.syscalls_for(self.level))
@@ -1151,8 +1159,12 @@ class Tracer:
     def _emit(self, record: Record) -> None:
         self.events += 1
         if self.events == MAX_EVENTS:
-            why = f"more than {MAX_EVENTS} traced events; the rest are not logged"
-            self._batch.append(("anomaly", {"reason": why}, "info", "audit"))
+            # Fail closed, as on namespaces: a task must not outrun its audit.
+            why = f"more than {MAX_EVENTS} traced events: the audit budget is spent"
+            self._batch.append(("anomaly", {"reason": why, "action": "sandbox killed"},
+                                "deny", "audit.level"))  # fmt: skip
+            if self.on_overflow is not None:
+                self.on_overflow()
         elif self.events < MAX_EVENTS:
             self._batch.append(record)
 

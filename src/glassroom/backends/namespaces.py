@@ -268,6 +268,8 @@ class NamespacesInstance(FileOps):
             self._trace = tracewatch.TraceWatch(
                 self.plan.audit_level, self._trace_sink(), self.sandbox_id,
                 program=init_dir / "tracer.py", python=PYTHON_FOR_INIT,
+                on_fail=self._audit_failed,
+                run_as=_config.sandbox_ids() if _config.is_root() else None,
             )  # fmt: skip
         self._write_record()
         lim = self.plan.limits
@@ -403,6 +405,12 @@ class NamespacesInstance(FileOps):
                 self.on_event(event, details, decision, rule)
 
         return one_by_one
+
+    def _audit_failed(self, why: str) -> None:
+        """Fail closed: a sandbox whose calls can no longer be logged dies."""
+        if self.dead_reason is None:
+            self.dead_reason = f"audit.level: {why}"
+        self.kill()
 
     def _attach_tracer(self) -> None:
         """Seize the init before it gets any request: every command is traced."""

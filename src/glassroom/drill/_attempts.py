@@ -178,6 +178,29 @@ def attempts(ctx: Ctx) -> list[Attempt]:
             rule="tools.allow",
         ),  # fmt: skip
         Attempt(
+            "exec-via-memfd",
+            "copy a non-allowed tool into a memfd and exec it from there",
+            ["python3", "-c", PY_ERRNO + "import os\n"
+             "def f():\n"
+             "    try:  # MFD_NOEXEC_SEAL (Linux >= 6.3)\n"
+             "        fd = os.memfd_create('ok', os.MFD_CLOEXEC | 8)\n"
+             "    except OSError:  # older kernels and gVisor: shared memory in /dev/shm\n"
+             "        fd = os.open('/dev/shm/ok', os.O_RDWR | os.O_CREAT, 0o600)\n"
+             "    os.write(fd, b'x')\n"
+             "run(f)\n"],
+            ["python3", "-c", PY_ERRNO + "import os\n"
+             "def f():\n"
+             "    fd = os.memfd_create('evil', 0)\n"
+             f"    os.write(fd, open({c.not_allowed_tool!r}, 'rb').read())\n"
+             "    os.execv('/proc/self/fd/%d' % fd, ['evil', '--version'])\n"
+             "run(f)\n"],
+            lambda t, a, x: (
+                _said(t, "OK"),
+                _said(a, "ERR EPERM") and "coreutils" not in a.stdout.lower(),
+                a.stdout.strip()[-60:],
+            ),
+        ),  # fmt: skip
+        Attempt(
             "exec-from-shell",
             "exec a non-allowed tool from an allowed shell",
             ["sh", "-c", "ls / >/dev/null && echo OK"],

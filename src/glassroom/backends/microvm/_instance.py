@@ -65,9 +65,10 @@ TRACE_SOURCE = "guest agent (untrusted)"
 MAX_TRACE_PER_FRAME = 1024
 #: Reports per sandbox; past it one anomaly, and the rest are not logged.
 MAX_TRACE_EVENTS = tracewatch.MAX_EVENTS
-_TRACE_STR = ("syscall", "path", "path2", "flags", "mode", "result", "parent")
+_TRACE_STR = ("syscall", "path", "path2", "flags", "mode", "result", "parent", "exe",
+              "path_arg", "path_at_exit", "path2_at_exit")  # fmt: skip
 _TRACE_INT = ("pid", "ppid")
-_RESULT = re.compile(r"ok|E[A-Z0-9_]{1,30}|unfinished \(process ended\)")
+_RESULT = re.compile(r"ok|E[A-Z0-9_]{1,30}|unfinished \(process ended\)|unknown \([a-z ]{1,60}\)")
 Record = tuple[str, dict[str, Any], str, "str | None"]
 
 
@@ -555,11 +556,15 @@ class MicrovmInstance(FileOps):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 32:
                 return None
             out[key] = value
-        argv = ev.get("argv")
-        if argv is not None:
+        for key in ("argv", "argv_arg"):
+            argv = ev.get(key)
+            if argv is None:
+                continue
             if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv[:MAX_ARGV]):
                 return None
-            out["argv"] = [_text(a) for a in argv[:MAX_ARGV]]
+            out[key] = [_text(a) for a in argv[:MAX_ARGV]]
+        if ev.get("path_changed") is True:
+            out["path_changed"] = True
         if not _RESULT.fullmatch(out.get("result", "")):
             return None
         return out
