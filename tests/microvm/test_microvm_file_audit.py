@@ -23,29 +23,7 @@ from glassroom.policy import parse_policy
 
 FILES = parse_policy('[audit]\nlevel = "files"\n')
 SOURCE = "guest agent (untrusted)"
-#: In the guest image (copied for the drill), not in tools.allow.
-DENIED_TOOL = "/usr/bin/perl"
 
-SCRIPT = r"""
-import os, subprocess, sys
-with open("/workspace/a.txt", "w") as f:
-    f.write("hello")
-with open("/workspace/a.txt") as f:
-    assert f.read() == "hello"
-os.rename("/workspace/a.txt", "/workspace/b.txt")
-os.unlink("/workspace/b.txt")
-subprocess.run(["ls"], check=True)
-try:
-    open("/usr/x", "w")
-    print("WRITE-ALLOWED")
-except OSError as e:
-    print("write refused", e.errno)
-try:
-    subprocess.run([sys.argv[1], "-v"])
-    print("EXEC-ALLOWED")
-except OSError as e:
-    print("exec refused", e.errno)
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -71,51 +49,6 @@ def _find(recs: list[dict[str, Any]], event: str, **want: Any) -> int:
 
 def _has(flag: str) -> Any:
     return lambda f: isinstance(f, str) and flag in f.split("|")
-
-
-def test_scripted_task_in_the_guest(audit_log: Path) -> None:
-    with Sandbox(FILES, backend="microvm", audit_log=audit_log) as sb:
-        walls = sb.walls
-        res = sb.run(["python3", "-c", SCRIPT, DENIED_TOOL])
-        sid = sb.id
-    assert res.exit_code == 0, res.stderr
-    assert "write refused" in res.stdout and "exec refused" in res.stdout, res.stdout
-    assert "ALLOWED" not in res.stdout
-    fa = walls["file_audit"]
-    assert fa["level"] == "files" and "untrusted" in fa["how"] and "openat" in fa["syscalls"]
-
-    recs = [r for r in read_records(audit_log) if r["sandbox"] == sid]
-    traced = _traced(recs)
-    assert traced, "no traced record at all"
-    for r in traced:  # every report is marked as the guest's claim
-        assert r["details"]["untrusted"] is True and r["details"]["source"] == SOURCE
-        assert r["event"] == "exec" or r["event"].startswith("file.")
-
-    order = [
-        _find(traced, "exec", result="ok", path="/usr/bin/python3"),
-        _find(traced, "file.open", path="/workspace/a.txt", flags=_has("O_CREAT"), result="ok"),
-        _find(traced, "file.open", path="/workspace/a.txt", flags=_has("O_RDONLY"), result="ok"),
-        _find(
-            traced, "file.rename", path="/workspace/a.txt", path2="/workspace/b.txt", result="ok"
-        ),
-        _find(traced, "file.unlink", path="/workspace/b.txt", result="ok"),
-        _find(traced, "exec", result="ok", argv=["ls"], path=lambda p: p.endswith("/ls")),
-    ]
-    assert order == sorted(order), f"accesses out of order: {order}"
-    assert all(traced[i]["decision"] == "allow" for i in order)
-
-    write = traced[_find(traced, "file.open", path="/usr/x")]
-    assert (write["decision"], write["rule"]) == ("deny", "filesystem.write"), write
-    assert write["details"]["result"] in ("EACCES", "EROFS")
-    exe = traced[_find(traced, "exec", path=DENIED_TOOL)]
-    assert (exe["decision"], exe["rule"]) == ("deny", "tools.allow"), exe
-    assert exe["details"]["result"] == "EACCES"
-    assert order[-1] < traced.index(write) < traced.index(exe)
-
-    # All of the command's reports are in the log before its end is.
-    ended = next(i for i, r in enumerate(recs) if r["event"] == "command.ended")
-    assert recs.index(exe) < ended
-    assert verify(audit_log).ok
 
 
 def test_files_api_and_syscalls_level(audit_log: Path) -> None:

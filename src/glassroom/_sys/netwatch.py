@@ -39,6 +39,8 @@ from typing import Any
 
 import pyseccomp
 
+from .seccomp import export_bpf
+
 _NOTIF_SIZE = 80  # struct seccomp_notif
 _RESP_SIZE = 24  # struct seccomp_notif_resp
 IOCTL_RECV = 0xC0502100
@@ -64,17 +66,7 @@ def filter_program() -> bytes:
     f.add_rule(notify, "sendmmsg")
     f.add_rule(notify, "socket", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, 0xF, socket.SOCK_RAW))
     f.add_rule(notify, "socket", pyseccomp.Arg(0, pyseccomp.EQ, 17))  # AF_PACKET
-    fd = os.memfd_create("glassroom-netwatch", os.MFD_CLOEXEC)
-    try:
-        with os.fdopen(os.dup(fd), "rb", closefd=True) as wrapper:
-            f.export_bpf(wrapper)
-        os.lseek(fd, 0, os.SEEK_SET)
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    _bpf_cache = b"".join(chunks)
+    _bpf_cache = export_bpf(f, "netwatch")
     return _bpf_cache
 
 

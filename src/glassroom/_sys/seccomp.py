@@ -192,7 +192,23 @@ def _compile(name: str) -> _Compiled:
                 raise WallError(f"seccomp: cannot add rule for {sc}: {exc.strerror}") from exc
     if skipped:
         log.info("seccomp profile %s: not on this arch, skipped: %s", name, ", ".join(skipped))
-    fd = os.memfd_create(f"glassroom-seccomp-{name}", os.MFD_CLOEXEC)
+    try:
+        bpf = export_bpf(filt, name)
+    except OSError as exc:
+        raise WallError(f"seccomp: cannot export BPF program: {exc}") from exc
+    if not bpf or len(bpf) % 8:
+        raise WallError(f"seccomp: libseccomp exported a malformed program ({len(bpf)} bytes)")
+    return _Compiled(bpf, tuple(skipped))
+
+
+def export_bpf(filt: Any, name: str) -> bytes:
+    """A libseccomp filter as classic-BPF bytes (``struct sock_filter[]``).
+
+    libseccomp only writes to a file descriptor, so it writes to a memfd
+    that is then read back.  Shared by the profile, the network watch and
+    the file-audit filter.
+    """
+    fd = os.memfd_create(f"glassroom-bpf-{name}", os.MFD_CLOEXEC)
     try:
         with os.fdopen(os.dup(fd), "rb", closefd=True) as wrapper:
             filt.export_bpf(wrapper)
@@ -200,14 +216,9 @@ def _compile(name: str) -> _Compiled:
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
-    except OSError as exc:
-        raise WallError(f"seccomp: cannot export BPF program: {exc}") from exc
     finally:
         os.close(fd)
-    bpf = b"".join(chunks)
-    if not bpf or len(bpf) % 8:
-        raise WallError(f"seccomp: libseccomp exported a malformed program ({len(bpf)} bytes)")
-    return _Compiled(bpf, tuple(skipped))
+    return b"".join(chunks)
 
 
 def _compiled(name: str) -> _Compiled:

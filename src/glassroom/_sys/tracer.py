@@ -169,12 +169,13 @@ _readv.argtypes = (
 _readv.restype = ctypes.c_ssize_t
 
 
-def _flags_text(flags: int) -> str:
+def flags_text(flags: int) -> str:
+    """``O_WRONLY|O_CREAT|O_TRUNC`` from an open's numeric flags (x86-64/arm64 values)."""
     acc = ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")[flags & 3]
     names = [acc]
     for bit, name in (
         (0o100, "O_CREAT"), (0o200, "O_EXCL"), (0o1000, "O_TRUNC"), (0o2000, "O_APPEND"),
-        (0o200000, "O_DIRECTORY"), (0o400000, "O_NOFOLLOW"), (0o20000000, "O_PATH"),
+        (0o200000, "O_DIRECTORY"), (0o400000, "O_NOFOLLOW"), (0o10000000, "O_PATH"),
     ):  # fmt: skip
         if flags & bit:
             names.append(name)
@@ -304,12 +305,12 @@ class Tracer:
                 if names:
                     ev["flags"] = "|".join(names)
             elif role == "flags":
-                ev["flags"] = _flags_text(a)
+                ev["flags"] = flags_text(a)
             elif role == "how":
                 how = self._read(pid, a, 16)
                 if len(how) == 16:
                     fl = int.from_bytes(how[:8], "little")
-                    ev["flags"] = _flags_text(fl)
+                    ev["flags"] = flags_text(fl)
                     if fl & 0o100:
                         ev["mode"] = oct(int.from_bytes(how[8:16], "little") & 0o7777)
             elif role == "mode":

@@ -25,6 +25,7 @@ import pyseccomp
 
 from .._errors import WallError
 from ..audit._events import syscalls_for, to_record
+from .seccomp import export_bpf
 
 TRACER = Path(__file__).with_name("tracer.py")
 ATTACH_TIMEOUT_S = 10.0
@@ -56,17 +57,7 @@ def filter_program(level: str) -> bytes:
     f = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     for nr in syscall_table(level):
         f.add_rule(pyseccomp.TRACE(0), nr)
-    fd = os.memfd_create("glassroom-trace", os.MFD_CLOEXEC)
-    try:
-        with os.fdopen(os.dup(fd), "rb", closefd=True) as wrapper:
-            f.export_bpf(wrapper)
-        os.lseek(fd, 0, os.SEEK_SET)
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    _filters[level] = b"".join(chunks)
+    _filters[level] = export_bpf(f, "trace-" + level)
     return _filters[level]
 
 

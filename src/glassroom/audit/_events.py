@@ -29,6 +29,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._sys.tracer import flags_text as open_flags
+
+__all__ = ["classify", "op_of", "open_flags", "syscalls_for", "to_record", "writes"]
+
 LEVELS = ("actions", "files", "syscalls")
 
 #: Syscall -> file op, at level ``files``.
@@ -89,20 +93,6 @@ def op_of(syscall: str) -> str | None:
     if syscall in EXEC_SYSCALLS:
         return "exec"
     return FILE_SYSCALLS.get(syscall) or META_SYSCALLS.get(syscall)
-
-
-def open_flags(flags: int) -> str:
-    """``O_WRONLY|O_CREAT|O_TRUNC`` from the numeric flags of an open (x86-64/arm64)."""
-    acc = ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")[flags & 3]
-    names = [acc]
-    for bit, name in (
-        (0o100, "O_CREAT"), (0o200, "O_EXCL"), (0o1000, "O_TRUNC"), (0o2000, "O_APPEND"),
-        (0o200000, "O_DIRECTORY"), (0o400000, "O_NOFOLLOW"), (0o20000000, "O_PATH"),
-        (0o20200000, "O_TMPFILE"),
-    ):  # fmt: skip
-        if flags & bit == bit and not (name == "O_DIRECTORY" and flags & 0o20200000 == 0o20200000):
-            names.append(name)
-    return "|".join(names)
 
 
 def writes(op: str, flags: str = "") -> bool:
