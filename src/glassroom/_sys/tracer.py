@@ -169,19 +169,33 @@ _readv.argtypes = (
 _readv.restype = ctypes.c_ssize_t
 
 
+_FLAG_BITS = tuple(
+    (getattr(os, name), name)
+    for name in ("O_CREAT", "O_EXCL", "O_TRUNC", "O_APPEND", "O_DIRECTORY", "O_NOFOLLOW", "O_PATH")
+)
+
+
 def flags_text(flags: int) -> str:
-    """``O_WRONLY|O_CREAT|O_TRUNC`` from an open's numeric flags (x86-64/arm64 values)."""
-    acc = ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")[flags & 3]
-    names = [acc]
-    for bit, name in (
-        (0o100, "O_CREAT"), (0o200, "O_EXCL"), (0o1000, "O_TRUNC"), (0o2000, "O_APPEND"),
-        (0o200000, "O_DIRECTORY"), (0o400000, "O_NOFOLLOW"), (0o10000000, "O_PATH"),
-    ):  # fmt: skip
-        if flags & bit:
-            names.append(name)
-    if flags & 0o20200000 == 0o20200000:
+    """``O_WRONLY|O_CREAT|O_TRUNC`` from an open's numeric flags.
+
+    The values are this machine's (``os.O_*``): the tracer always runs on the
+    tracee's own architecture, where O_DIRECTORY and friends differ (arm64).
+    """
+    names = [("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")[flags & 3]]
+    names += [name for bit, name in _FLAG_BITS if flags & bit]
+    if flags & os.O_TMPFILE == os.O_TMPFILE:  # O_TMPFILE includes O_DIRECTORY's bit
         names = [n for n in names if n != "O_DIRECTORY"] + ["O_TMPFILE"]
     return "|".join(names)
+
+
+def _text(raw: bytes) -> str:
+    """One decoding for every name (memory, readlink, cmdline), so the same
+    bytes compare equal and invalid UTF-8 stays visible as ``\\xNN``."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _readlink(path: str) -> str:
+    return _text(os.readlink(os.fsencode(path)))
 
 
 class Tracer:
@@ -243,8 +257,7 @@ class Tracer:
                 raw += chunk[:nul]
                 break
             raw += chunk
-        # Invalid UTF-8 stays visible as \xNN rather than a "?" two names share.
-        return raw.decode("utf-8", "backslashreplace")
+        return _text(raw)
 
     def _argv(self, pid: int, addr: int) -> list[str]:
         ptrs = self._read(pid, addr, 8 * MAX_ARGV)
@@ -259,7 +272,7 @@ class Tracer:
     def _base(self, pid: int, dirfd: int) -> str:
         link = "cwd" if dirfd & 0xFFFFFFFF == _AT_FDCWD else f"fd/{dirfd & 0xFFFFFFFF}"
         try:
-            return os.readlink(f"/proc/{pid}/{link}")
+            return _readlink(f"/proc/{pid}/{link}")
         except OSError:
             return f"<{link}>"
 
@@ -289,6 +302,7 @@ class Tracer:
         ev: dict[str, Any] = {"syscall": name, "pid": self._ns(pid)}
         dirfd = dirfd2 = _AT_FDCWD
         addrs: list[tuple[str, int, str]] = []
+        from_fd = False
         for i, role in enumerate(roles):
             a = args[i]
             if role == "dirfd":
@@ -298,8 +312,9 @@ class Tracer:
             elif role in ("path", "path2"):
                 ev[role] = self._string(pid, a)
                 addrs.append((role, a, ev[role]))
-            elif role == "fd":
+            elif role == "fd":  # the file the fd names: already absolute (or <fd/N>)
                 ev["path"] = self._base(pid, a)
+                from_fd = True
             elif role == "rflags":
                 names = [n for bit, n in _RENAME_FLAGS if a & bit]
                 if names:
@@ -327,6 +342,8 @@ class Tracer:
             p = ev.get(key)
             if p is None or p.startswith("/") or (key == "path2" and name.startswith("symlink")):
                 continue
+            if key == "path" and from_fd:
+                continue
             base = self._base(pid, fd)
             ev[key] = base if not p else (base.rstrip("/") + "/" + p)
         if addrs and not name.startswith("exec"):
@@ -347,7 +364,7 @@ class Tracer:
     def _exec_truth(self, pid: int, ev: dict[str, Any]) -> None:
         """After a successful exec: what the kernel loaded and the argv it copied."""
         try:
-            exe = os.readlink(f"/proc/{pid}/exe")
+            exe = _readlink(f"/proc/{pid}/exe")
             if exe != ev.get("path"):
                 ev["exe"] = exe
         except OSError:
@@ -357,7 +374,7 @@ class Tracer:
                 raw = f.read(MAX_ARG * 8)
         except OSError:
             return
-        argv = [a.decode("utf-8", "replace")[:MAX_ARG] for a in raw.split(b"\0")[:-1]]
+        argv = [_text(a)[:MAX_ARG] for a in raw.split(b"\0")[:-1]]
         if argv and argv != ev.get("argv", [])[: len(argv)]:
             ev["argv_arg"] = ev.get("argv")
             ev["argv"] = argv
@@ -381,7 +398,12 @@ class Tracer:
 
     def _on_exit(self, pid: int) -> None:
         ev = self.pending.pop(pid, None)
-        if ev is None or self._info_op(pid) != INFO_EXIT:
+        if ev is None:
+            return
+        if self._info_op(pid) != INFO_EXIT:  # killed at this very stop: say so
+            ev.pop("_addrs", None)
+            ev["result"] = "unknown (no exit state)"
+            self.emit(ev)
             return
         raw = self._info.raw
         rval = int.from_bytes(raw[24:32], "little", signed=True)
@@ -398,7 +420,8 @@ class Tracer:
         The path was copied from the tracee at the seccomp stop; the kernel
         copies it again after we resume, and another thread may rewrite the
         buffer in between.  A successful open leaves an fd whose target is
-        the kernel's truth (``/proc/PID/fd/N``): that becomes ``path``, and
+        the kernel's view (``/proc/PID/fd/N``; best effort: another thread
+        could ``dup2`` over that fd before we look): that becomes ``path``, and
         what memory said is kept as ``path_arg`` when it differs.  For calls
         without an fd, the buffer is read again at exit: if it changed, the
         record says ``path_changed`` and keeps both readings.
@@ -406,7 +429,7 @@ class Tracer:
         addrs = ev.pop("_addrs", ())
         if ev["syscall"] in _OPENS and ev["result"] == "ok" and rval >= 0:
             try:
-                real = os.readlink(f"/proc/{pid}/fd/{rval}")
+                real = _readlink(f"/proc/{pid}/fd/{rval}")
             except OSError:
                 real = None
             if real is not None and real != os.path.normpath(ev.get("path", "")):
@@ -434,7 +457,7 @@ class Tracer:
                 ev = self.pending.pop(pid, None)
                 if ev is not None:
                     ev.pop("_addrs", None)
-                    ev["result"] = "unknown (process ended during the call)"
+                    ev["result"] = "unknown (process ended)"
                     self.emit(ev)
                 self.known.discard(pid)
                 self.parent.pop(pid, None)
@@ -465,7 +488,7 @@ class Tracer:
                     lost = self.pending.pop(pid, None)
                     if lost is not None:  # the leader's call never returns now
                         lost.pop("_addrs", None)
-                        lost["result"] = "unknown (another thread ran exec)"
+                        lost["result"] = "unknown (thread group exec)"
                         self.emit(lost)
                     self.pending[pid] = self.pending.pop(former)
             self.nspid.pop(pid, None)

@@ -207,8 +207,12 @@ class TraceWatch:
                     self._synced = max(self._synced, synced) if chunk else 1 << 62
                     self._cond.notify_all()
             if not chunk:
-                if not self._closing:
-                    code = self._proc.poll()
+                code: int | None = None
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = self._proc.wait(timeout=1)
+                # Status 0: the last tracee is gone, nothing runs unseen.  Any
+                # other end while the sandbox lives is a lost audit.
+                if code != 0 and not self._closing:
                     self._give_up(f"the tracer exited unexpectedly (status {code})")
                 return
 
@@ -220,8 +224,10 @@ class TraceWatch:
             self.sink([("anomaly", {"reason": why, "action": "sandbox killed"}, "deny",
                         "audit.level")])  # fmt: skip
         if self.on_fail is not None:
-            with contextlib.suppress(Exception):
-                self.on_fail(why)
+            # Not on this thread: it must keep draining the tracer, or the
+            # tracer blocks and the killed tracees cannot be reaped.
+            threading.Thread(target=self.on_fail, args=(why,), daemon=True,
+                             name="audit-fail").start()  # fmt: skip
 
     def sync(self, timeout: float = 2.0) -> bool:
         """Return once every call observed so far is handed to the sink.

@@ -118,10 +118,9 @@ def _clip(text: Any, limit: int = MAX_PATH) -> str:
     """Bounded, keeping both ends: the file name at the end of a long path
     matters as much as where it starts."""
     s = str(text)
-    if len(s) <= limit:
-        return s
     half = limit // 2
-    return f"{s[:half]}…({len(s) - 2 * half} chars)…{s[-half:]}"
+    marked = f"{s[:half]}…({len(s) - 2 * half} chars)…{s[-half:]}"
+    return s if len(s) <= max(limit, len(marked)) else marked
 
 
 def _argv(argv: list[Any]) -> list[str]:
@@ -150,7 +149,7 @@ def to_record(raw: dict[str, Any], source: str) -> tuple[str, dict[str, Any], st
     """
     syscall = _clip(raw.get("syscall", ""), 32)
     op = op_of(syscall) or "unknown"
-    result = _clip(raw.get("result", "?"), 32)
+    result = _clip(raw.get("result", "?"), 64)
     flags = _clip(raw.get("flags", ""), 128) if raw.get("flags") else ""
     details: dict[str, Any] = {"syscall": syscall, "path": _clip(raw.get("path", ""))}
     for key in ("path2", "mode", "parent", "exe", "path_arg", "path_at_exit", "path2_at_exit"):

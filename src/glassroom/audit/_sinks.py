@@ -217,6 +217,8 @@ def _udp_stub(line: bytes) -> bytes:
         rec = json.loads(line)
     except ValueError:
         rec = {}
+    if not isinstance(rec, dict):
+        rec = {}
     keep = {k: rec.get(k) for k in ("seq", "ts", "sandbox", "event", "decision", "rule", "hash")}
     keep["_truncated"] = {"bytes": len(line), "sha256": hashlib.sha256(line).hexdigest()}
     return json.dumps(keep, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()

@@ -862,6 +862,9 @@ _O_BITS = {
     "O_NOATIME": 0o1000000, "O_CLOEXEC": 0o2000000, "O_SYNC": 0o4010000,
     "O_PATH": 0o10000000, "O_TMPFILE": 0o20200000,
 }  # fmt: skip
+# The x86-64 values above document runsc's output; what _events.open_flags
+# reads are this machine's own (they differ on arm64).
+_O_BITS = {name: getattr(os, name, bits) for name, bits in _O_BITS.items()}
 _O_CREAT, _O_TMPFILE = 0o100, 0o20200000
 _AT_FDCWD = 0xFFFFFF9C
 _AT_REMOVEDIR = 0x200

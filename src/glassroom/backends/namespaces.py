@@ -536,7 +536,8 @@ class NamespacesInstance(FileOps):
             reason = f"supervisor error: {type(exc).__name__}"
             self._violation(f"reader stopped: {exc!r}")
         finally:
-            self.dead_reason = reason
+            if self.dead_reason is None:  # an audit failure said why first
+                self.dead_reason = reason
             self.kill()
             self.channel.close(reason)
 
@@ -823,9 +824,10 @@ class NamespacesInstance(FileOps):
             self.channel.close("destroyed")
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=5)
-        if self._pidfd is not None:
-            close_quietly(self._pidfd)
-            self._pidfd = None
+        with self._lock:  # kill() may run on another thread (deadline, audit failure)
+            if self._pidfd is not None:
+                close_quietly(self._pidfd)
+                self._pidfd = None
         if self._netwatch is not None:
             self._netwatch.stop()
         if self._trace is not None:  # its last reports are logged before we return

@@ -526,9 +526,14 @@ class MicrovmInstance(FileOps):
             batch.append((event, details, decision, rule))
             self.trace_events += 1
             if self.trace_events == self.max_trace_events:
-                why = f"more than {self.max_trace_events} traced calls; the rest are not logged"
-                batch.append(("anomaly", {"reason": why, "seen_by": TRACE_SOURCE},
-                              "info", "audit.level"))  # fmt: skip
+                # Fail closed, as on the other tiers: a task must not outrun
+                # its audit and then act unseen.
+                why = (f"more than {self.max_trace_events} traced calls: the audit budget "
+                       "is spent")  # fmt: skip
+                batch.append(("anomaly", {"reason": why, "seen_by": TRACE_SOURCE,
+                                          "action": "sandbox killed"},
+                              "deny", "audit.level"))  # fmt: skip
+                threading.Thread(target=self.kill, daemon=True, name="audit-kill").start()
         if batch:
             self._log_many(batch)
         if bad:
