@@ -142,3 +142,19 @@ def assert_blocked(log: str | Path, sandbox_id: str, rule: str) -> list[dict[str
 
 def _summary(recs: Sequence[Mapping[str, Any]]) -> list[str]:
     return [f"{r.get('seq')} {r.get('event')} {r.get('decision')} {r.get('rule')}" for r in recs]
+
+
+def find_record(recs: Sequence[Mapping[str, Any]], event: str, **want: Any) -> int:
+    """Index of the first record with ``event`` whose details match ``want``.
+
+    A value in ``want`` is either the expected value or a predicate on it.
+    Fails with the tail of the records, so a missing access is easy to see.
+    """
+    for i, r in enumerate(recs):
+        d = r["details"]
+        if r["event"] == event and all(
+            (v(d.get(k)) if callable(v) else d.get(k) == v) for k, v in want.items()
+        ):
+            return i
+    lines = [f"{r['event']} {r['decision']} {json.dumps(r['details'])[:160]}" for r in recs]
+    raise AssertionError(f"no {event} with {want} among:\n" + "\n".join(lines[-80:]))

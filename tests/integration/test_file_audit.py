@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import records
+from conftest import find_record, records
 from glassroom import Sandbox
 from glassroom.audit import verify
 from glassroom.policy import parse_policy
@@ -53,17 +53,6 @@ def _inside(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and "source" in r["details"])]  # fmt: skip
 
 
-def _index(recs: list[dict[str, Any]], event: str, **want: Any) -> int:
-    for i, r in enumerate(recs):
-        d = r["details"]
-        if r["event"] == event and all(
-            (v(d.get(k)) if callable(v) else d.get(k) == v) for k, v in want.items()
-        ):
-            return i
-    lines = [f"{r['event']} {r['decision']} {json.dumps(r['details'])[:160]}" for r in recs]
-    raise AssertionError(f"no {event} with {want} among:\n" + "\n".join(lines[-80:]))
-
-
 def test_scripted_task_logs_each_access_in_order(backend: str, audit_log: Path) -> None:
     with Sandbox(FILES, backend=backend, audit_log=audit_log) as sb:
         res = sb.run(["python3", "-c", SCRIPT, DENIED_TOOL])
@@ -82,21 +71,21 @@ def test_scripted_task_logs_each_access_in_order(backend: str, audit_log: Path) 
 
     # The harmless accesses: each one there, allowed, in the order it happened.
     order = [
-        _index(inside, "exec", result="ok", argv=lambda a: a and a[0] == "python3"),
-        _index(inside, "file.open", path=ends("a.txt"), flags=has("O_CREAT"), result="ok"),
-        _index(inside, "file.open", path=ends("a.txt"), flags=has("O_RDONLY"), result="ok"),
-        _index(inside, "file.rename", path=ends("a.txt"), path2=ends("b.txt"), result="ok"),
-        _index(inside, "file.unlink", path=ends("b.txt"), result="ok"),
-        _index(inside, "exec", result="ok", argv=["ls"]),
+        find_record(inside, "exec", result="ok", argv=lambda a: a and a[0] == "python3"),
+        find_record(inside, "file.open", path=ends("a.txt"), flags=has("O_CREAT"), result="ok"),
+        find_record(inside, "file.open", path=ends("a.txt"), flags=has("O_RDONLY"), result="ok"),
+        find_record(inside, "file.rename", path=ends("a.txt"), path2=ends("b.txt"), result="ok"),
+        find_record(inside, "file.unlink", path=ends("b.txt"), result="ok"),
+        find_record(inside, "exec", result="ok", argv=["ls"]),
     ]
     assert order == sorted(order), f"accesses out of order: {order}"
     for i in order:
         assert inside[i]["decision"] == "allow"
     # The malicious ones: refused, with the rule that refused them.
-    write = inside[_index(inside, "file.open", path="/usr/glassroom-denied")]
+    write = inside[find_record(inside, "file.open", path="/usr/glassroom-denied")]
     assert write["decision"] == "deny" and write["rule"] == "filesystem.write"
     assert write["details"]["result"] in ("EROFS", "EACCES")
-    exe = inside[_index(inside, "exec", path=DENIED_TOOL)]
+    exe = inside[find_record(inside, "exec", path=DENIED_TOOL)]
     assert exe["decision"] == "deny" and exe["rule"] == "tools.allow"
     assert exe["details"]["result"] == "EACCES"
     assert order[-1] < inside.index(write) < inside.index(exe)

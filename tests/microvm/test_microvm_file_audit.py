@@ -9,13 +9,13 @@ The lies a guest could tell about it are in ``test_lying_guest.py``.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import find_record
 from glassroom import Sandbox
 from glassroom.audit import read_records, verify
 from glassroom.backends.microvm import qemu
@@ -23,7 +23,6 @@ from glassroom.policy import parse_policy
 
 FILES = parse_policy('[audit]\nlevel = "files"\n')
 SOURCE = "guest agent (untrusted)"
-
 
 
 @pytest.fixture(autouse=True)
@@ -34,17 +33,6 @@ def _need_qemu() -> None:
 
 def _traced(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in recs if r["details"].get("source") == SOURCE]
-
-
-def _find(recs: list[dict[str, Any]], event: str, **want: Any) -> int:
-    for i, r in enumerate(recs):
-        d = r["details"]
-        if r["event"] == event and all(
-            (v(d.get(k)) if callable(v) else d.get(k) == v) for k, v in want.items()
-        ):
-            return i
-    lines = [f"{r['event']} {r['decision']} {json.dumps(r['details'])[:160]}" for r in recs]
-    raise AssertionError(f"no {event} with {want} among:\n" + "\n".join(lines[-80:]))
 
 
 def _has(flag: str) -> Any:
@@ -63,12 +51,16 @@ def test_files_api_and_syscalls_level(audit_log: Path) -> None:
         sid = sb.id
     recs = [r for r in read_records(audit_log) if r["sandbox"] == sid]
     traced = _traced(recs)
-    w = _find(traced, "file.open", path="/workspace/api.txt", flags=_has("O_CREAT"), result="ok")
-    r = _find(traced, "file.open", path="/workspace/api.txt", flags=_has("O_RDONLY"), result="ok")
-    denied = traced[_find(traced, "file.open", path="/usr/api.txt")]
+    w = find_record(
+        traced, "file.open", path="/workspace/api.txt", flags=_has("O_CREAT"), result="ok"
+    )
+    r = find_record(
+        traced, "file.open", path="/workspace/api.txt", flags=_has("O_RDONLY"), result="ok"
+    )
+    denied = traced[find_record(traced, "file.open", path="/usr/api.txt")]
     assert w < r < traced.index(denied)
     assert (denied["decision"], denied["rule"]) == ("deny", "filesystem.write")
-    _find(traced, "file.stat", path="/workspace/api.txt", result="ok")
+    find_record(traced, "file.stat", path="/workspace/api.txt", result="ok")
     # Each API op's reports come before the supervisor's own record of it.
     api_write = next(i for i, x in enumerate(recs) if x["event"] == "file.write")
     assert recs.index(traced[w]) < api_write
@@ -98,7 +90,7 @@ def test_escaped_descendant_is_followed_then_ended(audit_log: Path) -> None:
     assert took < 10, took
     assert "sleep(60)" not in left, left
     recs = [r for r in read_records(audit_log) if r["sandbox"] == sid]
-    late = _find(recs, "file.open", path="/workspace/late", result="ok")
+    late = find_record(recs, "file.open", path="/workspace/late", result="ok")
     ended = next(i for i, r in enumerate(recs) if r["event"] == "command.ended")
     assert late < ended
 
@@ -121,7 +113,7 @@ def test_many_calls_and_a_huge_argv(audit_log: Path) -> None:
     assert len(misses) == n
     assert [r["details"]["path"] for r in misses] == [f"/workspace/none-{i}" for i in range(n)]
     assert all(r["details"]["result"] == "ENOENT" and r["decision"] == "info" for r in misses)
-    big = recs[_find(recs, "exec", path="/usr/bin/true", argv=lambda a: a and len(a) > 2)]
+    big = recs[find_record(recs, "exec", path="/usr/bin/true", argv=lambda a: a and len(a) > 2)]
     argv = big["details"]["argv"]
     assert argv[0] == "true" and "more arguments" in argv[-1] and len(argv) < 300
     assert not [r for r in recs if r["event"] == "anomaly"]
