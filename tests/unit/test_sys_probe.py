@@ -106,3 +106,14 @@ def test_set_dumpable_roundtrip(flag: bool) -> None:
         f"print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE
     )
     assert out == str(int(flag))
+
+
+def test_ptrace_probe_says_whether_the_file_audit_can_attach() -> None:
+    from glassroom._sys import probe
+
+    ok, detail = probe.ptrace()
+    scope = "/proc/sys/kernel/yama/ptrace_scope"
+    if not os.path.exists(scope):
+        assert ok and "no Yama" in detail
+    else:
+        assert detail.startswith("kernel.yama.ptrace_scope=")

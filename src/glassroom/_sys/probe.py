@@ -102,6 +102,23 @@ def cgroups() -> dict[str, tuple[str, str]]:
         return {}
 
 
+def ptrace() -> tuple[bool, str]:
+    """Can the file audit's tracer attach to a sandbox (``audit.level = "files"``)?
+
+    Yama's ``ptrace_scope`` 3 forbids every attach; 2 needs CAP_SYS_PTRACE
+    (root).  Without Yama, the tracer may attach to processes of its own uid.
+    """
+    scope = _read("/proc/sys/kernel/yama/ptrace_scope")
+    if scope is None:
+        return True, "no Yama: the tracer attaches as the sandbox's uid"
+    scope = scope.strip()
+    if scope == "3":
+        return False, "kernel.yama.ptrace_scope=3 forbids every attach"
+    if scope == "2" and os.geteuid() != 0:
+        return False, "kernel.yama.ptrace_scope=2 allows attach only as root"
+    return True, f"kernel.yama.ptrace_scope={scope}"
+
+
 def bwrap() -> str | None:
     """``bubblewrap X.Y.Z`` or None when bwrap is not installed."""
     return _first_line(["bwrap", "--version"])

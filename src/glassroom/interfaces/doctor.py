@@ -15,11 +15,13 @@ def report() -> dict[str, Any]:
     kvm_kind, kvm_detail = probe.kvm()
     abi = probe.landlock_abi()
     bwrap = probe.bwrap()
+    ptrace_ok, ptrace_detail = probe.ptrace()
     rep: dict[str, Any] = {
         "running_as": "root" if _config.is_root() else f"uid {_config.sandbox_ids()[0]}",
         "user_namespaces": {"ok": userns_ok, "detail": userns_detail},
         "landlock": {"ok": abi > 0, "abi": abi},
         "seccomp": {"ok": sec_ok, "detail": sec_detail},
+        "file_audit": {"ok": ptrace_ok, "detail": ptrace_detail},
         "cgroups": {k: {"version": v[0], "mount": v[1]} for k, v in probe.cgroups().items()},
         "bwrap": bwrap,
         "kvm": {"kind": kvm_kind, "detail": kvm_detail},
@@ -81,6 +83,7 @@ def render(rep: dict[str, Any]) -> str:
         f"{mark(rep['landlock']['ok'])} landlock         ABI {rep['landlock']['abi']}",
         f"{mark(rep['seccomp']['ok'])} seccomp          {rep['seccomp']['detail']}",
         f"{mark(bool(rep['cgroups']))} cgroups          {cg or 'none'}",
+        f"{mark(rep['file_audit']['ok'])} file audit       {rep['file_audit']['detail']}",
         f"{mark(bool(rep['bwrap']))} bwrap            {rep['bwrap'] or 'not installed'}",
         f"{mark(rep['kvm']['kind'] == 'real')} kvm              "
         f"{rep['kvm']['kind']}: {rep['kvm']['detail']}",
