@@ -274,3 +274,22 @@ def test_spending_the_audit_budget_kills_the_sandbox(
     anomalies = [r for r in records(audit_log, sid) if r["event"] == "anomaly"]
     assert any(r["rule"] == "audit.level" and "budget" in r["details"]["reason"]
                for r in anomalies)  # fmt: skip
+
+
+def test_a_tracer_that_cannot_start_refuses_the_sandbox(
+    audit_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: no tracer, no sandbox, and the error names the rule."""
+    from glassroom import WallError
+    from glassroom._sys import tracewatch
+
+    def broken(*_a: Any) -> Any:
+        raise FileNotFoundError(2, "No such file or directory", "/usr/bin/python3")
+
+    monkeypatch.setattr(tracewatch.TraceWatch, "_spawn", staticmethod(broken))
+    with pytest.raises(WallError) as err:
+        Sandbox(FILES, backend="namespaces", audit_log=audit_log)
+    assert err.value.rule == "audit.level"
+    assert "cannot start the tracer" in str(err.value)
+    refused = [r for r in records(audit_log) if r["event"] == "sandbox.refused"]
+    assert refused and refused[-1]["rule"] == "audit.level"

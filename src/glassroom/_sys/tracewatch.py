@@ -94,18 +94,28 @@ class TraceWatch:
         self.events = 0
         self._closing = False
         self._failed = False
-        self._proc = subprocess.Popen(
+        try:
+            self._proc = self._spawn(python, program, run_as)
+        except OSError as exc:
+            raise WallError(f"audit: level {level!r}: cannot start the tracer: {exc}",
+                            rule="audit.level") from exc  # fmt: skip
+        self._thread = threading.Thread(target=self._loop, name=f"trace-{name}", daemon=True)
+        self._buf = b""
+        self._synced = 0
+        self._asked = 0
+        self._cond = threading.Condition()
+
+    @staticmethod
+    def _spawn(
+        python: str, program: Path, run_as: tuple[int, int] | None
+    ) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [python, "-I", "-S", str(program)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             close_fds=True, env={},
             user=run_as[0] if run_as else None, group=run_as[1] if run_as else None,
             extra_groups=[] if run_as else None,
         )  # fmt: skip
-        self._thread = threading.Thread(target=self._loop, name=f"trace-{name}", daemon=True)
-        self._buf = b""
-        self._synced = 0
-        self._asked = 0
-        self._cond = threading.Condition()
 
     def attach(self, pid: int) -> None:
         """Seize ``pid``; raises WallError (rule ``audit.level``) if impossible."""

@@ -502,10 +502,13 @@ class MicrovmInstance(FileOps):
             self._anomaly(f"trace report for request {rid}, which is not running")
             return
         if msg.get("error"):
+            # Reports may be missing from here on: fail closed, as on namespaces.
             self.on_event("anomaly", {"reason": "the guest's tracer ended abnormally; "
                                       "reports may be missing", "detail": msg["error"],
-                                      "request": rid, "seen_by": TRACE_SOURCE},
+                                      "request": rid, "seen_by": TRACE_SOURCE,
+                                      "action": "sandbox killed"},
                           "deny", "audit.level")  # fmt: skip
+            threading.Thread(target=self.kill, daemon=True, name="audit-kill").start()
         events: list[Any] = msg.get("events", [])
         if len(events) > MAX_TRACE_PER_FRAME:
             self._anomaly(f"trace frame for request {rid} with {len(events)} reports "
