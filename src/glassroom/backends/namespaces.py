@@ -395,12 +395,12 @@ class NamespacesInstance(FileOps):
             self.channel.send({"op": "netwatch-taken", "fd": fd})
         self.walls["network_watch"] = "seccomp user notification: connect, sendto, sendmsg, raw"
 
-    def _trace_sink(self) -> Callable[[list[tuple[str, dict[str, Any], str, str | None]]], None]:
+    def _trace_sink(self) -> Callable[[list[tracewatch.Record]], None]:
         many = getattr(self.on_event, "many", None)
         if many is not None:
-            return cast("Callable[[list[tuple[str, dict[str, Any], str, str | None]]], None]", many)
+            return cast("Callable[[list[tracewatch.Record]], None]", many)
 
-        def one_by_one(batch: list[tuple[str, dict[str, Any], str, str | None]]) -> None:
+        def one_by_one(batch: list[tracewatch.Record]) -> None:
             for event, details, decision, rule in batch:
                 self.on_event(event, details, decision, rule)
 
