@@ -73,6 +73,31 @@ class Stream(Protocol):
     def close(self) -> None: ...
 
 
+LINGER_S = 0.5
+LINGER_BYTES = 1 << 20
+
+
+async def _discard_input(client: Stream) -> None:
+    """After an error response that ends the connection: read what the client
+    still sends (a request body the refusal did not need), briefly and bounded.
+
+    Why: closing a socket whose receive queue is not empty resets the
+    connection (TCP sends RST; a Unix socket gives its peer ECONNRESET), and
+    the client may then lose the response it has not read yet.
+    """
+    deadline = asyncio.get_running_loop().time() + LINGER_S
+    left = LINGER_BYTES
+    with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError):
+        while left > 0:
+            wait = deadline - asyncio.get_running_loop().time()
+            if wait <= 0:
+                return
+            chunk = await asyncio.wait_for(client.read(min(left, CHUNK)), wait)
+            if not chunk:
+                return
+            left -= len(chunk)
+
+
 class Plain:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -327,6 +352,7 @@ class EgressProxy:
             out = (out or b"") + (conn.send(h11.Data(data=data)) or b"")
             out += conn.send(h11.EndOfMessage()) or b""
             await client.write(out)
+        await _discard_input(client)
 
     async def _decide(self, req: Request, rec: dict[str, Any]) -> Decision:
         dec = self.cfg.decider.decide(req)
