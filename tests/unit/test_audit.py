@@ -31,14 +31,8 @@ from glassroom.audit import (
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
-@pytest.fixture(autouse=True)
-def own_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test gets its own anchor key (in its own state dir) and no sinks from the env."""
-    state = tmp_path / "state"
-    monkeypatch.setenv("GLASSROOM_STATE_DIR", str(state))
-    monkeypatch.delenv("GLASSROOM_AUDIT_ANCHOR_KEY", raising=False)
-    monkeypatch.delenv("GLASSROOM_AUDIT_SINKS", raising=False)
-    return state
+#: Every test gets its own state dir (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("state")
 
 
 def canonical(obj: Any) -> bytes:

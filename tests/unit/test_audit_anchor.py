@@ -32,15 +32,8 @@ from glassroom.audit import (
 )
 from glassroom.interfaces.cli import main
 
-
-@pytest.fixture(autouse=True)
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh state dir (so a fresh anchor key) per test; no sinks from the env."""
-    state = tmp_path / "state"
-    monkeypatch.setenv("GLASSROOM_STATE_DIR", str(state))
-    monkeypatch.delenv("GLASSROOM_AUDIT_ANCHOR_KEY", raising=False)
-    monkeypatch.delenv("GLASSROOM_AUDIT_SINKS", raising=False)
-    return state
+#: Every test gets its own state dir (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("state")
 
 
 def canonical(obj: Any) -> bytes:

@@ -29,13 +29,8 @@ from glassroom.interfaces.cli import main
 SB1, SB2 = "sb-111111aaaaaa", "sb-222222bbbbbb"
 
 
-@pytest.fixture(autouse=True)
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    state = tmp_path / "state"
-    monkeypatch.setenv("GLASSROOM_STATE_DIR", str(state))
-    monkeypatch.delenv("GLASSROOM_AUDIT_SINKS", raising=False)
-    monkeypatch.delenv("GLASSROOM_AUDIT_ANCHOR_KEY", raising=False)
-    return state
+#: Every test gets its own state dir (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("state")
 
 
 def traced(**raw: Any) -> tuple[str, dict[str, Any], str, str | None]:

@@ -442,13 +442,18 @@ class AuditLog:
             return []
         return self._write(sandbox, checked)
 
+    def _open_fd(self) -> int:
+        """The log's fd, or AuditError once closed; call under ``_lock``."""
+        fd = self._fd
+        if fd is None:
+            raise AuditError(f"audit log {self.path} is closed")
+        return fd
+
     def _write(self, sandbox: str, items: list[_Item]) -> list[dict[str, Any]]:
         if self._pid != os.getpid():
             self._after_fork()
         with self._lock:
-            fd = self._fd
-            if fd is None:
-                raise AuditError(f"audit log {self.path} is closed")
+            fd = self._open_fd()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError as exc:
@@ -543,10 +548,7 @@ class AuditLog:
         if self._pid != os.getpid():
             self._after_fork()
         with self._lock:
-            fd = self._fd
-            if fd is None:
-                raise AuditError(f"audit log {self.path} is closed")
-            return self._anchor_fd(fd)
+            return self._anchor_fd(self._open_fd())
 
     def _anchor_fd(self, fd: int) -> dict[str, Any] | None:
         try:
