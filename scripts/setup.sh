@@ -20,6 +20,13 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 { command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } \
   || need+=(busybox-static)
 command -v mke2fs >/dev/null || need+=(e2fsprogs)
+# The purpose-built guest kernel is compiled from Debian's linux-source (about
+# 3 minutes on 2 cores, once): a compiler and the kernel's build tools.
+for t in make:make flex:flex bison:bison bc:bc xz:xz-utils; do
+  command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
+done
+[ -e /usr/include/gelf.h ] || need+=(libelf-dev)
+[ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 # The gvisor tier: runsc, and a C compiler for its one-file compat shim (statx flags).
 command -v runsc >/dev/null || need+=(runsc)
 command -v cc >/dev/null || need+=(gcc)
@@ -39,8 +46,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[test]"
-# The microvm guest kernel (apt-get download + dpkg-deb -x, never installed on the
-# host), initramfs, root image and booted-idle snapshot; cached, so a no-op when done.
+# The microvm guest kernel (built from Debian's kernel source, which is fetched with
+# apt-get download and never installed), root image and booted-idle snapshot;
+# cached, so a no-op when done.
 if [ "$tiers" = 1 ]; then
   GLASSROOM_MICROVM_ALLOW_TCG=1 .venv/bin/glassroom microvm prepare >/dev/null
 fi

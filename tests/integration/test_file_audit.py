@@ -235,6 +235,8 @@ os.setxattr("/workspace/f", "user.k", b"v")
 for name in ("a", "b"):
     open("/workspace/" + name, "w").close()
 assert libc.renameat2(-100, b"/workspace/a", -100, b"/workspace/b", 2) == 0
+# openat(AT_FDCWD, <a pointer to nothing>): EFAULT, and the log must not name the cwd
+assert libc.syscall(257, -100, ctypes.c_void_p(8), 0, 0) == -1 and ctypes.get_errno() == 14
 """
 
 
@@ -253,6 +255,9 @@ def test_calls_beyond_open_are_logged(audit_log: Path) -> None:
         ("file.rename", "/workspace/a", "RENAME_EXCHANGE"),
     ]:
         assert want in got, want
+    bad = [r["details"] for r in records(audit_log, sid) if r["event"] == "file.open"
+           and r["details"]["path"] == "<unreadable>"]  # fmt: skip
+    assert [d["result"] for d in bad] == ["EFAULT"]
 
 
 def test_spending_the_audit_budget_kills_the_sandbox(

@@ -85,10 +85,20 @@ def test_a_vm_sandbox_end_to_end(audit_log: Path) -> None:
         inst: Any = sb._sup.instance
         qemu_pid, vmdir = inst.proc.pid, inst.vmdir
         sid = sb.id
+        status = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{qemu_pid}/status").read_text().splitlines())  # fmt: skip
+    # Root outside, nobody inside: QEMU itself holds nothing over the host.
+    from glassroom import _config
+
+    want_uid = _config.sandbox_ids()[0]
+    assert status["Uid"].split() == [str(want_uid)] * 4
+    assert status["CapEff"].strip() == status["CapPrm"].strip() == "0000000000000000"
+    assert status["NoNewPrivs"].strip() == "1"
     created = next(r for r in records(audit_log, sid) if r["event"] == "sandbox.created")
     walls = created["details"]["walls"]
     assert created["details"]["backend"] == "microvm"
     assert walls["network"] == "no network device"
+    assert walls["vmm_uid"] == want_uid
     if walls["emulated"]:
         assert "emulated — test only" in walls["accel"]
     destroyed = next(r for r in records(audit_log, sid) if r["event"] == "sandbox.destroyed")
@@ -140,3 +150,35 @@ def test_reaper_cleans_after_a_crashed_supervisor(tmp_path: Path) -> None:
     assert cleaned and not cleaned[0].get("errors"), cleaned
     assert cleaned[0].get("cgroups"), cleaned
     assert not vmdir.exists()
+
+
+def test_the_purpose_built_kernel_is_what_boots(audit_log: Path) -> None:
+    """`microvm prepare` builds the guest kernel; a VM boots it, with its walls.
+
+    The pair: a harmless read of the kernel's identity works; loading code
+    into that kernel does not (it has no module support at all, and the
+    guest's seccomp filter refuses the call before that)."""
+    _skip_without_qemu()
+    from glassroom.backends.microvm import image, kernel
+
+    if image.kernel_choice() == "stock" or kernel.find(image.cache_dir()) is None:
+        pytest.skip("no purpose-built kernel here (GLASSROOM_MICROVM_KERNEL=stock, or "
+                    "`glassroom microvm prepare` has not built it)")  # fmt: skip
+    probe = (
+        "import ctypes, os\n"
+        "print(os.uname().release)\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "r = libc.syscall(313, -1, b'', 0)\n"  # finit_module(-1, "", 0)
+        "print(r, ctypes.get_errno())\n"
+    )
+    with Sandbox({"risk": "maximum"}, audit_log=audit_log) as sb:
+        r = sb.run(["python3", "-c", probe])
+        sid = sb.id
+    assert r.exit_code == 0, r
+    release, result = r.stdout.splitlines()
+    assert release.endswith("-glassroom")
+    assert result == "-1 1"  # EPERM from the guest's seccomp filter
+    created = next(x for x in records(audit_log, sid) if x["event"] == "sandbox.created")
+    walls = created["details"]["walls"]
+    assert walls["guest_kernel"] == release
+    assert walls["landlock"]["abi"] >= 6  # 6.12: signal and abstract-socket scoping

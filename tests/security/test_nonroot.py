@@ -446,6 +446,51 @@ def test_file_audit_when_glassroom_is_not_root(nonroot: Setup) -> None:
     assert out["audit_ok"]
 
 
+def test_microvm_when_glassroom_is_not_root(nonroot: Setup) -> None:
+    """The microvm tier as nobody, from the images root prepared (read-only to
+    nobody): QEMU runs as the caller, with no capabilities; the harmless write
+    works, the write to the read-only image is refused, and the guest's file
+    audit logs both."""
+    from glassroom.backends.microvm import image, qemu
+
+    if qemu.qemu_binary() is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    s = nonroot
+    env = {**_env(s), "GLASSROOM_MICROVM_ALLOW_TCG": "1",
+           "GLASSROOM_MICROVM_CACHE": str(image.cache_dir())}  # fmt: skip
+
+    def body() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        policy = {**POLICY, "risk": "high", "audit": {"level": "files"}}
+        with Sandbox(policy, backend="microvm") as sb:
+            out["id"] = sb.id
+            pid = sb._sup.instance.proc.pid
+            out["qemu"] = _status_fields(Path(f"/proc/{pid}/status").read_text(),
+                                         "Uid", "CapEff", "CapPrm", "NoNewPrivs")  # fmt: skip
+            r = sb.run(["python3", "-c", WRITE_OUT, "/workspace/ok", "/usr/gr-evil"], timeout_s=60)
+            out["stdout"] = r.stdout
+        out["opens"] = [
+            [rec["decision"], rec["rule"], rec["details"]["path"], rec["details"]["result"]]
+            for rec in glassroom.audit.read_records(s.audit)
+            if rec.get("event") == "file.open" and rec["details"]["path"].startswith(
+                ("/workspace/ok", "/usr/gr-evil"))
+        ]  # fmt: skip
+        out["audit_ok"] = glassroom.audit.verify(s.audit).ok
+        return out
+
+    out = _as_nobody(env, body)
+    assert out["qemu"]["Uid"].split() == [str(NOBODY)] * 4
+    assert out["qemu"]["CapEff"] == out["qemu"]["CapPrm"] == "0000000000000000"
+    result = json.loads(out["stdout"])
+    assert result["/workspace/ok"] == "written"
+    assert result["/usr/gr-evil"] in ("EROFS", "EACCES")
+    assert out["opens"] == [
+        ["allow", None, "/workspace/ok", "ok"],
+        ["deny", "filesystem.write", "/usr/gr-evil", result["/usr/gr-evil"]],
+    ]
+    assert out["audit_ok"]
+
+
 @pytest.mark.parametrize("how", ["parent-missing", "parent-not-writable"])
 def test_nonroot_without_delegated_cgroups_fails_closed(nonroot: Setup, how: str) -> None:
     s = nonroot

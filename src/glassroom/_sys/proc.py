@@ -63,6 +63,18 @@ def process_start_time(pid: int) -> int | None:
         return None
 
 
+def real_uid(pid: int) -> int | None:
+    """The real uid of ``pid`` (``/proc/PID/status``), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def children(pid: int) -> list[int]:
     """All descendants of ``pid`` (depth-first), from /proc/PID/task/*/children."""
     found: list[int] = []

@@ -188,6 +188,10 @@ def flags_text(flags: int) -> str:
     return "|".join(names)
 
 
+#: A path argument whose memory cannot be read.
+UNREADABLE = "<unreadable>"
+
+
 def _text(raw: bytes) -> str:
     """One decoding for every name (memory, readlink, cmdline), so the same
     bytes compare equal and invalid UTF-8 stays visible as ``\\xNN``."""
@@ -247,10 +251,15 @@ class Tracer:
         return out
 
     def _string(self, pid: int, addr: int, limit: int = MAX_PATH) -> str:
+        """The NUL-terminated string at ``addr``, or :data:`UNREADABLE` when not
+        even its first byte can be read (a bad pointer: the call fails with
+        EFAULT), so that no such path is mistaken for ``""`` or the cwd."""
         raw = b""
         while len(raw) < limit:
             chunk = self._read(pid, addr + len(raw), min(256, limit - len(raw)))
             if not chunk:
+                if not raw:
+                    return UNREADABLE
                 break
             nul = chunk.find(b"\0")
             if nul >= 0:
@@ -340,7 +349,9 @@ class Tracer:
             ev["flags"] = "O_WRONLY|O_CREAT|O_TRUNC"
         for key, fd in (("path", dirfd), ("path2", dirfd2)):
             p = ev.get(key)
-            if p is None or p.startswith("/") or (key == "path2" and name.startswith("symlink")):
+            if p is None or p.startswith("/") or p == UNREADABLE:
+                continue
+            if key == "path2" and name.startswith("symlink"):
                 continue
             if key == "path" and from_fd:
                 continue

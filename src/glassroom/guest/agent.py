@@ -22,17 +22,22 @@ The guest is untrusted by the host: nothing this program says is believed
 beyond what the host validates.  Its job is to make the in-guest walls as
 strong as those of the other tiers.
 
-Runs as ``/usr/bin/python3 -I -S /.glassroom/agent.py``; stdlib only.
+Started by ``/.glassroom/init`` (``python3 -ISB``, so this module loads from its
+``.pyc``); stdlib only.
 """
 
+# ``_signal`` and ``_socket`` rather than ``signal`` and ``socket``: the
+# wrappers import ``enum`` (with ``re`` and ``functools`` about 0.1 s of a TCG
+# cold boot) for names the agent does not use; ``socket`` is imported where
+# a network is configured.  See also ``cjson.py``.
+import _signal as signal  # type: ignore[import-not-found,unused-ignore]
+import _socket
 import ctypes
 import errno
 import json
 import os
 import resource
 import select
-import signal
-import socket
 import struct
 import sys
 import time
@@ -123,7 +128,7 @@ def _mount(src: str, target: str, fstype: str, opts: str) -> None:
 
 
 def _lo_up() -> None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
     try:
         import fcntl
 
@@ -200,9 +205,9 @@ def _sockaddr(raw: bytes) -> "tuple[str, str, int] | None":
     if len(raw) < 2:
         return None
     family = int.from_bytes(raw[:2], "little")
-    if family == socket.AF_INET and len(raw) >= 8:
+    if family == _socket.AF_INET and len(raw) >= 8:
         return "inet", str(ipaddress.IPv4Address(raw[4:8])), int.from_bytes(raw[2:4], "big")
-    if family == socket.AF_INET6 and len(raw) >= 24:
+    if family == _socket.AF_INET6 and len(raw) >= 24:
         return "inet6", str(ipaddress.IPv6Address(raw[8:24])), int.from_bytes(raw[2:4], "big")
     return None
 
@@ -215,10 +220,10 @@ def _sock_proto(pid: int, fd: int) -> str:
         os.close(pidfd)
     if dup < 0:
         return "unknown"
-    s = socket.socket(fileno=dup)
+    s = _socket.socket(fileno=dup)
     try:
-        return {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp",
-                socket.SOCK_RAW: "raw"}.get(s.type, str(int(s.type)))  # fmt: skip
+        return {_socket.SOCK_STREAM: "tcp", _socket.SOCK_DGRAM: "udp",
+                _socket.SOCK_RAW: "raw"}.get(s.type, str(int(s.type)))  # fmt: skip
     finally:
         s.close()
 
@@ -496,10 +501,10 @@ class Agent:
         if not names:
             raise OSError(errno.ENODEV, "no network device")
         ifname = names[0].encode()
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
         try:
             for req, addr in ((0x8916, net["addr"]), (0x891C, net["mask"])):  # ADDR, NETMASK
-                sin = struct.pack("=HH4s8s", socket.AF_INET, 0, socket.inet_aton(addr), b"")
+                sin = struct.pack("=HH4s8s", _socket.AF_INET, 0, _socket.inet_aton(addr), b"")
                 fcntl.ioctl(s, req, struct.pack("16s16s", ifname, sin))
             ifr = struct.pack("16sH14s", ifname, 0, b"")
             flags = struct.unpack("16sH14s", fcntl.ioctl(s, 0x8913, ifr))[1]
@@ -1112,6 +1117,7 @@ def _file_body(m: "dict[str, Any]", data: bytes) -> bytes:
 
 
 def _forwarder(port: int, dest: "tuple[str, int]") -> None:
+    import socket
     import threading
 
     signal.set_wakeup_fd(-1)
@@ -1177,7 +1183,9 @@ def main() -> None:
         agent = Agent()
     except OSError as exc:
         _log(f"boot failed: {exc}")
-        _libc.reboot(0x4321FEDC)  # RB_POWER_OFF: the host sees the VM end
+        # RB_AUTOBOOT: with reboot=t and -no-reboot QEMU exits, so the host sees
+        # the VM end (power-off would need ACPI, which the built kernel lacks).
+        _libc.reboot(0x01234567)
         os._exit(1)
     agent.run()
 

@@ -283,9 +283,16 @@ class MicrovmInstance(FileOps):
         if snapshots_enabled() and proxy_sock is None:
             snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm")
         self.vmdir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        # Root outside, nobody inside: as root, QEMU runs as the sandbox's host
+        # uid with no capabilities.  Not with a NIC: slirp execs the relay per
+        # connection, and the relay must reach the egress socket inside the
+        # supervisor's state dir (see docs/backends.md).
+        run_as = _config.sandbox_ids() if os.geteuid() == 0 and proxy_sock is None else None
         self._write_record()
-        chan = self.vmdir / "chan.sock"
-        srv = qemu.listen(chan)
+        # The control channel is a socketpair: QEMU gets its end as an fd, so no
+        # socket path has to be reachable by QEMU's uid, and nothing else can
+        # connect in its place.
+        conn, qemu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         snap_fd = None
         if snap is not None:
             try:
@@ -295,27 +302,40 @@ class MicrovmInstance(FileOps):
                 snap_fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
         log = open(self.vmdir / "qemu.log", "wb")  # noqa: SIM115
         t1 = time.monotonic()
+        passed = [qemu_end.fileno()] + ([snap_fd] if snap_fd is not None else [])
         try:
             self.proc = subprocess.Popen(
-                qemu.argv(img, accel, ram, vcpus, chan, console=None, incoming_fd=snap_fd,
-                          proxy_sock=proxy_sock),
+                qemu.argv(img, accel, ram, vcpus, qemu_end.fileno(), console=None,
+                          incoming_fd=snap_fd, proxy_sock=proxy_sock, run_as=run_as),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env={},
-                cwd="/", close_fds=True, pass_fds=(snap_fd,) if snap_fd is not None else (),
+                cwd="/", close_fds=True, pass_fds=passed,
             )  # fmt: skip
+        except BaseException:
+            conn.close()
+            raise
         finally:
             log.close()
+            qemu_end.close()
             if snap_fd is not None:
                 os.close(snap_fd)
+        qemu_pid = self.proc.pid
         try:
             self._pidfd = os.pidfd_open(self.proc.pid)
             self._write_record()
             self._cgroup(ram, vcpus)
-            conn = qemu.accept(srv, self.proc, qemu.BOOT_TIMEOUT_S, self._qemu_log)
-        finally:
-            srv.close()
-            with contextlib.suppress(OSError):
-                chan.unlink()
-        qemu.handshake(conn, qemu.BOOT_TIMEOUT_S)
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            qemu.handshake(conn, qemu.BOOT_TIMEOUT_S)
+        except WallError:
+            conn.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=0.5)
+            if self.proc.poll() is not None:  # say why: QEMU's own words
+                raise WallError(f"microvm: qemu exited ({self.proc.returncode}): "
+                                f"{self._qemu_log()}", rule="vmm") from None  # fmt: skip
+            raise
         t2 = time.monotonic()
         self.attach(conn)
         cfg = self._config()
@@ -347,6 +367,9 @@ class MicrovmInstance(FileOps):
                      "total_ms": round((time.monotonic() - t0) * 1000, 1)}  # fmt: skip
         self.walls.update({
             "vmm": "qemu -M microvm",
+            # The host uid QEMU runs as: the sandbox's (no capabilities) when
+            # glassroom is root, else the caller's.
+            "vmm_uid": proc.real_uid(qemu_pid),
             "accel": accel.detail if accel.emulated else accel.name,
             "emulated": accel.emulated,
             "guest_kernel": str(reply.get("kernel", img.kernel_release)),

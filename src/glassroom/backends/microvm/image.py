@@ -1,12 +1,20 @@
 """The guest kernel, initramfs and read-only root image, built once and cached.
 
-* **Kernel.** ``GLASSROOM_MICROVM_KERNEL`` (a vmlinuz; its modules, if any,
-  in ``GLASSROOM_MICROVM_MODULES``), or Debian's ``linux-image-cloud-amd64``
-  fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into
-  the cache: the host's own boot is never touched.
-* **Initramfs** (uncompressed newc cpio, ~2.6 MB): static busybox, the five
-  virtio modules the cloud kernel lacks built in, and a 20-line ``/init``
-  that mounts the root image read-only and ``switch_root``s to the agent.
+* **Kernel**, by ``GLASSROOM_MICROVM_KERNEL``:
+  - unset: the purpose-built kernel (``kernel.py``) when ``glassroom microvm
+    prepare`` has built it, else Debian's stock kernel;
+  - ``built``: the purpose-built kernel only (missing: refuse, exit 125);
+  - ``stock``: Debian's ``linux-image-cloud-amd64``, fetched with ``apt-get
+    download`` and unpacked with ``dpkg-deb -x`` into the cache (the host's
+    own boot is never touched);
+  - a path: that vmlinuz (its modules, if any, in ``GLASSROOM_MICROVM_MODULES``),
+    booted like the stock one.
+* **Direct boot** (the built kernel): no initramfs; the kernel mounts the
+  root image read-only from ``/dev/vda`` and runs ``/.glassroom/init``.
+* **Initramfs** (the stock kernel; uncompressed newc cpio, ~2.6 MB): static
+  busybox, the virtio modules the cloud kernel lacks built in, and a
+  20-line ``/init`` that mounts the root image read-only and
+  ``switch_root``s to ``/.glassroom/init``.
 * **Root image** (ext4 via ``mke2fs -d``, no journal, read-only): the
   host's python3 and stdlib, coreutils, dash, bash, grep, sed, findutils,
   diffutils and their shared libraries, ``/etc/ssl/certs``, and the agent
@@ -28,6 +36,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +65,7 @@ PYTHON_LIB = "/usr/lib/python3.11"
 PYTHON_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
                "unittest", "distutils", "config-3.11-x86_64-linux-gnu", "site-packages",
                "dist-packages", "venv", "turtle.py"}  # fmt: skip
-GUEST_FILES = ("agent.py", "protocol.py")
+GUEST_FILES = ("agent.py", "protocol.py", "cjson.py")
 #: From ``_sys``: the Landlock wrapper, and the ptrace tracer of the file audit.
 SYS_FILES = ("landlock.py", "tracer.py")
 #: Mount points the read-only root must already have.
@@ -91,22 +100,43 @@ while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do $B usleep 10000; i=$((i+1)); done
 $B mount -t ext4 -o ro,noatime /dev/vda /newroot || $B poweroff -f
 $B mount --move /dev /newroot/dev
 $B umount /proc
-exec $B switch_root /newroot /usr/bin/python3 -I -S -B /.glassroom/agent.py
+exec $B switch_root /newroot /.glassroom/init
+"""
+
+#: pid 1 of the guest: a launcher, so that the agent itself loads from its
+#: compiled ``.pyc`` (a script named on the command line is compiled from
+#: source at every start: ~0.1 s under TCG), and ``json`` is the light
+#: ``cjson.py`` (see there).  ``-ISB`` is one shebang word.
+AGENT_INIT = """#!/usr/bin/python3 -ISB
+import sys
+sys.path.insert(0, "/.glassroom")
+try:
+    import cjson
+    sys.modules["json"] = cjson
+except ImportError:  # no C codec (not CPython): the real json
+    pass
+import agent
+agent.main()
 """
 
 
 @dataclass(frozen=True)
 class Image:
     kernel: Path
-    initrd: Path
+    #: None: direct boot (the purpose-built kernel mounts the root image itself).
+    initrd: Path | None
     rootfs: Path
     image_id: str
     kernel_release: str
 
+    @property
+    def direct(self) -> bool:
+        return self.initrd is None
+
     def sizes(self) -> dict[str, int]:
         return {
             "kernel_bytes": self.kernel.stat().st_size,
-            "initrd_bytes": self.initrd.stat().st_size,
+            "initrd_bytes": self.initrd.stat().st_size if self.initrd else 0,
             "rootfs_bytes": self.rootfs.stat().st_size,
         }
 
@@ -141,15 +171,38 @@ def _digest(*parts: bytes) -> str:
 # -- kernel ---------------------------------------------------------------------
 
 
-def _kernel(cache: Path, fetch: bool) -> tuple[Path, Path | None, str]:
-    """(vmlinuz, modules dir or None, release)."""
-    user = os.environ.get("GLASSROOM_MICROVM_KERNEL")
-    if user:
+KERNEL_ENV = "GLASSROOM_MICROVM_KERNEL"
+
+
+def kernel_choice() -> str:
+    """``auto`` | ``built`` | ``stock`` | ``path`` (what ``GLASSROOM_MICROVM_KERNEL`` says)."""
+    v = os.environ.get(KERNEL_ENV, "")
+    if v in ("", "auto"):
+        return "auto"
+    if v in ("built", "stock"):
+        return v
+    return "path"
+
+
+def _kernel(cache: Path, fetch: bool) -> tuple[Path, Path | None, str, bool]:
+    """(vmlinuz, modules dir or None, release, direct boot)."""
+    choice = kernel_choice()
+    if choice in ("auto", "built"):
+        from . import kernel
+
+        built = kernel.find(cache)
+        if built is not None:
+            return built.vmlinux, None, built.release, True
+        if choice == "built":
+            raise _unavailable(f"{KERNEL_ENV}=built but no guest kernel is built; "
+                               "run `glassroom microvm prepare`")  # fmt: skip
+    if choice == "path":
+        user = os.environ[KERNEL_ENV]
         k = Path(user)
         if not k.is_file():
             raise _unavailable(f"GLASSROOM_MICROVM_KERNEL={user} does not exist")
         mods = os.environ.get("GLASSROOM_MICROVM_MODULES")
-        return k, Path(mods) if mods else None, k.name.removeprefix("vmlinuz-")
+        return k, Path(mods) if mods else None, k.name.removeprefix("vmlinuz-"), False
     kdir = cache / "kernel"
     found = sorted(kdir.glob("boot/vmlinuz-*"))
     if not found:
@@ -162,7 +215,7 @@ def _kernel(cache: Path, fetch: bool) -> tuple[Path, Path | None, str]:
     vmlinuz = found[-1]
     release = vmlinuz.name.removeprefix("vmlinuz-")
     mod_dir = kdir / "lib" / "modules" / release
-    return vmlinuz, mod_dir if mod_dir.is_dir() else None, release
+    return vmlinuz, mod_dir if mod_dir.is_dir() else None, release, False
 
 
 def _fetch_kernel(kdir: Path) -> None:
@@ -322,6 +375,8 @@ def _build_rootfs(dest: Path) -> None:
         os.symlink("/run/glassroom-net", stage / ".glassroom-net")
         for src in _guest_sources():
             shutil.copy2(src, stage / ".glassroom" / src.name)
+        (stage / ".glassroom" / "init").write_text(AGENT_INIT)
+        os.chmod(stage / ".glassroom" / "init", 0o755)
         subprocess.run(["/usr/bin/python3", "-I", "-m", "compileall", "-q",
                         str(stage / ".glassroom")], check=False,
                        stdout=subprocess.DEVNULL)  # fmt: skip
@@ -350,27 +405,40 @@ def prepare(fetch: bool = True) -> Image:
     """Return the cached image, building what is missing or stale (one builder at a time)."""
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True, mode=0o755)
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock_file(cache / ".lock"):
         return _prepare(cache, fetch)
+
+
+@contextlib.contextmanager
+def lock_file(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path``; read-only when the cache is not ours to
+    write (glassroom as non-root using the root-prepared cache: flock works on
+    a read-only fd, and anything missing then fails to build with its name)."""
+    try:
+        f = open(path, "a")  # noqa: SIM115
+    except PermissionError:
+        f = open(path)  # noqa: SIM115
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _prepare(cache: Path, fetch: bool) -> Image:
     """Content-addressed: each kernel and each guest recipe has its own files, so
     supervisors of different versions never rebuild each other's images."""
-    vmlinuz, mods, release = _kernel(cache, fetch)
+    vmlinuz, mods, release, direct = _kernel(cache, fetch)
     # The recipe (this file) is part of the key: a changed file list rebuilds.
     guest = _digest(*(p.read_bytes() for p in [*_guest_sources(), Path(__file__)]))
     kstat = vmlinuz.stat()
     kkey = _digest(f"{vmlinuz}:{kstat.st_size}:{kstat.st_mtime_ns}".encode(), INIT_SCRIPT.encode())
-    initrd = cache / f"initramfs-{kkey}.cpio"
+    initrd = None if direct else cache / f"initramfs-{kkey}.cpio"
     rootfs = cache / f"rootfs-{guest}.ext4"
     for path in (initrd, rootfs):
-        if not path.exists():
+        if path is not None and not path.exists():
             if not fetch:
                 raise _unavailable(f"{path.name} is not built; run `glassroom microvm prepare`")
-            if path == initrd:
-                _build_initrd(mods, initrd)
+            if path != rootfs:
+                _build_initrd(mods, path)
             else:
                 _build_rootfs(rootfs)
     return Image(vmlinuz, initrd, rootfs, _digest(kkey.encode(), guest.encode()), release)

@@ -1,5 +1,6 @@
-"""``glassroom microvm prepare``: fetch the guest kernel, build the images, and
-save the booted-idle snapshot for the default VM shape (when an accel is allowed)."""
+"""``glassroom microvm prepare``: build the guest kernel (or fetch Debian's, with
+``GLASSROOM_MICROVM_KERNEL=stock``), build the images, and save the booted-idle
+snapshot for the default VM shape (when an accel is allowed)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,21 @@ from typing import Any
 
 from ... import _config
 from ..._errors import BackendUnavailable
-from . import image, qemu
+from . import image, kernel, qemu
 
 
 def prepare(snapshot: bool = True) -> dict[str, Any]:
+    pruned: list[str] = []
+    if image.kernel_choice() in ("auto", "built"):
+        built = kernel.build(image.cache_dir())
+        pruned += kernel.prune(image.cache_dir(), built)
     img = image.prepare(fetch=True)
     out: dict[str, Any] = {
         "cache": str(image.cache_dir()),
         "kernel": str(img.kernel),
         "kernel_release": img.kernel_release,
-        "pruned": image.prune(img) + qemu.prune_snapshots(img),
+        "boot": "direct" if img.direct else "initramfs",
+        "pruned": pruned + image.prune(img) + qemu.prune_snapshots(img),
         "image_id": img.image_id,
         **img.sizes(),
     }
