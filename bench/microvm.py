@@ -4,6 +4,9 @@
   agent starts; then the walls are applied and ``echo`` prints.
 * restored: QEMU starts from the booted-idle snapshot (``-incoming``).
 * idle RSS: the QEMU process's resident memory, one VM idle after a command.
+* raw: the same QEMU command line started directly (no supervisor, policy,
+  cgroups or walls), cold and from the same snapshot, until the guest
+  agent's first frame: the tool underneath, for the ratios.
 
 Under TCG (no real KVM here) every figure is emulation-bound; the run count
 is kept small on purpose.  Prints JSON when run alone.
@@ -48,6 +51,32 @@ def _one(log: str, snapshot: bool) -> tuple[float, float, int, dict[str, Any]]:
     return first, (time.monotonic() - t1) * 1000, rss, boot
 
 
+def _raw(img: Any, accel: Any, snapshot: str | None) -> float:
+    """Plain QEMU: spawn, wait for the agent's ``ready``, kill (ms)."""
+    import socket
+    import subprocess
+
+    from glassroom.backends.microvm import qemu
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = os.open(snapshot, os.O_RDONLY) if snapshot else None
+    argv = qemu.argv(img, accel, 1152, 1, theirs.fileno(), console=None, incoming_fd=fd)
+    t0 = time.monotonic()
+    passed = [theirs.fileno()] + ([fd] if fd is not None else [])
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={}, pass_fds=passed)  # fmt: skip
+    theirs.close()
+    try:
+        qemu.handshake(ours, qemu.BOOT_TIMEOUT_S)
+        return (time.monotonic() - t0) * 1000
+    finally:
+        proc.kill()
+        proc.wait()
+        ours.close()
+        if fd is not None:
+            os.close(fd)
+
+
 def series(runs: int = 3) -> dict[str, Any]:
     os.environ.setdefault("GLASSROOM_MICROVM_ALLOW_TCG", "1")
     from glassroom.backends.microvm import image, qemu
@@ -58,7 +87,9 @@ def series(runs: int = 3) -> dict[str, Any]:
     accel = qemu.choose_accel()
     log = os.path.join(tempfile.mkdtemp(prefix="glassroom-bench-mvm-"), "audit.jsonl")
     saved = os.environ.get("GLASSROOM_MICROVM_SNAPSHOT")
-    res: dict[str, list[float]] = {"cold": [], "restored": [], "destroy": [], "rss_kib": []}
+    res: dict[str, list[float]] = {"cold": [], "restored": [], "destroy": [], "rss_kib": [],
+                                   "raw_cold": [], "raw_restored": []}  # fmt: skip
+    snap_path = str(prep["snapshot"]) if str(prep.get("snapshot", "")).startswith("/") else None
     boots: dict[str, list[dict[str, Any]]] = {"cold": [], "restored": []}
     try:
         _one(log, True)  # warm the page cache and the snapshot
@@ -70,6 +101,9 @@ def series(runs: int = 3) -> dict[str, Any]:
                 boots[kind].append(boot)
                 if snap:
                     res["rss_kib"].append(rss)
+            res["raw_cold"].append(_raw(img, accel, None))
+            if snap_path:
+                res["raw_restored"].append(_raw(img, accel, snap_path))
     finally:
         if saved is None:
             os.environ.pop("GLASSROOM_MICROVM_SNAPSHOT", None)
@@ -83,6 +117,13 @@ def series(runs: int = 3) -> dict[str, Any]:
             "cold_boot_to_first_output": med["cold"],
             "snapshot_restore_to_first_output": med["restored"],
             "destroy": med["destroy"],
+            "raw_qemu_cold_to_agent_ready": med["raw_cold"],
+            "raw_qemu_restore_to_agent_ready": med.get("raw_restored"),
+        },
+        "ratio_vs_raw_qemu": {
+            "cold": round(med["cold"] / med["raw_cold"], 2),
+            "restored": round(med["restored"] / med["raw_restored"], 2)
+            if med.get("raw_restored") else None,
         },
         "idle_rss_mib_per_vm": round(med["rss_kib"] / 1024, 1),
         "samples_ms": {k: [round(x, 1) for x in v] for k, v in res.items() if k != "rss_kib"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .. import _config
@@ -46,9 +47,19 @@ def report() -> dict[str, Any]:
 
 
 def _microvm_status() -> str:
+    """The tier's state, and which guest kernel a VM would boot."""
+    from ..backends.microvm import image, kernel
     from ..backends.microvm.qemu import status
 
-    return status()
+    choice = image.kernel_choice()
+    built = kernel.find(image.cache_dir()) if choice in ("auto", "built") else None
+    if built is not None:
+        which = f"guest kernel: built {built.release}"
+    elif choice == "path":
+        which = f"guest kernel: {os.environ.get(image.KERNEL_ENV)}"
+    else:
+        which = "guest kernel: Debian's stock (run `glassroom microvm prepare` to build one)"
+    return f"{status()}; {which}"
 
 
 def _gvisor_status(rep: dict[str, Any]) -> str:
