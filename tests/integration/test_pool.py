@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from glassroom import SandboxPool
 from glassroom._config import cgroup_parent
 from glassroom._sys import cgroups
@@ -35,4 +37,28 @@ def test_pool_hands_out_fresh_sandboxes_and_cleans_up(tmp_path: Path) -> None:
     assert {r["sandbox"] for r in destroyed} == created
     assert all(r["details"]["clean"] for r in destroyed)
     assert not [n for n in cgroups.list_names(cgroup_parent()) if n in created]
+    assert verify(log).ok
+
+
+def test_a_warm_pool_of_microvms(tmp_path: Path) -> None:
+    """The pool works for the microvm tier too: each VM is new, none is reused,
+    and every VM it started (handed out or idle at close) is destroyed."""
+    from glassroom.backends.microvm import qemu
+
+    if qemu.qemu_binary() is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    log = tmp_path / "pool.jsonl"
+    ids = []
+    with SandboxPool({"risk": "high"}, size=1, backend="microvm", audit_log=log) as pool:
+        for i in range(2):
+            with pool.sandbox() as sb:
+                ids.append(sb.id)
+                assert sb.run(["ls", "/workspace"]).stdout == ""  # nothing carried over
+                sb.run(["sh", "-c", f"echo {i} > /workspace/mark"])
+    assert len(set(ids)) == 2
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    created = {r["sandbox"] for r in recs if r["event"] == "sandbox.created"}
+    destroyed = [r for r in recs if r["event"] == "sandbox.destroyed"]
+    assert {r["sandbox"] for r in destroyed} == created and set(ids) <= created
+    assert all(r["details"]["clean"] for r in destroyed)
     assert verify(log).ok

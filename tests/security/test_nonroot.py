@@ -260,6 +260,16 @@ def _env(s: Setup, parent: str | None = None) -> dict[str, str]:
     }
 
 
+def _write_out_opens(audit: Path) -> list[list[Any]]:
+    """[decision, rule, path, result] of each logged open of WRITE_OUT's two paths."""
+    return [
+        [rec["decision"], rec["rule"], rec["details"]["path"], rec["details"]["result"]]
+        for rec in glassroom.audit.read_records(audit)
+        if rec.get("event") == "file.open" and rec["details"]["path"].startswith(
+            ("/workspace/ok", "/usr/gr-evil"))
+    ]  # fmt: skip
+
+
 def _status_fields(text: str, *names: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
@@ -427,12 +437,7 @@ def test_file_audit_when_glassroom_is_not_root(nonroot: Setup) -> None:
             out["tracer_uid"] = os.stat(f"/proc/{sb._sup._instance._trace._proc.pid}").st_uid
             r = sb.run(["python3", "-c", WRITE_OUT, "/workspace/ok", "/usr/gr-evil"], timeout_s=30)
             out["stdout"] = r.stdout
-        out["opens"] = [
-            [rec["decision"], rec["rule"], rec["details"]["path"], rec["details"]["result"]]
-            for rec in glassroom.audit.read_records(s.audit)
-            if rec.get("event") == "file.open" and rec["details"]["path"].startswith(
-                ("/workspace/ok", "/usr/gr-evil"))
-        ]  # fmt: skip
+        out["opens"] = _write_out_opens(s.audit)
         out["audit_ok"] = glassroom.audit.verify(s.audit).ok
         return out
 
@@ -469,12 +474,7 @@ def test_microvm_when_glassroom_is_not_root(nonroot: Setup) -> None:
                                          "Uid", "CapEff", "CapPrm", "NoNewPrivs")  # fmt: skip
             r = sb.run(["python3", "-c", WRITE_OUT, "/workspace/ok", "/usr/gr-evil"], timeout_s=60)
             out["stdout"] = r.stdout
-        out["opens"] = [
-            [rec["decision"], rec["rule"], rec["details"]["path"], rec["details"]["result"]]
-            for rec in glassroom.audit.read_records(s.audit)
-            if rec.get("event") == "file.open" and rec["details"]["path"].startswith(
-                ("/workspace/ok", "/usr/gr-evil"))
-        ]  # fmt: skip
+        out["opens"] = _write_out_opens(s.audit)
         out["audit_ok"] = glassroom.audit.verify(s.audit).ok
         return out
 
