@@ -182,3 +182,28 @@ def test_the_purpose_built_kernel_is_what_boots(audit_log: Path) -> None:
     walls = created["details"]["walls"]
     assert walls["guest_kernel"] == release
     assert walls["landlock"]["abi"] >= 6  # 6.12: signal and abstract-socket scoping
+
+
+def test_the_stock_kernel_still_boots(
+    audit_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``GLASSROOM_MICROVM_KERNEL=stock``: Debian's cloud kernel through the
+    initramfs, with the same walls (its Landlock is ABI 2)."""
+    _skip_without_qemu()
+    from glassroom.backends.microvm import image
+
+    if image.stock_kernel(image.cache_dir()) is None:
+        pytest.skip("Debian's stock kernel is not fetched (`glassroom microvm prepare` does it)")
+    monkeypatch.setenv(image.KERNEL_ENV, "stock")
+    monkeypatch.setenv("GLASSROOM_MICROVM_SNAPSHOT", "0")
+    with Sandbox({"risk": "maximum"}, audit_log=audit_log) as sb:
+        ok = sb.run(["sh", "-c", "uname -r; echo x > /workspace/a && cat /workspace/a"])
+        bad = sb.run(["sh", "-c", "echo x > /usr/evil"])
+        sid = sb.id
+    assert ok.exit_code == 0, ok
+    release, content = ok.stdout.splitlines()
+    assert not release.endswith("-glassroom") and content == "x"
+    assert bad.exit_code != 0 and "Read-only file system" in bad.stderr
+    created = next(x for x in records(audit_log, sid) if x["event"] == "sandbox.created")
+    walls = created["details"]["walls"]
+    assert walls["guest_kernel"] == release and walls["landlock"]["abi"] >= 1

@@ -203,19 +203,33 @@ def _kernel(cache: Path, fetch: bool) -> tuple[Path, Path | None, str, bool]:
             raise _unavailable(f"GLASSROOM_MICROVM_KERNEL={user} does not exist")
         mods = os.environ.get("GLASSROOM_MICROVM_MODULES")
         return k, Path(mods) if mods else None, k.name.removeprefix("vmlinuz-"), False
-    kdir = cache / "kernel"
-    found = sorted(kdir.glob("boot/vmlinuz-*"))
-    if not found:
+    vmlinuz = stock_kernel(cache)
+    if vmlinuz is None:
         if not fetch:
             raise _unavailable("no guest kernel prepared; run `glassroom microvm prepare`")
-        _fetch_kernel(kdir)
-        found = sorted(kdir.glob("boot/vmlinuz-*"))
-        if not found:
-            raise _unavailable("the kernel package held no /boot/vmlinuz-*")
-    vmlinuz = found[-1]
+        vmlinuz = fetch_stock(cache)
     release = vmlinuz.name.removeprefix("vmlinuz-")
-    mod_dir = kdir / "lib" / "modules" / release
+    mod_dir = cache / "kernel" / "lib" / "modules" / release
     return vmlinuz, mod_dir if mod_dir.is_dir() else None, release, False
+
+
+def stock_kernel(cache: Path) -> Path | None:
+    """Debian's stock vmlinuz in the cache, if fetched."""
+    found = sorted((cache / "kernel").glob("boot/vmlinuz-*"))
+    return found[-1] if found else None
+
+
+def fetch_stock(cache: Path) -> Path:
+    """Fetch Debian's stock kernel if missing (``microvm prepare`` keeps it as
+    the fallback, so that booting it never needs the network later)."""
+    have = stock_kernel(cache)
+    if have is not None:
+        return have
+    _fetch_kernel(cache / "kernel")
+    have = stock_kernel(cache)
+    if have is None:
+        raise _unavailable("the kernel package held no /boot/vmlinuz-*")
+    return have
 
 
 def _fetch_kernel(kdir: Path) -> None:

@@ -13,6 +13,7 @@ from . import image, kernel, qemu
 
 def prepare(snapshot: bool = True) -> dict[str, Any]:
     pruned: list[str] = []
+    image.fetch_stock(image.cache_dir())  # the fallback kernel, fetched now, not at boot
     if image.kernel_choice() in ("auto", "built"):
         built = kernel.build(image.cache_dir())
         pruned += kernel.prune(image.cache_dir(), built)

@@ -41,7 +41,7 @@ VMM_OVERHEAD_MIB = 256
 #: QEMU's threads (vCPUs, I/O, RCU, migration) in its host pids cgroup.
 VMM_PIDS = 64
 #: Part of every snapshot's name: a changed command line needs new snapshots.
-ARGV_VERSION = 5
+ARGV_VERSION = 6
 #: The guest's network with a NIC: its address, and the proxy's (guestfwd).
 GUEST_NET = "10.0.2.0/24"
 GUEST_ADDR = "10.0.2.15"
@@ -119,11 +119,12 @@ def cmdline(image: Image, accel: Accel) -> str:
                   "no_timer_check"]  # fmt: skip
     else:
         parts.append("rdinit=/init")
-    if accel.emulated:
+    if accel.emulated and image.direct:
         # Without a TSC-deadline timer (TCG has none; KVM passes the host's) the
         # kernel calibrates the local APIC timer against the PIT and then
-        # verifies it: 0.25 s of a TCG boot.  Under TCG the guest ticks from
-        # the emulated PIT instead (secondary vCPUs get the tick by broadcast).
+        # verifies it: 0.25 s of a TCG boot.  Under TCG the built kernel ticks
+        # from the emulated PIT instead (secondary vCPUs get the tick by
+        # broadcast).  Not the stock 6.1 kernel: its first exec then hangs.
         parts.append("noapictimer")
     khz = _tsc_khz()
     if khz:
@@ -207,8 +208,7 @@ def argv(
     if confine:
         # QEMU's own seccomp filter: no obsolete syscalls, no resource control;
         # without a NIC also no exec and no setuid.  With one, slirp forks and
-        # execs the proxy relay per connection, which needs both (under
-        # run_as, no_new_privs still keeps the relay from gaining anything).
+        # execs the proxy relay per connection, which needs both.
         relaxed = "allow" if proxy_sock else "deny"
         args += ["-sandbox", f"on,obsolete=deny,elevateprivileges={relaxed},spawn={relaxed},"
                  "resourcecontrol=deny"]  # fmt: skip
