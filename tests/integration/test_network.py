@@ -156,6 +156,11 @@ fetch("https://api.test:{https_server.port}/secure", cafile="/workspace/ca.pem")
     assert tunnel["decision"] == "allow" and tunnel["rule"] == "network.allow[0]"
     assert tunnel["details"]["sni"] == "api.test" and tunnel["details"]["ip"] == "127.0.0.1"
     assert tunnel["details"]["bytes_up"] > 0 and tunnel["details"]["bytes_down"] > 0
+    walls = getattr(sb._sup.instance, "walls", {})
+    if "vmm" in walls:  # microvm: with a NIC too, QEMU (and the relay it execs) dropped root
+        from glassroom._config import sandbox_ids
+
+        assert walls["vmm_uid"] == sandbox_ids()[0]
 
 
 def test_not_allowed_host_gets_403_naming_the_rule(

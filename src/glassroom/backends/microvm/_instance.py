@@ -284,10 +284,16 @@ class MicrovmInstance(FileOps):
             snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm")
         self.vmdir.mkdir(parents=True, exist_ok=False, mode=0o700)
         # Root outside, nobody inside: as root, QEMU runs as the sandbox's host
-        # uid with no capabilities.  Not with a NIC: slirp execs the relay per
-        # connection, and the relay must reach the egress socket inside the
-        # supervisor's state dir (see docs/backends.md).
-        run_as = _config.sandbox_ids() if os.geteuid() == 0 and proxy_sock is None else None
+        # uid with no capabilities.  With a NIC, slirp execs the relay per
+        # connection as that uid, so the relay script and the egress socket
+        # must be reachable by it; where they are not (a state dir only root
+        # may enter), QEMU stays root and the record says so (vmm_uid 0).
+        run_as = _config.sandbox_ids() if os.geteuid() == 0 else None
+        if run_as is not None and proxy_sock is not None and not (
+            qemu.reachable_by(qemu.RELAY, *run_as, write=False)
+            and qemu.reachable_by(Path(proxy_sock), *run_as, write=True)
+        ):
+            run_as = None
         self._write_record()
         # The control channel is a socketpair: QEMU gets its end as an fd, so no
         # socket path has to be reachable by QEMU's uid, and nothing else can

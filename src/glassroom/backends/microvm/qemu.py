@@ -132,6 +132,30 @@ def cmdline(image: Image, accel: Accel) -> str:
     return " ".join(parts)
 
 
+RELAY = Path(__file__).with_name("relay.py")
+
+
+def reachable_by(path: Path, uid: int, gid: int, *, write: bool) -> bool:
+    """Whether ``uid``/``gid`` (no supplementary groups) may reach ``path``:
+    search on every directory above it, then read (a script) or write (a
+    socket to connect to) on it.  Plain mode bits; no ACLs are used here."""
+    def allowed(st: os.stat_result, bit: int) -> bool:
+        if st.st_uid == uid:
+            return bool(st.st_mode & (bit << 6))
+        if st.st_gid == gid:
+            return bool(st.st_mode & (bit << 3))
+        return bool(st.st_mode & bit)
+
+    try:
+        real = Path(os.path.realpath(path))
+        for parent in reversed(real.parents):
+            if not allowed(parent.stat(), 1):
+                return False
+        return allowed(real.stat(), 2 if write else 4)
+    except OSError:
+        return False
+
+
 def argv(
     image: Image, accel: Accel, ram_mib: int, vcpus: int, chan: Path | int, *,
     console: Path | None, incoming_fd: int | None = None, qmp: Path | None = None,
@@ -190,7 +214,7 @@ def argv(
     else:
         # User networking with restrict=on: no route to the host or anywhere,
         # except the one guestfwd address, relayed to the egress proxy's socket.
-        relay = Path(__file__).with_name("relay.py")
+        relay = RELAY
         for p in (str(relay), proxy_sock):
             if "," in p or " " in p:
                 raise WallError(f"microvm: path unusable on a QEMU command line: {p}",
