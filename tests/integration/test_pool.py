@@ -62,3 +62,30 @@ def test_a_warm_pool_of_microvms(tmp_path: Path) -> None:
     assert {r["sandbox"] for r in destroyed} == created and set(ids) <= created
     assert all(r["details"]["clean"] for r in destroyed)
     assert verify(log).ok
+
+
+def test_close_returns_when_a_build_fails_unexpectedly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that raises something other than a glassroom error must neither
+    kill the pool's thread mid-build nor leave close() waiting for it."""
+    import threading
+    import time
+
+    from glassroom import SandboxError
+    from glassroom.lifecycle import pool as pool_mod
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise TimeoutError("simulated")
+
+    monkeypatch.setattr(pool_mod, "Supervised", boom)
+    p = SandboxPool(size=1, audit_log=tmp_path / "pool.jsonl")
+    end = time.monotonic() + 10
+    while p._pool.last_error is None and time.monotonic() < end:  # the build was tried
+        time.sleep(0.01)
+    closer = threading.Thread(target=p.close)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive(), "close() hung"
+    with pytest.raises(SandboxError, match="TimeoutError: simulated"):
+        p._pool.take(timeout=1)

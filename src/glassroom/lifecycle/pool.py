@@ -61,28 +61,36 @@ class Pool:
                 self._want -= 1
                 self._building = True
             try:
-                sup = Supervised(self.policy, backend=self.backend, audit_log=self.audit_log)
-            except GlassroomError as exc:  # a wall failed: stop filling, report on take()
-                self.last_error = exc
-                with self._wake:
-                    self._closed = True
-                    self._building = False
-                    self._wake.notify_all()
-                continue
-            with self._wake:
-                late = self._closed
-            if late:  # closed while this one was being built: it is never handed out
-                sup.destroy()
+                self._build_one()
+            except Exception as exc:  # the thread must outlive the sandboxes it started
+                self._fail(SandboxError(f"the pool could not build a sandbox: "
+                                        f"{type(exc).__name__}: {exc}"))  # fmt: skip
+            finally:  # whatever happened, close() must not wait on this build
                 with self._wake:
                     self._building = False
                     self._wake.notify_all()
-                continue
-            with self._wake:
-                self._outstanding += 1
-                sup.on_destroy = self._released
-                self._ready.put(sup)
-                self._building = False
-                self._wake.notify_all()
+
+    def _fail(self, exc: GlassroomError) -> None:
+        """Stop filling; take() reports ``exc``."""
+        self.last_error = exc
+        with self._wake:
+            self._closed = True
+
+    def _build_one(self) -> None:
+        try:
+            sup = Supervised(self.policy, backend=self.backend, audit_log=self.audit_log)
+        except GlassroomError as exc:  # a wall failed: stop filling, report on take()
+            self._fail(exc)
+            return
+        with self._wake:
+            late = self._closed
+        if late:  # closed while this one was being built: it is never handed out
+            sup.destroy()
+            return
+        with self._wake:
+            self._outstanding += 1
+            sup.on_destroy = self._released
+            self._ready.put(sup)
 
     def _released(self) -> None:
         # Replacements are built once a task is done, not while it runs:

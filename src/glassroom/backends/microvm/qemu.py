@@ -265,9 +265,19 @@ def prune_snapshots(image: Image) -> list[str]:
 def handshake(sock: socket.socket, timeout: float) -> dict[str, object]:
     """Send hello, return the agent's ready frame (the one exchange before the channel runs)."""
     sock.settimeout(timeout)
-    sock.sendall(protocol.encode({"op": "hello", "version": protocol.VERSION}))
     dec = protocol.Decoder()
     end = time.monotonic() + timeout
+    try:
+        sock.sendall(protocol.encode({"op": "hello", "version": protocol.VERSION}))
+        return _await_ready(sock, dec, end)
+    except TimeoutError:
+        raise WallError("microvm: the guest agent did not answer in time", rule="boot") from None
+    except (OSError, protocol.FrameError) as exc:
+        raise WallError(f"microvm: the control channel failed during boot: {exc}",
+                        rule="boot") from None  # fmt: skip
+
+
+def _await_ready(sock: socket.socket, dec: protocol.Decoder, end: float) -> dict[str, object]:
     while time.monotonic() < end:
         data = sock.recv(1 << 16)
         if not data:
