@@ -56,6 +56,25 @@ def sandbox_ids() -> tuple[int, int]:
     return uid, gid
 
 
+#: Host uids for microVM QEMU processes (as root): one per running VM, never
+#: shared with another VM, with the namespaces tier's 65534, or with a user.
+DEFAULT_VMM_UIDS = (2_000_000_000, 65536)
+
+
+def vmm_uid_range() -> tuple[int, int]:
+    """(first uid, count) that QEMU processes run as: ``GLASSROOM_VMM_UIDS=FIRST:COUNT``."""
+    raw = os.environ.get("GLASSROOM_VMM_UIDS")
+    if not raw:
+        return DEFAULT_VMM_UIDS
+    try:
+        first, count = (int(x) for x in raw.split(":"))
+    except ValueError:
+        raise ValueError(f"GLASSROOM_VMM_UIDS={raw!r}: expected FIRST:COUNT") from None
+    if first <= 0 or count <= 0 or first + count > 2**32 - 1:
+        raise ValueError(f"GLASSROOM_VMM_UIDS={raw!r}: the range must lie in 1..2^32-2")
+    return first, count
+
+
 def cgroup_parent() -> str:
     return os.environ.get("GLASSROOM_CGROUP_PARENT", "glassroom")
 

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from conftest import records
-from glassroom import BackendUnavailable, PlanError, Sandbox
+from glassroom import BackendUnavailable, PlanError, Sandbox, WallError
+from glassroom._sys import proc
 from glassroom.backends.microvm import qemu
 from glassroom.policy import compile as compile_policy
 from glassroom.policy import validate_policy
@@ -88,12 +89,11 @@ def test_a_vm_sandbox_end_to_end(audit_log: Path) -> None:
         status = dict(line.split(":", 1) for line in
                       Path(f"/proc/{qemu_pid}/status").read_text().splitlines())  # fmt: skip
     # Root outside, nobody inside: QEMU itself holds nothing over the host.
-    from glassroom import _config
-
-    want_uid = _config.sandbox_ids()[0]
+    want_uid = _vmm_uid_ok(int(status["Uid"].split()[0]))
     assert status["Uid"].split() == [str(want_uid)] * 4
-    assert status["CapEff"].strip() == status["CapPrm"].strip() == "0000000000000000"
-    assert status["NoNewPrivs"].strip() == "1"
+    for cap in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
+        assert status[cap].strip() == "0000000000000000", cap
+    assert status["NoNewPrivs"].strip() == "1" and status["Groups"].strip() == ""
     created = next(r for r in records(audit_log, sid) if r["event"] == "sandbox.created")
     walls = created["details"]["walls"]
     assert created["details"]["backend"] == "microvm"
@@ -105,6 +105,49 @@ def test_a_vm_sandbox_end_to_end(audit_log: Path) -> None:
     assert destroyed["details"]["clean"] is True
     assert not vmdir.exists()
     assert not Path(f"/proc/{qemu_pid}").exists() or _zombie_or_gone(qemu_pid)
+
+
+def _vmm_uid_ok(uid: int) -> int:
+    """As root, QEMU's uid is one of the VMM range (never 65534, never root);
+    as a user, it is that user."""
+    from glassroom import _config
+
+    if os.geteuid() != 0:
+        assert uid == os.geteuid()
+        return uid
+    first, count = _config.vmm_uid_range()
+    assert first <= uid < first + count and uid != 65534, uid
+    return uid
+
+
+def test_each_vm_has_its_own_uid() -> None:
+    """Two VMs at once never share QEMU's uid (one could ptrace the other)."""
+    _skip_without_qemu()
+    with Sandbox({"risk": "maximum"}) as a, Sandbox({"risk": "maximum"}) as b:
+        uids = [proc.real_uid(sb._sup.instance.proc.pid) for sb in (a, b)]
+        assert a.run(["true"]).exit_code == 0 and b.run(["true"]).exit_code == 0
+    assert uids[0] != uids[1] or os.geteuid() != 0
+    for uid in uids:
+        assert uid is not None
+        _vmm_uid_ok(uid)
+
+
+def test_a_nic_vm_refuses_a_root_qemu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail closed: where QEMU's uid cannot reach the egress socket (a state dir
+    only root may enter), the VM does not start; it never falls back to root."""
+    _skip_without_qemu()
+    if os.geteuid() != 0:
+        pytest.skip("as a normal user QEMU is that user: no uid to drop to")
+    shut = Path(tempfile.mkdtemp(prefix="glassroom-shut-", dir="/tmp"))  # 0700
+    monkeypatch.setenv("GLASSROOM_STATE_DIR", str(shut))
+    try:
+        with pytest.raises(WallError) as exc:
+            Sandbox({"risk": "high", "network": {"allow": ["api.test"]}},
+                    audit_log=shut / "a.jsonl")  # fmt: skip
+        assert exc.value.rule == "vmm" and "cannot reach" in str(exc.value)
+        assert not list((shut / "microvm").glob("sb-*"))  # nothing left behind
+    finally:
+        subprocess.run(["rm", "-rf", str(shut)], check=False)
 
 
 def _zombie_or_gone(pid: int) -> bool:

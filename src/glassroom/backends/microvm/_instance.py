@@ -259,6 +259,8 @@ class MicrovmInstance(FileOps):
         self._stats: dict[str, int] = {"oom_kill": 0, "pids_max_hits": 0}
         self._workspace: tuple[int, int] | None = None
         self._destroyed: Receipt | None = None
+        #: The flock'ed slot of QEMU's own host uid (as root), held until QEMU is gone.
+        self._uid_lock: int | None = None
         self._lock = threading.Lock()
         self._trace_calls = frozenset(syscalls_for(plan.audit_level))
         self.max_trace_events = MAX_TRACE_EVENTS
@@ -283,17 +285,23 @@ class MicrovmInstance(FileOps):
         if snapshots_enabled() and proxy_sock is None:
             snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm")
         self.vmdir.mkdir(parents=True, exist_ok=False, mode=0o700)
-        # Root outside, nobody inside: as root, QEMU runs as the sandbox's host
-        # uid with no capabilities.  With a NIC, slirp execs the relay per
-        # connection as that uid, so the relay script and the egress socket
-        # must be reachable by it; where they are not (a state dir only root
-        # may enter), QEMU stays root and the record says so (vmm_uid 0).
-        run_as = _config.sandbox_ids() if os.geteuid() == 0 else None
-        if run_as is not None and proxy_sock is not None and not (
-            qemu.reachable_by(qemu.RELAY, *run_as, write=False)
-            and qemu.reachable_by(Path(proxy_sock), *run_as, write=True)
-        ):
-            run_as = None
+        # Root outside, nobody inside: as root, QEMU runs as a host uid of its
+        # own (one per VM) with no capabilities.  With a NIC, slirp execs the
+        # relay per connection as that uid: the egress dir becomes that uid's,
+        # and the relay and the socket must be reachable, or the VM does not
+        # start (never a root QEMU instead).
+        run_as = None
+        if os.geteuid() == 0:
+            uid, self._uid_lock = qemu.claim_uid(self.state)
+            run_as = (uid, uid)
+            if proxy_sock is not None:
+                self._give_egress(Path(proxy_sock), uid)
+                for path, write in ((qemu.relay_script(), False), (Path(proxy_sock), True)):
+                    if not qemu.reachable_by(path, uid, uid, write=write):
+                        raise WallError(
+                            f"microvm: QEMU's uid {uid} cannot reach {path}: make the "
+                            "directories above it searchable (the state dir's default "
+                            "/run/glassroom is 0755)", rule="vmm")  # fmt: skip
         self._write_record()
         # The control channel is a socketpair: QEMU gets its end as an fd, so no
         # socket path has to be reachable by QEMU's uid, and nothing else can
@@ -475,6 +483,12 @@ class MicrovmInstance(FileOps):
             if plan.network.mode == "proxy"
             else None,
         }
+
+    @staticmethod
+    def _give_egress(sock: Path, uid: int) -> None:
+        """The egress dir and socket to QEMU's uid: only its relay connects there."""
+        for path in (sock.parent, sock):
+            os.chown(path, uid, uid)
 
     def _qemu_log(self) -> str:
         try:
@@ -824,6 +838,9 @@ class MicrovmInstance(FileOps):
             self._pidfd = None
         if self.cg is not None:
             removed["cgroups"] = self.cg.remove()
+        if self._uid_lock is not None and (self.proc is None or self.proc.poll() is not None):
+            os.close(self._uid_lock)  # QEMU is gone: its uid may serve another VM
+            self._uid_lock = None
         if self.vmdir.exists():
             shutil.rmtree(self.vmdir, ignore_errors=True)
             removed["vm_dir"] = str(self.vmdir)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import _config
 from ..._errors import BackendUnavailable, WallError
 from ..._sys import probe
 from ...guest import protocol
@@ -135,6 +138,47 @@ def cmdline(image: Image, accel: Accel) -> str:
 RELAY = Path(__file__).with_name("relay.py")
 
 
+def relay_script() -> Path:
+    """The relay QEMU execs per guest connection, where QEMU's uid can read it:
+    a copy in the image cache (0755 dirs), named by content.  The package
+    itself may live where that uid cannot go (a venv under /root)."""
+    data = RELAY.read_bytes()
+    dest = cache_dir() / f"relay-{hashlib.sha256(data).hexdigest()[:16]}.py"
+    if not dest.exists():
+        try:
+            tmp = dest.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+        except OSError:  # a cache that is not ours to write: the package's copy
+            return RELAY
+    return dest
+
+
+def claim_uid(state: Path) -> tuple[int, int]:
+    """(uid, lock fd): a host uid no other running VM has, held while the fd is open.
+
+    One uid per VM: QEMU is an ordinary host process, so two QEMUs of one uid
+    could ptrace or read each other (and so could anything else of that
+    uid).  Slots are flock'ed files; a crashed supervisor's locks go with it
+    (its QEMUs die with it: ``--pdeathsig``)."""
+    first, count = _config.vmm_uid_range()
+    d = state / "vmm-uids"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    start = secrets.randbelow(count)
+    for i in range(count):
+        uid = first + (start + i) % count
+        fd = os.open(d / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return uid, fd
+    raise WallError(f"microvm: all {count} VMM uids ({first}..{first + count - 1}) are in "
+                    "use (GLASSROOM_VMM_UIDS)", rule="vmm")  # fmt: skip
+
+
 def reachable_by(path: Path, uid: int, gid: int, *, write: bool) -> bool:
     """Whether ``uid``/``gid`` (no supplementary groups) may reach ``path``:
     search on every directory above it, then read (a script) or write (a
@@ -183,8 +227,11 @@ def argv(
                             "root", rule="vmm")  # fmt: skip
         uid, gid = run_as
         groups = "--clear-groups"
-        if accel.name == "kvm":  # /dev/kvm is root:kvm 0660 on Debian
-            groups = f"--groups={os.stat('/dev/kvm').st_gid}"
+        kvm = os.stat("/dev/kvm") if accel.name == "kvm" else None
+        # /dev/kvm is root:kvm 0660 on Debian: that group, never gid 0, and only
+        # when others may not open it anyway.
+        if kvm is not None and kvm.st_gid != 0 and not kvm.st_mode & 0o006:
+            groups = f"--groups={kvm.st_gid}"
         # setpriv sets the death signal after changing uid (a uid change clears it).
         prefix = [setpriv, f"--reuid={uid}", f"--regid={gid}", groups, "--inh-caps=-all",
                   "--bounding-set=-all", "--no-new-privs", "--pdeathsig", "KILL", "--"]  # fmt: skip
@@ -214,7 +261,9 @@ def argv(
     else:
         # User networking with restrict=on: no route to the host or anywhere,
         # except the one guestfwd address, relayed to the egress proxy's socket.
-        relay = RELAY
+        # Resolved paths: what was checked for QEMU's uid is what QEMU opens.
+        relay = Path(os.path.realpath(relay_script()))
+        proxy_sock = os.path.realpath(proxy_sock)
         for p in (str(relay), proxy_sock):
             if "," in p or " " in p:
                 raise WallError(f"microvm: path unusable on a QEMU command line: {p}",
