@@ -84,3 +84,13 @@ def test_as_the_guest_installs_it() -> None:
                        text=True, timeout=60, check=False)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["\u00e9", "[]", "JSONDecodeError"]
+
+
+def test_a_failed_dumps_leaves_nothing_behind() -> None:
+    """After a TypeError midway, the same containers encode again (no false
+    "Circular reference detected" from a reused marker table)."""
+    items: list[object] = [object()]
+    with pytest.raises(TypeError):
+        cjson.dumps({"items": items})
+    items[0] = 1  # fixed: now it must encode like json does
+    assert cjson.dumps({"items": items}) == json.dumps({"items": items}) == '{"items": [1]}'

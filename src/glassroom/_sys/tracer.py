@@ -188,10 +188,6 @@ def flags_text(flags: int) -> str:
     return "|".join(names)
 
 
-#: A path argument whose memory cannot be read.
-UNREADABLE = "<unreadable>"
-
-
 def _text(raw: bytes) -> str:
     """One decoding for every name (memory, readlink, cmdline), so the same
     bytes compare equal and invalid UTF-8 stays visible as ``\\xNN``."""
@@ -250,16 +246,16 @@ class Tracer:
             size -= n
         return out
 
-    def _string(self, pid: int, addr: int, limit: int = MAX_PATH) -> str:
-        """The NUL-terminated string at ``addr``, or :data:`UNREADABLE` when not
-        even its first byte can be read (a bad pointer: the call fails with
-        EFAULT), so that no such path is mistaken for ``""`` or the cwd."""
+    def _string(self, pid: int, addr: int, limit: int = MAX_PATH) -> str | None:
+        """The NUL-terminated string at ``addr``, or None when not even its
+        first byte can be read (a bad pointer: the call fails with EFAULT), so
+        that no such path is mistaken for ``""`` or for the cwd."""
         raw = b""
         while len(raw) < limit:
             chunk = self._read(pid, addr + len(raw), min(256, limit - len(raw)))
             if not chunk:
                 if not raw:
-                    return UNREADABLE
+                    return None
                 break
             nul = chunk.find(b"\0")
             if nul >= 0:
@@ -275,7 +271,7 @@ class Tracer:
             p = int.from_bytes(ptrs[i : i + 8], "little")
             if not p:
                 break
-            out.append(self._string(pid, p, MAX_ARG))
+            out.append(self._string(pid, p, MAX_ARG) or "")
         return out
 
     def _base(self, pid: int, dirfd: int) -> str:
@@ -319,7 +315,10 @@ class Tracer:
             elif role == "dirfd2":
                 dirfd2 = a
             elif role in ("path", "path2"):
-                ev[role] = self._string(pid, a)
+                text = self._string(pid, a)
+                if text is None:  # logged as such: "" and a flag, never a made-up name
+                    ev[role + "_unreadable"] = True
+                ev[role] = text or ""
                 addrs.append((role, a, ev[role]))
             elif role == "fd":  # the file the fd names: already absolute (or <fd/N>)
                 ev["path"] = self._base(pid, a)
@@ -349,7 +348,7 @@ class Tracer:
             ev["flags"] = "O_WRONLY|O_CREAT|O_TRUNC"
         for key, fd in (("path", dirfd), ("path2", dirfd2)):
             p = ev.get(key)
-            if p is None or p.startswith("/") or p == UNREADABLE:
+            if p is None or p.startswith("/") or ev.get(key + "_unreadable"):
                 continue
             if key == "path2" and name.startswith("symlink"):
                 continue
@@ -448,7 +447,7 @@ class Tracer:
                 ev["path"] = real
             return
         for key, addr, before in addrs:
-            now = self._string(pid, addr)
+            now = self._string(pid, addr) or ""
             if now != before:
                 ev["path_changed"] = True
                 ev[key + "_at_exit"] = now

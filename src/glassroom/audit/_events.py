@@ -159,6 +159,9 @@ def to_record(raw: dict[str, Any], source: str) -> tuple[str, dict[str, Any], st
         # Another thread rewrote the path while the call ran: which of the
         # two the kernel used is unknown, so both are kept.
         details["path_changed"] = True
+    for key in ("path_unreadable", "path2_unreadable"):
+        if raw.get(key) is True:  # a bad pointer: no name to log (the call got EFAULT)
+            details[key] = True
     if flags:
         details["flags"] = flags
     for key in ("pid", "ppid"):

@@ -49,24 +49,16 @@ def _default(o: object) -> object:
     raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
 
 
-def _encoder(ascii_only: bool, item_sep: str, key_sep: str) -> "Any":
-    encode_str = _json.encode_basestring_ascii if ascii_only else _json.encode_basestring
-    # (markers, default, encoder, indent, key_separator, item_separator,
-    #  sort_keys, skipkeys, allow_nan): json.dumps' defaults.
-    return _json.make_encoder({}, _default, encode_str, None, key_sep, item_sep,
-                              False, False, True)  # fmt: skip
-
-
-_encoders: "dict[tuple[bool, str, str], Any]" = {}
-
-
 def dumps(obj: object, *, separators: "tuple[str, str] | None" = None,
           ensure_ascii: bool = True) -> str:  # fmt: skip
     item_sep, key_sep = separators or (", ", ": ")
-    key = (ensure_ascii, item_sep, key_sep)
-    enc = _encoders.get(key)
-    if enc is None:
-        enc = _encoders[key] = _encoder(*key)
+    encode_str = _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring
+    # A new encoder per call, as json.dumps makes: its ``markers`` dict (the
+    # circular-reference check) must not outlive a call that failed midway.
+    # (markers, default, encoder, indent, key_separator, item_separator,
+    #  sort_keys, skipkeys, allow_nan): json.dumps' defaults.
+    enc = _json.make_encoder({}, _default, encode_str, None, key_sep, item_sep,
+                             False, False, True)  # fmt: skip
     return "".join(enc(obj, 0))
 
 

@@ -614,8 +614,9 @@ class MicrovmInstance(FileOps):
             if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv[:MAX_ARGV]):
                 return None
             out[key] = [_text(a) for a in argv[:MAX_ARGV]]
-        if ev.get("path_changed") is True:
-            out["path_changed"] = True
+        for flag in ("path_changed", "path_unreadable", "path2_unreadable"):
+            if ev.get(flag) is True:
+                out[flag] = True
         if not _RESULT.fullmatch(out.get("result", "")):
             return None
         return out

@@ -184,9 +184,11 @@ def kernel_choice() -> str:
     return "path"
 
 
-def _kernel(cache: Path, fetch: bool) -> tuple[Path, Path | None, str, bool]:
+def _kernel(
+    cache: Path, fetch: bool, choice: str | None = None
+) -> tuple[Path, Path | None, str, bool]:
     """(vmlinuz, modules dir or None, release, direct boot)."""
-    choice = kernel_choice()
+    choice = choice or kernel_choice()
     if choice in ("auto", "built"):
         from . import kernel
 
@@ -415,12 +417,15 @@ def _build_rootfs(dest: Path) -> None:
 # -- entry point ---------------------------------------------------------------------
 
 
-def prepare(fetch: bool = True) -> Image:
-    """Return the cached image, building what is missing or stale (one builder at a time)."""
+def prepare(fetch: bool = True, choice: str | None = None) -> Image:
+    """Return the cached image, building what is missing or stale (one builder at a time).
+
+    ``choice`` overrides ``GLASSROOM_MICROVM_KERNEL`` (``microvm prepare``
+    builds the stock kernel's initramfs too, so the fallback boots as is)."""
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True, mode=0o755)
     with lock_file(cache / ".lock"):
-        return _prepare(cache, fetch)
+        return _prepare(cache, fetch, choice)
 
 
 @contextlib.contextmanager
@@ -437,10 +442,10 @@ def lock_file(path: Path) -> Iterator[None]:
         yield
 
 
-def _prepare(cache: Path, fetch: bool) -> Image:
+def _prepare(cache: Path, fetch: bool, choice: str | None = None) -> Image:
     """Content-addressed: each kernel and each guest recipe has its own files, so
     supervisors of different versions never rebuild each other's images."""
-    vmlinuz, mods, release, direct = _kernel(cache, fetch)
+    vmlinuz, mods, release, direct = _kernel(cache, fetch, choice)
     # The recipe (this file) is part of the key: a changed file list rebuilds.
     guest = _digest(*(p.read_bytes() for p in [*_guest_sources(), Path(__file__)]))
     kstat = vmlinuz.stat()
@@ -458,11 +463,11 @@ def _prepare(cache: Path, fetch: bool) -> Image:
     return Image(vmlinuz, initrd, rootfs, _digest(kkey.encode(), guest.encode()), release)
 
 
-def prune(img: Image) -> list[str]:
-    """Remove images other than ``img``'s (``microvm prepare`` only)."""
+def prune(img: Image, keep: tuple[Path, ...] = ()) -> list[str]:
+    """Remove images other than ``img``'s and ``keep`` (``microvm prepare`` only)."""
     gone = []
     for old in [*cache_dir().glob("initramfs-*.cpio"), *cache_dir().glob("rootfs-*.ext4")]:
-        if old not in (img.initrd, img.rootfs):
+        if old not in (img.initrd, img.rootfs, *keep):
             with contextlib.suppress(OSError):
                 old.unlink()
                 gone.append(old.name)

@@ -133,15 +133,28 @@ def _run(argv: list[str], cwd: Path, log: Path, env: dict[str, str] | None = Non
 
 
 def build(cache: Path, jobs: int | None = None) -> Built:
-    """Build (or find) the kernel for this config and the current source version."""
+    """Build (or find) the kernel for this config and the current source version.
+
+    One builder at a time (an flock beside the builds): a second ``prepare``
+    waits, then finds the result.  Scratch trees a killed build left behind
+    are removed first."""
     version = _candidate_version()
     root = _root(cache)
-    dest_dir = root / version
-    existing = sorted(dest_dir.glob("vmlinux-*"))
-    if existing:
-        return Built(existing[-1], existing[-1].name.removeprefix("vmlinux-"), version)
-    _check_tools()
     root.mkdir(parents=True, exist_ok=True)
+    from .image import lock_file
+
+    with lock_file(root / ".lock"):
+        existing = sorted((root / version).glob("vmlinux-*"))
+        if existing:
+            return Built(existing[-1], existing[-1].name.removeprefix("vmlinux-"), version)
+        for stale in root.glob(".build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _check_tools()
+        return _build(root, version, jobs)
+
+
+def _build(root: Path, version: str, jobs: int | None) -> Built:
+    dest_dir = root / version
     scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     log = root / "build.log"
     log.write_bytes(b"")
@@ -184,7 +197,7 @@ def build(cache: Path, jobs: int | None = None) -> Built:
                                  check=True).stdout.strip()  # fmt: skip
         dest_dir.mkdir(parents=True, exist_ok=True)
         dest = dest_dir / f"vmlinux-{release}"
-        tmp = dest_dir / "vmlinux.tmp"
+        tmp = dest_dir / f".vmlinux.tmp{os.getpid()}"
         _run(["strip", "--strip-all", "-o", str(tmp), "vmlinux"], src, log, env)
         shutil.copyfile(src / ".config", dest_dir / "config")
         os.chmod(tmp, 0o444)

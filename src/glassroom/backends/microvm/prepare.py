@@ -18,12 +18,14 @@ def prepare(snapshot: bool = True) -> dict[str, Any]:
         built = kernel.build(image.cache_dir())
         pruned += kernel.prune(image.cache_dir(), built)
     img = image.prepare(fetch=True)
+    stock = image.prepare(fetch=True, choice="stock")  # the fallback's initramfs, kept
     out: dict[str, Any] = {
         "cache": str(image.cache_dir()),
         "kernel": str(img.kernel),
         "kernel_release": img.kernel_release,
         "boot": "direct" if img.direct else "initramfs",
-        "pruned": pruned + image.prune(img) + qemu.prune_snapshots(img),
+        "pruned": pruned + image.prune(img, keep=(stock.initrd,) if stock.initrd else ())
+        + qemu.prune_snapshots(img),
         "image_id": img.image_id,
         **img.sizes(),
     }
