@@ -250,3 +250,43 @@ def test_the_stock_kernel_still_boots(
     created = next(x for x in records(audit_log, sid) if x["event"] == "sandbox.created")
     walls = created["details"]["walls"]
     assert walls["guest_kernel"] == release and walls["landlock"]["abi"] >= 1
+
+
+def test_the_template_vm_drops_root_too(tmp_path: Path) -> None:
+    """The VM booted once to make a snapshot runs like a task's: its own uid.
+    The snapshot it writes (through an fd glassroom opened) still restores."""
+    _skip_without_qemu()
+    import threading
+
+    from glassroom.backends.microvm import image
+
+    img, accel = image.prepare(), qemu.choose_accel()
+    # A shape no policy here uses, and no snapshot of it left over: a template boots.
+    qemu.snapshot_path(img, 192, 1, accel).unlink(missing_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="glassroom-tmpl-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    made: dict[str, Path] = {}
+    t = threading.Thread(target=lambda: made.update(
+        path=qemu.ensure_snapshot(img, accel, 192, 1, work / "microvm")))  # fmt: skip
+    t.start()
+    uids: set[int] = set()
+    end = time.monotonic() + 60
+    while t.is_alive() and time.monotonic() < end:
+        for d in Path("/proc").iterdir():
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+                if argv[0].endswith(b"qemu-system-x86_64") and b"192M" in argv:
+                    uids.add(d.stat().st_uid)
+            except (OSError, IndexError):
+                continue
+        time.sleep(0.02)
+    t.join(timeout=60)
+    try:
+        assert made.get("path") is not None and made["path"].stat().st_size > 1 << 20
+        assert uids, "the template QEMU was never seen"
+        for uid in uids:
+            _vmm_uid_ok(uid)
+    finally:
+        if made.get("path"):
+            made["path"].unlink()
+        subprocess.run(["rm", "-rf", str(work)], check=False)

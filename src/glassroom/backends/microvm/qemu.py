@@ -24,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,13 +200,13 @@ def reachable_by(path: Path, uid: int, gid: int, *, write: bool) -> bool:
 
 
 def argv(
-    image: Image, accel: Accel, ram_mib: int, vcpus: int, chan: Path | int, *,
-    console: Path | None, incoming_fd: int | None = None, qmp: Path | None = None,
+    image: Image, accel: Accel, ram_mib: int, vcpus: int, chan: int, *,
+    console: Path | None, incoming_fd: int | None = None, qmp: int | None = None,
     confine: bool = True, proxy_sock: str | None = None,
     run_as: tuple[int, int] | None = None,
 ) -> list[str]:  # fmt: skip
-    """QEMU's command line.  ``chan``: the control channel, a Unix socket path QEMU
-    connects to, or an fd QEMU inherits (one end of a socketpair).
+    """QEMU's command line.  ``chan``: the control channel, an fd QEMU inherits
+    (one end of a socketpair; so is ``qmp``, the monitor, when given).
     ``run_as``: (uid, gid) QEMU runs as from its first
     instruction (glassroom as root passes the sandbox's host uid), with no
     capabilities, an empty bounding set and no_new_privs, so a guest that
@@ -252,8 +251,7 @@ def argv(
         "-drive", f"id=root,file={image.rootfs},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=ch0,fd={chan}" if isinstance(chan, int)
-        else f"socket,id=ch0,path={chan}",
+        "-chardev", f"socket,id=ch0,fd={chan}",
         "-device", f"virtserialport,chardev=ch0,name={PORT_NAME}",
     ]  # fmt: skip
     if proxy_sock is None:
@@ -274,8 +272,8 @@ def argv(
             f"/usr/bin/python3 -I -S {relay} {proxy_sock}",
             "-device", "virtio-net-device,netdev=n0",
         ]  # fmt: skip
-    if qmp is not None:
-        args += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    if qmp is not None:  # the monitor on an inherited fd (one end of a socketpair)
+        args += ["-chardev", f"socket,id=qmp,fd={qmp}", "-mon", "chardev=qmp,mode=control"]
     if incoming_fd is not None:
         args += ["-incoming", f"fd:{incoming_fd}"]
     if confine:
@@ -339,64 +337,37 @@ def _await_ready(sock: socket.socket, dec: protocol.Decoder, end: float) -> dict
     raise WallError("microvm: the guest agent did not answer in time", rule="boot")
 
 
-def listen(path: Path) -> socket.socket:
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    srv.bind(str(path))
-    srv.listen(1)
-    return srv
+class _Qmp:
+    """QMP over a connected socket: one command at a time, fds passed alongside."""
 
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        sock.settimeout(timeout)
+        self.sock = sock
+        self.f = sock.makefile("rb")
+        json.loads(self.f.readline())  # the greeting
+        self.call("qmp_capabilities")
 
-def accept(
-    srv: socket.socket,
-    proc: subprocess.Popen[bytes],
-    timeout: float,
-    errtext: Callable[[], str] = lambda: "",
-) -> socket.socket:
-    end = time.monotonic() + timeout
-    srv.settimeout(0.05)
-    while time.monotonic() < end:
-        try:
-            conn, _ = srv.accept()
-            conn.setblocking(True)
-            return conn
-        except TimeoutError:
-            if proc.poll() is not None:
-                raise WallError(f"microvm: qemu exited ({proc.returncode}): {errtext()}",
-                                rule="vmm") from None  # fmt: skip
-    raise WallError("microvm: qemu did not connect the control channel", rule="vmm")
-
-
-def _qmp(
-    sock_path: Path, commands: list[dict[str, object]], timeout: float
-) -> list[dict[str, object]]:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            s.connect(str(sock_path))
-            break
-        except (FileNotFoundError, ConnectionRefusedError):
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.02)
-    f = s.makefile("rwb")
-    json.loads(f.readline())  # greeting
-    out = []
-    for cmd in [{"execute": "qmp_capabilities"}, *commands]:
-        f.write(json.dumps(cmd).encode() + b"\n")
-        f.flush()
+    def call(self, command: str, arguments: dict[str, object] | None = None,
+             fds: tuple[int, ...] = ()) -> dict[str, object]:  # fmt: skip
+        msg = {"execute": command, **({"arguments": arguments} if arguments else {})}
+        data = json.dumps(msg).encode() + b"\n"
+        if fds:  # SCM_RIGHTS in the same message, as `getfd` expects
+            socket.send_fds(self.sock, [data], list(fds))
+        else:
+            self.sock.sendall(data)
         while True:
-            msg = json.loads(f.readline())
-            if "return" in msg or "error" in msg:
-                out.append(msg)
-                break
-    s.close()
-    return out
+            reply: dict[str, object] = json.loads(self.f.readline())
+            if "return" in reply or "error" in reply:  # (events are skipped)
+                return reply
 
 
 def ensure_snapshot(image: Image, accel: Accel, ram_mib: int, vcpus: int, workdir: Path) -> Path:
-    """The saved booted-idle state for this VM shape; made once (cold boot + migrate)."""
+    """The saved booted-idle state for this VM shape; made once (cold boot + migrate).
+
+    The template VM's QEMU drops root like a task's (its own uid, no
+    capabilities): the control channel and the monitor are socketpairs it
+    inherits, and the state goes to a file glassroom opened for it
+    (``getfd`` + ``migrate fd:``)."""
     dest = snapshot_path(image, ram_mib, vcpus, accel)
     if dest.exists():
         return dest
@@ -407,48 +378,75 @@ def ensure_snapshot(image: Image, accel: Accel, ram_mib: int, vcpus: int, workdi
             return dest
         tmp = dest.with_suffix(f".tmp{os.getpid()}")
         workdir.mkdir(parents=True, exist_ok=True)
-        chan, qmp = workdir / "tmpl-chan.sock", workdir / "tmpl-qmp.sock"
-        srv = listen(chan)
+        return _make_snapshot(image, accel, ram_mib, vcpus, workdir, tmp, dest)
+
+
+def _make_snapshot(
+    image: Image, accel: Accel, ram_mib: int, vcpus: int, workdir: Path, tmp: Path, dest: Path
+) -> Path:
+    conn, chan = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    mon, mon_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    uid_lock = None
+    run_as = None
+    if os.geteuid() == 0:
+        uid, uid_lock = claim_uid(workdir.parent)
+        run_as = (uid, uid)
+    try:
         proc = subprocess.Popen(
-            argv(image, accel, ram_mib, vcpus, chan, console=None, qmp=qmp, confine=False),
+            argv(image, accel, ram_mib, vcpus, chan.fileno(), console=None,
+                 qmp=mon_qemu.fileno(), confine=False, run_as=run_as),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={}, close_fds=True,
+            env={}, close_fds=True, pass_fds=(chan.fileno(), mon_qemu.fileno()),
         )  # fmt: skip
-        record = _template_record(workdir, proc.pid, [chan, qmp, tmp])
-        try:
-            conn = accept(srv, proc, BOOT_TIMEOUT_S)
-            handshake(conn, BOOT_TIMEOUT_S)
-            # Migrated while running (idle: it converges at once), so the
-            # restored VM starts running by itself.
-            res = _qmp(qmp, [{"execute": "migrate", "arguments": {"uri": f"exec:cat > {tmp}"}}],
-                       10.0)  # fmt: skip
-            if any("error" in r for r in res):
-                raise WallError(f"microvm: snapshot failed: {res}", rule="snapshot")
-            end = time.monotonic() + 120
-            while time.monotonic() < end:
-                st = _qmp(qmp, [{"execute": "query-migrate"}], 10.0)[-1]
-                ret = st.get("return")
-                status = ret.get("status") if isinstance(ret, dict) else None
-                if status == "completed":
-                    break
-                if status in ("failed", "cancelled"):
-                    raise WallError(f"microvm: snapshot migration {status}", rule="snapshot")
-                time.sleep(0.05)
-            else:
-                raise WallError("microvm: snapshot did not complete", rule="snapshot")
-            conn.close()
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait()
-            if proc.stderr:
-                proc.stderr.close()
-            srv.close()
-            for p in (chan, qmp, tmp, record):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+    except BaseException:
+        for s in (conn, chan, mon, mon_qemu):
+            s.close()
+        os.close(out)
+        if uid_lock is not None:
+            os.close(uid_lock)
+        raise
+    chan.close()
+    mon_qemu.close()
+    record = _template_record(workdir, proc.pid, [tmp])
+    try:
+        handshake(conn, BOOT_TIMEOUT_S)
+        qmp = _Qmp(mon, 10.0)
+        res = qmp.call("getfd", {"fdname": "snapshot"}, fds=(out,))
+        # Migrated while running (idle: it converges at once), so the
+        # restored VM starts running by itself.
+        if "error" not in res:
+            res = qmp.call("migrate", {"uri": "fd:snapshot"})
+        if "error" in res:
+            raise WallError(f"microvm: snapshot failed: {res}", rule="snapshot")
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            ret = qmp.call("query-migrate").get("return")
+            status = ret.get("status") if isinstance(ret, dict) else None
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise WallError(f"microvm: snapshot migration {status}", rule="snapshot")
+            time.sleep(0.05)
+        else:
+            raise WallError("microvm: snapshot did not complete", rule="snapshot")
+        os.fsync(out)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        for s in (conn, mon):
+            s.close()
+        os.close(out)
+        if uid_lock is not None:
+            os.close(uid_lock)  # QEMU is gone
+        for p in (tmp, record):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
     return dest
 
 
