@@ -381,7 +381,7 @@ class MicrovmInstance(FileOps):
                      "total_ms": round((time.monotonic() - t0) * 1000, 1)}  # fmt: skip
         self.walls.update({
             "vmm": "qemu -M microvm",
-            # The host uid QEMU runs as: the sandbox's (no capabilities) when
+            # The host uid QEMU runs as: the VM's own (no capabilities) when
             # glassroom is root, else the caller's.
             "vmm_uid": proc.real_uid(qemu_pid),
             "accel": accel.detail if accel.emulated else accel.name,

@@ -116,7 +116,7 @@ def cmdline(image: Image, accel: Accel) -> str:
              "cryptomgr.notests"]  # fmt: skip
     if image.direct:
         # no_timer_check: skip probing the timer interrupt through the IO-APIC
-        # (~0.1 s of spinning under TCG; the VMM's timer is known to work).
+        # (30-50 ms of spinning under TCG; the VMM's timer is known to work).
         parts += ["root=/dev/vda", "ro", "rootfstype=ext4", "init=/.glassroom/init",
                   "no_timer_check"]  # fmt: skip
     else:
@@ -208,7 +208,7 @@ def argv(
     """QEMU's command line.  ``chan``: the control channel, an fd QEMU inherits
     (one end of a socketpair; so is ``qmp``, the monitor, when given).
     ``run_as``: (uid, gid) QEMU runs as from its first
-    instruction (glassroom as root passes the sandbox's host uid), with no
+    instruction (glassroom as root passes a VMM uid of the VM's own), with no
     capabilities, an empty bounding set and no_new_privs, so a guest that
     escapes into QEMU holds nothing over the host."""
     qemu = qemu_binary()
