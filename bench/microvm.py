@@ -60,9 +60,14 @@ def _raw(img: Any, accel: Any, snapshot: str | None) -> float:
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fd = os.open(snapshot, os.O_RDONLY) if snapshot else None
-    argv = qemu.argv(img, accel, 1152, 1, theirs.fileno(), console=None, incoming_fd=fd)
+    # The default high-risk policy's VM shape, as `microvm prepare` snapshots it:
+    # RAM for memory_mib only, and the scratch disk as the second virtio-blk disk.
+    ram, _ = qemu.vm_size(512 << 20, 512 << 20, 1.0)
+    disk = qemu.scratch_disk(512 << 20, mkfs=False)
+    argv = qemu.argv(img, accel, ram, 1, theirs.fileno(), console=None, incoming_fd=fd,
+                     scratch_fds=disk)  # fmt: skip
     t0 = time.monotonic()
-    passed = [theirs.fileno()] + ([fd] if fd is not None else [])
+    passed = [theirs.fileno(), *disk] + ([fd] if fd is not None else [])
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={}, pass_fds=passed)  # fmt: skip
     theirs.close()
@@ -73,6 +78,8 @@ def _raw(img: Any, accel: Any, snapshot: str | None) -> float:
         proc.kill()
         proc.wait()
         ours.close()
+        for d in disk:
+            os.close(d)
         if fd is not None:
             os.close(fd)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -114,6 +115,23 @@ def make_sandbox(backend: str, audit_log: Path) -> Iterator[Callable[..., Any]]:
             pytest.fail(f"destroying {sb.id} at teardown failed: {exc!r}")
 
 
+def venv_tool(name: str) -> str | None:
+    """The console script ``name`` that this environment's install put there.
+
+    ``pip install`` writes scripts beside the interpreter (``.venv/bin``),
+    which is not on PATH for a user who has not activated the venv: looking
+    only on PATH made the suite depend on a copy installed by hand elsewhere.
+    The install's own directory wins; PATH is only a fallback.
+    """
+    import sysconfig
+
+    for base in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        cand = Path(base) / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    return shutil.which(name)
+
+
 def records(log: str | Path, sandbox: str | None = None) -> list[dict[str, Any]]:
     """The parsed records of ``log`` in file order, optionally only one sandbox's."""
     path = Path(log)
@@ -158,3 +176,20 @@ def find_record(recs: Sequence[Mapping[str, Any]], event: str, **want: Any) -> i
             return i
     lines = [f"{r['event']} {r['decision']} {json.dumps(r['details'])[:160]}" for r in recs]
     raise AssertionError(f"no {event} with {want} among:\n" + "\n".join(lines[-80:]))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under CI (``CI=true``), a skipped test is a failed one.
+
+    CI installs every backend and tool; a skip there means a set-up step is
+    missing (the ``bao`` binary once passed only because a copy had been
+    installed by hand), so it must fail loudly with its reason, not pass
+    quietly.  Outside CI a skip stays a skip, with its reason.
+    """
+    outcome = yield
+    rep = outcome.get_result()
+    if os.environ.get("CI") == "true" and rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped under CI (CI=true), where nothing may be skipped: {reason}"

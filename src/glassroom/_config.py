@@ -75,6 +75,23 @@ def vmm_uid_range() -> tuple[int, int]:
     return first, count
 
 
+def scratch_dir() -> Path:
+    """Where per-sandbox scratch images (``/workspace``, ``/tmp``) are made.
+
+    It must be a disk, not tmpfs: the image's pages would be memory again
+    (``_sys/scratch.py`` refuses it).  Each image is unlinked as soon as it
+    is in use, so nothing stays here.  ``GLASSROOM_SCRATCH_DIR`` moves it.
+    """
+    env = os.environ.get("GLASSROOM_SCRATCH_DIR")
+    if env:
+        return Path(env)
+    if is_root():
+        return Path("/var/lib/glassroom-scratch")
+    # /var/tmp: on disk by convention, and writable without a home directory.
+    # A dir someone else made there is refused (_sys/scratch.check_backing).
+    return Path(f"/var/tmp/glassroom-scratch-{os.geteuid()}")
+
+
 def cgroup_parent() -> str:
     return os.environ.get("GLASSROOM_CGROUP_PARENT", "glassroom")
 

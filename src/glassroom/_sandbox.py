@@ -112,8 +112,12 @@ class Sandbox:
 
     def __new__(cls, *args: Any, url: str | None = None, **kw: Any) -> Sandbox:
         if url is not None and cls is Sandbox:
-            from ._remote import RemoteSandbox
+            try:
+                from ._remote import RemoteSandbox
+            except ModuleNotFoundError as exc:
+                from ._extras import missing_extra
 
+                raise (missing_extra(exc, "Sandbox(url=...)") or exc) from None
             return object.__new__(RemoteSandbox)
         return object.__new__(cls)
 

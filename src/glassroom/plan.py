@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-MountKind = Literal["ro-bind", "bind", "tmpfs", "proc", "dev", "symlink", "dir", "file"]
+#: ``scratch``: the sandbox's files (/workspace, /tmp) on one disk of
+#: ``size_bytes`` accounted apart from its memory (``_sys/scratch.py``).
+MountKind = Literal["ro-bind", "bind", "tmpfs", "scratch", "proc", "dev", "symlink", "dir", "file"]
 Access = Literal["read", "write"]
 
 WORKSPACE = "/workspace"
@@ -38,6 +40,15 @@ class FsRule:
     path: str  # path as the sandbox sees it (same as the host path for binds)
     access: Access
     rule: str
+
+
+@dataclass(frozen=True)
+class Protected:
+    """A name in every writable host dir that stays read-only (``policy._protected``)."""
+
+    path: str  # relative, matched at any depth ("." components never)
+    tree: bool  # the entry and everything beneath it
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,10 @@ class LaunchPlan:
     loaders: tuple[str, ...] = field(default=())
     #: ``audit.level``: "actions", "files" or "syscalls" (see docs/audit.md).
     audit_level: str = "actions"
+    #: Names no writable host dir lets the sandbox change (rule filesystem.protected),
+    #: and the paths (as seen inside) where ``filesystem.unprotect`` lifts that.
+    protected: tuple[Protected, ...] = field(default=())
+    unprotect: tuple[str, ...] = field(default=())
 
     def walls(self) -> list[str]:
         """Human-readable names of the walls this plan asks for."""

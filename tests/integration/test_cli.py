@@ -13,12 +13,13 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import records
+from conftest import records, venv_tool
 from glassroom.audit import verify
 
 CLI = [sys.executable, "-m", "glassroom.interfaces.cli"]
@@ -296,8 +297,90 @@ def test_drill_json_all_pass(audit_log: Path) -> None:
 
 def test_cli_entry_point_installed() -> None:
     """The console script exists and is the same program (used by the README)."""
-    exe = shutil.which("glassroom") or str(Path(sys.executable).with_name("glassroom"))
-    if not Path(exe).exists():
-        pytest.skip("the glassroom console script is not installed in this environment")
+    exe = venv_tool("glassroom")
+    assert exe, "the glassroom console script is not installed in this environment"
     p = subprocess.run([exe, "run"], capture_output=True, text=True, timeout=60, check=False)
     refused_line(p)
+
+
+# Without the serve extra, what to install is named (the module of a missing
+# extra is hidden from the import system: the same ModuleNotFoundError a
+# plain `pip install glassroom` gives).
+_NO_EXTRA = (
+    "import sys\n"
+    "for m in ('fastapi', 'uvicorn', 'mcp', 'httpx'): sys.modules[m] = None\n"
+    "from glassroom.interfaces.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.parametrize("verb", ["serve", "mcp"])
+def test_service_without_serve_extra_names_the_extra(verb: str, audit_log: Path) -> None:
+    env = {**os.environ, "GLASSROOM_API_KEY": "e2b_" + "0" * 40}
+    p = subprocess.run([sys.executable, "-c", _NO_EXTRA, verb], capture_output=True, text=True,
+                       timeout=60, check=False, env=env)  # fmt: skip
+    line = refused_line(p)
+    assert f"glassroom {verb} needs the 'serve' extra" in line, line
+    assert "pip install 'glassroom[serve]'" in line and "internal error" not in line
+
+
+def test_remote_sdk_without_serve_extra_names_the_extra() -> None:
+    code = ("import sys\nsys.modules['httpx'] = None\nimport glassroom\n"
+            "try:\n    glassroom.Sandbox(url='http://127.0.0.1:9', api_key='k')\n"
+            "except glassroom.GlassroomError as e:\n    print(type(e).__name__, e)\n")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       check=False)  # fmt: skip
+    assert p.stdout.startswith("BackendUnavailable Sandbox(url=...) needs the 'serve' extra"), p
+
+
+def test_state_dir_behind_a_shut_dir_is_named(audit_log: Path) -> None:
+    """A state dir under a 0700 dir (what any mktemp -d makes): as root the
+    sandbox uid cannot reach it, and both `run` and `doctor` name the dir in
+    the way; glassroom running as its own user is not affected."""
+    shut = Path(tempfile.mkdtemp(prefix="glassroom-test-"))
+    try:
+        _check_shut_state_dir(shut, audit_log)
+    finally:
+        shutil.rmtree(shut, ignore_errors=True)
+
+
+def _check_shut_state_dir(shut: Path, audit_log: Path) -> None:
+    env = {**os.environ, "GLASSROOM_STATE_DIR": str(shut / "state"),
+           "GLASSROOM_AUDIT_LOG": str(audit_log)}  # fmt: skip
+    run = subprocess.run([*CLI, "run", "--", "true"], capture_output=True, text=True,
+                         timeout=60, check=False, env=env)  # fmt: skip
+    doc = subprocess.run([*CLI, "doctor", "--json"], capture_output=True, text=True,
+                         timeout=120, check=False, env=env)  # fmt: skip
+    reach = json.loads(doc.stdout)["state_dir_reachable"]
+    if os.geteuid() != 0:
+        assert run.returncode == 0, run.stderr
+        assert reach["ok"], reach
+        return
+    line = refused_line(run)
+    assert f"state dir {shut / 'state'} is not reachable by the sandbox" in line, line
+    assert f"{shut} (mode 0700, owner 0:0) cannot be searched by uid 65534" in line, line
+    assert not reach["ok"] and str(shut) in reach["detail"], reach
+    assert json.loads(doc.stdout)["backends"]["namespaces"].startswith("unavailable: state dir")
+
+
+def test_bwrap_failure_shows_bwrap_cause(audit_log: Path) -> None:
+    """A read path bwrap cannot open as the sandbox uid: the error is bwrap's
+    own words, not the symptom that follows (a cgroup or pidfd error).  As
+    root the sandbox uid is another uid (0700 shuts it out); otherwise it is
+    ours, and only mode 0000 does."""
+    base = Path(tempfile.mkdtemp(prefix="glassroom-test-shut-", dir="/var/tmp"))
+    try:
+        (base / "sub").mkdir()
+        os.chmod(base, 0o700 if os.geteuid() == 0 else 0)
+        pol = base.parent / f"{base.name}.toml"
+        pol.write_text(f'[filesystem]\nread = ["/usr", "{base}/sub"]\n')
+        p = subprocess.run([*CLI, "run", "--policy", str(pol), "--", "true"], capture_output=True,
+                           text=True, timeout=60, check=False,
+                           env={**os.environ, "GLASSROOM_AUDIT_LOG": str(audit_log)})  # fmt: skip
+        line = refused_line(p)
+        assert line == (f"glassroom: namespaces: bwrap failed: bwrap: Can't find source path "
+                        f"{base}/sub: Permission denied"), line  # fmt: skip
+    finally:
+        os.chmod(base, 0o700)
+        shutil.rmtree(base, ignore_errors=True)
+        (base.parent / f"{base.name}.toml").unlink(missing_ok=True)

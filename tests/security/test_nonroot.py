@@ -550,3 +550,31 @@ def test_nonroot_without_delegated_cgroups_fails_closed(nonroot: Setup, how: str
         except OSError:
             continue
     assert orphans == [], f"orphaned sandbox processes: {orphans}"
+
+
+def test_memory_cap_is_memory_mib_when_glassroom_is_not_root(nonroot: Setup) -> None:
+    """Unprivileged: no loop device, so /workspace and /tmp are tmpfs counted
+    inside memory_mib (chosen up front and said in the walls); the cap is the
+    policy's number, never memory + disk.  Harmless: memory_mib - 48 MiB is
+    held.  Attack: memory_mib + 64 MiB (far below memory + disk) is killed."""
+    s = nonroot
+    policy = {**POLICY, "resources": {"memory_mib": 128, "disk_mib": 256}}
+    hold = "import sys\nx=[bytearray(1<<20) for _ in range(int(sys.argv[1]))]\nprint('held')"
+
+    def body() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with Sandbox(policy) as sb:
+            out["workspace"] = sb.walls["workspace"]
+            out["memory_bytes"] = sb.walls["cgroups"]["memory_bytes"]
+            for n in (80, 192):
+                r = sb.run(["python3", "-c", hold, str(n)], timeout_s=60)
+                out[str(n)] = [r.exit_code, r.signal, r.stdout.strip(),
+                               [b.rule for b in r.blocked]]  # fmt: skip
+        return out
+
+    out = _as_nobody(_env(s), body)
+    assert out["memory_bytes"] == 128 << 20
+    assert out["workspace"]["counts_in"] == "resources.memory_mib"
+    assert out["80"] == [0, None, "held", []]
+    assert out["192"][1] == 9 and out["192"][2] == ""
+    assert "resources.memory_mib" in out["192"][3]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from glassroom.backends.microvm.qemu import reachable_by
+from glassroom._reach import reachable_by
 
 NOBODY = 65534
 

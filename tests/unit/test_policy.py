@@ -111,7 +111,7 @@ def test_malformed_toml_gives_line() -> None:
 
 def test_unknown_nested_field() -> None:
     err = refused('risk = "low"\n\n[filesystem]\nraed = ["/usr"]\n')
-    assert str(err) == "p.toml:4: filesystem.raed: unknown field (allowed: read, write)"
+    assert str(err) == "p.toml:4: filesystem.raed: unknown field (allowed: read, write, unprotect)"
     assert (err.line, err.field) == (4, "filesystem.raed")
 
 

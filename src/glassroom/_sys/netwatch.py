@@ -39,7 +39,7 @@ from typing import Any
 
 import pyseccomp
 
-from .seccomp import export_bpf
+from .seccomp import DenyEntry, add_notify_rules, entry_matches, export_bpf, notify_entries
 
 _NOTIF_SIZE = 80  # struct seccomp_notif
 _RESP_SIZE = 24  # struct seccomp_notif_resp
@@ -50,24 +50,40 @@ FLAG_CONTINUE = 1
 _SYS_PIDFD_GETFD = 438
 
 WATCHED = ("connect", "sendto", "sendmsg", "sendmmsg", "socket")
-_bpf_cache: bytes | None = None
+_bpf_cache: dict[tuple[bool, str], tuple[bytes, dict[int, list[DenyEntry]]]] = {}
 
 
-def filter_program() -> bytes:
-    """The watch filter as a classic-BPF program for the init to install."""
-    global _bpf_cache
-    if _bpf_cache is not None:
-        return _bpf_cache
+def filter_program(network: bool = True, profile: str = "default") -> bytes:
+    """The watch filter as a classic-BPF program for the init to install.
+
+    Besides the network calls (``network``), it carries the seccomp
+    profile's ``notify`` entries (setuid/setgid modes): those the watch does
+    not let through but answers with the entry's errno, and reports as ``deny``.
+    """
+    return _program(network, profile)[0]
+
+
+def denied_calls(profile: str = "default") -> dict[int, list[DenyEntry]]:
+    """The profile's ``notify`` entries by syscall number (what the watch refuses)."""
+    return _program(True, profile)[1]
+
+
+def _program(network: bool, profile: str) -> tuple[bytes, dict[int, list[DenyEntry]]]:
+    hit = _bpf_cache.get((network, profile))
+    if hit is not None:
+        return hit
     f = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     notify = pyseccomp.NOTIFY
-    f.add_rule(notify, "connect")
-    f.add_rule(notify, "sendto", pyseccomp.Arg(4, pyseccomp.NE, 0))
-    f.add_rule(notify, "sendmsg")
-    f.add_rule(notify, "sendmmsg")
-    f.add_rule(notify, "socket", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, 0xF, socket.SOCK_RAW))
-    f.add_rule(notify, "socket", pyseccomp.Arg(0, pyseccomp.EQ, 17))  # AF_PACKET
-    _bpf_cache = export_bpf(f, "netwatch")
-    return _bpf_cache
+    if network:
+        f.add_rule(notify, "connect")
+        f.add_rule(notify, "sendto", pyseccomp.Arg(4, pyseccomp.NE, 0))
+        f.add_rule(notify, "sendmsg")
+        f.add_rule(notify, "sendmmsg")
+        f.add_rule(notify, "socket", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, 0xF, socket.SOCK_RAW))
+        f.add_rule(notify, "socket", pyseccomp.Arg(0, pyseccomp.EQ, 17))  # AF_PACKET
+    by_nr = add_notify_rules(f, notify_entries(profile))
+    hit = _bpf_cache[network, profile] = (export_bpf(f, "netwatch"), by_nr)
+    return hit
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -110,9 +126,16 @@ def parse_sockaddr(raw: bytes) -> tuple[str, str, int] | None:
 class NetWatch:
     """Reads one listener fd on a thread; reports each non-loopback attempt."""
 
-    def __init__(self, fd: int, on_attempt: Callable[[dict[str, Any]], None], name: str) -> None:
+    def __init__(self, fd: int, on_attempt: Callable[[dict[str, Any]], None], name: str,
+                 refuse: dict[int, list[DenyEntry]] | None = None,
+                 on_refused: Callable[[str, dict[str, Any]], None] | None = None,
+                 ) -> None:  # fmt: skip
         self.fd = fd
         self.on_attempt = on_attempt
+        #: Calls answered with an errno, never continued (decided by the BPF
+        #: program on register values; this side only reports them).
+        self.refuse = refuse or {}
+        self.on_refused = on_refused
         self.names = _syscall_names()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"netwatch-{name}", daemon=True)
@@ -154,6 +177,23 @@ class NetWatch:
             raise
         nid, pid, _flags, nr, _arch, _ip = struct.unpack_from("=QIIiIQ", buf, 0)
         args = struct.unpack_from("=6Q", buf, 32)
+        entries = self.refuse.get(nr)
+        if entries:
+            # The filter only notifies a call that meets an entry: it is refused
+            # whatever this side finds; the match only picks the reason to log.
+            entry = next((e for e in entries if entry_matches(e, args)), entries[0])
+            err = errno.EPERM if entry.errno == "EPERM" else errno.ENOSYS
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.fd, IOCTL_SEND, bytearray(struct.pack("=QqiI", nid, 0, -err, 0)),
+                            True)  # fmt: skip
+            if self.on_refused is not None:
+                name = next((s for s in entry.syscalls
+                             if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, s) == nr), str(nr))
+                with contextlib.suppress(Exception):
+                    self.on_refused(str(entry.rule), {"syscall": name, "pid": pid,
+                                                      "args": [hex(a) for a in args[:4]],
+                                                      "reason": entry.reason})  # fmt: skip
+            return
         try:
             info = self._describe(pid, self.names.get(nr, str(nr)), args)
             if info is not None and not self._valid(nid):
@@ -256,11 +296,13 @@ def init_host_pid(bwrap_child_pid: int) -> int | None:
 
 
 def attach(bwrap_child_pid: int, fd_in_init: int, on_attempt: Callable[[dict[str, Any]], None],
-           name: str) -> NetWatch:  # fmt: skip
+           name: str, on_refused: Callable[[str, dict[str, Any]], None] | None = None,
+           profile: str = "default") -> NetWatch:  # fmt: skip
     """Take the init's listener fd and start watching; raises OSError if impossible."""
     pid = init_host_pid(bwrap_child_pid)
     if pid is None:
         raise OSError(errno.ESRCH, "cannot find the sandbox's init")
-    watch = NetWatch(pidfd_getfd(pid, fd_in_init), on_attempt, name)
+    watch = NetWatch(pidfd_getfd(pid, fd_in_init), on_attempt, name,
+                     denied_calls(profile), on_refused)  # fmt: skip
     watch.start()
     return watch

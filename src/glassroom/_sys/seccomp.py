@@ -35,6 +35,7 @@ __all__ = [
     "compile_bpf",
     "libseccomp_version",
     "load_profile",
+    "notify_entries",
     "skipped_syscalls",
 ]
 
@@ -52,7 +53,7 @@ _OPS = {
     "ge": pyseccomp.GE,
     "masked_eq": pyseccomp.MASKED_EQ,
 }
-_ENTRY_KEYS = {"syscalls", "errno", "args", "reason"}
+_ENTRY_KEYS = {"syscalls", "errno", "args", "reason", "notify", "rule"}
 _ARG_KEYS = {"index", "op", "value", "mask"}
 _U64 = (1 << 64) - 1
 
@@ -75,6 +76,11 @@ class DenyEntry:
     errno: str
     reason: str
     args: tuple[ArgCheck, ...] = ()
+    #: Answered by the supervisor (seccomp user notification, same errno, a
+    #: ``deny`` record with ``rule``) on a tier that holds a listener; see
+    #: :func:`notify_entries`.  Decided on register values only, never memory.
+    notify: bool = False
+    rule: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class _Compiled:
     skipped: tuple[str, ...]
 
 
-_cache: dict[str, _Compiled] = {}
+_cache: dict[tuple[str, bool], _Compiled] = {}
 
 
 def _profile_path(name: str) -> Path:
@@ -146,7 +152,13 @@ def _parse_entry(where: str, raw: Any) -> DenyEntry:
     if len({a.index for a in args}) != len(args):
         # libseccomp rejects two comparisons on one argument with EINVAL.
         raise WallError(f"seccomp: {where}: at most one check per argument index")
-    return DenyEntry(tuple(names), err, reason.strip(), args)
+    notify = raw.get("notify", False)
+    rule = raw.get("rule")
+    if not isinstance(notify, bool) or (rule is not None and not isinstance(rule, str)):
+        raise WallError(f"seccomp: {where}: notify must be a boolean and rule a string")
+    if notify and not rule:
+        raise WallError(f"seccomp: {where}: a notify entry names the rule its records carry")
+    return DenyEntry(tuple(names), err, reason.strip(), args, notify, rule)
 
 
 def load_profile(name: str = "default") -> list[DenyEntry]:
@@ -171,8 +183,8 @@ def _arg(check: ArgCheck) -> Any:
     return pyseccomp.Arg(check.index, _OPS[check.op], check.value)
 
 
-def _compile(name: str) -> _Compiled:
-    entries = load_profile(name)
+def _compile(name: str, notify_apart: bool = False) -> _Compiled:
+    entries = [e for e in load_profile(name) if not (notify_apart and e.notify)]
     filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     # No add_arch(): the filter only covers the native arch, and libseccomp's
     # default bad-arch action (KILL) stops foreign-ABI syscalls.
@@ -221,16 +233,61 @@ def export_bpf(filt: Any, name: str) -> bytes:
     return b"".join(chunks)
 
 
-def _compiled(name: str) -> _Compiled:
-    hit = _cache.get(name)
+def _compiled(name: str, notify_apart: bool = False) -> _Compiled:
+    hit = _cache.get((name, notify_apart))
     if hit is None:
-        hit = _cache[name] = _compile(name)
+        hit = _cache[name, notify_apart] = _compile(name, notify_apart)
     return hit
 
 
-def compile_bpf(name: str = "default") -> bytes:
-    """The profile as a classic-BPF program (``struct sock_filter[]``), cached per name."""
-    return _compiled(name).bpf
+def compile_bpf(name: str = "default", *, notify_apart: bool = False) -> bytes:
+    """The profile as a classic-BPF program (``struct sock_filter[]``), cached per name.
+
+    ``notify_apart``: leave out the ``notify`` entries, because the caller
+    enforces them another way (a user-notification filter whose listener the
+    supervisor holds).  They must not stay in this program too: a filter's
+    ERRNO outranks another's USER_NOTIF, so the supervisor would never see them.
+    """
+    return _compiled(name, notify_apart).bpf
+
+
+def notify_entries(name: str = "default") -> list[DenyEntry]:
+    """The profile's entries a supervisor answers itself (``notify = true``)."""
+    return [e for e in load_profile(name) if e.notify]
+
+
+def add_notify_rules(filt: Any, entries: list[DenyEntry]) -> dict[int, list[DenyEntry]]:
+    """Add ``entries`` to ``filt`` as SECCOMP_RET_USER_NOTIF; returns them by syscall number."""
+    by_nr: dict[int, list[DenyEntry]] = {}
+    for entry in entries:
+        for sc in entry.syscalls:
+            nr = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, sc)
+            if nr < 0:
+                continue
+            filt.add_rule(pyseccomp.NOTIFY, nr, *(_arg(a) for a in entry.args))
+            by_nr.setdefault(nr, []).append(entry)
+    return by_nr
+
+
+def syscall_number(name: str) -> int:
+    """The native syscall number of ``name`` (negative if this arch has none)."""
+    return int(pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name))
+
+
+def entry_matches(entry: DenyEntry, args: tuple[int, ...]) -> bool:
+    """Do the register values ``args`` meet every check of ``entry`` (as the BPF does)?"""
+    import operator
+
+    ops = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
+           "gt": operator.gt, "ge": operator.ge}  # fmt: skip
+    for a in entry.args:
+        v = args[a.index]
+        if a.op == "masked_eq":
+            if v & (a.mask or 0) != a.value:
+                return False
+        elif not ops[a.op](v, a.value):
+            return False
+    return True
 
 
 def skipped_syscalls(name: str = "default") -> tuple[str, ...]:
@@ -238,7 +295,7 @@ def skipped_syscalls(name: str = "default") -> tuple[str, ...]:
     return _compiled(name).skipped
 
 
-def bpf_memfd(name: str = "default") -> int:
+def bpf_memfd(name: str = "default", *, notify_apart: bool = False) -> int:
     """A fresh memfd holding the program, offset 0, for ``bwrap --seccomp FD``.
 
     The fd is O_CLOEXEC: the caller hands it to bwrap with ``pass_fds`` (which
@@ -246,7 +303,7 @@ def bpf_memfd(name: str = "default") -> int:
     leaks into anything else we spawn.  bwrap reads from the current offset to
     EOF, hence the seek.
     """
-    bpf = compile_bpf(name)
+    bpf = compile_bpf(name, notify_apart=notify_apart)
     fd = os.memfd_create(f"glassroom-seccomp-{name}", os.MFD_CLOEXEC)
     try:
         view = memoryview(bpf)

@@ -5,8 +5,9 @@ differs, and where it does the reason is written here:
 
 * **Visible paths.** The bundle's root is an empty, read-only directory;
   the plan's read paths are read-only binds, its write paths read-write
-  binds, ``/tmp``, ``/dev/shm`` and ``/workspace`` are tmpfs of the plan's
-  sizes.  runsc always adds ``/sys``: an empty read-only tmpfs covers it.
+  binds, ``/dev/shm`` is a tmpfs, ``/tmp`` and ``/workspace`` are binds of
+  the sandbox's scratch disk (see ``spec_mounts``).  runsc always adds
+  ``/sys``: an empty read-only tmpfs covers it.
 * **Tools allowlist.** Landlock does not exist inside gVisor
   (``landlock_create_ruleset`` returns ENOSYS), but gVisor honours
   ``noexec``.  Every bind and tmpfs is ``noexec``; each allowed tool (its
@@ -344,15 +345,34 @@ def _bind(source: str, target: str, *, rw: bool = False, exe: bool = False) -> d
     return {"destination": target, "type": "bind", "source": source, "options": opts}
 
 
-def spec_mounts(plan: LaunchPlan, init_dir: Path) -> tuple[list[dict[str, Any]], list[Mount]]:
-    """OCI mounts for the plan, plus the plan entries realised in the root dir itself."""
+def spec_mounts(plan: LaunchPlan, init_dir: Path, scratch_dirs: dict[str, str] | None = None,
+                gates: dict[str, str] | None = None,
+                ) -> tuple[list[dict[str, Any]], list[Mount]]:  # fmt: skip
+    """OCI mounts for the plan, plus the plan entries realised in the root dir itself.
+
+    ``scratch_dirs``: the host dirs (on the sandbox's scratch disk) behind
+    each ``scratch`` mount.  A gVisor tmpfs lives in the sentry's memory,
+    charged to the sandbox's cgroup like the task's own, so the files are
+    bound from a host disk instead (the gofer serves them; writes go to the
+    host file, whose page cache is reclaimable).  Without them: refused.
+    """
     mounts: list[dict[str, Any]] = []
     in_root: list[Mount] = []
     for m in plan.mounts:
-        if m.kind == "ro-bind":
+        if m.kind == "scratch":
+            if scratch_dirs is None or m.target not in scratch_dirs:
+                raise PlanError(f"{m.rule}: gvisor has no scratch disk for {m.target}",
+                                rule="resources.disk_mib")  # fmt: skip
+            mounts.append(_bind(scratch_dirs[m.target], m.target, rw=True))
+        elif m.kind == "ro-bind":
             mounts.append(_bind(str(m.source), m.target))
         elif m.kind == "bind":
-            mounts.append(_bind(str(m.source), m.target, rw=True))
+            # A writable host dir is only ever bound through its write gate
+            # (backends/_gates.py): protected names, setuid bits, ownership.
+            if gates is None or m.target not in gates:
+                raise PlanError(f"{m.rule}: gvisor has no write gate for {m.target}",
+                                rule="filesystem.protected")  # fmt: skip
+            mounts.append(_bind(gates[m.target], m.target, rw=True))
         elif m.kind == "tmpfs":
             mounts.append(_tmpfs(m.target, m.size_bytes, m.mode))
         elif m.kind == "proc":
@@ -372,6 +392,9 @@ def spec_mounts(plan: LaunchPlan, init_dir: Path) -> tuple[list[dict[str, Any]],
     if plan.network.host_dir:  # the egress proxy's socket and CA (runsc --host-uds=open)
         mounts.append(_bind(plan.network.host_dir, EGRESS_DIR_INSIDE))
     mounts.append(_tmpfs("/sys", 4096, 0o555, ro=True))
+    # runsc's /dev also has the sentry's fuse and net/tun: the task gets the
+    # same minimal /dev as on the other tiers (docs/backends.md).
+    mounts.append(_tmpfs("/dev/net", 4096, 0o555, ro=True))
     mounts.append(_bind(str(init_dir), INIT_DIR_INSIDE))
     if not any(r.path in ("/etc", "/etc/passwd") for r in plan.fs_rules):
         mounts.append(_bind(str(init_dir / "passwd"), "/etc/passwd"))
@@ -411,7 +434,9 @@ def _make_root(root: Path, mounts: list[dict[str, Any]], in_root: list[Mount]) -
 
 
 def bundle(plan: LaunchPlan, state: Path, init_dir: Path, argv: list[str],
-           own_dir: Path, extra_gids: tuple[int, ...] = ()) -> Path:  # fmt: skip
+           own_dir: Path, extra_gids: tuple[int, ...] = (),
+           scratch_dirs: dict[str, str] | None = None,
+           gates: dict[str, str] | None = None) -> Path:  # fmt: skip
     """The OCI bundle for ``plan``, built once per plan content and reused.
 
     The bundle holds nothing per sandbox (its root is read-only), so every
@@ -419,7 +444,7 @@ def bundle(plan: LaunchPlan, state: Path, init_dir: Path, argv: list[str],
     ``--root`` dir, which teardown removes.  A plan with a per-sandbox part
     (the egress dir) gets its bundle in ``own_dir``, removed with it.
     """
-    mounts, in_root = spec_mounts(plan, init_dir)
+    mounts, in_root = spec_mounts(plan, init_dir, scratch_dirs, gates)
     lim = plan.limits
     spec: dict[str, Any] = {
         "ociVersion": "1.0.2",
@@ -450,8 +475,9 @@ def bundle(plan: LaunchPlan, state: Path, init_dir: Path, argv: list[str],
     }
     text = json.dumps(spec, indent=1, sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()[:20]
-    base = own_dir if plan.network.host_dir else state / "gvisor" / "bundles"
-    dest = base / ("bundle" if plan.network.host_dir else digest)
+    own = bool(plan.network.host_dir or scratch_dirs or gates)  # a per-sandbox part: its own bundle
+    base = own_dir if own else state / "gvisor" / "bundles"
+    dest = base / ("bundle" if own else digest)
     if (dest / "config.json").exists():
         return dest
     base.mkdir(parents=True, exist_ok=True, mode=0o755)

@@ -58,20 +58,26 @@ from typing import Any, ClassVar
 
 from .. import _config
 from .._errors import BackendUnavailable, SandboxClosed, WallError
-from .._sys import cgroups, proc, seccomp
+from .._sys import cgroups, proc, scratch, seccomp
 from ..audit import _events
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan
 from . import _gvisor_spec as spec
 from ._channel import ProtocolViolation
 from ._channel import parse_reply as _parse_reply
 from ._files import FileOps
+from ._gates import Gates
 from .base import EventSink, ExecRequest, ExecResult, Receipt
 
 START_TIMEOUT_S = 15.0
 REPLY_TIMEOUT_S = 10.0
 #: The sentry, the gofer and runsc itself live in the sandbox's memory
-#: cgroup next to the workload: this much is added to memory + disk.
-SENTRY_OVERHEAD_BYTES = 128 << 20
+#: cgroup next to the workload: this much is added to memory (the files are
+#: on a scratch disk, not in the sentry's memory: ``_sys/scratch.py``).
+#: Measured: they hold ~22 MiB idle (runsc 20221219, ptrace platform), so a
+#: task gets at most ~27 MiB beyond resources.memory_mib (docs/backends.md
+#: promises at most 32).  Over the cap the host OOM killer takes the sentry:
+#: the whole sandbox dies, and the supervisor reports resources.memory_mib.
+SENTRY_OVERHEAD_BYTES = 48 << 20
 #: Host tasks (sentry threads, gofer, stubs) are not sandbox processes; the
 #: policy's ``pids`` is enforced inside by RLIMIT_NPROC.  This is a backstop.
 HOST_PIDS_BACKSTOP = 4096
@@ -142,10 +148,12 @@ class GvisorInstance(FileOps):
         self._ready: queue.Queue[dict[str, Any]] = queue.Queue()
         self._reader: threading.Thread | None = None
         self._tracer: Tracer | None = None
+        self._disk: scratch.ScratchMount | None = None
         self.platform = ""
         #: What ``--strace-syscalls`` names, and what the level wanted but runsc lacks.
         self.strace_syscalls: tuple[str, ...] = spec.STRACE_SYSCALLS
         self.strace_missing: tuple[str, ...] = ()
+        self._gates = Gates(plan, sandbox_id, on_event, gvisor=True)
 
     # -- construction ------------------------------------------------------
 
@@ -178,7 +186,7 @@ class GvisorInstance(FileOps):
         self._tracer = Tracer(trace_fd, self.on_event, self.sandbox_id, self.plan)
         self._tracer.on_overflow = self._audit_overflow
         lim = self.plan.limits
-        mem = lim.memory_bytes + lim.disk_bytes + SENTRY_OVERHEAD_BYTES
+        mem = lim.memory_bytes + SENTRY_OVERHEAD_BYTES
         self.cg = cgroups.CgroupSet.create(
             self.sandbox_id,
             cgroups.CgroupLimits(memory_bytes=mem, pids=HOST_PIDS_BACKSTOP, cpus=lim.cpus),
@@ -194,7 +202,12 @@ class GvisorInstance(FileOps):
         extra_gids: tuple[int, ...] = ()
         if proxied:
             extra_gids = (_open_egress_to_group(Path(str(net.host_dir))),)
-        bundle = spec.bundle(self.plan, self.state, init_dir, argv, self.sbdir, extra_gids)
+        scratch_dirs = self._scratch()
+        if self._gates.needed:  # writable host dirs: through their gates only
+            self._write_record()
+            self.walls["write_gate"] = self._gates.start()
+        bundle = spec.bundle(self.plan, self.state, init_dir, argv, self.sbdir, extra_gids,
+                             scratch_dirs, self._gates.staging)  # fmt: skip
         runsc_argv = [
             runsc, "--root", str(self.sbdir / "state"), f"--platform={self.platform}",
             "--network=none", "--ignore-cgroups",
@@ -222,7 +235,10 @@ class GvisorInstance(FileOps):
         shim = init_dir / spec.COMPAT_SHIM
         preload = f"{spec.INIT_DIR_INSIDE}/{spec.COMPAT_SHIM}" if shim.exists() else ""
         self._send(_K_MSG, 0, marshal.dumps({
-            "op": "config", "seccomp": [seccomp.compile_bpf(self.plan.seccomp_profile)],
+            "op": "config",
+            # The whole profile, setuid/setgid modes included: this runsc reports
+            # success for a chmod its gofer refused, so the sentry must say EPERM.
+            "seccomp": [seccomp.compile_bpf(self.plan.seccomp_profile)],
             "preload": preload,
             **({"forward": {"port": PROXY_PORT_INSIDE,
                             "socket": f"{EGRESS_DIR_INSIDE}/proxy.sock"}} if proxied else {}),
@@ -241,6 +257,9 @@ class GvisorInstance(FileOps):
         if ready["op"] != "ready":
             raise WallError(f"init: unexpected first reply {ready['op']!r}", rule="init")
         self._tracer.arm()
+        self._gates.detach()  # the gofer holds its binds of the gates: none stay on the host
+        if self._disk is not None:  # the gofer holds its own mounts of the disk now
+            self._disk.detach_soon()
         _path, version, _known = spec.runsc_info()
         self.walls.update({
             "runsc": version,
@@ -270,6 +289,32 @@ class GvisorInstance(FileOps):
                 "not_traceable": sorted(self.strace_missing),
             }
 
+    def _scratch(self) -> dict[str, str]:
+        """/workspace and /tmp: dirs of one ext4 scratch disk of disk_mib, bound in.
+
+        Not runsc's tmpfs (sentry memory, charged to the cgroup like the
+        task's own) nor ``--overlay2`` (it overlays the root or every mount,
+        and its filestore, even on a host dir, has no size cap in this runsc:
+        disk_mib would not hold): a loop-mounted image on the host, served by
+        the gofer with ``--file-access-mounts=shared`` (the default: no sentry
+        page cache for it).  The dirs belong to the uid the sentry's task has.
+        """
+        lim = self.plan.limits
+        targets = {m.target: m.mode or 0o755 for m in self.plan.mounts if m.kind == "scratch"}
+        names = {t: t.strip("/").replace("/", "_") for t in targets}
+        self._disk = scratch.ScratchMount.create(
+            _config.scratch_dir(), self.sandbox_id, lim.disk_bytes,
+            (_config.INSIDE_UID, _config.INSIDE_GID),
+            {names[t]: mode for t, mode in targets.items()},
+        )  # fmt: skip
+        self.walls["workspace"] = {
+            "kind": "ext4 scratch disk (loop device) bound through the gofer; detached "
+                    "from the host once the sandbox holds it",
+            "holds": sorted(targets), "disk_bytes": lim.disk_bytes,
+            "counts_in": "resources.disk_mib (host page cache, reclaimable)",
+        }  # fmt: skip
+        return {t: self._disk.path(names[t]) for t in targets}
+
     def _stderr(self) -> str:
         if self.proc is None or self.proc.stderr is None:
             return "no output"
@@ -292,8 +337,11 @@ class GvisorInstance(FileOps):
             "supervisor": {"pid": sup, "start": proc.process_start_time(sup)},
             "pids": pids,
             "cgroup": {"name": self.sandbox_id, "parent": _config.cgroup_parent()},
+            "gates": self._gates.dirs(),  # unmounted and rmdir'ed, never deleted through
             "paths": [str(self.sbdir)]
             + ([self.plan.network.host_dir] if self.plan.network.host_dir else []),
+            # The scratch disk's host mount, until the gofer holds its own.
+            "scratch": [str(self._disk.mountpoint)] if self._disk is not None else [],
             "created": time.time(),
         }
         self.record_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -573,8 +621,13 @@ class GvisorInstance(FileOps):
         if self.sbdir.exists():
             shutil.rmtree(self.sbdir, ignore_errors=True)
             removed["runsc_state"] = str(self.sbdir)
-        removed["workspace"] = "tmpfs in the sentry's memory, freed with it"
+        if self._disk is not None:
+            self._disk.detach()  # if the start failed before the sandbox took it
+            removed["workspace"] = ("ext4 scratch disk, unlinked and detached from the host: "
+                                    "freed (loop device and all) with the sandbox's mounts")
         removed["mounts"] = "the sentry's private mount namespace, gone with the sentry"
+        if self._gates.needed:
+            removed["write_gate"] = self._gates.close()
         if self.record_path.exists():
             self.record_path.unlink()
             removed["state"] = str(self.record_path)

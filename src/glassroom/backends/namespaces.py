@@ -35,12 +35,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from .. import _config
+from .. import _config, _reach
 from .._errors import BackendUnavailable, SandboxClosed, SandboxError, SandboxPathError, WallError
-from .._sys import cgroups, netwatch, proc, seccomp, tracewatch
+from .._sys import cgroups, netwatch, proc, scratch, seccomp, tracewatch
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan, Mount
 from ._channel import Channel, ProtocolViolation, close_quietly, release_quietly
 from ._files import FileOps
+from ._gates import Gates
 from .base import EventSink, ExecRequest, ExecResult, Receipt
 
 if TYPE_CHECKING:
@@ -124,11 +125,22 @@ def _identity_files() -> dict[str, str]:
     }
 
 
-def _mount_args(m: Mount) -> list[str]:
+def _mount_args(m: Mount, scratch_dirs: dict[str, str] | None = None,
+                gates: dict[str, str] | None = None) -> list[str]:  # fmt: skip
+    if m.kind == "scratch":
+        if scratch_dirs is not None:  # a dir on the sandbox's own scratch disk
+            return ["--bind", scratch_dirs[m.target], m.target]
+        # Unprivileged glassroom has no loop device: a tmpfs, whose pages count
+        # inside resources.memory_mib (see NamespacesInstance._scratch).
+        m = Mount("tmpfs", m.target, m.rule, size_bytes=m.size_bytes, mode=m.mode)
     if m.kind == "ro-bind":
         return ["--ro-bind", str(m.source), m.target]
     if m.kind == "bind":
-        return ["--bind", str(m.source), m.target]
+        # A writable host dir is only ever bound through its write gate (_gates.py).
+        if gates is None or m.target not in gates:
+            raise WallError(f"filesystem.protected: no write gate for {m.target}",
+                            rule="filesystem.protected")  # fmt: skip
+        return ["--bind", gates[m.target], m.target]
     if m.kind == "tmpfs":
         args = ["--size", str(m.size_bytes)] if m.size_bytes else []
         if m.mode is not None:
@@ -145,7 +157,9 @@ def _mount_args(m: Mount) -> list[str]:
     raise WallError(f"mounts: unsupported mount kind {m.kind!r} for {m.target}", rule=m.rule)
 
 
-def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int]) -> list[str]:
+def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int],
+               scratch_dirs: dict[str, str] | None = None,
+               gates: dict[str, str] | None = None) -> list[str]:  # fmt: skip
     argv = [
         _bwrap(),
         "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
@@ -161,7 +175,7 @@ def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int]) -> list[st
         "--seccomp", str(fds["seccomp"]),
     ]  # fmt: skip
     for m in plan.mounts:
-        argv += _mount_args(m)
+        argv += _mount_args(m, scratch_dirs, gates)
     argv += ["--ro-bind", str(init_dir), INIT_DIR_INSIDE]
     if not Path("/etc/passwd").exists() or not any(
         r.path in ("/etc", "/etc/passwd") for r in plan.fs_rules
@@ -213,8 +227,10 @@ def _net_config(plan: LaunchPlan) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if plan.network.mode == "proxy":
         out["forward"] = {"port": PROXY_PORT_INSIDE, "socket": f"{EGRESS_DIR_INSIDE}/proxy.sock"}
-    if plan.network.watch_direct:
-        out["netwatch"] = netwatch.filter_program()
+    # Always: besides direct network attempts it answers the profile's notify
+    # entries (setuid/setgid modes: EPERM and a deny record), left out of the
+    # bwrap-loaded profile for that reason (see seccomp.compile_bpf).
+    out["netwatch"] = netwatch.filter_program(plan.network.watch_direct, plan.seccomp_profile)
     if plan.audit_level != "actions":  # file/exec audit (_sys/tracer.py)
         out["trace"] = tracewatch.filter_program(plan.audit_level)
     return out
@@ -257,12 +273,37 @@ class NamespacesInstance(FileOps):
         self._netwatch: netwatch.NetWatch | None = None
         self._trace: tracewatch.TraceWatch | None = None
         self._destroyed: Receipt | None = None
+        self._said: str | None = None  # bwrap's last words, once read
         self._lock = threading.Lock()
+        self._disk: scratch.ScratchMount | None = None
+        self._gates = Gates(plan, sandbox_id, on_event)
 
     # -- construction ------------------------------------------------------
 
     def build(self) -> None:
+        """Build the walls and start the init; if bwrap died saying why (a
+        mount it could not make), that is the error, not what failed next
+        (a cgroup write, the pidfd, the channel), which is only a symptom."""
+        try:
+            self._build()
+        except Exception as exc:
+            said = self._bwrap_said()
+            if said:
+                raise WallError(f"namespaces: bwrap failed: {said}", rule="namespaces") from exc
+            raise
+
+    def _build(self) -> None:
         init_dir = install_init(self.state)
+        if _config.is_root():
+            # bwrap runs as the sandbox uid and binds the init from here: a
+            # 0700 dir above the state dir (any mktemp -d) stops it, and the
+            # failure would otherwise surface as a cgroup error once it died.
+            uid, gid = _config.sandbox_ids()
+            why = _reach.blocker(init_dir / INIT_FILES[0], uid, gid)
+            if why is not None:
+                raise WallError(f"state dir {self.state} is not reachable by the sandbox: {why} "
+                                "(set GLASSROOM_STATE_DIR to a dir it can search)",
+                                rule="state_dir")  # fmt: skip
         if self.plan.audit_level != "actions":
             # Started first: its interpreter starts while bwrap builds the walls.
             self._trace = tracewatch.TraceWatch(
@@ -274,31 +315,34 @@ class NamespacesInstance(FileOps):
         self._write_record()
         lim = self.plan.limits
         # Limits exist before any process of the sandbox does.
+        # The files live on a scratch disk whose page cache is reclaimable, so
+        # the memory cap is exactly resources.memory_mib.
         self.cg = cgroups.CgroupSet.create(
             self.sandbox_id,
-            # The workspace is a tmpfs whose pages are charged to the
-            # sandbox's memory cgroup, so the cap is memory + disk.
-            cgroups.CgroupLimits(
-                memory_bytes=lim.memory_bytes + lim.disk_bytes, pids=lim.pids, cpus=lim.cpus
-            ),
+            cgroups.CgroupLimits(memory_bytes=lim.memory_bytes, pids=lim.pids, cpus=lim.cpus),
             parent=_config.cgroup_parent(),
         )
         self.walls["cgroups"] = {
             "paths": list(self.cg.paths),
             "pids": lim.pids,
-            "memory_bytes": lim.memory_bytes + lim.disk_bytes,
+            "memory_bytes": lim.memory_bytes,
             "cpus": lim.cpus,
         }
+        scratch_dirs = self._scratch()
+        self._write_record()
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         block_r, block_w = os.pipe2(os.O_CLOEXEC)
         try:
-            sec_fd = seccomp.bpf_memfd(self.plan.seccomp_profile)
+            sec_fd = seccomp.bpf_memfd(self.plan.seccomp_profile, notify_apart=True)
         except Exception as exc:
             close_quietly(info_r, info_w, block_r, block_w)
             raise WallError(f"seccomp: cannot compile filter: {exc}", rule="seccomp") from exc
         fds = {"info": info_w, "block": block_r, "seccomp": sec_fd}
-        argv = bwrap_argv(self.plan, init_dir, fds)
+        if self._gates.needed:  # writable host dirs: through their gates only
+            self._write_record()
+            self.walls["write_gate"] = self._gates.start()
+        argv = bwrap_argv(self.plan, init_dir, fds, scratch_dirs, self._gates.staging)
         argv.append(str(child_sock.fileno()))
         uid, gid = _config.sandbox_ids()
         as_root = _config.is_root()
@@ -363,10 +407,44 @@ class NamespacesInstance(FileOps):
         self.walls["rlimits"] = init_config(self.plan)["rlimits"]
         self._attach_netwatch(ready)
         self._attach_tracer()
+        if self._disk is not None:  # the sandbox holds its own mounts of the disk now
+            self._disk.detach_soon()
+        self._gates.detach()  # likewise its binds of the gates: none stay on the host
         self._reader = threading.Thread(
             target=self._read_loop, name=f"glassroom-{self.sandbox_id}", daemon=True
         )
         self._reader.start()
+
+    def _scratch(self) -> dict[str, str] | None:
+        """/workspace and /tmp: dirs of one ext4 scratch disk of disk_mib (as root).
+
+        Unprivileged glassroom cannot mount a loop device: the two are then
+        tmpfs, whose pages are charged to the sandbox's memory cgroup and
+        cannot be reclaimed, so files and memory share resources.memory_mib
+        (both caps still hold; the task just cannot use both in full).  The
+        walls say which; see docs/backends.md.
+        """
+        lim = self.plan.limits
+        targets = {m.target: m.mode or 0o755 for m in self.plan.mounts if m.kind == "scratch"}
+        if not targets:
+            return None
+        if not _config.is_root():
+            self.walls["workspace"] = {
+                "kind": "tmpfs (unprivileged: no loop device)",
+                "counts_in": "resources.memory_mib", "disk_bytes": lim.disk_bytes,
+            }  # fmt: skip
+            return None
+        names = {t: t.strip("/").replace("/", "_") for t in targets}
+        self._disk = scratch.ScratchMount.create(
+            _config.scratch_dir(), self.sandbox_id, lim.disk_bytes, _config.sandbox_ids(),
+            {names[t]: mode for t, mode in targets.items()},
+        )  # fmt: skip
+        self.walls["workspace"] = {
+            "kind": "ext4 scratch disk (loop device), private to the sandbox's mount namespace",
+            "holds": sorted(targets), "disk_bytes": lim.disk_bytes,
+            "counts_in": "resources.disk_mib (its page cache is reclaimable)",
+        }  # fmt: skip
+        return {t: self._disk.path(names[t]) for t in targets}
 
     def _attach_netwatch(self, ready: dict[str, Any]) -> None:
         """Take the init's seccomp listener: direct network attempts get logged."""
@@ -376,8 +454,9 @@ class NamespacesInstance(FileOps):
             f"private netns, loopback only; proxy on 127.0.0.1:{PROXY_PORT_INSIDE}"
             if net.mode == "proxy" else "private netns, loopback only"
         )  # fmt: skip
-        if fd is None or self.child_pid is None:
-            return
+        if fd is None or self.child_pid is None:  # it also refuses setuid/setgid modes
+            raise WallError("filesystem.setuid: the init installed no seccomp listener",
+                            rule="filesystem.setuid")  # fmt: skip
         rule = "network.direct" if net.mode == "proxy" else net.rule
 
         def report(info: dict[str, Any]) -> None:
@@ -386,14 +465,21 @@ class NamespacesInstance(FileOps):
             self.on_event("network.direct", info, "deny", rule)
 
         try:
-            self._netwatch = netwatch.attach(self.child_pid, fd, report, self.sandbox_id)
+            self._netwatch = netwatch.attach(self.child_pid, fd, report, self.sandbox_id,
+                                             self._refused, self.plan.seccomp_profile)
         except OSError as exc:
             why = f"network: cannot watch direct attempts: {exc}"
             raise WallError(why, rule="network") from exc
         finally:
             assert self.channel is not None
             self.channel.send({"op": "netwatch-taken", "fd": fd})
-        self.walls["network_watch"] = "seccomp user notification: connect, sendto, sendmsg, raw"
+        self.walls["network_watch"] = (
+            "seccomp user notification: " + ("connect, sendto, sendmsg, raw; " if
+            net.watch_direct else "") + "setuid/setgid modes answered EPERM")  # fmt: skip
+
+    def _refused(self, rule: str, details: dict[str, Any]) -> None:
+        """A call the watch answered with an errno (a setuid/setgid mode)."""
+        self.on_event("blocked", {"action": details.get("syscall", "?"), **details}, "deny", rule)
 
     def _trace_sink(self) -> Callable[[list[tracewatch.Record]], None]:
         many = getattr(self.on_event, "many", None)
@@ -456,13 +542,39 @@ class NamespacesInstance(FileOps):
                         f"namespaces: bwrap failed: {self._bwrap_stderr()}", rule="namespaces"
                     ) from None
 
+    def _bwrap_said(self) -> str:
+        """bwrap's last line on stderr once it has exited, or "".
+
+        Read once and kept: more than one failure path asks, and a second
+        read of the pipe would find it empty.  A bwrap still running after a
+        short wait is not the cause: it stays up as long as the sandbox does.
+        """
+        if self._said is not None:
+            return self._said
+        if self.proc is None or self.proc.stderr is None or self.proc.stderr.closed:
+            return ""
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return ""
+        fd, err = self.proc.stderr.fileno(), b""
+        os.set_blocking(fd, False)
+        end = time.monotonic() + 1.0  # bounded: a grandchild could hold the pipe open
+        while len(err) < 65536 and select.select([fd], [], [], max(0.0, end - time.monotonic()))[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            err += chunk
+        lines = err.decode(errors="replace").strip().splitlines()
+        self._said = lines[-1] if lines else ""
+        return self._said
+
     def _bwrap_stderr(self) -> str:
         assert self.proc is not None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=2)
-        err = self.proc.stderr.read() if self.proc.stderr else b""
-        text = err.decode(errors="replace").strip().splitlines()
-        return text[-1] if text else f"exit status {self.proc.returncode}"
+        return self._bwrap_said() or f"exit status {self.proc.returncode}"
 
     def _await_ready(self, sock: socket.socket) -> dict[str, Any]:
         assert self.channel is not None
@@ -501,6 +613,9 @@ class NamespacesInstance(FileOps):
             "cgroup": {"name": self.sandbox_id, "parent": _config.cgroup_parent()},
             # The egress dir (proxy socket, CA cert) goes with the sandbox.
             "paths": [self.plan.network.host_dir] if self.plan.network.host_dir else [],
+            "gates": self._gates.dirs(),  # unmounted and rmdir'ed, never deleted through
+            # The scratch disk's host mount, until the sandbox holds its own.
+            "scratch": [str(self._disk.mountpoint)] if self._disk is not None else [],
             "created": time.time(),
         }
         self.record_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -835,8 +950,15 @@ class NamespacesInstance(FileOps):
             removed["tracer"] = {"events": self._trace.events}
         if self.cg is not None:
             removed["cgroups"] = self.cg.remove()
-        removed["workspace"] = "tmpfs in the sandbox's mount namespace, freed with it"
+        if self._disk is not None:
+            self._disk.detach()  # if the start failed before the sandbox took it
+            removed["workspace"] = ("ext4 scratch disk, unlinked and detached from the host: "
+                                    "freed (loop device and all) with the mount namespace")
+        else:
+            removed["workspace"] = "tmpfs in the sandbox's mount namespace, freed with it"
         removed["mounts"] = "private mount namespace, released when its last process exited"
+        if self._gates.needed:
+            removed["write_gate"] = self._gates.close()
         if self.record_path.exists():
             self.record_path.unlink()
             removed["state"] = str(self.record_path)

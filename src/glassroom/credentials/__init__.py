@@ -21,6 +21,10 @@ from ..policy._credentials import CredentialPolicy
 from ._broker import Broker, Claims
 
 MAX_SECRET_BYTES = 64 * 1024
+#: inject = "proxy": shorter values cannot be told apart from ordinary text
+#: when the proxy takes them back out of responses (see _redact).
+MIN_PROXY_SECRET_BYTES = 8
+_PLACEHOLDER_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 __all__ = ["SECRETS_DIR", "Broker", "Claims", "Issued", "env_name", "issue"]
 
@@ -95,6 +99,34 @@ def issue(
         facts["accessor"] = accessor
     else:  # the policy model refuses unknown schemes; keep the check for API misuse
         raise CredentialError(f"{rule}: unknown source scheme {scheme!r}", rule=rule)
-    placeholder = "glsr-" + secrets.token_hex(16) if cred.inject == "proxy" else None
+    try:
+        placeholder = _placeholder(value, rule) if cred.inject == "proxy" else None
+    except CredentialError:
+        if revoke is not None:  # minted already: do not leave it valid
+            revoke()
+        raise
     expires = time.time() + ttl
     return Issued(cred.name, rule, value, cred.inject, expires, facts, revoke, placeholder)
+
+
+def _placeholder(value: str, rule: str) -> str:
+    """``glsr-`` and random letters, exactly as many bytes as the value.
+
+    Why the same length: the proxy puts the placeholder back where a
+    response echoes the value, and a body must keep its size for its
+    Content-Length to stay right (docs/credentials.md).
+    """
+    size = len(value.encode())
+    if size < MIN_PROXY_SECRET_BYTES:
+        raise CredentialError(
+            f"{rule}: a proxy credential must be at least {MIN_PROXY_SECRET_BYTES} bytes long "
+            f"(this one has {size}): a shorter value cannot be found reliably in responses",
+            rule=f"{rule}.inject",
+        )
+    if any(c in value for c in "\r\n\0"):
+        raise CredentialError(f"{rule}: a proxy credential cannot contain CR, LF or NUL "
+                              "(it goes into a header)", rule=f"{rule}.inject")  # fmt: skip
+    while True:
+        ph = "glsr-" + "".join(secrets.choice(_PLACEHOLDER_CHARS) for _ in range(size - 5))
+        if ph != value:
+            return ph

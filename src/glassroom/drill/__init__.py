@@ -102,6 +102,8 @@ def run_drill(
         for att in attempts(ctx) + network_attempts(net):
             if only and att.name not in only:
                 continue
+            if att.tiers and (backend or "namespaces") not in att.tiers:
+                continue  # e.g. writable host dirs on the microVM tier, which has none
             out.append(_one(att, base, backend, log, ctx))
         return out
     finally:

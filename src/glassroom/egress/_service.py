@@ -22,7 +22,7 @@ from typing import Any
 from .. import _config
 from ..plan import NetworkPlan
 from ._decide import Decider, PlanDecider
-from ._proxy import ApprovalCallback, EgressProxy, Emit, HeaderHook, ProxyConfig
+from ._proxy import ApprovalCallback, EgressProxy, Emit, FilterFactory, HeaderHook, ProxyConfig
 from ._resolve import Resolver
 from ._tls import SandboxCA
 
@@ -43,6 +43,7 @@ class NetworkOptions:
     on_approval: ApprovalCallback | None = None
     decider: Decider | None = None  # replaces the plan's decisions (tests only)
     rewrite_headers: HeaderHook | None = None  # e.g. credential placeholders
+    exchange_filter: FilterFactory | None = None  # credential placeholders and redaction
 
 
 class Egress:
@@ -62,6 +63,7 @@ class Egress:
                 resolver=opts.resolver, ca=self.ca, upstream_ca=opts.upstream_ca,
                 ask_timeout_s=plan.ask_timeout_s, on_approval=opts.on_approval,
                 rewrite_headers=opts.rewrite_headers,
+                exchange_filter=opts.exchange_filter,
             ))  # fmt: skip
             sock = self.dir / "proxy.sock"
             self.proxy.start(unix_path=str(sock))

@@ -140,21 +140,92 @@ def client_hello_length(data: bytes) -> int | None:
     body = int.from_bytes(data[6:9], "big")
     if body > 1 << 16:
         raise NotTLS("ClientHello too large")
-    # A ClientHello may span records; count record headers as we go.
+    # A ClientHello may span records; count record headers as we go.  Its
+    # records must hold exactly the ClientHello: bytes after it inside the
+    # last of them would reach the server unchecked.
     need, pos, got = body + 4, 0, 0
     while got < need:
         if pos + 5 > len(data):
             return None
         if data[pos] != 0x16:
             raise NotTLS("ClientHello interrupted by another record type")
+        _check_header(data[pos : pos + 5])
         rlen = int.from_bytes(data[pos + 3 : pos + 5], "big")
         got += rlen
         pos += 5 + rlen
+    if got != need:
+        raise NotTLS("the ClientHello's records carry more than the ClientHello")
     return pos
 
 
+#: TLS record content types a tunnel may carry: change_cipher_spec, alert,
+#: handshake, application_data.  Heartbeat (24) and anything else is refused.
+RECORD_TYPES = frozenset({20, 21, 22, 23})
+#: Largest TLSCiphertext fragment (RFC 5246 6.2.3: 2^14 + 2048).
+MAX_RECORD = (1 << 14) + 2048
+
+
+def _check_header(head: bytes) -> None:
+    ctype, major, minor = head[0], head[1], head[2]
+    length = int.from_bytes(head[3:5], "big")
+    if ctype not in RECORD_TYPES:
+        raise NotTLS(f"record type {ctype} is not TLS")
+    if major != 3 or not 1 <= minor <= 4:
+        raise NotTLS(f"record version {major}.{minor} is not TLS 1.0-1.3")
+    if length > MAX_RECORD:
+        raise NotTLS(f"record of {length} bytes is longer than TLS allows")
+    if length == 0 and ctype != 23:
+        raise NotTLS("empty record that is not application data")
+
+
+class RecordChecker:
+    """Checks that one direction of a tunnel is a sequence of TLS records.
+
+    Why: checking only the ClientHello would let a client send a valid hello
+    followed by any other protocol, spliced straight through.  ``feed``
+    returns the bytes that may be forwarded: payload of records whose header
+    was checked; an incomplete header is held back until it is complete, so
+    not one byte of a bad record goes out.  It checks framing only: what is
+    inside application data records is opaque (see docs/network.md).
+    """
+
+    def __init__(self, *, first_types: frozenset[int] = RECORD_TYPES) -> None:
+        self._head = b""
+        self._left = 0  # payload bytes of the current record still to pass
+        self._first: frozenset[int] | None = first_types
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        i, n = 0, len(data)
+        while i < n:
+            if self._left:
+                take = min(self._left, n - i)
+                out += data[i : i + take]
+                i += take
+                self._left -= take
+                continue
+            take = min(5 - len(self._head), n - i)
+            self._head += data[i : i + take]
+            i += take
+            if len(self._head) < 5:
+                break
+            _check_header(self._head)
+            if self._first is not None and self._head[0] not in self._first:
+                raise NotTLS(f"the first record (type {self._head[0]}) is not a handshake")
+            self._first = None
+            out += self._head
+            self._left = int.from_bytes(self._head[3:5], "big")
+            self._head = b""
+        return bytes(out)
+
+
 def parse_sni(data: bytes) -> str | None:
-    """The server_name of a complete ClientHello (records already complete), or None."""
+    """The server_name of a complete ClientHello (records already complete), or None.
+
+    The message is walked field by field and must end exactly where its
+    length says: a "ClientHello" that is a valid header over other bytes is
+    not TLS.
+    """
     hs = bytearray()
     pos = 0
     while pos + 5 <= len(data):
@@ -162,30 +233,47 @@ def parse_sni(data: bytes) -> str | None:
         hs += data[pos + 5 : pos + 5 + rlen]
         pos += 5 + rlen
     try:
+        end = 4 + int.from_bytes(hs[1:4], "big")
+        if end != len(hs) or hs[4] != 3 or not 1 <= hs[5] <= 4:
+            raise NotTLS("malformed ClientHello")
         p = 4 + 2 + 32  # handshake header, version, random
+        if hs[p] > 32:
+            raise NotTLS("malformed ClientHello (session id)")
         p += 1 + hs[p]  # session id
-        p += 2 + int.from_bytes(hs[p : p + 2], "big")  # cipher suites
-        p += 1 + hs[p]  # compression methods
-        if p + 2 > len(hs):
-            return None
-        end = p + 2 + int.from_bytes(hs[p : p + 2], "big")
+        suites = int.from_bytes(hs[p : p + 2], "big")
+        if suites < 2 or suites % 2:
+            raise NotTLS("malformed ClientHello (cipher suites)")
+        p += 2 + suites
+        if hs[p] < 1:
+            raise NotTLS("malformed ClientHello (compression methods)")
+        p += 1 + hs[p]
+        if p == end:
+            return None  # no extensions at all
+        ext_end = p + 2 + int.from_bytes(hs[p : p + 2], "big")
+        if ext_end != end:
+            raise NotTLS("malformed ClientHello (extensions do not end the message)")
         p += 2
-        while p + 4 <= end:
+        sni: str | None = None
+        while p < ext_end:
             etype = int.from_bytes(hs[p : p + 2], "big")
             elen = int.from_bytes(hs[p + 2 : p + 4], "big")
+            if p + 4 + elen > ext_end:
+                raise NotTLS("malformed ClientHello (an extension overruns)")
             if etype == 0:  # server_name
                 q = p + 4 + 2
                 while q + 3 <= p + 4 + elen:
                     ntype = hs[q]
                     nlen = int.from_bytes(hs[q + 1 : q + 3], "big")
                     if ntype == 0:
-                        return bytes(hs[q + 3 : q + 3 + nlen]).decode("ascii").lower().rstrip(".")
+                        sni = bytes(hs[q + 3 : q + 3 + nlen]).decode("ascii").lower().rstrip(".")
+                        break
                     q += 3 + nlen
-                return None
             p += 4 + elen
+        if p != ext_end:
+            raise NotTLS("malformed ClientHello (extensions)")
     except (IndexError, UnicodeDecodeError):
         raise NotTLS("malformed ClientHello") from None
-    return None
+    return sni
 
 
 # -- a TLS layer over asyncio streams, fed with bytes already read ---------------

@@ -58,6 +58,26 @@ if TYPE_CHECKING:
 UID = GID = 1000
 CGROUP = "/sys/fs/cgroup/task"
 PORT_NAME = "glassroom.0"
+#: The host's scratch disk (/workspace, /tmp) carries this virtio-blk serial.
+SCRATCH_SERIAL = "glassroom-scratch"
+#: The kernel's full devtmpfs, for the agent alone (root, 0700): the task's
+#: /dev is a minimal tmpfs made at boot (``_task_dev``).
+AGENT_DEV = "/run/glassroom-dev"
+SCRATCH_MNT = "/run/glassroom-scratch"
+#: The task's /dev: character devices (major, minor), then links.  No kmsg,
+#: mem, port, virtio ports, block devices, vsock, tty* or console.
+TASK_DEV_NODES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+                  ("urandom", 1, 9), ("tty", 5, 0))  # fmt: skip
+TASK_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                  ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                  ("ptmx", "pts/ptmx"))  # fmt: skip
+#: Set at boot, before any task: the kernel log and kernel addresses are
+#: not the task's to read (its uid 1000 has no CAP_SYSLOG).  A value that
+#: cannot be set stops the boot (the host then sees no agent: fail closed).
+SYSCTLS = (("kernel/dmesg_restrict", "1"), ("kernel/kptr_restrict", "2"))
+#: Best effort (absent on some kernels): no perf events, no unprivileged eBPF.
+SYSCTLS_OPTIONAL = (("kernel/perf_event_paranoid", "3"),
+                    ("kernel/unprivileged_bpf_disabled", "1"))  # fmt: skip
 EXIT_GRACE_S = 0.1
 #: How long a tracer may take to seize a new child (TCG guests are slow).
 ATTACH_TIMEOUT_S = 20.0
@@ -107,9 +127,79 @@ def _boot_mounts() -> None:
         _mount(src, target, fstype, opts)
     if not os.path.exists("/dev/null"):
         _mount("dev", "/dev", "devtmpfs", "nosuid,mode=0755")
+    for name, value in SYSCTLS + SYSCTLS_OPTIONAL:
+        try:
+            with open(f"/proc/sys/{name}", "w") as f:
+                f.write(value)
+        except OSError:
+            if (name, value) in SYSCTLS:
+                raise
 
 
-_MS = {"nosuid": 2, "nodev": 4, "noexec": 8, "ro": 1}
+def _task_dev() -> None:
+    """Cover the kernel's devtmpfs with a minimal /dev for the task.
+
+    Runs once the agent holds its virtio-serial port open: from then on the
+    port (and /dev/kmsg, /dev/mem, the block devices, ...) has no name the
+    task could open.  The agent keeps the devtmpfs at ``AGENT_DEV`` (0700)
+    for the scratch disk it mounts at configure time.
+    """
+    os.makedirs(AGENT_DEV, mode=0o700, exist_ok=True)
+    os.chmod(AGENT_DEV, 0o700)
+    _mount("dev", AGENT_DEV, "devtmpfs", "nosuid,noexec")
+    _mount("tmpfs", "/dev", "tmpfs", "nosuid,noexec,mode=0755,size=64k,nr_inodes=64")
+    for name, major, minor in TASK_DEV_NODES:
+        os.mknod(f"/dev/{name}", 0o666 | 0o020000, os.makedev(major, minor))  # S_IFCHR
+        os.chmod(f"/dev/{name}", 0o666)
+    for name, target in TASK_DEV_LINKS:
+        os.symlink(target, f"/dev/{name}")
+    os.mkdir("/dev/shm", 0o1777)
+    os.mkdir("/dev/pts", 0o755)
+    _mount("devpts", "/dev/pts", "devpts", "nosuid,noexec,newinstance,ptmxmode=0666,mode=0620")
+
+
+def _find_disk(serial: str) -> str:
+    """The agent's own node of the virtio-blk disk whose serial is ``serial``."""
+    for dev in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{dev}/serial") as f:
+                if f.read().strip() == serial:
+                    return f"{AGENT_DEV}/{dev}"
+        except OSError:
+            continue
+    raise OSError(errno.ENODEV, "no scratch disk " + serial)
+
+
+def _scratch_mounts(dirs: "tuple[tuple[str, str], ...]") -> None:
+    """/workspace and /tmp: dirs of the host's ext4 scratch disk, bound in place.
+
+    The snapshot's template VM had a blank disk of the same size: its first
+    blocks may still sit in the block device's cache, so they are dropped
+    (BLKFLSBUF) before the filesystem is read.
+    """
+    import fcntl
+
+    dev = _find_disk(SCRATCH_SERIAL)
+    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, 0x1261)  # BLKFLSBUF
+    finally:
+        os.close(fd)
+    os.makedirs(SCRATCH_MNT, mode=0o700, exist_ok=True)
+    _mount(dev, SCRATCH_MNT, "ext4", "nosuid,nodev,noatime")
+    for target, mode in dirs:
+        src = f"{SCRATCH_MNT}/{target.strip('/')}"
+        os.mkdir(src)
+        os.chown(src, UID, GID)
+        os.chmod(src, int(mode, 8))
+        _mount(src, target, "none", "bind")
+    # Only the binds remain: the disk has no other name in the guest.
+    if _libc.umount2(SCRATCH_MNT.encode(), 2) != 0:  # MNT_DETACH
+        e = ctypes.get_errno()
+        raise OSError(e, f"umount {SCRATCH_MNT}: {os.strerror(e)}")
+
+
+_MS = {"nosuid": 2, "nodev": 4, "noexec": 8, "ro": 1, "noatime": 1024, "bind": 4096}
 
 
 def _mount(src: str, target: str, fstype: str, opts: str) -> None:
@@ -301,6 +391,8 @@ class Agent:
         self.by_fd: dict[int, Proc] = {}
         self.writes: dict[int, dict[str, Any]] = {}
         self.watch = -1
+        #: syscall number -> the -errno the watch answers it with (from the host)
+        self.refuse: dict[int, int] = {}
         self.net_dir = ""
         self.audit = "actions"
         self.trace_bpf = b""
@@ -448,14 +540,13 @@ class Agent:
         cfg = m
         if cfg.get("time"):
             time.clock_settime(time.CLOCK_REALTIME, float(cfg["time"]))
-        disk = int(cfg["disk_bytes"])
-        for target, size, mode in (
-            ("/workspace", disk, "0755"),
-            ("/tmp", disk, "1777"),
-            ("/dev/shm", 64 << 20, "1777"),
-        ):
-            _mount("tmpfs", target, "tmpfs", f"nosuid,nodev,size={size},mode={mode}")
-        os.chown("/workspace", UID, GID)
+        try:
+            _scratch_mounts((("/workspace", "0755"), ("/tmp", "1777")))
+        except OSError as exc:
+            self.send({"op": "fatal", "wall": "resources.disk_mib",
+                       "error": f"scratch disk: {exc}"[:200]})  # fmt: skip
+            return
+        _mount("tmpfs", "/dev/shm", "tmpfs", "nosuid,nodev,size=67108864,mode=1777")
         for target in cfg.get("secrets", []):
             _mount("tmpfs", target, "tmpfs", "nosuid,nodev,noexec,size=1m,mode=0700")
             os.chown(target, UID, GID)
@@ -477,6 +568,7 @@ class Agent:
         n = int(cfg.get("seccomp_len", len(bpf)))
         t = int(cfg.get("trace_len", 0))
         watch = bpf[n : len(bpf) - t]
+        self.refuse = {int(k): int(v) for k, v in (cfg.get("refuse") or {}).items()}
         if watch and self.watch < 0:
             self.watch = _install_listener(watch)
         audit = cfg.get("audit") or {}
@@ -809,6 +901,15 @@ class Agent:
             return
         nid, pid, _flags, nr, _arch, _ip = struct.unpack_from("=QIIiIQ", buf, 0)
         args = struct.unpack_from("=6Q", buf, 32)
+        err = self.refuse.get(nr)
+        if err is not None:  # a setuid/setgid mode: refused, never continued
+            try:
+                fcntl.ioctl(self.watch, 0xC0182101,
+                            bytearray(struct.pack("=QqiI", nid, 0, err, 0)), True)  # fmt: skip
+            except OSError:
+                pass
+            self.send({"op": "refused", "nr": nr, "pid": pid})
+            return
         try:
             info = _describe(pid, _NR.get(nr, str(nr)), args)
         except Exception:  # logging only: never block the call
@@ -1181,6 +1282,7 @@ def main() -> None:
     try:
         _boot_mounts()
         agent = Agent()
+        _task_dev()  # the port is open: its name can go
     except OSError as exc:
         _log(f"boot failed: {exc}")
         # RB_AUTOBOOT: with reboot=t and -no-reboot QEMU exits, so the host sees

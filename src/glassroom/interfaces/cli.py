@@ -220,13 +220,17 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_mcp(ns: argparse.Namespace) -> int:
-    from .mcp import run_http, run_stdio
+    from .mcp import check_idle_ttl, run_http, run_stdio
 
+    try:
+        ttl = check_idle_ttl(ns.idle_ttl)
+    except ValueError as exc:
+        return _fail(f"mcp: --idle-ttl: {exc}")
     cfg = _serve_config(ns)
     if ns.http:
-        run_http(cfg, host=ns.host or "127.0.0.1", port=ns.port or 8050)
+        run_http(cfg, host=ns.host or "127.0.0.1", port=ns.port or 8050, idle_ttl_s=ttl)
     else:
-        run_stdio(cfg)
+        run_stdio(cfg, idle_ttl_s=ttl)
     return 0
 
 
@@ -337,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="print a new API key and its config line, then exit")
         else:
             sp.add_argument("--http", action="store_true", help="streamable HTTP, not stdio")
+            sp.add_argument("--idle-ttl", type=float, default=600.0, metavar="SECONDS",
+                            help="destroy a sandbox no tool call has named for this long "
+                                 "(default 600)")  # fmt: skip
         sp.set_defaults(func=func)
     return p
 
@@ -358,6 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed
+        from .._extras import missing_extra
+
+        err = missing_extra(exc, f"{PROG} {ns.func.__name__.removeprefix('cmd_')}")
+        return _fail(err.message if err else f"internal error: ModuleNotFoundError: {exc}")
     except Exception as exc:  # a bug: still one line and 125, never a bare traceback
         return _fail(f"internal error: {type(exc).__name__}: {exc}")
 

@@ -29,21 +29,40 @@ def report() -> dict[str, Any]:
         "runsc": probe.runsc(),
         "qemu": probe.qemu(),
         "state_dir": str(_config.state_dir()),
+        "state_dir_reachable": _state_dir_reach(),
         "audit_log": str(_config.audit_log_path()),
     }
-    ready = (
-        userns_ok
-        and abi > 0
-        and sec_ok
-        and bool(bwrap)
-        and all(c in rep["cgroups"] for c in ("memory", "pids", "cpu"))
-    )
+    missing = [what for what, ok in (
+        (f"state dir: {rep['state_dir_reachable']['detail']}", rep["state_dir_reachable"]["ok"]),
+        ("user namespaces", userns_ok), ("landlock", abi > 0), ("seccomp", sec_ok),
+        ("bwrap", bool(bwrap)),
+        ("cgroups memory, pids, cpu", all(c in rep["cgroups"] for c in ("memory", "pids", "cpu"))),
+    ) if not ok]  # fmt: skip
     rep["backends"] = {
-        "namespaces": "ready" if ready else "unavailable",
+        "namespaces": "ready" if not missing else "unavailable: " + "; ".join(missing),
         "gvisor": _gvisor_status(rep),
         "microvm": _microvm_status(),
     }
     return rep
+
+
+def _state_dir_reach() -> dict[str, Any]:
+    """Can the sandbox uid reach the state dir?  As root, bwrap runs as that
+    uid and binds the init from there; a 0700 dir above it (any ``mktemp -d``)
+    makes every start fail, so say so here, naming the dir in the way."""
+    from pathlib import Path
+
+    from .. import _reach
+
+    state = _config.state_dir()
+    if not _config.is_root():
+        return {"ok": True, "detail": f"{state}: sandboxes run as glassroom's own uid"}
+    uid, gid = _config.sandbox_ids()
+    here: Path = state
+    while not here.exists() and here != here.parent:  # it is made at the first start
+        here = here.parent
+    why = _reach.blocker(here, uid, gid, search=True)
+    return {"ok": why is None, "detail": why or f"{state}: reachable by sandbox uid {uid}"}
 
 
 def _microvm_status() -> str:
@@ -101,6 +120,8 @@ def render(rep: dict[str, Any]) -> str:
         f"{mark(bool(rep['runsc']))} runsc            {rep['runsc'] or 'not installed'}",
         *[f"       platform  {k}: {v}" for k, v in rep.get("runsc_platforms", {}).items()],
         f"{mark(bool(rep['qemu']))} qemu             {rep['qemu'] or 'not installed'}",
+        f"{mark(rep['state_dir_reachable']['ok'])} state dir        "
+        f"{rep['state_dir_reachable']['detail']}",
         "backends:",
     ]
     lines += [f"  {k:<11} {v}" for k, v in rep["backends"].items()]

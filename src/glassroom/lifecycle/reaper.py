@@ -73,6 +73,16 @@ def reap(state: Path | None = None) -> list[dict[str, Any]]:
                     errors.append(f"cgroups: {exc}")
                 if cs.exists():
                     errors.append(f"cgroups still present: {list(cs.paths)}")
+        gates = [g for g in rec.get("gates", []) if isinstance(g, str)]
+        if gates:  # write gates: unmounted and rmdir'ed, never deleted through
+            from ..backends._gates import cleanup
+
+            errors += [f"{g}: write gate dir still present" for g in cleanup(gates)]
+        for mnt in (m for m in rec.get("scratch", []) if isinstance(m, str)):
+            from .._sys.scratch import detach_path  # the disk itself goes with its holders
+
+            if not detach_path(Path(mnt)):
+                errors.append(f"{mnt}: scratch disk still mounted")
         for extra in rec.get("paths", []):
             try:
                 _rmtree(Path(extra))

@@ -197,7 +197,8 @@ class Supervised:
     # -- egress -----------------------------------------------------------------
 
     def _with_credential_hook(self, network: NetworkOptions | None) -> NetworkOptions:
-        """Proxy credentials: the proxy swaps placeholders only for listed hosts."""
+        """Proxy credentials: the proxy swaps placeholders only for listed host:ports,
+        and takes the values back out of responses (credentials/_proxy_inject.py)."""
         opts = network or NetworkOptions()
         proxied = [c for c in self._issued if c.inject == "proxy"]
         if not proxied:
@@ -211,7 +212,7 @@ class Supervised:
                 self.id, event, details, decision=decision, rule=rule
             ),
         )
-        return replace(opts, rewrite_headers=hook)
+        return replace(opts, exchange_filter=hook)
 
     def _network_sink(self) -> Callable[[dict[str, Any], str, str | None], None]:
         def emit(details: dict[str, Any], decision: str, rule: str | None) -> None:
@@ -358,7 +359,10 @@ class Supervised:
                 out.append(Blocked("limit", what, rule))
         self._counters = now or self._counters
         usage = getattr(self._instance, "workspace_usage", lambda: None)()
-        if usage and usage[1] and usage[0] >= usage[1]:
+        # "Full" with a little room left: on the ext4 scratch disk, delayed
+        # allocation keeps a metadata reserve, so a writer meets ENOSPC while
+        # statfs still shows a few hundred KiB free (tmpfs showed exactly 0).
+        if usage and usage[1] and usage[1] - usage[0] <= max(1 << 20, usage[1] // 64):
             out.append(Blocked("limit", "disk (workspace full)", "resources.disk_mib"))
         if res.signal == 25:  # SIGXFSZ: RLIMIT_FSIZE
             out.append(Blocked("limit", "file size", "resources.disk_mib"))

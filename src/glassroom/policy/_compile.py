@@ -12,10 +12,11 @@ import struct
 from pathlib import Path
 
 from .._errors import PlanError
-from ..plan import SECRETS_DIR, WORKSPACE, FsRule, LaunchPlan, Limits, Mount, Tool
+from ..plan import SECRETS_DIR, WORKSPACE, FsRule, LaunchPlan, Limits, Mount, Protected, Tool
 from ._model import Policy
 from ._network import EGRESS_DIR_INSIDE, proxy_env
 from ._network import network_plan as _network_plan
+from ._protected import PROTECTED
 
 MIB = 1024 * 1024
 #: Strength order of the tiers; a weaker backend never serves a higher risk.
@@ -93,8 +94,11 @@ def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
         Mount("proc", "/proc", "sandbox.proc"),
         Mount("dev", "/dev", "sandbox.dev"),
         Mount("tmpfs", "/dev/shm", "sandbox.tmp", size_bytes=64 * MIB),
-        Mount("tmpfs", "/tmp", "sandbox.tmp", size_bytes=lim.disk_mib * MIB),
-        Mount("tmpfs", WORKSPACE, "resources.disk_mib", size_bytes=lim.disk_mib * MIB, mode=0o755),
+        # One scratch disk of disk_mib holds both, accounted apart from memory
+        # (each backend realises "scratch"; see _sys/scratch.py and docs/backends.md).
+        Mount("scratch", "/tmp", "sandbox.tmp", size_bytes=lim.disk_mib * MIB, mode=0o1777),
+        Mount("scratch", WORKSPACE, "resources.disk_mib", size_bytes=lim.disk_mib * MIB,
+              mode=0o755),
     ]
     rules += [
         FsRule("/proc", "read", "sandbox.proc"),
@@ -135,6 +139,9 @@ def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
         env=BASE_ENV + proxy_env(network),
         policy_digest=policy.digest(),
         audit_level=policy.audit.level,
+        protected=tuple(Protected(p, tree, why) for p, tree, why in PROTECTED)
+        if policy.filesystem.write else (),
+        unprotect=tuple(policy.filesystem.unprotect),
     )
 
 

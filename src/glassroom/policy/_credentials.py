@@ -9,13 +9,48 @@ the secret: values never appear in a policy, a plan or the audit log.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from glassroom.policy import _network
 
 #: Source schemes; the part after the colon is the scheme's own address.
 SCHEMES = ("vault", "vault-token", "env", "file", "broker")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: Header names a credential may not go in: they frame or route the request.
+_FRAMING = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te",
+    "trailer", "upgrade", "proxy-authorization", "proxy-connection", "expect",
+})  # fmt: skip
+
+
+def host_problem(text: str) -> str | None:
+    """A ``hosts`` entry: a ``[network]`` entry (same parser, same errors), no CIDR."""
+    problem = _network.entry_problem(text)
+    if problem:
+        return problem
+    if _network.parse_entry(text).kind == "cidr":
+        return f"{text!r}: a credential goes to named hosts or addresses, not to a CIDR block"
+    return None
+
+
+def _host(value: str) -> str:
+    problem = host_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+CredentialHost = Annotated[str, AfterValidator(_host)]
 
 
 class CredentialPolicy(BaseModel):
@@ -38,9 +73,12 @@ class CredentialPolicy(BaseModel):
     #: (audited as a warning); ``proxy``: only a placeholder inside, the real
     #: value is added by the egress proxy on requests to ``hosts``.
     inject: Literal["file", "env", "proxy"] = "file"
-    #: inject = "proxy": the hosts whose requests get the header.  Empty: never.
-    hosts: list[str] = Field(default_factory=list)
-    #: inject = "proxy": the header template; must contain ``{secret}``.
+    #: inject = "proxy": the ``host[:port]`` pairs whose requests may carry the
+    #: value (``[network]`` entry syntax, no CIDR).  A bare host means port 80
+    #: for plain HTTP and 443 for HTTPS.  Empty: refused (nowhere to send it).
+    hosts: list[CredentialHost] = Field(default_factory=list)
+    #: inject = "proxy": the header the value may go in, with the shape the
+    #: client sends (``{secret}`` where it puts the placeholder).
     header: str = "Authorization: Bearer {secret}"
 
     @field_validator("name")
@@ -66,13 +104,25 @@ class CredentialPolicy(BaseModel):
             raise ValueError(f"{scheme} takes no address")
         return v
 
+    @field_validator("header")
+    @classmethod
+    def _header(cls, v: str) -> str:
+        if "{secret}" not in v or ":" not in v:
+            raise ValueError("header must look like 'Name: ... {secret} ...'")
+        name = v.partition(":")[0].strip()
+        if not _TOKEN.match(name) or any(c in v for c in "\r\n\0"):
+            raise ValueError(f"header {v!r}: the name must be an HTTP token "
+                             "and the line must have no CR, LF or NUL")  # fmt: skip
+        if name.lower() in _FRAMING:
+            raise ValueError(f"header {name!r} frames or routes the request; "
+                             "a credential cannot go in it")  # fmt: skip
+        return v
+
     @model_validator(mode="after")
     def _proxy_fields(self) -> CredentialPolicy:
         if self.inject == "proxy":
             if not self.hosts:
                 raise ValueError("inject = 'proxy' needs hosts (where the header may be sent)")
-            if "{secret}" not in self.header or ":" not in self.header:
-                raise ValueError("header must look like 'Name: ... {secret} ...'")
         elif self.hosts:
             raise ValueError("hosts only applies to inject = 'proxy'")
         return self

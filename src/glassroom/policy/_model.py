@@ -42,6 +42,7 @@ def _checked(check: Callable[[str], str | None]) -> AfterValidator:
 
 ReadPath = Annotated[str, _checked(_paths.read_problem)]
 WritePath = Annotated[str, _checked(_paths.write_problem)]
+UnprotectPath = Annotated[str, _checked(_paths.syntax_problem)]
 ToolName = Annotated[str, _checked(_paths.tool_problem)]
 NetworkEntry = Annotated[str, _checked(_network.entry_problem)]
 RuleHost = Annotated[str, _checked(_network.rule_host_problem)]
@@ -67,8 +68,12 @@ class FilesystemPolicy(_Section):
 
     read: list[ReadPath] = Field(default_factory=lambda: list(d.DEFAULT_READ))
     write: list[WritePath] = Field(default_factory=lambda: list(d.DEFAULT_WRITE))
+    #: Paths beneath a ``write`` dir where the protected names (``policy._protected``:
+    #: git hooks and config, shell rc files, direnv, editor, CI and agent config) may
+    #: be changed after all; each one is named in the audit log.  Empty: all protected.
+    unprotect: list[UnprotectPath] = Field(default_factory=list)
 
-    _unique = field_validator("read", "write")(_no_duplicates)
+    _unique = field_validator("read", "write", "unprotect")(_no_duplicates)
 
     @model_validator(mode="after")
     def _disjoint(self) -> FilesystemPolicy:
@@ -76,6 +81,11 @@ class FilesystemPolicy(_Section):
         for i, path in enumerate(self.write):
             if path in read:
                 raise refuse(f"{path!r} is listed in both read and write", ("write", i))
+        for i, path in enumerate(self.unprotect):
+            if not any(_paths.is_within(path, w) for w in self.write):
+                why = "only a writable dir has protected names"
+                raise refuse(f"{path!r} is not beneath any filesystem.write path: {why}",
+                             ("unprotect", i))  # fmt: skip
         return self
 
 

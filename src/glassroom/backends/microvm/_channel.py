@@ -55,6 +55,9 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
         "destination": (str,),
         "what": (str,),
     },
+    # A call the agent answered with an errno (a profile's notify entry: setuid/
+    # setgid modes); the instance checks ``nr`` against what it asked for.
+    "refused": {"nr": _INT, "pid": _INT},
     # What the guest's tracer saw a request do (the file audit): the guest's
     # claim, validated event by event by the instance (see ``_instance``).
     "trace": {"events": (list,), "error": (str,)},
@@ -62,7 +65,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
 #: Walls a guest may name in an ``error`` frame.
 WALLS = frozenset({"audit.level"})
 #: Ops that are not replies to a request.
-UNTAGGED = {"ready", "configured", "fatal", "netdirect"}
+UNTAGGED = {"ready", "configured", "fatal", "netdirect", "refused"}
 #: Ops that carry a payload; every other op must come with an empty one.
 WITH_PAYLOAD = {"out", "data"}
 MAX_STR = 4096

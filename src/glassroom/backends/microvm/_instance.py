@@ -7,11 +7,13 @@ Construction order:
    the VM's directory, before any process exists.
 2. QEMU starts from the booted-idle snapshot of this VM shape
    (``-incoming fd:N``), or boots cold when snapshots are off.  It runs with
-   no NIC, a read-only root disk, one virtio-serial port to a unix socket
+   no NIC, a read-only root disk, a fresh ext4 scratch disk of disk_mib for
+   /workspace and /tmp (so files are not guest RAM and the guest cgroup caps
+   the task at memory_mib exactly), one virtio-serial port to a unix socket
    that the supervisor listens on, and QEMU's own seccomp sandbox.
 3. The agent answers ``hello``; the supervisor sends the walls (Landlock
-   rules, rlimits, cgroup limits, the seccomp program, fresh tmpfs sizes,
-   the clock) and the agent confirms them.
+   rules, rlimits, cgroup limits, the seccomp program, the clock) and the
+   agent applies them (mounting the scratch disk) and confirms.
 4. A reader thread routes frames and enforces the deadline: at
    ``max_runtime_s`` it kills QEMU, and with it everything in the VM.
 
@@ -46,6 +48,7 @@ from typing import Any, ClassVar
 
 from ... import _config
 from ..._errors import SandboxClosed, SandboxError, SandboxPathError, WallError
+from ..._reach import reachable_by
 from ..._sys import cgroups, netwatch, proc, seccomp, tracewatch
 from ...audit._events import MAX_ARGV, MAX_PATH, syscalls_for, to_record
 from ...guest import protocol
@@ -281,9 +284,10 @@ class MicrovmInstance(FileOps):
                 raise WallError("network: the egress proxy is not running", rule="network")
             proxy_sock = str(Path(self.plan.network.host_dir) / "proxy.sock")
         snap = None
+        disk_mib = -(-lim.disk_bytes // (1 << 20))
         # A VM with a NIC boots cold: its user-networking state is not snapshotted.
         if snapshots_enabled() and proxy_sock is None:
-            snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm")
+            snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm", disk_mib)
         self.vmdir.mkdir(parents=True, exist_ok=False, mode=0o700)
         # Root outside, nobody inside: as root, QEMU runs as a host uid of its
         # own (one per VM) with no capabilities.  With a NIC, slirp execs the
@@ -297,7 +301,7 @@ class MicrovmInstance(FileOps):
             if proxy_sock is not None:
                 self._give_egress(Path(proxy_sock), uid)
                 for path, write in ((qemu.relay_script(), False), (Path(proxy_sock), True)):
-                    if not qemu.reachable_by(path, uid, uid, write=write):
+                    if not reachable_by(path, uid, uid, write=write):
                         raise WallError(
                             f"microvm: QEMU's uid {uid} cannot reach {path}: make the "
                             "directories above it searchable (the state dir's default "
@@ -312,15 +316,27 @@ class MicrovmInstance(FileOps):
             try:
                 snap_fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:  # removed meanwhile (`microvm prepare` pruned it)
-                snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm")
+                snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm",
+                                            disk_mib)  # fmt: skip
                 snap_fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
+        # /workspace and /tmp: a fresh ext4 of disk_mib as a second virtio-blk
+        # disk, so files are not guest RAM (fails closed: resources.disk_mib).
+        try:
+            disk_fds = qemu.scratch_disk(disk_mib << 20)
+        except BaseException:
+            conn.close()
+            qemu_end.close()
+            if snap_fd is not None:
+                os.close(snap_fd)
+            raise
         log = open(self.vmdir / "qemu.log", "wb")  # noqa: SIM115
         t1 = time.monotonic()
-        passed = [qemu_end.fileno()] + ([snap_fd] if snap_fd is not None else [])
+        passed = [qemu_end.fileno(), *disk_fds] + ([snap_fd] if snap_fd is not None else [])
         try:
             self.proc = subprocess.Popen(
                 qemu.argv(img, accel, ram, vcpus, qemu_end.fileno(), console=None,
-                          incoming_fd=snap_fd, proxy_sock=proxy_sock, run_as=run_as),
+                          incoming_fd=snap_fd, proxy_sock=proxy_sock, run_as=run_as,
+                          scratch_fds=disk_fds),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env={},
                 cwd="/", close_fds=True, pass_fds=passed,
             )  # fmt: skip
@@ -330,6 +346,8 @@ class MicrovmInstance(FileOps):
         finally:
             log.close()
             qemu_end.close()
+            for fd in disk_fds:  # QEMU's copies are the disk's only references now
+                os.close(fd)
             if snap_fd is not None:
                 os.close(snap_fd)
         qemu_pid = self.proc.pid
@@ -353,8 +371,12 @@ class MicrovmInstance(FileOps):
         t2 = time.monotonic()
         self.attach(conn)
         cfg = self._config()
-        bpf = seccomp.compile_bpf(self.plan.seccomp_profile)
-        watch = netwatch.filter_program() if self.plan.network.watch_direct else b""
+        # The profile's notify entries (setuid/setgid modes) go into the watch
+        # filter: the guest agent answers them EPERM and reports them (its claim).
+        bpf = seccomp.compile_bpf(self.plan.seccomp_profile, notify_apart=True)
+        watch = netwatch.filter_program(self.plan.network.watch_direct, self.plan.seccomp_profile)
+        cfg["refuse"] = {str(nr): -errno.EPERM if es[0].errno == "EPERM" else -errno.ENOSYS
+                         for nr, es in netwatch.denied_calls(self.plan.seccomp_profile).items()}
         level = self.plan.audit_level
         trace = tracewatch.filter_program(level) if level != "actions" else b""
         self._send({**cfg, "seccomp_len": len(bpf), "trace_len": len(trace)},
@@ -395,7 +417,10 @@ class MicrovmInstance(FileOps):
             if proxy_sock else "no network device",
             "network_watch": "in-guest seccomp user notification: connect, sendto, sendmsg, raw"
             if watch else "off",
-            "root": "read-only ext4 image; /workspace, /tmp: fresh tmpfs per task",
+            "root": "read-only ext4 image",
+            "workspace": {"kind": "ext4 scratch disk (virtio-blk, an unlinked host file)",
+                          "holds": ["/tmp", "/workspace"], "disk_bytes": lim.disk_bytes,
+                          "counts_in": "resources.disk_mib (guest page cache, reclaimable)"},
             "start": self.boot["start"],
             "qemu_sandbox": "seccomp: obsolete, resourcecontrol denied"
             + ("" if proxy_sock else "; elevateprivileges, spawn denied"),
@@ -461,7 +486,8 @@ class MicrovmInstance(FileOps):
             "write": write,
             "execute": sorted({t.path for t in plan.tools} | set(plan.loaders)),
             "rlimits": {"RLIMIT_FSIZE": lim.disk_bytes, "RLIMIT_CORE": 0, "RLIMIT_NOFILE": 1024},
-            "memory_bytes": lim.memory_bytes + lim.disk_bytes,
+            # Exactly the policy's: the files are on the scratch disk.
+            "memory_bytes": lim.memory_bytes,
             "pids": lim.pids,
             "disk_bytes": lim.disk_bytes,
             "secrets": [m.target for m in plan.mounts if m.target == SECRETS_DIR],
@@ -521,6 +547,19 @@ class MicrovmInstance(FileOps):
     # -- the reader thread ----------------------------------------------------------------
 
     def _untagged_frame(self, msg: dict[str, Any], _payload: bytes) -> None:
+        if msg["op"] == "refused":  # a setuid/setgid mode the agent answered EPERM
+            entries = netwatch.denied_calls(self.plan.seccomp_profile).get(msg["nr"])
+            if not entries:
+                self._anomaly(f"refused: a call that is not refused ({msg['nr']})")
+                return
+            entry = entries[0]
+            name = next((n for n in entry.syscalls if seccomp.syscall_number(n) == msg["nr"]),
+                        str(msg["nr"]))  # fmt: skip
+            details = {"syscall": name, "pid": msg["pid"], "reason": entry.reason,
+                       "seen_by": "guest agent (the guest's own report)"}  # fmt: skip
+            self.on_event("blocked", {"action": details["syscall"], **details}, "deny",
+                          str(entry.rule))  # fmt: skip
+            return
         if msg["op"] != "netdirect":
             self._untagged.put(msg)
             return
@@ -845,7 +884,7 @@ class MicrovmInstance(FileOps):
         if self.vmdir.exists():
             shutil.rmtree(self.vmdir, ignore_errors=True)
             removed["vm_dir"] = str(self.vmdir)
-        removed["workspace"] = "tmpfs in the guest's RAM, freed with the VM"
+        removed["workspace"] = "scratch disk: an unlinked file only QEMU held, freed with it"
         if self._trace_calls:
             removed["file_audit"] = {"events": self.trace_events, "dropped": self.trace_dropped}
         if self.record_path.exists():

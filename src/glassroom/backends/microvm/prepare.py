@@ -40,7 +40,8 @@ def prepare(snapshot: bool = True) -> dict[str, Any]:
             return out
         lim = compile_policy(validate_policy({"risk": "high"}), "microvm").limits
         ram, vcpus = qemu.vm_size(lim.memory_bytes, lim.disk_bytes, lim.cpus)
-        path = qemu.ensure_snapshot(img, accel, ram, vcpus, _config.state_dir() / "microvm")
+        path = qemu.ensure_snapshot(img, accel, ram, vcpus, _config.state_dir() / "microvm",
+                                    -(-lim.disk_bytes // (1 << 20)))  # fmt: skip
         out["snapshot"] = str(path)
         out["snapshot_bytes"] = path.stat().st_size
     return out

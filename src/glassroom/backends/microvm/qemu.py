@@ -8,7 +8,8 @@ KVM, TCG — full emulation — but only when allowed explicitly with
 Snapshots: a template VM is booted cold once per (image, memory, vCPUs),
 its agent answers, and its state is saved with ``migrate`` to
 ``<cache>/snapshots/``.  A task VM then starts with ``-incoming fd:N``
-from that file: a booted, idle VM whose writable state (tmpfs) is empty.
+from that file: a booted, idle VM that has not yet mounted its scratch disk
+(a blank one of the same size in the template; each task's is a fresh ext4).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from .image import Image, cache_dir
 
 ALLOW_TCG_ENV = "GLASSROOM_MICROVM_ALLOW_TCG"
 EMULATED = "emulated — test only"
-#: Guest RAM beyond the policy's memory + disk: kernel, agent, page cache.
+#: Guest RAM beyond the policy's memory: the guest kernel and the agent.
+#: The task's files are on a virtio-blk scratch disk, not in RAM; the task
+#: itself (its page cache included) is capped at memory_mib by the guest's
+#: cgroup, so this is not the task's to use.
 RAM_OVERHEAD_MIB = 128
 BOOT_TIMEOUT_S = 60.0
 #: Host memory QEMU may use beyond the guest's RAM (TCG code cache, devices).
@@ -43,13 +47,15 @@ VMM_OVERHEAD_MIB = 256
 #: QEMU's threads (vCPUs, I/O, RCU, migration) in its host pids cgroup.
 VMM_PIDS = 64
 #: Part of every snapshot's name: a changed command line needs new snapshots.
-ARGV_VERSION = 6
+ARGV_VERSION = 7
 #: The guest's network with a NIC: its address, and the proxy's (guestfwd).
 GUEST_NET = "10.0.2.0/24"
 GUEST_ADDR = "10.0.2.15"
 PROXY_ADDR = "10.0.2.100"
 PROXY_PORT = 3128
 PORT_NAME = "glassroom.0"
+#: The virtio-blk serial the guest agent finds its scratch disk by.
+SCRATCH_SERIAL = "glassroom-scratch"
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,12 @@ def choose_accel() -> Accel:
 
 
 def vm_size(memory_bytes: int, disk_bytes: int, cpus: float) -> tuple[int, int]:
-    """(RAM MiB, vCPUs) of the VM for a plan's limits."""
-    mib = (memory_bytes + disk_bytes) // (1 << 20) + RAM_OVERHEAD_MIB
+    """(RAM MiB, vCPUs) of the VM for a plan's limits.
+
+    ``disk_bytes`` does not count: the files are on the scratch disk
+    (``scratch_disk``), so RAM is memory + the guest's own overhead."""
+    del disk_bytes
+    mib = memory_bytes // (1 << 20) + RAM_OVERHEAD_MIB
     mib = -(-mib // 64) * 64
     vcpus = max(1, min(math.ceil(cpus - 0.001), os.cpu_count() or 1))
     return mib, vcpus
@@ -178,39 +188,22 @@ def claim_uid(state: Path) -> tuple[int, int]:
                     "use (GLASSROOM_VMM_UIDS)", rule="vmm")  # fmt: skip
 
 
-def reachable_by(path: Path, uid: int, gid: int, *, write: bool) -> bool:
-    """Whether ``uid``/``gid`` (no supplementary groups) may reach ``path``:
-    search on every directory above it, then read (a script) or write (a
-    socket to connect to) on it.  Plain mode bits; no ACLs are used here."""
-    def allowed(st: os.stat_result, bit: int) -> bool:
-        if st.st_uid == uid:
-            return bool(st.st_mode & (bit << 6))
-        if st.st_gid == gid:
-            return bool(st.st_mode & (bit << 3))
-        return bool(st.st_mode & bit)
-
-    try:
-        real = Path(os.path.realpath(path))
-        for parent in reversed(real.parents):
-            if not allowed(parent.stat(), 1):
-                return False
-        return allowed(real.stat(), 2 if write else 4)
-    except OSError:
-        return False
-
-
 def argv(
     image: Image, accel: Accel, ram_mib: int, vcpus: int, chan: int, *,
     console: Path | None, incoming_fd: int | None = None, qmp: int | None = None,
     confine: bool = True, proxy_sock: str | None = None,
-    run_as: tuple[int, int] | None = None,
+    run_as: tuple[int, int] | None = None, scratch_fds: tuple[int, int] | None = None,
 ) -> list[str]:  # fmt: skip
     """QEMU's command line.  ``chan``: the control channel, an fd QEMU inherits
     (one end of a socketpair; so is ``qmp``, the monitor, when given).
     ``run_as``: (uid, gid) QEMU runs as from its first
     instruction (glassroom as root passes a VMM uid of the VM's own), with no
     capabilities, an empty bounding set and no_new_privs, so a guest that
-    escapes into QEMU holds nothing over the host."""
+    escapes into QEMU holds nothing over the host.
+    ``scratch_fds``: the VM's scratch disk (``/workspace``, ``/tmp``), as the
+    (O_RDWR, O_RDONLY) fds QEMU inherits (it probes read-only first and takes
+    from an fd set only an fd of the access mode it asks for), attached as a
+    second virtio-blk disk."""
     qemu = qemu_binary()
     if qemu is None:
         raise BackendUnavailable("microvm: qemu-system-x86_64 is not installed "
@@ -250,6 +243,11 @@ def argv(
         "-serial", f"file:{console}" if console else "none",
         "-drive", f"id=root,file={image.rootfs},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
+        *([
+            "-add-fd", f"fd={scratch_fds[0]},set=7", "-add-fd", f"fd={scratch_fds[1]},set=7",
+            "-drive", "id=scratch,file=/dev/fdset/7,format=raw,if=none,discard=unmap",
+            "-device", f"virtio-blk-device,drive=scratch,serial={SCRATCH_SERIAL}",
+        ] if scratch_fds is not None else []),
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=ch0,fd={chan}",
         "-device", f"virtserialport,chardev=ch0,name={PORT_NAME}",
@@ -289,12 +287,51 @@ def argv(
 # -- snapshots ---------------------------------------------------------------------------
 
 
-def snapshot_path(image: Image, ram_mib: int, vcpus: int, accel: Accel) -> Path:
+#: The scratch disk's size when a caller names none (the policy default).
+DEFAULT_DISK_MIB = 512
+
+
+def snapshot_path(image: Image, ram_mib: int, vcpus: int, accel: Accel,
+                  disk_mib: int = DEFAULT_DISK_MIB) -> Path:  # fmt: skip
+    """One snapshot per VM shape; the scratch disk's size is part of it (the
+    guest's virtio-blk device learnt its capacity at boot)."""
     return (
         cache_dir()
         / "snapshots"
-        / (f"{image.image_id}-v{ARGV_VERSION}-{accel.name}-m{ram_mib}-c{vcpus}.vmstate")
+        / (f"{image.image_id}-v{ARGV_VERSION}-{accel.name}-m{ram_mib}-c{vcpus}"
+           f"-d{disk_mib}.vmstate")
     )
+
+
+def scratch_disk(size_bytes: int, *, mkfs: bool = True) -> tuple[int, int]:
+    """(O_RDWR, O_RDONLY) fds of a fresh sparse image of ``size_bytes`` for QEMU (ext4 when
+    ``mkfs``; the template VM's disk needs none).  Made in the scratch dir (a
+    disk: never tmpfs, which would be memory) and unlinked at once: the fd
+    is the only reference, so nothing outlives the VM.  Fails closed
+    (``WallError``, rule resources.disk_mib)."""
+    from ..._sys import scratch
+
+    directory = _config.scratch_dir()
+    scratch.check_backing(directory)
+    path = directory / f"vm-{os.getpid()}-{secrets.token_hex(6)}.img"
+    if mkfs:
+        scratch.make_image(path, size_bytes)
+    else:
+        with open(path, "xb") as f:
+            f.truncate(size_bytes)
+    try:
+        rw = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            return rw, os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(rw)
+            raise
+    except OSError as exc:
+        raise WallError(f"resources.disk_mib: cannot open the scratch disk: {exc}",
+                        rule="resources.disk_mib") from exc  # fmt: skip
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def prune_snapshots(image: Image) -> list[str]:
@@ -361,14 +398,15 @@ class _Qmp:
                 return reply
 
 
-def ensure_snapshot(image: Image, accel: Accel, ram_mib: int, vcpus: int, workdir: Path) -> Path:
+def ensure_snapshot(image: Image, accel: Accel, ram_mib: int, vcpus: int, workdir: Path,
+                    disk_mib: int = DEFAULT_DISK_MIB) -> Path:  # fmt: skip
     """The saved booted-idle state for this VM shape; made once (cold boot + migrate).
 
     The template VM's QEMU drops root like a task's (its own uid, no
     capabilities): the control channel and the monitor are socketpairs it
     inherits, and the state goes to a file glassroom opened for it
     (``getfd`` + ``migrate fd:``)."""
-    dest = snapshot_path(image, ram_mib, vcpus, accel)
+    dest = snapshot_path(image, ram_mib, vcpus, accel, disk_mib)
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -378,11 +416,24 @@ def ensure_snapshot(image: Image, accel: Accel, ram_mib: int, vcpus: int, workdi
             return dest
         tmp = dest.with_suffix(f".tmp{os.getpid()}")
         workdir.mkdir(parents=True, exist_ok=True)
-        return _make_snapshot(image, accel, ram_mib, vcpus, workdir, tmp, dest)
+        return _make_snapshot(image, accel, ram_mib, vcpus, workdir, tmp, dest, disk_mib)
 
 
 def _make_snapshot(
-    image: Image, accel: Accel, ram_mib: int, vcpus: int, workdir: Path, tmp: Path, dest: Path
+    image: Image, accel: Accel, ram_mib: int, vcpus: int, workdir: Path, tmp: Path, dest: Path,
+    disk_mib: int,
+) -> Path:
+    disk = scratch_disk(disk_mib << 20, mkfs=False)  # same device, same size as a task's
+    try:
+        return _make_snapshot_with(image, accel, ram_mib, vcpus, workdir, tmp, dest, disk)
+    finally:
+        os.close(disk[0])
+        os.close(disk[1])
+
+
+def _make_snapshot_with(
+    image: Image, accel: Accel, ram_mib: int, vcpus: int, workdir: Path, tmp: Path, dest: Path,
+    disk: tuple[int, int],
 ) -> Path:
     conn, chan = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     mon, mon_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -395,9 +446,9 @@ def _make_snapshot(
     try:
         proc = subprocess.Popen(
             argv(image, accel, ram_mib, vcpus, chan.fileno(), console=None,
-                 qmp=mon_qemu.fileno(), confine=False, run_as=run_as),
+                 qmp=mon_qemu.fileno(), confine=False, run_as=run_as, scratch_fds=disk),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={}, close_fds=True, pass_fds=(chan.fileno(), mon_qemu.fileno()),
+            env={}, close_fds=True, pass_fds=(chan.fileno(), mon_qemu.fileno(), *disk),
         )  # fmt: skip
     except BaseException:
         for s in (conn, chan, mon, mon_qemu):

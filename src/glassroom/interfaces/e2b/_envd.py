@@ -34,11 +34,24 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..._errors import GlassroomError
 from ...backends.base import FileEntry, Process
-from ..http._service import ApiError, Entry, SandboxService, translate
+from ..http._edge import (
+    Family,
+    check_text,
+    connect_message,
+    error_payload,
+    shown,
+    strict_json,
+)
+from ..http._service import ApiError, Entry, SandboxService, check_mapping, translate
 
 ENVD_PORT = 49983
 JUPYTER_PORT = 49999
 KEEPALIVE_S = 20.0
+MAX_PATH = 4096
+#: ListDir walks at most this deep, and a stream sends at most this many
+#: output chunks per step (encoded on a worker thread, not on the event loop).
+MAX_LIST_DEPTH = 32
+MAX_EVENTS_PER_STEP = 256
 WORKSPACE = "/workspace"
 
 _CONNECT_CODES = {
@@ -87,8 +100,16 @@ def entry_for(svc: SandboxService, request: Request) -> Entry:
     return svc.get_by_token(sid, token)
 
 
-def resolve(path: str) -> str:
-    """E2B paths are relative to the user's home; the sandbox's home is /workspace."""
+def resolve(path: object, field: str = "path") -> str:
+    """E2B paths are relative to the user's home; the sandbox's home is /workspace.
+    ``path`` comes from the client: anything but a sane string is a 400 naming ``field``."""
+    if not isinstance(path, str):
+        raise ApiError(400, "invalid", f"{field}: must be a string")
+    if "\0" in path or len(path) > MAX_PATH:
+        raise ApiError(
+            400, "invalid", f"{field}: must be at most {MAX_PATH} characters without NUL"
+        )
+    check_text(path, field)
     if path in ("", "~"):
         return WORKSPACE
     if path.startswith("~/"):
@@ -98,10 +119,10 @@ def resolve(path: str) -> str:
     return posixpath.normpath(path)
 
 
-def api_error_response(exc: ApiError) -> JSONResponse:
+def api_error_response(exc: ApiError) -> Response:
     """envd-style error: ``{"code": status, "message": ...}`` (plain HTTP)."""
-    msg = exc.message + (f" (rule {exc.rule})" if exc.rule else "")
-    return JSONResponse({"code": exc.status, "message": msg}, status_code=exc.status)
+    status, body, ctype = error_payload(Family.ENVD, exc)
+    return Response(body, status_code=status, media_type=ctype)
 
 
 # -- files over HTTP ------------------------------------------------------------
@@ -140,11 +161,8 @@ async def post_file(request: Request) -> Response:
         else:
             if not param:
                 raise ApiError(400, "invalid", "missing path")
+            # A Content-Encoding (gzip) was decoded, bounded, by the edge (_edge.Edge).
             body = await request.body()
-            if request.headers.get("content-encoding") == "gzip":
-                import gzip
-
-                body = gzip.decompress(body)
             items.append((resolve(param), body))
         out = []
         for path, data in items:
@@ -163,21 +181,51 @@ def _envelope(payload: dict[str, Any], flags: int = 0) -> bytes:
     return struct.pack(">BI", flags, len(raw)) + raw
 
 
-def _unenvelope(body: bytes) -> dict[str, Any]:
-    if len(body) < 5:
-        raise RpcError("invalid_argument", "missing message envelope")
-    flags, n = struct.unpack(">BI", body[:5])
-    if flags & 0x01:
-        raise RpcError("unimplemented", "compressed messages are not supported")
-    msg = json.loads(body[5 : 5 + n] or b"{}")
+def _message(request: Request, body: bytes, streaming: bool) -> dict[str, Any]:
+    """The request message, strictly parsed (by the edge, or here if it did not)."""
+    box = request.scope.get("glassroom.json")
+    msg = box[0] if box is not None else connect_message(body) if streaming else strict_json(body)
     if not isinstance(msg, dict):
-        raise RpcError("invalid_argument", "message is not an object")
+        raise RpcError("invalid_argument", "the request message is not a JSON object")
     return msg
 
 
-def _unary_error(err: RpcError) -> JSONResponse:
-    return JSONResponse(
-        {"code": err.code, "message": err.message}, status_code=_CODE_STATUS.get(err.code, 400)
+def _obj(msg: dict[str, Any], name: str, where: str = "") -> dict[str, Any]:
+    """Field ``name`` of ``msg`` as an object (absent: empty), or invalid_argument."""
+    value = msg.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RpcError("invalid_argument", f"{where}{name}: must be an object")
+    return value
+
+
+def _str(msg: dict[str, Any], name: str, where: str = "", default: str = "") -> str:
+    value = msg.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise RpcError("invalid_argument", f"{where}{name}: must be a string")
+    return value
+
+
+def _int(msg: dict[str, Any], name: str, lo: int, hi: int, default: int) -> int:
+    value = msg.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, str) and len(value) <= 20 and value.lstrip("-").isdigit():
+        # protobuf's JSON mapping may send an integer as a string
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise RpcError("invalid_argument", f"{name}: must be an integer from {lo} to {hi}")
+    return value
+
+
+def _unary_error(err: RpcError) -> Response:
+    return Response(
+        json.dumps({"code": err.code, "message": err.message}).encode(),
+        status_code=_CODE_STATUS.get(err.code, 400),
+        media_type="application/json",
     )
 
 
@@ -191,17 +239,19 @@ def _b64(data: bytes) -> str:
 
 
 def _selector(msg: dict[str, Any], e: Entry) -> Process:
-    sel = msg.get("process") or {}
+    sel = _obj(msg, "process")
+    pid = _int(sel, "pid", 0, 2**31 - 1, 0) if "pid" in sel else None
+    tag = _str(sel, "tag", "process.") if "tag" in sel else None
     with e.lock:
-        if "pid" in sel:
-            proc = e.procs.get(int(sel["pid"]))
-        elif "tag" in sel:
-            pid = next((p for p, t in e.tags.items() if t == sel["tag"]), None)
+        if pid is not None:
+            proc = e.procs.get(pid)
+        elif tag is not None:
+            pid = next((p for p, t in e.tags.items() if t == tag), None)
             proc = e.procs.get(pid) if pid is not None else None
         else:
             raise RpcError("invalid_argument", "process selector needs pid or tag")
     if proc is None:
-        raise RpcError("not_found", f"process {sel} was not found")
+        raise RpcError("not_found", f"process {ascii(sel)[:200]} was not found")
     return proc
 
 
@@ -226,6 +276,33 @@ def _end_event(proc: Process) -> dict[str, Any]:
     return {"end": end}
 
 
+def _next_frames(proc: Process, idx: int, key: str) -> tuple[list[bytes], int, bool]:
+    """Up to MAX_EVENTS_PER_STEP output chunks, already framed (run on a worker
+    thread: base64 and JSON of a lot of output must not hold the event loop)."""
+    new, nxt, done = proc.events_since(idx, 1.0)
+    if len(new) > MAX_EVENTS_PER_STEP:
+        new, nxt, done = new[:MAX_EVENTS_PER_STEP], idx + MAX_EVENTS_PER_STEP, False
+    frames = [_envelope({key: {"data": {stream: _b64(data)}}}) for stream, data in new]
+    return batched(frames), nxt, done
+
+
+def batched(parts: list[bytes], cap: int = 1 << 20) -> list[bytes]:
+    """``parts`` joined into pieces of about ``cap`` bytes: one send per piece,
+    not per message, keeps the event loop's share of a big output small."""
+    out: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for p in parts:
+        group.append(p)
+        size += len(p)
+        if size >= cap:
+            out.append(b"".join(group))
+            group, size = [], 0
+    if group:
+        out.append(b"".join(group))
+    return out
+
+
 async def _stream_process(
     proc: Process, start_index: int, with_start: bool, key: str
 ) -> AsyncIterator[bytes]:
@@ -234,9 +311,9 @@ async def _stream_process(
     idx = start_index
     last = time.monotonic()
     while True:
-        new, idx, done = await anyio.to_thread.run_sync(proc.events_since, idx, 1.0)
-        for stream, data in new:
-            yield _envelope({key: {"data": {stream: _b64(data)}}})
+        frames, idx, done = await anyio.to_thread.run_sync(_next_frames, proc, idx, key)
+        for frame in frames:
+            yield frame
             last = time.monotonic()
         if done:
             break
@@ -258,9 +335,9 @@ def _entry_info(path: str, fe: FileEntry | None) -> dict[str, Any]:
     mode = 0o755 if kind == "dir" else 0o644
     perms = ("d" if kind == "dir" else "-") + ("rwxr-xr-x" if kind == "dir" else "rw-r--r--")
     return {
-        "name": posixpath.basename(path) or "/",
+        "name": shown(posixpath.basename(path)) or "/",
         "type": ftype,
-        "path": path,
+        "path": shown(path),
         "size": str(fe.size if fe else 0),
         "mode": mode,
         "permissions": perms,
@@ -314,7 +391,13 @@ def _unary_call(svc: SandboxService, e: Entry, method: str, msg: dict[str, Any])
         return {"processes": items}
     if method == "process.Process/SendInput":
         proc = _selector(msg, e)
-        data = base64.b64decode((msg.get("input") or {}).get("stdin", "") or "")
+        inp = _obj(msg, "input")
+        if "pty" in inp:
+            raise RpcError("unimplemented", "pty is not supported by glassroom")
+        try:
+            data = base64.b64decode(_str(inp, "stdin", "input."), validate=True)
+        except ValueError:
+            raise RpcError("invalid_argument", "input.stdin: must be base64") from None
         try:
             proc.write_stdin(data)
         except OSError as exc:
@@ -323,26 +406,29 @@ def _unary_call(svc: SandboxService, e: Entry, method: str, msg: dict[str, Any])
     if method == "process.Process/SendSignal":
         proc = _selector(msg, e)
         sig = msg.get("signal")
-        num = {"SIGNAL_SIGKILL": 9, "SIGNAL_SIGTERM": 15}.get(str(sig), sig)
+        num = {"SIGNAL_SIGKILL": 9, "SIGNAL_SIGTERM": 15, 9: 9, 15: 15}.get(
+            sig if isinstance(sig, str | int) and not isinstance(sig, bool) else "", 0
+        )
         if num not in (9, 15):
-            raise RpcError("invalid_argument", f"unsupported signal {sig!r}")
-        proc.signal(int(num))
+            raise RpcError("invalid_argument", f"unsupported signal {ascii(sig)[:60]}")
+        proc.signal(num)
         return {}
     if method == "process.Process/CloseStdin":
         _selector(msg, e).close_stdin()
         return {}
     if method == "filesystem.Filesystem/Stat":
-        return {"entry": _stat(svc, e, resolve(str(msg.get("path", ""))))}
+        return {"entry": _stat(svc, e, resolve(msg.get("path", "")))}
     if method == "filesystem.Filesystem/ListDir":
-        path = resolve(str(msg.get("path", "")))
+        path = resolve(msg.get("path", ""))
+        depth = max(1, _int(msg, "depth", 0, MAX_LIST_DEPTH, 1))
         try:
-            return {"entries": _list(svc, e, path, max(1, int(msg.get("depth") or 1)))}
+            return {"entries": _list(svc, e, path, depth)}
         except ApiError as exc:
             if exc.status == 404:
                 raise RpcError("not_found", exc.message) from None
             raise
     if method == "filesystem.Filesystem/MakeDir":
-        path = resolve(str(msg.get("path", "")))
+        path = resolve(msg.get("path", ""))
         try:
             _stat(svc, e, path)
         except RpcError:
@@ -350,12 +436,12 @@ def _unary_call(svc: SandboxService, e: Entry, method: str, msg: dict[str, Any])
             return {"entry": _entry_info(path, None)}
         raise RpcError("already_exists", f"path {path} already exists")
     if method == "filesystem.Filesystem/Remove":
-        path = resolve(str(msg.get("path", "")))
+        path = resolve(msg.get("path", ""))
         svc.file_op(e, "remove", path)
         return {}
     if method == "filesystem.Filesystem/Move":
-        src = resolve(str(msg.get("source", "")))
-        dst = resolve(str(msg.get("destination", "")))
+        src = resolve(msg.get("source", ""), "source")
+        dst = resolve(msg.get("destination", ""), "destination")
         r = svc.run(e, ["mv", "-T", "--", src, dst])
         if r.exit_code != 0:
             raise RpcError(
@@ -382,17 +468,12 @@ async def rpc(request: Request) -> Response:
         return _stream_error(err) if streaming else _unary_error(err)
     body = await request.body()
     try:
+        msg = _message(request, body, streaming)
         if streaming:
-            msg = _unenvelope(body)
             return await _start_stream(svc, e, method, msg)
-        try:
-            msg = json.loads(body or b"{}")
-        except ValueError:
-            raise RpcError("invalid_argument", "request body is not JSON") from None
-        if not isinstance(msg, dict):
-            raise RpcError("invalid_argument", "request is not an object")
         out = await anyio.to_thread.run_sync(_unary_call, svc, e, method, msg)
-        return JSONResponse(out)
+        # ensure_ascii: a name from the sandbox may hold anything; escaped, it is still JSON
+        return Response(json.dumps(out).encode(), media_type="application/json")
     except ApiError as exc:
         if exc.status == 404 and "sandbox" in exc.message and "was not found" in exc.message:
             return api_error_response(ApiError(502, "not_found", exc.message))
@@ -416,14 +497,19 @@ async def _start_stream(
     else:
         if msg.get("pty"):
             raise RpcError("unimplemented", "pty is not supported by glassroom")
-        cfg = msg.get("process") or {}
-        cmd = str(cfg.get("cmd", ""))
-        if not cmd:
-            raise RpcError("invalid_argument", "process.cmd is required")
-        argv = [cmd, *[str(a) for a in cfg.get("args") or []]]
-        envs = {str(k): str(v) for k, v in (cfg.get("envs") or {}).items()}
-        cwd = resolve(str(cfg["cwd"])) if cfg.get("cwd") else None
-        tag = msg.get("tag")
+        cfg = _obj(msg, "process")
+        cmd = _str(cfg, "cmd", "process.")
+        if not cmd or "\0" in cmd:
+            raise RpcError("invalid_argument", "process.cmd: a command without NUL is required")
+        args = cfg.get("args") or []
+        if not isinstance(args, list) or not all(
+            isinstance(a, str) and "\0" not in a for a in args
+        ):
+            raise RpcError("invalid_argument", "process.args: must be a list of strings")
+        argv = [cmd, *args]
+        envs = check_mapping(cfg.get("envs"), "process.envs", env=True)
+        cwd = resolve(cfg["cwd"], "process.cwd") if cfg.get("cwd") else None
+        tag = _str(msg, "tag") or None
         proc = await anyio.to_thread.run_sync(
             lambda: svc.spawn(e, argv, cwd=cwd, env=envs, tag=tag)
         )

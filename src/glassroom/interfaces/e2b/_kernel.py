@@ -7,6 +7,11 @@ line starting with ``\\x1e`` + the nonce given in ``argv[1]``, then JSON
 (``stdout``/``stderr`` text, ``result`` for the value of a final
 expression, ``error``, ``end``).  Output a subprocess writes straight to
 fd 1 has no frame prefix, and the server reports it as stdout.
+
+Frames are kept small (stream text in pieces of CHUNK characters, a result
+or error cut at FIELD_MAX characters) because the server treats any line
+longer than a few MiB as plain output: the code in here can forge frames, so
+the server bounds and checks everything it reads from this process.
 """
 
 import ast
@@ -16,8 +21,16 @@ import sys
 import traceback
 
 NONCE = sys.argv[1] if len(sys.argv) > 1 else ""
+CHUNK = 16 * 1024
+FIELD_MAX = 128 * 1024
 REAL_OUT = sys.stdout
 REAL_ERR = sys.stderr
+
+
+def cut(text: str) -> str:
+    if len(text) <= FIELD_MAX:
+        return text
+    return text[:FIELD_MAX] + f"... [{len(text) - FIELD_MAX} characters cut]"
 
 
 def frame(kind: str, **kw: object) -> None:
@@ -34,16 +47,24 @@ class Writer:
         self.buf = ""
 
     def write(self, text: str) -> int:
-        self.buf += str(text)
+        text = str(text)
+        self.buf += text
         if "\n" in self.buf:
             head, _, self.buf = self.buf.rpartition("\n")
-            frame(self.kind, text=head + "\n")
+            self.emit(head + "\n")
+        if len(self.buf) >= CHUNK:  # a long line without a newline goes out in pieces
+            self.emit(self.buf)
+            self.buf = ""
         return len(text)
+
+    def emit(self, text: str) -> None:
+        for i in range(0, len(text), CHUNK):
+            frame(self.kind, text=text[i : i + CHUNK])
 
     def flush(self) -> None:
         if self.buf:
             text, self.buf = self.buf, ""
-            frame(self.kind, text=text)
+            self.emit(text)
 
     def isatty(self) -> bool:
         return False
@@ -60,7 +81,7 @@ def run(code: str, ns: dict[str, object]) -> None:
     if last is not None:
         value = eval(compile(last, "<cell>", "eval"), ns)
         if value is not None:
-            frame("result", text=repr(value), is_main_result=True)
+            frame("result", text=cut(repr(value)), is_main_result=True)
 
 
 def main() -> None:
@@ -74,18 +95,21 @@ def main() -> None:
             req = json.loads(line)
         except ValueError:
             continue
-        env = req.get("env") or {}
+        if not isinstance(req, dict):
+            continue
+        env = req.get("env")
+        env = env if isinstance(env, dict) else {}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update({str(k): str(v) for k, v in env.items()})
         out, err = Writer("stdout"), Writer("stderr")
         sys.stdout, sys.stderr = out, err
         try:
-            run(req.get("code", ""), ns)
+            run(str(req.get("code", "")), ns)
         except BaseException as exc:
             out.flush()
             err.flush()
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            frame("error", name=type(exc).__name__, value=str(exc), traceback=tb)
+            frame("error", name=type(exc).__name__, value=cut(str(exc)), traceback=cut(tb))
         finally:
             out.flush()
             err.flush()

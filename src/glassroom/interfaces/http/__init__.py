@@ -11,9 +11,10 @@ from ._service import ApiError, SandboxService
 
 
 def serve(cfg: ServeConfig) -> None:
-    import uvicorn
+    """Run the server until SIGTERM/SIGINT; it stops within ``cfg.shutdown_timeout_s``."""
+    from ._serve import run
 
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info", access_log=False)
+    run(cfg)
 
 
 __all__ = [

@@ -1,15 +1,19 @@
 """The ASGI app of ``glassroom serve``: the own API under ``/v1`` plus the
 E2B-compatible endpoints (control plane, envd, code interpreter).
 
-Every error is JSON ``{"error": {"code", "message", "rule"}}``; bad input is
-always a 4xx.  The OpenAPI spec of the own API is generated from the same
-pydantic models (:func:`openapi_spec`) and checked in as ``docs/openapi.json``.
+Every error is JSON in its API family's envelope (the own API's is
+``{"error": {"code", "message", "rule"}}``; ``_edge`` lists all five), for
+every path: handlers, FastAPI's validation and Starlette's own 404/405.  Bad
+input is always a 4xx, checked at the edge (``_edge.Edge``) before a handler
+runs.  The OpenAPI spec of the own API is generated from the same pydantic
+models (:func:`openapi_spec`) and checked in as ``docs/openapi.json``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -18,12 +22,15 @@ import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import __version__
 from ..._errors import GlassroomError
+from ...backends.base import Process
 from ._config import ServeConfig, Tenant
+from ._edge import HTTP_CODES, Edge, Family, error_payload, is_streaming, scope_family, shown
 from ._models import (
     Approval,
     AuditRecord,
@@ -42,6 +49,8 @@ from ._models import (
 from ._service import ApiError, SandboxService, translate
 
 log = logging.getLogger("glassroom.serve")
+#: The interpreter's GIL switch interval while serving (see create_app).
+GIL_SWITCH_INTERVAL_S = 0.001
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -74,74 +83,6 @@ TenantDep = Annotated[Tenant, Depends(tenant_dep)]
 ServiceDep = Annotated[SandboxService, Depends(_svc)]
 
 
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, before they are buffered."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.limit
-                except ValueError:
-                    too_big = True
-                if too_big:
-                    await self._refuse(send)
-                    return
-        seen = 0
-        started = False
-
-        async def counted() -> Message:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return msg
-
-        async def tracking_send(msg: Message) -> None:
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
-        try:
-            await self.app(scope, counted, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
-
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "code": "too_large",
-                    "rule": "serve.max_request_bytes",
-                    "message": f"request body exceeds {self.limit} bytes",
-                }
-            }
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body.encode()})
-
-
-class _TooLarge(Exception):
-    pass
-
-
 def _argv(cmd: RunCommand) -> list[str]:
     if cmd.argv:
         return list(cmd.argv)
@@ -154,7 +95,9 @@ router = APIRouter(prefix="/v1", responses=_ERRORS)
 
 
 @router.get("/health", response_model=Health, tags=["service"])
-def health() -> Health:
+async def health() -> Health:
+    # On the event loop, not a worker thread: a health check must not queue
+    # behind a pool that one busy tenant can fill.
     return Health(status="ok", version=__version__)
 
 
@@ -174,7 +117,7 @@ def create_sandbox(body: CreateSandbox, tenant: TenantDep, svc: ServiceDep) -> S
 
 @router.get("/sandboxes", response_model=list[SandboxInfo], tags=["sandboxes"])
 def list_sandboxes(tenant: TenantDep, svc: ServiceDep) -> list[SandboxInfo]:
-    return [svc.info(e) for e in svc.list(tenant)]
+    return svc.infos(tenant)
 
 
 @router.get("/sandboxes/{sandbox_id}", response_model=SandboxInfo, tags=["sandboxes"])
@@ -238,10 +181,9 @@ def run_command_stream(
         idx = 0
         try:
             while True:
-                new, idx, done = await anyio.to_thread.run_sync(proc.events_since, idx, 1.0)
-                for stream, data in new:
-                    line = {"type": stream, "data": data.decode(errors="replace")}
-                    yield (json.dumps(line) + "\n").encode()
+                chunk, idx, done = await anyio.to_thread.run_sync(_ndjson_step, proc, idx)
+                if chunk:
+                    yield chunk
                 if done:
                     break
             res = proc.wait(5)
@@ -264,6 +206,23 @@ def run_command_stream(
                 proc.signal(9)
 
     return StreamingResponse(events(), media_type="application/x-ndjson")
+
+
+#: Output chunks encoded per step of a stream (on a worker thread, not the event loop).
+STREAM_EVENTS_PER_STEP = 64
+
+
+def _ndjson_step(proc: Process, idx: int) -> tuple[bytes, int, bool]:
+    """The NDJSON lines of up to STREAM_EVENTS_PER_STEP new output chunks, as one
+    piece: decoding and JSON of a big output must not hold the event loop."""
+    new, nxt, done = proc.events_since(idx, 1.0)
+    if len(new) > STREAM_EVENTS_PER_STEP:
+        new, nxt, done = new[:STREAM_EVENTS_PER_STEP], idx + STREAM_EVENTS_PER_STEP, False
+    lines = [
+        (json.dumps({"type": stream, "data": data.decode(errors="replace")}) + "\n").encode()
+        for stream, data in new
+    ]
+    return b"".join(lines), nxt, done
 
 
 @router.get(
@@ -329,7 +288,8 @@ def list_dir(
     path: Annotated[str, _PATH_Q] = "/workspace",
 ) -> list[FileEntryModel]:
     entries = svc.file_op(svc.get(tenant, sandbox_id), "list", path)
-    return [FileEntryModel(name=x.name, type=x.type, size=x.size) for x in entries]
+    # a name made inside the sandbox may be any bytes: shown() makes it sendable
+    return [FileEntryModel(name=shown(x.name), type=x.type, size=x.size) for x in entries]
 
 
 @router.post(
@@ -359,22 +319,61 @@ def decide_approval(approval_id: str, body: Decide, tenant: TenantDep, svc: Serv
     return svc.approvals.decide(approval_id, body.decision == "approve", svc.owned_ids(tenant))
 
 
-def _error_json(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+def _error_json(request: Request, exc: ApiError) -> Response:
+    """``exc`` in the envelope of the request's API family (see ``_edge``)."""
+    status, body, ctype = error_payload(
+        scope_family(request.scope), exc, streaming=is_streaming(request.scope)
+    )
+    return Response(body, status_code=status, media_type=ctype)
 
 
-def create_app(cfg: ServeConfig | None = None, service: SandboxService | None = None) -> FastAPI:
-    """The whole server.  ``service`` may be shared (e.g. with an MCP server)."""
+def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Starlette's and FastAPI's own errors (no route, wrong method, a body that
+    cannot be parsed) in the family's envelope instead of ``{"detail": ...}``."""
+    status = exc.status_code
+    code = HTTP_CODES.get(status, "invalid" if status < 500 else "internal")
+    where = f"{request.method} {request.url.path}"
+    if status == 404 and exc.detail == "Not Found":
+        message = f"{where}: no such endpoint"
+        if scope_family(request.scope) is Family.CONNECT:
+            code = "unimplemented"  # Connect's answer for an unknown procedure
+    elif status == 405:
+        allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        message = f"{where}: method not allowed" + (f" (allowed: {allowed})" if allowed else "")
+    else:
+        message = f"{where}: {exc.detail}"
+    resp = _error_json(request, ApiError(status, code, message))
+    for k, v in (exc.headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def create_app(
+    cfg: ServeConfig | None = None,
+    service: SandboxService | None = None,
+    *,
+    own_service: bool = False,
+) -> FastAPI:
+    """The whole server.  ``service`` may be shared (e.g. with an MCP server);
+    the app closes it at shutdown when it made it, or when ``own_service``."""
     cfg = cfg or (service.cfg if service else ServeConfig())
     svc = service or SandboxService(cfg)
+    # The event loop shares the GIL with the worker threads that decode big
+    # bodies and encode big outputs; at the default 5 ms switch interval every
+    # handoff back to the loop can wait 5 ms per busy thread, and one request
+    # needs several.  1 ms keeps other tenants served while one tenant is busy
+    # (their p99 under abuse: ~55 ms instead of 70-180 ms on 2 cores).  Set
+    # when the app starts serving (its lifespan), not when it is merely built:
+    # it is process-wide, and a program that only builds the app keeps its own.
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         anyio.to_thread.current_default_thread_limiter().total_tokens = 200
         try:
             yield
         finally:
-            if service is None:
+            if service is None or own_service:
                 await anyio.to_thread.run_sync(svc.close)
 
     app = FastAPI(
@@ -391,22 +390,34 @@ def create_app(cfg: ServeConfig | None = None, service: SandboxService | None = 
     app.include_router(e2b_router())
 
     @app.exception_handler(ApiError)
-    async def api_error(_req: Request, exc: ApiError) -> JSONResponse:
-        return _error_json(exc)
+    async def api_error(req: Request, exc: ApiError) -> Response:
+        return _error_json(req, exc)
 
     @app.exception_handler(GlassroomError)
-    async def glassroom_error(_req: Request, exc: GlassroomError) -> JSONResponse:
-        return _error_json(translate(exc))
+    async def glassroom_error(req: Request, exc: GlassroomError) -> Response:
+        return _error_json(req, translate(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(req: Request, exc: RequestValidationError) -> Response:
         parts = []
         for err in exc.errors()[:5]:
             loc = ".".join(str(x) for x in err.get("loc", ()))
             parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-        return _error_json(ApiError(422, "invalid", "; ".join(parts) or "invalid request"))
+        return _error_json(req, ApiError(422, "invalid", "; ".join(parts) or "invalid request"))
 
-    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(req: Request, exc: StarletteHTTPException) -> Response:
+        return _http_error(req, exc)
+
+    @app.exception_handler(Exception)
+    async def internal(req: Request, _exc: Exception) -> Response:
+        # A bug, not the client's input: the envelope without a traceback (the
+        # server log has it, since Starlette re-raises after this answer).
+        return _error_json(
+            req, ApiError(500, "internal", "internal error; the server log has the details")
+        )
+
+    app.add_middleware(Edge, limit=cfg.max_request_bytes)
     return app
 
 

@@ -6,6 +6,7 @@ port = 8049
 data_dir = "/var/lib/glassroom/serve"      # its audit.jsonl; default: beside the audit log
 max_request_bytes = 16777216
 default_timeout_s = 300                     # a sandbox's deadline unless the client says
+shutdown_timeout_s = 10                     # SIGTERM: stopped, sandboxes gone, within this
 [tenants.alice]
 max_sandboxes = 20
 api_keys_sha256 = ["<sha256 hex of the key>"]   # keys are never stored in clear
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import tomllib
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ DEFAULT_PORT = 8049
 #: The sandbox's hard wall-clock cap in the built-in templates (the E2B default
 #: timeout is 300 s; ``set_timeout`` may extend up to this).
 TEMPLATE_MAX_RUNTIME_S = 3600.0
+#: How long ``glassroom serve`` may take to stop (docs/service.md, "Stopping").
+DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 
 
 def hash_key(key: str) -> str:
@@ -72,6 +76,9 @@ class ServeConfig:
     data_dir: Path = field(default_factory=lambda: Path(audit_log_path()).parent / "serve")
     max_request_bytes: int = 16 << 20
     default_timeout_s: float = 300.0
+    #: The bound on stopping (SIGTERM/SIGINT): streams end, every sandbox is
+    #: destroyed and the process exits within this many seconds.
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     #: sha256(key) -> tenant name
     key_hashes: dict[str, str] = field(default_factory=dict)
     tenants: dict[str, Tenant] = field(default_factory=dict)
@@ -113,6 +120,8 @@ class ServeConfig:
                 setattr(cfg, key, int(raw[key]))
         if "default_timeout_s" in raw:
             cfg.default_timeout_s = float(raw["default_timeout_s"])
+        if "shutdown_timeout_s" in raw:
+            cfg.shutdown_timeout_s = _shutdown_bound(raw["shutdown_timeout_s"], p)
         if "data_dir" in raw:
             cfg.data_dir = Path(raw["data_dir"])
         for name, t in dict(raw.get("tenants", {})).items():
@@ -129,3 +138,18 @@ class ServeConfig:
                 )
             cfg.templates[name] = load_policy(src if Path(src).is_absolute() else p.parent / src)
         return cfg
+
+
+def _shutdown_bound(value: Any, source: Path) -> float:
+    """A finite bound of 1..300 s: a NaN or huge value would make "stop within" mean never."""
+    try:
+        bound = float(value)
+    except (TypeError, ValueError):
+        bound = float("nan")
+    if not math.isfinite(bound) or not 1.0 <= bound <= 300.0:
+        raise PolicyError(
+            f"shutdown_timeout_s must be a number of seconds from 1 to 300, not {value!r}",
+            source=str(source),
+            field="shutdown_timeout_s",
+        )
+    return bound

@@ -35,6 +35,8 @@ class CreateSandbox(BaseModel):
         None,
         gt=0,
         le=MAX_TIMEOUT_S,
+        strict=True,  # a number: not true, not "10"
+        allow_inf_nan=False,
         description="deadline from now; at most the policy's resources.max_runtime_s",
     )
     env: dict[str, str] = Field(default_factory=dict, description="added to every command")
@@ -58,7 +60,13 @@ class SandboxInfo(BaseModel):
 
 class SetTimeout(BaseModel):
     model_config = _STRICT
-    timeout_s: float = Field(gt=0, le=MAX_TIMEOUT_S, description="new deadline, from now")
+    timeout_s: float = Field(
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        strict=True,
+        allow_inf_nan=False,
+        description="new deadline, from now",
+    )
 
 
 class RunCommand(BaseModel):
@@ -68,7 +76,7 @@ class RunCommand(BaseModel):
     cwd: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     stdin: str | None = None
-    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, strict=True, allow_inf_nan=False)
 
 
 class BlockedAction(BaseModel):

@@ -18,6 +18,7 @@ import builtins
 import contextlib
 import hmac
 import logging
+import math
 import secrets
 import threading
 import time
@@ -42,6 +43,7 @@ from ..._errors import (
 from ..._sandbox import RunResult, Sandbox
 from ...audit import AuditLog, read_records
 from ...backends.base import Process, Receipt
+from ...lifecycle.supervisor import reap_orphans
 from ...policy import Policy, parse_policy, validate_policy
 from ._config import ServeConfig, Tenant
 from ._models import Approval, BlockedAction, CommandResult, SandboxInfo
@@ -51,6 +53,10 @@ log = logging.getLogger("glassroom.serve")
 #: How many destroyed sandbox ids are remembered (for "was not found" answers).
 GONE_MEMORY = 10000
 OWNER_THREADS = 32
+#: A timeout beyond this (ten years) is a client's error, not a long deadline.
+SANE_TIMEOUT_S = 10 * 365 * 86400.0
+#: At most this many entries in a create's ``env`` or ``metadata``.
+MAX_MAPPING_ITEMS = 1000
 
 
 class ApiError(Exception):
@@ -85,6 +91,70 @@ def translate(exc: GlassroomError) -> ApiError:
     if isinstance(exc, SandboxError):
         return ApiError(400, "sandbox_error", msg, rule)
     return ApiError(503, "unavailable", msg, rule)
+
+
+def check_timeout(value: object, field: str, *, limit: float = SANE_TIMEOUT_S) -> float:
+    """``value`` as seconds, or 400 naming ``field``: a number (not a bool),
+    finite, above 0 and at most ``limit``.  NaN compares false with everything,
+    so an unchecked NaN passed every ``>`` test and made a sandbox with no deadline.
+    The policy's own cap (``resources.max_runtime_s``) is checked after this, with
+    its rule named; ``limit`` only stops numbers no policy could mean."""
+    secs = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):
+            secs = float(value)
+    if not (math.isfinite(secs) and 0 < secs <= limit):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:40] + "..."
+        raise ApiError(
+            400,
+            "invalid",
+            f"{field}: must be a finite number of seconds above 0 and at most {limit:g}, "
+            f"got {shown}",
+            rule=field,
+        )
+    return secs
+
+
+def check_mapping(value: object, field: str, *, env: bool = False) -> dict[str, str]:
+    """``value`` as a ``{str: str}``, or 400 naming the entry: strings only, no
+    lone surrogates (they cannot be written back as UTF-8, so one such string
+    used to break every later listing of the tenant), and for an environment
+    no ``=`` or NUL in a name and no NUL in a value."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ApiError(400, "invalid", f"{field}: must be an object of strings", rule=field)
+    if len(value) > MAX_MAPPING_ITEMS:
+        raise ApiError(
+            400, "invalid", f"{field}: more than {MAX_MAPPING_ITEMS} entries", rule=field
+        )
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        where = f"{field}[{ascii(k)[:60]}]"
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ApiError(400, "invalid", f"{where}: keys and values must be strings", rule=field)
+        for text, what in ((k, "key"), (v, "value")):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ApiError(
+                    400,
+                    "invalid",
+                    f"{where}: the {what} holds a lone UTF-16 surrogate at character "
+                    f"{exc.start}; send valid Unicode",
+                    rule=field,
+                ) from None
+        if env and (not k or "=" in k or "\0" in k or "\0" in v):
+            raise ApiError(
+                400,
+                "invalid",
+                f"{where}: an environment name must be non-empty without '=' or NUL, "
+                "and a value without NUL",
+                rule=field,
+            )
+        out[k] = v
+    return out
 
 
 def rfc3339(ts: float) -> str:
@@ -219,6 +289,13 @@ class SandboxService:
         self._cond = threading.Condition()
         self._closed = False
         self._on_destroy: list[Callable[[Entry], None]] = []
+        self._stopping: builtins.list[threading.Thread] = []
+        self._stop_began: float | None = None
+        self._destroying = 0
+        # A server killed by SIGKILL (or a power cut) left its sandboxes' cgroups,
+        # mounts and records behind: clean them before serving anyone, not at the
+        # first create, so a restarted server starts from a clean host.
+        reap_orphans(self.audit)
         self._reaper = threading.Thread(
             target=self._reap_loop, name="glassroom-deadlines", daemon=True
         )
@@ -271,11 +348,15 @@ class SandboxService:
         env: Mapping[str, str] | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> Entry:
+        # Every argument is checked before anything is made: a create that fails
+        # must leave nothing behind (no sandbox, no slot of the tenant's cap).
+        if timeout_s is not None:
+            timeout_s = check_timeout(timeout_s, "timeout_s")
+        env = check_mapping(env, "env", env=True)
+        metadata = check_mapping(metadata, "metadata")
         pol = self._policy(template, policy)
         cap = pol.resources.max_runtime_s
-        timeout = (
-            float(timeout_s) if timeout_s is not None else min(self.cfg.default_timeout_s, cap)
-        )
+        timeout = timeout_s if timeout_s is not None else min(self.cfg.default_timeout_s, cap)
         if timeout > cap:
             raise ApiError(
                 400,
@@ -317,24 +398,40 @@ class SandboxService:
                 end_at=now + timeout,
                 max_runtime_s=cap,
             )
-            self.audit.append(
-                sb.id,
-                "service.created",
-                {
-                    "tenant": tenant.name,
-                    "template": entry.template,
-                    "timeout_s": timeout,
-                    "metadata": entry.metadata,
-                },
-                decision="allow",
-            )
+            try:
+                self.audit.append(
+                    sb.id,
+                    "service.created",
+                    {
+                        "tenant": tenant.name,
+                        "template": entry.template,
+                        "timeout_s": timeout,
+                        "metadata": entry.metadata,
+                    },
+                    decision="allow",
+                )
+            except BaseException as exc:
+                # Made but not listed: destroy it, or it would run outside the
+                # tenant's cap with no deadline.
+                with contextlib.suppress(Exception):
+                    sb.destroy()
+                if isinstance(exc, GlassroomError):
+                    raise translate(exc) from None
+                raise
             with self._cond:
-                self._entries[sb.id] = entry
-                self._cond.notify_all()
+                closed = self._closed
+                if not closed:
+                    self._entries[sb.id] = entry
+                    self._cond.notify_all()
+            if closed:  # stopping began while it was being made: it must not outlive us
+                with contextlib.suppress(Exception):
+                    sb.destroy()
+                raise ApiError(503, "unavailable", "the server is shutting down")
             return entry
         finally:
             with self._cond:
                 self._reserved[tenant.name] -= 1
+                self._cond.notify_all()
 
     # -- lookup ----------------------------------------------------------------
 
@@ -358,6 +455,20 @@ class SandboxService:
     def list(self, tenant: Tenant) -> list[Entry]:
         with self._cond:
             return [e for e in self._entries.values() if e.tenant == tenant.name]
+
+    def infos(self, tenant: Tenant) -> builtins.list[SandboxInfo]:
+        """The tenant's listing.  One sandbox whose record cannot be shown must
+        never break the listing of the others: it is left out and logged."""
+        out = []
+        for e in self.list(tenant):
+            try:
+                info = self.info(e)
+                info.model_dump_json()  # it must be sendable, too
+            except Exception as exc:  # said without a traceback: it is not a crash
+                log.warning("sandbox %s left out of a listing: %r", e.id, exc)
+                continue
+            out.append(info)
+        return out
 
     def owned_ids(self, tenant: Tenant) -> set[str]:
         with self._cond:
@@ -390,6 +501,7 @@ class SandboxService:
     # -- lifecycle -------------------------------------------------------------
 
     def set_timeout(self, e: Entry, timeout_s: float) -> None:
+        timeout_s = check_timeout(timeout_s, "timeout_s")
         now = time.time()
         hard = e.created + e.max_runtime_s
         if now + timeout_s > hard + 1e-3:
@@ -417,10 +529,19 @@ class SandboxService:
                 self._gone[e.id] = (e.tenant, reason)
                 while len(self._gone) > GONE_MEMORY:
                     self._gone.popitem(last=False)
-        for cb in self._on_destroy:
-            with contextlib.suppress(Exception):
-                cb(e)
-        return e.sb.destroy()
+            # Counted until the teardown is done: close() must wait for a destroy
+            # that another thread began (a session's end, a deadline), or the
+            # process exits half-way through it.
+            self._destroying += 1
+        try:
+            for cb in self._on_destroy:
+                with contextlib.suppress(Exception):
+                    cb(e)
+            return e.sb.destroy()
+        finally:
+            with self._cond:
+                self._destroying -= 1
+                self._cond.notify_all()
 
     def _reap_loop(self) -> None:
         while True:
@@ -445,16 +566,77 @@ class SandboxService:
                 with contextlib.suppress(Exception):
                     self.destroy(e, reason="timeout")
 
-    def close(self) -> None:
+    def begin_shutdown(self) -> None:
+        """Refuse new sandboxes and start destroying every live one, in parallel.
+
+        Called the moment the server is told to stop, *before* uvicorn waits
+        for open connections: destroying a sandbox ends its processes, so every
+        stream that follows one (E2B Connect, ``/v1`` NDJSON, ``/execute``)
+        ends with its end event instead of holding the server up.  One thread
+        per sandbox, because a sandbox's teardown waits on the kernel (cgroup
+        kill, unmount) and a serial loop made the stop time grow with the count.
+        Returns at once; :meth:`close` waits for the threads, bounded.
+        """
         with self._cond:
+            if self._closed:
+                return
             self._closed = True
+            self._stop_began = time.monotonic()
             entries = list(self._entries.values())
             self._cond.notify_all()
         for e in entries:
-            with contextlib.suppress(Exception):
-                self.destroy(e, reason="server shutdown")
-        self._owner.shutdown(wait=True)
-        self.audit.close()
+            t = threading.Thread(
+                target=self._destroy_quietly, args=(e,), name=f"stop-{e.id}", daemon=True
+            )
+            t.start()
+            self._stopping.append(t)
+
+    def _destroy_quietly(self, e: Entry) -> None:
+        try:
+            self.destroy(e, reason="server shutdown")
+        except Exception:
+            log.exception("destroying %s at shutdown failed", e.id)
+
+    def close(self, timeout: float | None = None) -> builtins.list[str]:
+        """Destroy every sandbox and stop; returns the ids not destroyed within ``timeout``
+        (default: what is left of ``shutdown_timeout_s`` since stopping began, less
+        a second for the process to exit).
+
+        Creates and destroys still in flight finish first (a sandbox made after
+        stopping began destroys itself, see :meth:`create`).  What is not gone by the
+        bound is logged by id: the process is about to exit, ``--die-with-parent``
+        kills its processes, and the reaper at the next start removes the rest.
+        """
+        self.begin_shutdown()
+        if timeout is None:
+            began = self._stop_began if self._stop_began is not None else time.monotonic()
+            timeout = max(0.5, began + self.cfg.shutdown_timeout_s - 1.0 - time.monotonic())
+        end = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.0, end - time.monotonic())
+
+        with self._cond:
+            while any(self._reserved.values()) or self._destroying:
+                wait = left()
+                if wait == 0.0:
+                    break
+                self._cond.wait(min(wait, 0.05))
+        for t in self._stopping:
+            t.join(left())
+        stuck = [t.name.removeprefix("stop-") for t in self._stopping if t.is_alive()]
+        self._owner.shutdown(wait=not stuck, cancel_futures=True)
+        if stuck:
+            log.error(
+                "shutdown: %d sandbox(es) not destroyed within %.1f s: %s; the reaper "
+                "removes what is left at the next start",
+                len(stuck),
+                timeout,
+                ", ".join(stuck),
+            )
+        else:
+            self.audit.close()
+        return stuck
 
     # -- commands and files ------------------------------------------------------
 

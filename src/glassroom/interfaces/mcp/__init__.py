@@ -5,11 +5,13 @@ Runs over stdio (``glassroom mcp``) or streamable HTTP (``glassroom mcp
 model) and returns ``structuredContent``; reads carry ``readOnlyHint``,
 exec and kill ``destructiveHint``.  A sandbox failure (a denied exec, a
 denied path, a limit) is an ``isError`` result whose text names the policy
-rule.  When a session ends, every sandbox it created is destroyed.
+rule.  When a session ends, every sandbox it created is destroyed; a
+2026-07-28 client over HTTP has no session and gets a handle instead (see
+``_Sessions`` in ``_server.py`` and docs/service.md, "MCP: sandbox lifetime").
 """
 
 from __future__ import annotations
 
-from ._server import build_server, run_http, run_stdio
+from ._server import DEFAULT_IDLE_TTL_S, build_server, check_idle_ttl, run_http, run_stdio
 
-__all__ = ["build_server", "run_http", "run_stdio"]
+__all__ = ["DEFAULT_IDLE_TTL_S", "build_server", "check_idle_ttl", "run_http", "run_stdio"]

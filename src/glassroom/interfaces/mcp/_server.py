@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
+import math
+import os
+import secrets
+import signal
+import threading
+import time
+from collections import OrderedDict
+from types import FrameType
 from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 
 from ... import __version__
 from ..http._config import ServeConfig, Tenant
 from ..http._models import Approval, AuditRecord, FileEntryModel, ReceiptModel, SandboxInfo
-from ..http._service import ApiError, Entry, SandboxService
+from ..http._service import GONE_MEMORY, ApiError, Entry, SandboxService
 
 log = logging.getLogger("glassroom.mcp")
 
 MCP_TENANT = "mcp"
 DEFAULT_MAX_OUTPUT = 64 * 1024
+#: A sandbox no tool call has named for this long is destroyed (``--idle-ttl``).
+DEFAULT_IDLE_TTL_S = 600.0
+MAX_IDLE_TTL_S = 86400.0
 READ = ToolAnnotations(
     readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False
 )
@@ -105,57 +118,264 @@ def _cut(text: str, limit: int, name: str) -> tuple[str, str | None]:
     return raw[:limit].decode(errors="ignore"), f"{name} cut from {len(raw)} to {limit} bytes"
 
 
-class _Sessions:
-    """Which sandboxes each MCP session made; destroyed when it ends."""
+class _Owner:
+    """One MCP session's sandboxes: every id it made (for its audit after a kill)."""
 
-    def __init__(self, svc: SandboxService) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ids: set[str] = set()
+        self.ended = False
+
+
+class _Sessions:
+    """Who may use which sandbox, and when a sandbox's lifetime ends.
+
+    The transport connection is *not* the session: on the 2026-07-28
+    protocol the SDK builds a fresh ``Connection`` for every request and
+    unwinds its exit stack when the request ends, so tying cleanup to it
+    destroyed each sandbox as soon as ``create_sandbox`` returned.  The
+    owner of a sandbox is instead, in this order:
+
+    * a handshake-era session (``initialize``; stdio, or streamable HTTP with
+      an ``Mcp-Session-Id``): the connection lives as long as the session, and
+      its end (stdio EOF, HTTP DELETE or the SDK's session idle timeout)
+      destroys the session's sandboxes;
+    * the process, for a 2026-07-28 client over stdio: a stdio server has
+      exactly one client, the one that started it, and its sandboxes go when
+      the pipe closes and the process stops;
+    * nobody, for a 2026-07-28 request over HTTP (or in-process): the
+      protocol has no session, so ``create_sandbox`` returns the sandbox id
+      with a secret (``sb-….<secret>``), a handle the client passes back as
+      ``sandbox_id``.  A bare id never works there, and no listing shows it.
+
+    Whatever the owner, a sandbox also ends at its deadline (``timeout_s``),
+    at ``kill_sandbox``, when the server stops, and after ``idle_ttl_s``
+    seconds without a tool call naming it.  A sandbox a tool call is still
+    working in (a long command, a file transfer) is busy, never idle: the
+    TTL counts from the end of the last call.
+    """
+
+    def __init__(self, svc: SandboxService, *, process_session: bool, idle_ttl_s: float) -> None:
         self.svc = svc
+        self.tenant = svc.tenant(MCP_TENANT)
+        self.idle_ttl_s = idle_ttl_s
+        self._process = _Owner("process") if process_session else None
+        self._lock = threading.Lock()
+        self._handles: OrderedDict[str, str] = OrderedDict()  # sandbox id -> secret
+        self._used: dict[str, float] = {}  # live sandbox id -> monotonic time of last use
+        self._busy: dict[str, int] = {}  # sandbox id -> tool calls working in it now
+        self._stop = threading.Event()
+        svc.on_destroy(self._forget)
+        self._idle = threading.Thread(target=self._idle_loop, name="mcp-idle-ttl", daemon=True)
+        self._idle.start()
+
+    # -- who is asking ---------------------------------------------------------
+
+    def owner(self, ctx: Context) -> _Owner | None:
+        """The session this request belongs to; None when the protocol gives it none."""
+        rc = ctx.request_context
+        if rc.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            # The SDK exposes the per-session Connection (its ``state`` and the
+            # ``exit_stack`` it unwinds when the session ends) only through the session.
+            conn = rc.session._connection
+            owner: _Owner | None = conn.state.get("glassroom.owner")
+            if owner is None:
+                owner = conn.state["glassroom.owner"] = _Owner(conn.session_id or "stdio")
+                conn.exit_stack.push_async_callback(self._end, owner)
+            return owner
+        return self._process
+
+    async def _end(self, owner: _Owner) -> None:
+        # Bounded by the SDK (5 s for the whole exit stack): hand the teardown
+        # to threads, one per sandbox, rather than wait here.
+        with self._lock:
+            owner.ended = True
+            live = [i for i in owner.ids if i in self._used]
+        for sid in live:
+            threading.Thread(
+                target=self._destroy, args=(sid, "mcp session end"), daemon=True
+            ).start()
+
+    def _destroy(self, sid: str, why: str) -> None:
+        with contextlib.suppress(ApiError):
+            e = self.svc.get(self.tenant, sid)
+            try:
+                self.svc.destroy(e, why)
+            except Exception:
+                log.exception("destroying %s (%s) failed", sid, why)
+
+    # -- ownership ---------------------------------------------------------------
+
+    def add(self, ctx: Context, e: Entry) -> str:
+        """Record a new sandbox; return the ``sandbox_id`` the client is to use."""
+        owner = self.owner(ctx)
+        with self._lock:
+            ended = owner is not None and owner.ended
+            if not ended:
+                self._used[e.id] = time.monotonic()
+                if owner is not None:
+                    owner.ids.add(e.id)
+                    return e.id
+                secret = secrets.token_urlsafe(18)
+                self._handles[e.id] = secret
+                if len(self._handles) > GONE_MEMORY:
+                    # Forget the oldest handles of sandboxes already gone, never a live
+                    # one's: a flood of create/kill must not lock another client out.
+                    dead = [i for i in self._handles if i not in self._used]
+                    for i in dead[: len(self._handles) - GONE_MEMORY]:
+                        del self._handles[i]
+                return f"{e.id}.{secret}"
+        # The session ended while it was made: destroy it, off the event loop.
+        threading.Thread(
+            target=self._destroy_entry, args=(e, "mcp session end"), daemon=True
+        ).start()
+        raise ApiError(404, "not_found", "the MCP session has ended")
+
+    def _destroy_entry(self, e: Entry, why: str) -> None:
+        try:
+            self.svc.destroy(e, why)
+        except Exception:
+            log.exception("destroying %s (%s) failed", e.id, why)
+
+    def resolve(self, ctx: Context, sandbox_id: str) -> str:
+        """The sandbox id behind what the client passed, if this request may use it."""
+        sid, dot, secret = sandbox_id.partition(".")
+        with self._lock:
+            if dot:
+                known = self._handles.get(sid)
+                # compare_digest raises TypeError on non-ASCII str: compare bytes
+                given = secret.encode("utf-8", "surrogatepass")
+                if known is not None and hmac.compare_digest(known.encode(), given):
+                    return sid
+            else:
+                owner = self.owner(ctx)
+                if owner is not None and sid in owner.ids:
+                    return sid
+                if owner is None:
+                    raise ApiError(
+                        404,
+                        "not_found",
+                        f"sandbox {sandbox_id} was not found: this request has no MCP "
+                        "session (2026-07-28 protocol), so pass the sandbox_id handle "
+                        "create_sandbox returned",
+                    )
+        raise ApiError(404, "not_found", f"sandbox {sandbox_id} was not found in this session")
 
     def own(self, ctx: Context, sandbox_id: str) -> Entry:
-        ids = self._ids(ctx)
-        if sandbox_id not in ids:
-            raise ApiError(404, "not_found", f"sandbox {sandbox_id} was not found in this session")
-        return self.svc.get(self.svc.tenant(MCP_TENANT), sandbox_id)
+        """The live sandbox the client named; its use counts against the idle TTL."""
+        sid = self.resolve(ctx, sandbox_id)
+        e = self.svc.get(self.tenant, sid)
+        with self._lock:
+            if sid not in self._used:  # the idle TTL already took it
+                raise ApiError(404, "not_found", f"sandbox {sandbox_id} was not found")
+            self._used[sid] = time.monotonic()
+        return e
 
-    def _ids(self, ctx: Context) -> set[str]:
-        # The per-client Connection (its ``state`` and ``exit_stack``, unwound when the
-        # session ends) is reached through the session in this SDK version.
-        conn = ctx.request_context.session._connection
-        ids: set[str] | None = conn.state.get("glassroom.sandboxes")
-        if ids is None:
-            ids = conn.state["glassroom.sandboxes"] = set()
-            svc = self.svc
+    def busy(self, sid: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        """``fn(*args, **kw)`` (in a worker thread), with ``sid`` busy until it returns.
 
-            async def cleanup() -> None:
-                for sid in list(ids):
-                    with contextlib.suppress(Exception):
-                        e = svc.get(svc.tenant(MCP_TENANT), sid)
-                        await anyio.to_thread.run_sync(svc.destroy, e, "session end")
+        Counted in the thread itself: a request cancelled (its client gone)
+        while the command runs leaves the thread running, and the sandbox is
+        still in use until the thread is done."""
+        with self._lock:
+            self._busy[sid] = self._busy.get(sid, 0) + 1
+        try:
+            return fn(*args, **kw)
+        finally:
+            with self._lock:
+                n = self._busy.pop(sid, 0) - 1
+                if n > 0:
+                    self._busy[sid] = n
+                if sid in self._used:
+                    self._used[sid] = time.monotonic()
 
-            conn.exit_stack.push_async_callback(cleanup)
-        return ids
-
-    def add(self, ctx: Context, sandbox_id: str) -> None:
-        self._ids(ctx).add(sandbox_id)
+    def visible(self, ctx: Context) -> set[str]:
+        owner = self.owner(ctx)
+        if owner is None:
+            return set()
+        with self._lock:
+            return set(owner.ids)
 
     def list(self, ctx: Context) -> list[Entry]:
-        ids = self._ids(ctx)
-        return [e for e in self.svc.list(self.svc.tenant(MCP_TENANT)) if e.id in ids]
+        ids = self.visible(ctx)
+        return [e for e in self.svc.list(self.tenant) if e.id in ids]
+
+    # -- the idle TTL --------------------------------------------------------------
+
+    def _forget(self, e: Entry) -> None:
+        with self._lock:
+            self._used.pop(e.id, None)
+
+    def _idle_loop(self) -> None:
+        step = min(5.0, max(0.1, self.idle_ttl_s / 10))
+        while not self._stop.wait(step):
+            now = time.monotonic()
+            with self._lock:
+                idle = [
+                    i
+                    for i, t in self._used.items()
+                    if now - t > self.idle_ttl_s and not self._busy.get(i)
+                ]
+                for i in idle:  # claimed: a call from now on finds it gone
+                    del self._used[i]
+            for sid in idle:
+                with contextlib.suppress(Exception):
+                    self.svc.audit.append(
+                        sid,
+                        "sandbox.idle",
+                        {"idle_ttl_s": self.idle_ttl_s},
+                        decision="deny",
+                        rule="mcp.idle_ttl_s",
+                    )
+                # one thread each: a teardown that hangs must not stall the others
+                threading.Thread(
+                    target=self._destroy, args=(sid, "mcp idle ttl"), daemon=True
+                ).start()
+
+    def close(self) -> None:
+        self._stop.set()
 
 
-def build_server(svc: SandboxService) -> MCPServer:
+def check_idle_ttl(value: float) -> float:
+    """Fail closed on an idle TTL that would mean "never" or "at once"."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"the idle TTL must be a finite number of seconds, not {value!r}")
+    if not 1.0 <= value <= MAX_IDLE_TTL_S:
+        raise ValueError(f"the idle TTL must be from 1 to {MAX_IDLE_TTL_S:g} s, not {value:g}")
+    return float(value)
+
+
+def build_server(
+    svc: SandboxService,
+    *,
+    process_session: bool = False,
+    idle_ttl_s: float = DEFAULT_IDLE_TTL_S,
+) -> MCPServer:
+    """The MCP server over ``svc``.  ``process_session``: this process serves one
+    client (stdio), so a 2026-07-28 client's sandboxes belong to the process."""
     tenant: Tenant = svc.tenant(MCP_TENANT)
-    sessions = _Sessions(svc)
+    sessions = _Sessions(
+        svc, process_session=process_session, idle_ttl_s=check_idle_ttl(idle_ttl_s)
+    )
     mcp: MCPServer = MCPServer(
         "glassroom",
         version=__version__,
         instructions="Run code in disposable, policy-first, audited sandboxes. Create a "
         "sandbox, run commands and files in it, read its audit trail, kill it. Every sandbox "
-        "of this session is destroyed when the session ends.",
+        "of this session is destroyed when the session ends; without a session (the "
+        "2026-07-28 protocol over HTTP) create_sandbox returns a sandbox_id handle to pass "
+        "back, and the sandbox lives until kill_sandbox, its timeout or its idle TTL.",
     )
 
     async def call(fn: Any, *args: Any, **kw: Any) -> Any:
-        return await anyio.to_thread.run_sync(lambda: fn(*args, **kw))
+        # Not waited for when the request is cancelled (the session ended, the
+        # client closed the request): a command running for an hour must not
+        # hold up the end of the session, whose teardown is what ends it.
+        return await anyio.to_thread.run_sync(lambda: fn(*args, **kw), abandon_on_cancel=True)
+
+    async def work(e: Entry, fn: Any, *args: Any, **kw: Any) -> Any:
+        """``fn`` in a thread, with ``e`` busy (never idle) while it runs."""
+        return await call(sessions.busy, e.id, fn, *args, **kw)
 
     @mcp.tool(
         annotations=WRITE,
@@ -169,20 +389,28 @@ def build_server(svc: SandboxService) -> MCPServer:
         policy: str | None = None,
         timeout_s: float | None = None,
     ) -> Annotated[CallToolResult, SandboxInfo]:
+        from ..http._service import check_timeout
+
         try:
-            e = await call(
-                svc.create,
-                tenant,
-                template=template,
-                policy=policy,
-                backend=backend,
-                timeout_s=timeout_s,
-            )
+            if timeout_s is not None:  # NaN, Infinity, 1e300: refused before anything is made
+                timeout_s = check_timeout(timeout_s, "timeout_s")
+            # Shielded: a sandbox made must be recorded (owned, idle TTL), even when
+            # the request is cancelled meanwhile; add() destroys it if the session ended.
+            with anyio.CancelScope(shield=True):
+                e = await anyio.to_thread.run_sync(
+                    lambda: svc.create(
+                        tenant,
+                        template=template,
+                        policy=policy,
+                        backend=backend,
+                        timeout_s=timeout_s,
+                    )
+                )
+                handle = sessions.add(ctx, e)
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
-        sessions.add(ctx, e.id)
         info: SandboxInfo = await call(svc.info, e)
-        return _ok(info)
+        return _ok(info.model_copy(update={"sandbox_id": handle}))
 
     @mcp.tool(
         annotations=DESTRUCTIVE,
@@ -204,7 +432,8 @@ def build_server(svc: SandboxService) -> MCPServer:
             return _fail("give `command` or `argv`")
         try:
             e = sessions.own(ctx, sandbox_id)
-            r = await call(
+            r = await work(
+                e,
                 svc.run,
                 e,
                 list(argv) if argv else ["sh", "-c", command or ""],
@@ -255,16 +484,20 @@ def build_server(svc: SandboxService) -> MCPServer:
         try:
             if sandbox_id:
                 e = sessions.own(ctx, sandbox_id)
+                r = await work(e, svc.run, e, ["python3", "-"], stdin=code.encode())
             else:
-                e = throwaway = await call(
-                    svc.create, tenant, template="code-interpreter-v1", timeout_s=120.0
-                )
-            r = await call(svc.run, e, ["python3", "-"], stdin=code.encode())
+                with anyio.CancelScope(shield=True):  # made, so destroyed below
+                    e = throwaway = await anyio.to_thread.run_sync(
+                        lambda: svc.create(tenant, template="code-interpreter-v1", timeout_s=120.0)
+                    )
+                r = await call(svc.run, e, ["python3", "-"], stdin=code.encode())
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
         finally:
             if throwaway is not None:
-                await call(svc.destroy, throwaway, "throwaway")
+                # Shielded: a cancelled request (client gone) still destroys it.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(svc.destroy, throwaway, "throwaway")
         out, cut_o = _cut(r.stdout, DEFAULT_MAX_OUTPUT, "stdout")
         err, cut_e = _cut(r.stderr, DEFAULT_MAX_OUTPUT, "stderr")
         notes = [n for n in (cut_o, cut_e) if n]
@@ -290,7 +523,7 @@ def build_server(svc: SandboxService) -> MCPServer:
     ) -> Annotated[CallToolResult, Written]:
         try:
             e = sessions.own(ctx, sandbox_id)
-            await call(svc.file_op, e, "write", path, content.encode())
+            await work(e, svc.file_op, e, "write", path, content.encode())
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
         return _ok(Written(path=path, size=len(content.encode())))
@@ -302,7 +535,7 @@ def build_server(svc: SandboxService) -> MCPServer:
         limit = max(1, max_bytes)
         try:
             e = sessions.own(ctx, sandbox_id)
-            data: bytes = await call(svc.file_op, e, "read", path, limit + 1)
+            data: bytes = await work(e, svc.file_op, e, "read", path, limit + 1)
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
         cut = len(data) > limit
@@ -322,7 +555,7 @@ def build_server(svc: SandboxService) -> MCPServer:
     ) -> Annotated[CallToolResult, FileList]:
         try:
             e = sessions.own(ctx, sandbox_id)
-            entries = await call(svc.file_op, e, "list", path)
+            entries = await work(e, svc.file_op, e, "list", path)
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
         return _ok(
@@ -340,10 +573,9 @@ def build_server(svc: SandboxService) -> MCPServer:
     async def get_audit(
         ctx: Context, sandbox_id: str, blocked_only: bool = False
     ) -> Annotated[CallToolResult, AuditTrail]:
-        if sandbox_id not in sessions._ids(ctx):
-            return _fail(f"sandbox {sandbox_id} was not found in this session")
         try:
-            recs = await call(lambda: list(svc.audit_records(tenant, sandbox_id, blocked_only)))
+            sid = sessions.resolve(ctx, sandbox_id)
+            recs = await call(lambda: list(svc.audit_records(tenant, sid, blocked_only)))
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
         return _ok(
@@ -369,7 +601,7 @@ def build_server(svc: SandboxService) -> MCPServer:
             await call(svc.set_timeout, e, timeout_s)
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
-        return _ok(svc.info(e))
+        return _ok(svc.info(e).model_copy(update={"sandbox_id": sandbox_id}))
 
     @mcp.tool(
         annotations=DESTRUCTIVE,
@@ -392,7 +624,7 @@ def build_server(svc: SandboxService) -> MCPServer:
 
     @mcp.tool(annotations=READ, description="Pending approvals for this session's sandboxes.")
     async def list_approvals(ctx: Context) -> ApprovalList:
-        return ApprovalList(approvals=svc.approvals.list(sessions._ids(ctx)))
+        return ApprovalList(approvals=svc.approvals.list(sessions.visible(ctx)))
 
     @mcp.tool(annotations=WRITE, description="Approve or deny a pending approval.")
     async def decide_approval(
@@ -401,7 +633,9 @@ def build_server(svc: SandboxService) -> MCPServer:
         if decision not in ("approve", "deny"):
             return _fail("decision must be 'approve' or 'deny'")
         try:
-            return _ok(svc.approvals.decide(approval_id, decision == "approve", sessions._ids(ctx)))
+            return _ok(
+                svc.approvals.decide(approval_id, decision == "approve", sessions.visible(ctx))
+            )
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
 
@@ -415,17 +649,70 @@ def _service(cfg: ServeConfig | None) -> SandboxService:
     return svc
 
 
-def run_stdio(cfg: ServeConfig | None = None) -> None:
+def run_stdio(cfg: ServeConfig | None = None, *, idle_ttl_s: float = DEFAULT_IDLE_TTL_S) -> None:
+    """Serve the one client on stdin/stdout; its sandboxes go when the pipe closes.
+
+    SIGTERM (what the SDK's stdio client sends when the pipe close was not
+    enough, and what a supervisor sends) and SIGINT are turned into an orderly stop once:
+    Python's default action would end the process without destroying anything.
+    After that teardown the process exits at once: the SDK's thread that reads
+    stdin cannot be interrupted, and would keep it alive until the pipe closed.
+    """
     svc = _service(cfg)
+    stopping = False
+    terminated = 0
+
+    def on_term(sig: int, _frame: FrameType | None) -> None:
+        nonlocal stopping, terminated
+        if not stopping:  # a second signal must not cut the teardown short
+            stopping, terminated = True, sig
+            raise KeyboardInterrupt
+
+    # SIGINT too: Python's own KeyboardInterrupt waited for the running commands,
+    # then for the stdin thread, so a Ctrl-C'd server stayed until the pipe closed.
+    previous = {s: signal.signal(s, on_term) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        build_server(svc).run("stdio")
+        build_server(svc, process_session=True, idle_ttl_s=idle_ttl_s).run("stdio")
     finally:
-        svc.close()
+        stopping = True
+        try:
+            svc.close()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if terminated:
+                logging.shutdown()
+                os._exit(128 + terminated)
 
 
-def run_http(cfg: ServeConfig | None = None, host: str = "127.0.0.1", port: int = 8050) -> None:
+def run_http(
+    cfg: ServeConfig | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8050,
+    *,
+    idle_ttl_s: float = DEFAULT_IDLE_TTL_S,
+) -> None:
+    """Streamable HTTP at ``/mcp``: sessions for handshake clients, handles for 2026-07-28.
+
+    Run by the same bounded server as ``glassroom serve``: a handshake client's
+    open GET stream would otherwise hold a SIGTERM up for as long as it stays.
+    """
+    import uvicorn
+
+    from ..http._serve import BoundedServer, grace_for
+
     svc = _service(cfg)
     try:
-        build_server(svc).run("streamable-http", host=host, port=port)
+        server = build_server(svc, idle_ttl_s=idle_ttl_s)
+        bound = svc.cfg.shutdown_timeout_s
+        config = uvicorn.Config(
+            server.streamable_http_app(host=host),
+            host=host,
+            port=port,
+            log_level=server.settings.log_level.lower(),
+            lifespan="on",
+            timeout_graceful_shutdown=max(1, int(grace_for(bound))),
+        )
+        BoundedServer(config, svc, bound).run()
     finally:
         svc.close()
