@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 GLASSROOM_SETUP_TIERS=1 bash scripts/setup.sh
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
-.venv/bin/python -m pytest -q "$@"
+# --durations: the slowest tests are named in every run, to keep CI within its budget.
+.venv/bin/python -m pytest -q --durations=15 "$@"

@@ -17,6 +17,9 @@ MountKind = Literal["ro-bind", "bind", "tmpfs", "scratch", "proc", "dev", "symli
 Access = Literal["read", "write"]
 
 WORKSPACE = "/workspace"
+#: E2B's home and default workdir: a symlink to the workspace, so paths and
+#: shells written for E2B (``/home/user``, ``cd ~``) reach the same files.
+HOME_LINK = "/home/user"
 #: A per-sandbox tmpfs for credentials injected as files (mode 0400 each).
 SECRETS_DIR = "/run/glassroom/secrets"
 

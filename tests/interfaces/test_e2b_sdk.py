@@ -204,3 +204,138 @@ def test_code_interpreter_keeps_state(serve: Server) -> None:
         assert ex.error is not None and ex.error.name in ("OSError", "PermissionError")
     finally:
         sb.kill()
+
+
+# -- E2B parity (issue 16): what E2B's own SDK tests found ---------------------------
+
+
+def test_home_user_is_the_home_and_default_workdir(sbx) -> None:
+    """/home/user is E2B's home and workdir: a link to /workspace on every tier."""
+    r = sbx.commands.run("pwd; echo $HOME; cd ~ && pwd")
+    assert r.stdout.splitlines() == ["/home/user", "/home/user", "/home/user"]
+    info = sbx.files.write("notes/a.txt", "alpha")  # relative: under the home
+    assert info.path == "/home/user/notes/a.txt"
+    assert sbx.files.read("/home/user/notes/a.txt") == "alpha"
+    assert sbx.files.read("/workspace/notes/a.txt") == "alpha"  # the same file
+    assert sbx.commands.run("cat /home/user/notes/a.txt").stdout == "alpha"
+    r = sbx.commands.run("pwd; ls", cwd="/home/user/notes")
+    assert r.stdout.splitlines() == ["/home/user/notes", "a.txt"]
+    assert [e.path for e in sbx.files.list("/home/user/notes")] == ["/home/user/notes/a.txt"]
+    assert [e.path for e in sbx.files.list("/workspace/notes")] == ["/workspace/notes/a.txt"]
+    # the link is no way around the walls: /home/user/.. is not the host's /home
+    with pytest.raises(Exception) as ei:
+        sbx.files.write("/home/evil", "x")
+    assert "filesystem.write" in str(ei.value)
+
+
+def test_health_is_502_for_a_killed_or_unknown_sandbox(serve: Server) -> None:
+    import httpx
+
+    sb = Sandbox.create(timeout=60)
+    assert sb.is_running() is True
+    headers = {"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": "49983",
+               "X-Access-Token": sb._envd_access_token or ""}  # fmt: skip
+    assert httpx.get(f"{serve.url}/health", headers=headers).status_code == 204
+    sb.kill()
+    assert sb.is_running() is False
+    r = httpx.get(f"{serve.url}/health", headers=headers)
+    assert r.status_code == 502 and "was not found" in r.json()["message"]
+    r = httpx.get(f"{serve.url}/health", headers={**headers, "E2b-Sandbox-Id": "sb-nope"})
+    assert r.status_code == 502 and r.json()["code"] == 502
+    assert not serve.errors()
+
+
+def test_killing_the_sandbox_ends_a_running_command_as_not_running(serve: Server) -> None:
+    sb = Sandbox.create(timeout=60)
+    h = sb.commands.run("sleep 60", background=True)
+    sb.kill()
+    with pytest.raises(SandboxNotRunningException) as ei:
+        h.wait()
+    assert "killed" in str(ei.value)
+
+
+def test_write_creates_parents_and_removing_a_missing_path_is_done(sbx) -> None:
+    info = sbx.files.write("/workspace/new/deeper/f.txt", "x")
+    assert info.path == "/workspace/new/deeper/f.txt"
+    assert sbx.files.read("/workspace/new/deeper/f.txt") == "x"
+    sbx.files.write_files([{"path": "/tmp/m/n/o.txt", "data": "o"}])
+    assert sbx.files.read("/tmp/m/n/o.txt") == "o"
+    sbx.files.remove("/workspace/not-there")  # envd: a no-op, not an error
+    sbx.files.remove("/workspace/new")
+    assert not sbx.files.exists("/workspace/new")
+    # creating parents goes through the same walls: outside them it is still refused
+    with pytest.raises(Exception) as ei:
+        sbx.files.write("/etc/newdir/f", "x")
+    assert "filesystem.write" in str(ei.value)
+
+
+def test_stat_gives_real_metadata_and_follows_symlinks(sbx) -> None:
+    from datetime import UTC, datetime
+
+    from e2b import FileType
+
+    sbx.files.write("d/t.txt", "hello")
+    sbx.commands.run("touch -d @1000000000 d/t.txt && chmod 640 d/t.txt && ln -s t.txt d/l",
+                     cwd="/home/user")  # fmt: skip
+    st = sbx.files.get_info("d/t.txt")
+    assert (st.type, st.size, st.mode, st.permissions) == (FileType.FILE, 5, 0o640, "-rw-r-----")
+    assert (st.owner, st.group) == ("user", "user")
+    assert st.modified_time == datetime.fromtimestamp(1_000_000_000, UTC)
+    assert st.symlink_target is None
+    # newer envd: the link is marked (is_symlink; e2b >= 2.5x shows SYMLINK) and the
+    # rest describes its target, followed
+    link = sbx.files.get_info("/home/user/d/l")
+    assert link.type == FileType.SYMLINK and link.size == 5 and link.mode == 0o640
+    assert link.symlink_target == "/home/user/d/t.txt"
+    listed = {e.name: e for e in sbx.files.list("d")}
+    assert listed["l"].symlink_target == "/home/user/d/t.txt"
+    assert listed["t.txt"].modified_time == st.modified_time
+    d = sbx.files.get_info("d")
+    assert (d.type, d.mode, d.permissions) == (FileType.DIR, 0o755, "drwxr-xr-x")
+
+
+def test_connect_timeout_ms_ends_the_command_with_a_timeout(serve: Server) -> None:
+    import asyncio
+    import json
+
+    import httpx
+    from e2b import AsyncSandbox, TimeoutException
+
+    async def run() -> None:
+        sb = await AsyncSandbox.create(timeout=60)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutException):
+                await sb.commands.run("sleep 30", timeout=1)
+            assert time.monotonic() - t0 < 10
+            # the command the stream started is killed with it
+            end = time.monotonic() + 5
+            while [p for p in await sb.commands.list() if "sleep" in p.cmd + " ".join(p.args)]:
+                assert time.monotonic() < end, "timed-out command still running"
+                await asyncio.sleep(0.1)
+            headers = {"E2b-Sandbox-Id": sb.sandbox_id, "X-Access-Token": sb._envd_access_token,
+                       "Content-Type": "application/connect+json",
+                       "connect-timeout-ms": "soon"}  # fmt: skip
+            body = json.dumps({"process": {"cmd": "true"}}).encode()
+            r = httpx.post(f"{serve.url}/process.Process/Start", headers=headers,
+                           content=b"\0" + len(body).to_bytes(4, "big") + body)  # fmt: skip
+            assert r.status_code == 200 and r.content[0] == 2
+            err = json.loads(r.content[5:])["error"]
+            assert err["code"] == "invalid_argument" and "connect-timeout-ms" in err["message"]
+        finally:
+            await sb.kill()
+
+    asyncio.run(run())
+    assert not serve.errors()
+
+
+def test_set_timeout_zero_ends_the_sandbox_now(serve: Server) -> None:
+    sb = Sandbox.create(timeout=60)
+    with pytest.raises(Exception) as ei:  # below 0 is still bad input, named
+        sb.set_timeout(-1)
+    assert "timeout" in str(ei.value) and "from 0" in str(ei.value)
+    sb.set_timeout(0)  # E2B: expire now
+    end = time.monotonic() + 10
+    while sb.is_running():
+        assert time.monotonic() < end, "set_timeout(0) did not end the sandbox"
+        time.sleep(0.1)

@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -388,3 +389,74 @@ def test_sigkill_mid_stream_then_restart_reaps_everything(
     res = s.verify()
     assert res.ok, res.problems
     assert not [ln for ln in s.stderr if "Traceback" in ln], "".join(s.stderr[-60:])
+
+
+# -- the watchdog itself ---------------------------------------------------------
+
+_STUCK_SERVER = r"""
+import logging, sys, time
+import uvicorn
+from glassroom.interfaces.http._serve import BoundedServer
+
+class Stuck:  # a service whose teardown hangs, as one stuck in the kernel would
+    def begin_shutdown(self):
+        if sys.argv[2] == "flood":  # more log than a pipe holds, and nobody reads it
+            for _ in range(2000):
+                logging.getLogger("uvicorn.error").info("x" * 100)
+    def close(self):
+        time.sleep(3600)
+
+async def app(scope, receive, send):
+    assert scope["type"] == "lifespan"
+    while True:
+        m = await receive()
+        if m["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        else:
+            Stuck().close()  # and it blocks the event loop, too
+
+cfg = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[1]), lifespan="on",
+                     timeout_graceful_shutdown=1)
+try:
+    BoundedServer(cfg, Stuck(), 2.0).run()
+finally:
+    Stuck().close()
+"""
+
+
+@pytest.mark.parametrize("how", ["stuck", "flood"])
+def test_watchdog_ends_the_process_at_the_bound(how: str, tmp_path: Path) -> None:
+    """A teardown that hangs (and blocks the event loop), or a log line that blocks
+    on a full stderr pipe: the process still ends at the bound, status 70.  With
+    the flood it used to hang for good: the watchdog's own log line blocked, and
+    the watchdog was only started by shutdown(), behind the blocked loop."""
+    port = free_port()
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH") if k in os.environ}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STUCK_SERVER, str(port), how],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,  # never read while it runs: a full pipe, for "flood"
+        cwd=tmp_path,
+    )
+    try:
+        end = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < end, "did not start"
+                time.sleep(0.1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(15)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert code == 70, code
+    assert 1.5 < took < 5.0, took

@@ -214,4 +214,6 @@ def test_mcp_over_streamable_http(tmp_path: Path) -> None:
             proc.kill()
             err = proc.communicate()[1].decode(errors="replace")
     assert "Traceback" not in err, err[-3000:]
+    # no keys configured: served on loopback only, and said so at startup
+    assert "MCP over HTTP without authentication" in err, err[-3000:]
     assert json.dumps(seen)

@@ -10,6 +10,7 @@ the refusal at compile time is what is tested.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import pytest
 
 from conftest import assert_blocked, records
 from glassroom import Sandbox, WallError, _config
-from glassroom._errors import PlanError
+from glassroom._errors import PlanError, PolicyError
 from glassroom._sys import fusegate
 from glassroom.policy._protected import PROTECTED
 
@@ -45,6 +46,9 @@ ATTACKS: dict[str, str] = {
     "bashrc-new": "open('.bashrc', 'w').write('evil\\n')",
     "vscode-mkdir": "os.mkdir('.vscode')",
     "vscode-case": "os.mkdir('.VSCode')",
+    # ignored by a casefold dir's lookup, so the same name as .envrc / .git there
+    "envrc-ignorable": "open('.envrc\\ufe0f', 'w').write('evil')",
+    "gitdir-ignorable": "open('.gi\\u034ft', 'w').write('gitdir: /elsewhere')",
     "workflows-mkdir": "os.mkdir('.github/workflows')",
     "claude-dir": "os.makedirs('.claude/commands')",
     "nested-config": "open('sub/.git/config', 'a').write('[core]\\n\\tfsmonitor = evil\\n')",
@@ -212,12 +216,8 @@ def _setuid_program(where: str) -> str:
 
 def _check_setuid(backend: str, log: Path, sid: str, got: dict[str, str]) -> None:
     assert got == {"twin-chmod-755": "OK", **dict.fromkeys(SETUID, "EPERM")}, got
-    if backend == "gvisor":
-        # Refused by the seccomp filter inside the sentry (EPERM, checked
-        # above) before runsc's strace sees the call: this runsc gives no
-        # record (docs/threat-model.md says so).  What holds is checked.
-        return
-    # namespaces: the supervisor's seccomp listener; microvm: the guest agent's (its report)
+    # namespaces: the supervisor's seccomp listener; gvisor: the sentry's debug line
+    # for a call its seccomp filter refused; microvm: the guest agent's (its report)
     hits = assert_blocked(log, sid, "filesystem.setuid")
     assert {h["details"]["syscall"] for h in hits} >= {"fchmodat", "fchmod", "openat"}
 
@@ -376,3 +376,227 @@ def test_guest_refusal_reports_are_checked(header: dict[str, Any]) -> None:
     with pytest.raises(ProtocolViolation):
         check(header, b"")
     assert check({"op": "refused", "nr": 90, "pid": 7}, b"")["nr"] == 90
+
+
+# The gate keeps a node for each name the kernel looked up.  A node the task
+# still holds (an open fd) whose name it then removed, with a symlink put
+# where its parent dir was: the gate must never serve that node again (it
+# used to resolve ``<dir>/a/config`` on the host, through ``a -> .git``).
+# Twins: a live file reopened through /proc, a symlink to a dir of the repo.
+_HELD = "(os.mkdir({d!r}), setattr(sys, {d!r}, os.open({d!r} + '/' + {f!r}, os.O_CREAT | os.O_RDWR)),"
+_SWAP = " os.unlink({d!r} + '/' + {f!r}), os.rmdir({d!r}), {make}, "
+_REOPEN = "os.read(os.open('/proc/self/fd/%d' % getattr(sys, {d!r}), {how}), 64))"
+
+
+def _stale(d: str, f: str, make: str, how: str) -> str:
+    return (_HELD + _SWAP + _REOPEN).format(d=d, f=f, make=make, how=how)
+
+
+STALE = {
+    "twin-reopen-live": "(open('live', 'w').write('x'), setattr(sys, 'fd', os.open('live', os.O_RDWR)),"
+                        " os.read(os.open(f'/proc/self/fd/{sys.fd}', os.O_RDWR), 1) == b'x' or fail())",
+    "twin-tempfile": "(setattr(sys, 't', tempfile.TemporaryFile(dir='.')), sys.t.write(b'x'),"
+                     " sys.t.seek(0), sys.t.read() == b'x' or fail())",
+    "twin-symlink-dir": "(os.makedirs('real/dir'), os.symlink('real', 'lnk'),"
+                        " open('lnk/dir/f', 'w').write('ok'))",
+    "stale-config": _stale("a", "config", "os.symlink('.git', 'a')", "os.O_RDWR | os.O_TRUNC"),
+    "stale-read": _stale("b", "passwd", "os.symlink('/etc', 'b')", "os.O_RDONLY"),
+    "stale-fstat": "(os.mkdir('c'), setattr(sys, 'c', os.open('c/shadow', os.O_CREAT | os.O_RDWR)),"
+                   " os.unlink('c/shadow'), os.rmdir('c'), os.symlink('/etc', 'c'), os.fstat(sys.c))",
+    # a FIFO where the file was, carried in by renaming its parent: the
+    # gate's open must not block (it did: the supervisor's thread hung)
+    "stale-fifo": _stale("e", "f", "(os.makedirs('g'), os.mkfifo('g/f'), os.rename('g', 'e'))",
+                         "os.O_RDONLY"),
+}  # fmt: skip
+STALE_PRE = "import sys, tempfile\ndef fail():\n    raise OSError(errno.EIO, 'twin')\n"
+
+
+@pytest.mark.parametrize("backend", HOST_TIERS)
+def test_stale_nodes_never_resolve_outside(backend: str, repo: Path, audit_log: Path) -> None:
+    """Removed names held open, parent swapped for a symlink: ESTALE, host untouched."""
+    before = _snapshot(repo)
+    prog = RUNNER + STALE_PRE + "".join(f"run({k!r}, lambda: {v})\n" for k, v in STALE.items())
+    with Sandbox(_policy(repo), backend=backend, audit_log=audit_log) as sb:
+        r = sb.run(["python3", "-c", prog + "print(json.dumps(out))\n", str(repo)], timeout_s=30)
+    assert r.exit_code == 0 and not r.timed_out, r
+    got = json.loads(r.stdout)
+    want = {k: "OK" if k.startswith("twin") else "ESTALE" for k in STALE}
+    assert got == want, got
+    assert (repo / "real/dir/f").read_text() == "ok"
+    assert _protected_part(_snapshot(repo)) == _protected_part(before)
+
+
+@pytest.mark.parametrize("backend", HOST_TIERS)
+def test_symlink_on_the_way_is_never_followed(backend: str, repo: Path, audit_log: Path) -> None:
+    """A dir the sandbox holds open is swapped for ``-> /etc`` behind its back (by a
+    host process here; two gates over one tree did the same, and are now refused at
+    load).  The gate walks each component with O_NOFOLLOW: ELOOP, denied and logged."""
+    import threading
+    import time
+
+    (repo / "sub/x").mkdir()
+    os.chown(repo / "sub/x", *_config.sandbox_ids())
+    prog = RUNNER + (
+        f"sys_fd = os.open('{repo}/sub/x', os.O_RDONLY | os.O_DIRECTORY)\n"
+        "run('twin', lambda: os.close(os.open('README', os.O_RDONLY)))\n"
+        "open('ready', 'w').close()\n"
+        "import time\n"
+        "for _ in range(300):\n"
+        "    if os.path.exists('go'): break\n"
+        "    time.sleep(0.05)\n"
+        "run('through', lambda: os.read(os.open('passwd', os.O_RDONLY, dir_fd=sys_fd), 64))\n"
+        "print(json.dumps(out))\n"
+    )  # fmt: skip
+
+    def swap() -> None:  # the host's side: bounded wait for the sandbox, then the swap
+        for _ in range(600):
+            if (repo / "ready").exists():
+                os.rename(repo / "sub/x", repo / "sub/y")
+                os.symlink("/etc", repo / "sub/x")
+                (repo / "go").touch()
+                return
+            time.sleep(0.05)
+
+    with Sandbox(_policy(repo), backend=backend, audit_log=audit_log) as sb:
+        t = threading.Thread(target=swap, daemon=True)
+        t.start()
+        r = sb.run(["python3", "-c", prog, str(repo)], timeout_s=40)
+        t.join(timeout=5)
+        sid = sb.id
+    assert r.exit_code == 0, r
+    assert json.loads(r.stdout) == {"twin": "OK", "through": "ELOOP"}, r
+    hits = assert_blocked(audit_log, sid, "filesystem.protected")
+    assert any(h["details"]["action"] == "resolve" and h["details"]["target"] == f"{repo}/sub/x"
+               for h in hits), hits  # fmt: skip
+
+
+def test_overlapping_writable_dirs_are_refused(repo: Path, tmp_path: Path) -> None:
+    """Two separate writable dirs load; a dir and a symlink into it do not (one
+    write gate per tree, or each gate misses the other's renames)."""
+    from glassroom.policy import validate_policy
+
+    other = repo.parent / "other-dir"
+    other.mkdir()
+    link = repo.parent / "sublink"
+    os.symlink(repo / "sub", link)
+    pol = _policy(repo)
+    pol["filesystem"]["write"].append(str(other))
+    validate_policy(pol)  # the twin: disjoint trees
+    pol["filesystem"]["write"][-1] = str(link)
+    with pytest.raises(PolicyError) as err:
+        validate_policy(pol)
+    assert (f"filesystem.write[1]: '{link}' overlaps filesystem.write '{repo}' "
+            f"(as '{repo}/sub' within '{repo}'): list one dir per tree") in str(err.value)
+
+
+def _bare_gate(root: Path, denied: list[tuple[str, dict[str, Any]]]) -> fusegate.Gate:
+    gate = fusegate.Gate(str(root), str(root), fusegate.Protection([], []), uid=0, gid=0,
+                         on_deny=lambda rule, d: denied.append((rule, d)))  # fmt: skip
+    gate.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    return gate
+
+
+def test_gate_never_opens_a_fifo_nor_follows_a_symlink(tmp_path: Path) -> None:
+    """Unit pair on the gate itself (no mount): a node naming a FIFO or a path through
+    a symlink is refused at once; the same node naming a file or a dir works."""
+    import struct
+    import time
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/f").write_text("x")
+    os.mkfifo(tmp_path / "p")
+    os.symlink("/etc", tmp_path / "lnk")
+    denied: list[tuple[str, dict[str, Any]]] = []
+    gate = _bare_gate(tmp_path, denied)
+    try:
+        gate.nodes.update({5: ("d", "f"), 6: ("p",), 7: ("lnk", "passwd")})
+        rd = struct.pack("=II", os.O_RDONLY, 0)
+        fh = struct.unpack_from("=Q", gate.op_open(5, rd))[0]  # twin
+        assert os.pread(gate.files[fh], 1, 0) == b"x"
+        t0 = time.monotonic()
+        with pytest.raises(fusegate._Refused) as fifo:
+            gate.op_open(6, rd)
+        assert fifo.value.err == errno.ESTALE and time.monotonic() - t0 < 1
+        with pytest.raises(fusegate._Refused) as through:
+            gate.op_getattr(7, b"")
+        assert through.value.err == errno.ELOOP
+        assert denied and denied[-1][0] == "filesystem.protected"
+        assert denied[-1][1]["action"] == "resolve"
+    finally:
+        os.close(gate.root_fd)
+        gate.close()
+
+
+def test_gate_listings_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dir handles held mid-listing cost supervisor memory (outside the sandbox's
+    limits): past ``MAX_LISTED`` entries held, a further listing is ENOMEM; one read
+    to its end is dropped, and a lone listing (twin) is never refused."""
+    import struct
+
+    (tmp_path / "big").mkdir()
+    for i in range(30):
+        (tmp_path / f"big/{i:03d}").touch()
+    monkeypatch.setattr(fusegate, "MAX_LISTED", 50)
+    gate = _bare_gate(tmp_path, [])
+    try:
+        gate.nodes[5] = ("big",)
+        a, b = (struct.unpack_from("=Q", gate.op_opendir(5, b""))[0] for _ in range(2))
+
+        def read(fh: int, off: int) -> bytes:
+            return gate.op_readdir(5, struct.pack("=QQI", fh, off, 4096))
+
+        assert read(a, 0)  # twin: the lone listing, 32 entries held
+        with pytest.raises(fusegate._Refused) as info:
+            read(b, 0)
+        assert info.value.err == errno.ENOMEM
+        assert read(a, 32) == b"" and gate.listed == 0  # a read to its end: dropped
+        assert read(b, 0) and gate.listed == 32
+        gate.op_releasedir(5, struct.pack("=Q", b))
+        assert gate.listed == 0
+    finally:
+        os.close(gate.root_fd)
+        gate.close()
+
+
+def test_reaper_record_names_staging_dirs_before_start() -> None:
+    """The record is written before the gates mount: it must already name every
+    staging dir (a supervisor killed mid-start leaves mounts the reaper must find)."""
+    from types import SimpleNamespace
+
+    from glassroom.backends._gates import Gates
+
+    mounts = [SimpleNamespace(kind="bind"), SimpleNamespace(kind="ro"), SimpleNamespace(kind="bind")]
+    gates = Gates(SimpleNamespace(mounts=mounts), "sb-test", lambda *a: None)  # type: ignore[arg-type]
+    assert gates.dirs() == [str(gates.root / "0"), str(gates.root / "1"), str(gates.root)]
+    assert Gates(SimpleNamespace(mounts=mounts[1:2]), "sb-x", lambda *a: None).dirs() == []  # type: ignore[arg-type]
+
+
+def test_gate_close_never_frees_an_fd_a_busy_thread_still_uses(tmp_path: Path) -> None:
+    """A gate thread still in an operation at close (a huge listing, a slow disk): its
+    /dev/fuse fd is replaced by /dev/null, not freed, so the reply it is about to
+    write cannot land in a file the supervisor opens next; its files stay open
+    for it to close.  Twin: an idle gate's fds are simply closed."""
+    import threading
+    import time
+
+    null_rdev = os.stat(os.devnull).st_rdev
+    for busy in (False, True):
+        gate = _bare_gate(tmp_path, [])
+        r, w = os.pipe()
+        gate.fd, gate.files[1] = w, r
+        gate._thread = threading.Thread(target=time.sleep, args=(2.5 if busy else 0,))
+        gate._thread.start()
+        time.sleep(0.1)
+        gate.close()
+        if busy:
+            assert os.fstat(w).st_rdev == null_rdev and gate.files == {1: r}
+            os.fstat(r)  # still open
+            gate._thread.join()
+            os.close(w)
+            os.close(r)
+        else:
+            assert gate.fd == -1 and gate.files == {}
+            for fd in (r, w):
+                with pytest.raises(OSError):
+                    os.fstat(fd)
+        os.close(gate.root_fd)

@@ -23,6 +23,7 @@ from glassroom.plan import LaunchPlan, Limits, NetworkPlan
 Event = tuple[str, dict[str, Any], str, "str | None"]
 
 # fmt: off
+SECCOMP_DENIED = '{"msg":"[   1:   1] Syscall 90: denied by seccomp","level":"debug","time":"2026-12-03T13:35:35.409003362Z"}'
 OPEN_CREATE = '{"msg":"[   2:   2] python3 X openat(AT_FDCWD /workspace, 0x7f67cb65ef90 /workspace/a.txt, O_WRONLY|O_CLOEXEC|O_CREAT|O_TRUNC, 0o666) = 3 (0x3) (12.433µs)","level":"info","time":"2026-11-27T04:45:02.049013812Z"}'
 OPEN_READ = '{"msg":"[   2:   2] python3 X openat(AT_FDCWD /workspace, 0x7f67cb65f950 /workspace/a.txt, O_RDONLY|O_CLOEXEC, 0o0) = 3 (0x3) (7.834µs)","level":"info","time":"2026-11-27T04:45:02.050382383Z"}'
 OPEN_ENOENT = '{"msg":"[   2:   2] python3 X openat(AT_FDCWD /workspace, 0x7f67cb6671a0 /nonexist/x, O_RDONLY|O_CLOEXEC, 0o0) = 0 (0x0) errno=2 (no such file or directory) (112.333µs)","level":"info","time":"2026-11-27T04:45:02.055569564Z"}'
@@ -385,3 +386,26 @@ def test_reply_schema_rejects(raw: bytes) -> None:
 
 def test_reply_schema_accepts() -> None:
     assert parse_reply(b'{"op": "statfs", "id": 3, "used": 1, "total": 2}')["total"] == 2
+
+
+# --- refused by the sentry's seccomp filter ------------------------------------------------
+
+
+def test_a_setuid_mode_refused_by_seccomp_is_a_deny_record(traced: Any) -> None:
+    """runsc --debug's line for a call the sandbox's filter refused (verbatim: chmod,
+    nr 90, of a 04755 mode) is the ``filesystem.setuid`` deny record on this tier."""
+    feed, _ = traced
+    assert _only(feed(SECCOMP_DENIED)) == ("blocked", {
+        "action": "chmod", "syscall": "chmod", "pid": 1, "source": "runsc seccomp",
+        "reason": "setuid (S_ISUID) by chmod/fchmod or in a new file's mode",
+    }, "deny", "filesystem.setuid")  # fmt: skip
+
+
+def test_seccomp_lines_that_are_not_the_sentrys_are_ignored(traced: Any) -> None:
+    """The same text at level info (a strace record is info, and its paths are the
+    task's), a syscall the profile names no rule for, and trailing text: nothing."""
+    feed, _ = traced
+    forged = SECCOMP_DENIED.replace('"level":"debug"', '"level":"info"')
+    other = SECCOMP_DENIED.replace("Syscall 90:", "Syscall 165:")  # mount: no rule
+    tail = SECCOMP_DENIED.replace("denied by seccomp", "denied by seccomp X y")
+    assert feed(forged, other, tail) == []

@@ -42,11 +42,19 @@ Names are compared after NFKC normalisation, case folding and removal of
 zero-width characters, so ``.GIT/hooks`` on a case-insensitive (casefold)
 directory is the same name as ``.git/hooks``.
 
+Host paths are never resolved as strings: each operation walks from an
+O_PATH fd of the dir, one component at a time with O_NOFOLLOW, and acts
+with the ``*at`` calls on the last name (never following it).  A symlink
+where the kernel still has a directory node (the task removed the name it
+held open and put a link there; another gate over the same tree renamed
+it) is refused (ELOOP, rule ``filesystem.protected``); a node whose name
+was unlinked or replaced is never served by name again (ESTALE).  Opens
+are non-blocking and of regular files only: no FIFO can hang the thread.
+
 Not covered (see docs/threat-model.md): another name for a protected file
-made *outside* the sandbox (a hard link the host created earlier); a host
-process that swaps a directory of the tree for a symlink while the sandbox
-runs; names that are dangerous only through the host's own configuration
-(a ``core.hooksPath`` pointing at an ordinary directory).
+made *outside* the sandbox (a hard link the host created earlier); names
+that are dangerous only through the host's own configuration (a
+``core.hooksPath`` pointing at an ordinary directory).
 """
 
 from __future__ import annotations
@@ -74,9 +82,15 @@ MNT_DETACH = 2
 MAX_WRITE = 128 * 1024
 ATTR_TTL_S = 1
 FUSE_BIG_WRITES = 1 << 5
+FUSE_GETATTR_FH = 1
 #: Refusals reported one by one; past this, one last report says they go on
 #: (every one is still refused): a task must not flood the audit log.
 MAX_REPORTS = 10_000
+#: Directory entries held for open dir handles, all handles of a gate together
+#: (~150-400 bytes each, in the supervisor, outside the sandbox's memory
+#: limit): a task holding many handles of a huge dir mid-listing gets ENOMEM.
+#: One listing alone is never refused; a listing read to its end is dropped.
+MAX_LISTED = 200_000
 
 # opcodes (linux/fuse.h)
 LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
@@ -92,16 +106,23 @@ _IN_HDR = struct.Struct("=IIQQIIIHH")
 _OUT_HDR = struct.Struct("=IiQ")
 _ATTR = struct.Struct("=QQQQQQIIIIIIIIII")
 _ENTRY_HEAD = struct.Struct("=QQQQII")
+# Unicode's Default_Ignorable_Code_Point (zero-width and the like): a casefold
+# dir's utf8 lookup (fs/unicode, nfdicf) ignores them, so ``.git\ufe0f`` there
+# is ``.git``; dropped before and after NFKC (U+FFA0 becomes U+1160).
 _ZERO_WIDTH = dict.fromkeys(
-    [*range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2060, 0x2070), 0xFEFF, 0xAD]
-)
+    [*range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2060, 0x2070), 0xFEFF, 0xAD,
+     0x34F, 0x61C, 0x115F, 0x1160, 0x17B4, 0x17B5, *range(0x180B, 0x1810), 0x3164, 0xFFA0,
+     *range(0xFE00, 0xFE10), *range(0xFFF0, 0xFFF9), *range(0x1BCA0, 0x1BCA4),
+     *range(0x1D173, 0x1D17B), *range(0xE0000, 0xE1000)]
+)  # fmt: skip
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def norm(name: str) -> str:
     """The form names are compared in: NFKC, case-folded, zero-width characters dropped."""
-    return unicodedata.normalize("NFKC", name.translate(_ZERO_WIDTH)).casefold()
+    folded = unicodedata.normalize("NFKC", name.translate(_ZERO_WIDTH)).casefold()
+    return folded.translate(_ZERO_WIDTH)
 
 
 @dataclass(frozen=True)
@@ -231,7 +252,8 @@ class Gate:
         self.lookups: dict[int, int] = {1: 1}
         self.next_node = 2
         self.files: dict[int, int] = {}
-        self.dirs: dict[int, list[tuple[str, int, int]]] = {}
+        self.dirs: dict[int, list[tuple[str, int, int]] | None] = {}
+        self.listed = 0  # entries held in ``dirs``
         self.dir_nodes: dict[int, int] = {}
         self.next_fh = 1
         self.denied = 0
@@ -284,11 +306,24 @@ class Gate:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
+        busy = self._thread is not None and self._thread.is_alive()
         with self._fd_lock:
-            if self.fd >= 0:
+            if self.fd >= 0 and busy:
+                # Still in an operation: abort the connection by putting
+                # /dev/null in the fd's place, never freeing the number (the
+                # reply it is about to write, or a file's pwrite, must not land
+                # in whatever the supervisor opens next).  The thread closes it.
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                os.dup2(null, self.fd, inheritable=False)
+                os.close(null)
+            elif self.fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(self.fd)
                 self.fd = -1
+        if not busy:
+            self._close_files()
+
+    def _close_files(self) -> None:
         for fd in self.files.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -317,7 +352,8 @@ class Gate:
                         os.close(self.fd)
                     self.fd = -1
             # closed only here: a thread still serving must never resolve
-            # beneath a reused fd number
+            # beneath (or write to) a reused fd number
+            self._close_files()
             if self.root_fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(self.root_fd)
@@ -534,8 +570,12 @@ class Gate:
         name, _ = _cstr(body)
         return self._entry(self._child(node, name))
 
-    def op_getattr(self, node: int, _body: bytes) -> bytes:
-        st = self._lstat(self._parts(node))
+    def op_getattr(self, node: int, body: bytes) -> bytes:
+        flags, _dummy, fh = struct.unpack_from("=IIQ", body) if len(body) >= 16 else (0, 0, 0)
+        if flags & FUSE_GETATTR_FH and fh in self.files:  # an open file: its own fd
+            st = os.fstat(self.files[fh])  # (unlinked, its name gone: a temp file)
+        else:
+            st = self._lstat(self._parts(node))
         return struct.pack("=QII", ATTR_TTL_S, 0, 0) + self._attr(st)
 
     def op_setattr(self, node: int, body: bytes) -> bytes:
@@ -800,12 +840,19 @@ class Gate:
             os.close(fd)
         return entries
 
+    def _unlist(self, fh: int) -> None:
+        entries = self.dirs.get(fh)
+        if entries is not None:
+            self.listed -= len(entries)
+            self.dirs[fh] = None
+
     def op_opendir(self, node: int, _body: bytes) -> bytes:
-        parts = self._parts(node)
-        self._listing(parts)  # fails here if it cannot be listed
+        with self._at(self._parts(node)) as (d, n):  # fails here if it cannot be read
+            os.close(os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=d))  # fmt: skip
         fh = self.next_fh
         self.next_fh += 1
-        self.dirs[fh] = []
+        self.dirs[fh] = None
         self.dir_nodes[fh] = node
         return struct.pack("=QII", fh, 0, 0)
 
@@ -813,9 +860,17 @@ class Gate:
         fh, offset, size = struct.unpack_from("=QQI", body)
         if fh not in self.dirs:
             raise _Refused(errno.EBADF)
-        if offset == 0:  # a (re)start: list afresh (gVisor's gofer rewinds open dirs)
-            self.dirs[fh] = self._listing(self._parts(self.dir_nodes[fh]))
         entries = self.dirs[fh]
+        if offset == 0 or entries is None:  # a (re)start: list afresh (gVisor's gofer rewinds)
+            self._unlist(fh)
+            entries = self._listing(self._parts(self.dir_nodes[fh]))
+            if self.listed and self.listed + len(entries) > MAX_LISTED:
+                raise _Refused(errno.ENOMEM)
+            self.dirs[fh] = entries
+            self.listed += len(entries)
+        if offset >= len(entries):  # read to its end: drop it (a seek back lists again)
+            self._unlist(fh)
+            return b""
         out = bytearray()
         for i in range(offset, len(entries)):
             name, ino, kind = entries[i]
@@ -829,6 +884,7 @@ class Gate:
 
     def op_releasedir(self, _node: int, body: bytes) -> bytes:
         fh = struct.unpack_from("=Q", body)[0]
+        self._unlist(fh)
         self.dirs.pop(fh, None)
         self.dir_nodes.pop(fh, None)
         return b""

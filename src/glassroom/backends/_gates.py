@@ -46,8 +46,15 @@ class Gates:
         return any(m.kind == "bind" for m in self.plan.mounts)
 
     def dirs(self) -> list[str]:
-        """What the reaper must unmount and rmdir if this supervisor dies."""
-        return [*self.staging.values(), str(self.root)] if self.needed else []
+        """What the reaper must unmount and rmdir if this supervisor dies.
+
+        Every staging dir ``start`` will make, known before it runs: the record
+        is written first, and a supervisor killed mid-start leaves mounts too.
+        """
+        if not self.needed:
+            return []
+        binds = sum(m.kind == "bind" for m in self.plan.mounts)
+        return [*(str(self.root / str(i)) for i in range(binds)), str(self.root)]
 
     def start(self) -> dict[str, Any]:
         """Mount every gate; returns the walls entry.  Raises WallError(filesystem.protected)."""
@@ -102,12 +109,23 @@ class Gates:
     def _deny(self, rule: str, details: dict[str, Any]) -> None:
         self.on_event("blocked", details, "deny", rule)
 
+    def abort(self) -> None:
+        """Abort every gate's FUSE connection (idempotent; ``close`` still cleans up).
+
+        Called first when a sandbox is killed: a FUSE request the gate has
+        received holds its task in an uninterruptible wait, which SIGKILL
+        cannot end, so the sandbox would outlive its kill (and its cgroup
+        could not be removed) if a gate were stuck.  Aborting the connection
+        ends every such request with ENOTCONN."""
+        for gate in self.gates:
+            gate.close()
+
     def close(self) -> dict[str, Any]:
         denied = sum(g.denied for g in self.gates)
         for gate in self.gates:
             gate.close()
         self.gates.clear()
-        left = cleanup([*self.staging.values(), str(self.root)])
+        left = cleanup(self.dirs())  # a gate that failed to mount left its dir too
         if left:
             return {"gates": list(self.staging), "denied": denied, "left": left}
         return {"gates": list(self.staging), "denied": denied}

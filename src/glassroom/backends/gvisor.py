@@ -213,7 +213,10 @@ class GvisorInstance(FileOps):
             "--network=none", "--ignore-cgroups",
             *(["--host-uds=open"] if proxied else []),
             "--strace", "--strace-syscalls=" + ",".join(self.strace_syscalls),
-            f"--debug-log={fifo}", "--debug-log-format=json", "--debug-command=boot",
+            # --debug: the sentry then logs each call its seccomp filter refused
+            # (Tracer: the setuid/setgid modes' deny records); about 10 lines per
+            # process started, no measurable cost (docs/backends.md).
+            "--debug", f"--debug-log={fifo}", "--debug-log-format=json", "--debug-command=boot",
             "run", "--bundle", str(bundle), self.sandbox_id,
         ]  # fmt: skip
         procs = [os.path.join(p, "cgroup.procs") for p in self.cg.paths]
@@ -585,6 +588,7 @@ class GvisorInstance(FileOps):
 
     def kill(self) -> None:
         """SIGKILL everything in the sandbox's cgroups: runsc, its gofer, the sentry, stubs."""
+        self._gates.abort()  # a stuck gate request would make the kill wait (_gates.py)
         with self._lock:
             if self.cg is not None:
                 with contextlib.suppress(OSError, WallError):
@@ -837,6 +841,10 @@ class GvisorProcess:
 # The tail after the arguments is the sentry's own text and anchored at the end.
 
 _HEAD = re.compile(r"\[\s*(\d+):\s*(\d+)\] ")
+#: The sentry's own debug line for a call its seccomp filter refused (the
+#: filter glassroom's init installed in the sandbox): a fixed text and numbers
+#: only.  Debug lines are never read as strace records (those are level info).
+_SECCOMP_DENIED = re.compile(r"\[\s*(\d+):\s*(\d+)\] Syscall (\d+): denied by seccomp")
 _TAIL = re.compile(
     r"(\w+)\((.*)\) = (-?\d+) \(0x[0-9a-f]+\)(?: errno=(\d+) \([^)]*\))? \([^)]*\)", re.S
 )
@@ -1131,6 +1139,15 @@ class Tracer:
         self._comm: dict[int, str] = {}
         #: Each process's cwd as last seen (AT_FDCWD dirfds, chdir, fchdir, fork).
         self._cwd: dict[int, str] = {}
+        #: Syscall number -> (name, entry) of the profile's entries that carry a
+        #: rule (setuid/setgid modes): refused inside the sentry by seccomp, before
+        #: strace sees the call, so their record comes from the debug line.
+        self._refusals: dict[int, tuple[str, seccomp.DenyEntry]] = {}
+        for entry in seccomp.notify_entries(plan.seccomp_profile):
+            for name in entry.syscalls:
+                nr = seccomp.syscall_number(name)
+                if nr >= 0:
+                    self._refusals.setdefault(nr, (name, entry))
 
     def start(self) -> None:
         self._thread.start()
@@ -1172,7 +1189,7 @@ class Tracer:
             while (nl := self._buf.find(b"\n")) >= 0:
                 line = bytes(self._buf[:nl])
                 del self._buf[: nl + 1]
-                if b" X " in line:
+                if b" X " in line or b"denied by seccomp" in line:
                     try:
                         self._line(line)
                     except Exception as exc:  # a parser bug must not stop the audit
@@ -1224,16 +1241,34 @@ class Tracer:
         elif self.events < MAX_EVENTS:
             self._batch.append(record)
 
+    def _seccomp_denied(self, msg: str) -> None:
+        """A ``deny`` record for a call the sentry's seccomp filter refused, when the
+        profile names a rule for it (as the namespaces tier's listener reports it)."""
+        m = _SECCOMP_DENIED.fullmatch(msg)
+        if m is None:
+            return
+        known = self._refusals.get(int(m.group(3)))
+        if known is None:
+            return
+        name, entry = known
+        self._emit(("blocked", {"action": name, "syscall": name, "pid": int(m.group(1)),
+                                "reason": entry.reason, "source": "runsc seccomp"},
+                    "deny", str(entry.rule)))  # fmt: skip
+
     def _net_event(self, details: dict[str, Any]) -> None:
         details["source"] = "runsc strace"
         self._emit(("network.direct", details, "deny", self.net_rule))
 
     def _line(self, raw: bytes) -> None:
         try:
-            msg = json.loads(raw).get("msg")
+            obj = json.loads(raw)
+            msg, level = obj.get("msg"), obj.get("level")
         except (ValueError, AttributeError, RecursionError):
             return
         if not isinstance(msg, str):
+            return
+        if level == "debug":
+            self._seccomp_denied(msg)
             return
         parsed = split_exit(msg)
         if parsed is None:

@@ -904,6 +904,7 @@ class NamespacesInstance(FileOps):
         first would leave pid 1 a zombie of the host's init); it is killed
         only if it does not exit promptly.
         """
+        self._gates.abort()  # a stuck gate request would make the kill wait (_gates.py)
         with self._lock:
             if self._pidfd is not None:
                 # Through a pidfd: a recycled pid can never be hit.

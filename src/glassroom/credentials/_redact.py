@@ -31,6 +31,7 @@ reverses, base32) defeats this: see docs/credentials.md.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import itertools
 import json
@@ -39,6 +40,12 @@ from collections import Counter
 from urllib.parse import quote, quote_plus
 
 _RUN = re.compile(rb"[a-z0-9]+")
+
+
+@functools.lru_cache(maxsize=4096)
+def _longest_run(needle: bytes) -> bytes:
+    """The needle's longest run of letters and digits (a Redactor is made per request)."""
+    return max(_RUN.findall(needle), key=len, default=b"")
 
 #: (needle, replacement of the same length, owner): owner is an index the
 #: caller uses to say whose secret was found.
@@ -123,7 +130,7 @@ class Redactor:
         # Each needle with its longest run of letters and digits: most forms
         # escape only punctuation, so many share one run, and a run that is
         # not in the data rules out every needle that contains it.
-        self.runs = {n: max(_RUN.findall(n), key=len, default=b"") for n, _, _ in pairs}
+        self.runs = {n: _longest_run(n) for n, _, _ in pairs}
         self.run_set = tuple(set(self.runs.values()))
         self.tail = b""
         self.counts: Counter[int] = Counter()

@@ -628,6 +628,7 @@ def attempts(ctx: Ctx) -> list[Attempt]:
              "run(lambda: os.open(p + '2', os.O_CREAT | os.O_WRONLY, 0o2755))\n"
              "run(lambda: os.fchmod(os.open(p, os.O_RDONLY), 0o6755))\n"],
             _setuid_host,
+            rule="filesystem.setuid",
             policy={"filesystem": {"write": [c.repo]}} if c.repo else {},
             tiers=("namespaces", "gvisor") if c.repo else ("none",),
         ),  # fmt: skip
@@ -637,5 +638,6 @@ def attempts(ctx: Ctx) -> list[Attempt]:
             py_call("(open('/workspace/s', 'w'), __import__('os').chmod('/workspace/s', 0o755))"),
             py_call("(open('/workspace/s', 'w'), __import__('os').chmod('/workspace/s', 0o4755))"),
             expect_err("EPERM"),
+            rule="filesystem.setuid",
         ),  # fmt: skip
     ]

@@ -220,15 +220,29 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_mcp(ns: argparse.Namespace) -> int:
-    from .mcp import check_idle_ttl, run_http, run_stdio
+    from .http._config import check_mcp_cap
+    from .mcp import check_http_bind, check_idle_ttl, run_http, run_stdio
 
     try:
         ttl = check_idle_ttl(ns.idle_ttl)
     except ValueError as exc:
         return _fail(f"mcp: --idle-ttl: {exc}")
     cfg = _serve_config(ns)
+    for flag, name in (("--max-sandboxes-per-session", "max_sandboxes_per_session"),
+                       ("--max-handle-sandboxes", "max_handle_sandboxes")):  # fmt: skip
+        value = getattr(ns, name)
+        if value is not None:
+            try:
+                setattr(cfg, name, check_mcp_cap(value, name, flag))
+            except PolicyError as exc:
+                return _fail(f"mcp: {exc}")
     if ns.http:
-        run_http(cfg, host=ns.host or "127.0.0.1", port=ns.port or 8050, idle_ttl_s=ttl)
+        host = ns.host or "127.0.0.1"
+        try:  # no keys: loopback only, refused before anything starts
+            check_http_bind(cfg, host)
+        except ValueError as exc:
+            return _fail(f"mcp --http: {exc}")
+        run_http(cfg, host=host, port=ns.port or 8050, idle_ttl_s=ttl)
     else:
         run_stdio(cfg, idle_ttl_s=ttl)
     return 0
@@ -344,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--idle-ttl", type=float, default=600.0, metavar="SECONDS",
                             help="destroy a sandbox no tool call has named for this long "
                                  "(default 600)")  # fmt: skip
+            sp.add_argument("--max-sandboxes-per-session", type=int, metavar="N",
+                            help="live sandboxes one MCP session may hold (default 10; "
+                                 "config: max_sandboxes_per_session)")  # fmt: skip
+            sp.add_argument("--max-handle-sandboxes", type=int, metavar="N",
+                            help="live sandboxes the session-less (handle) clients of one "
+                                 "tenant may hold (default 20; config: "
+                                 "max_handle_sandboxes)")  # fmt: skip
         sp.set_defaults(func=func)
     return p
 

@@ -12,7 +12,17 @@ import struct
 from pathlib import Path
 
 from .._errors import PlanError
-from ..plan import SECRETS_DIR, WORKSPACE, FsRule, LaunchPlan, Limits, Mount, Protected, Tool
+from ..plan import (
+    HOME_LINK,
+    SECRETS_DIR,
+    WORKSPACE,
+    FsRule,
+    LaunchPlan,
+    Limits,
+    Mount,
+    Protected,
+    Tool,
+)
 from ._model import Policy
 from ._network import EGRESS_DIR_INSIDE, proxy_env
 from ._network import network_plan as _network_plan
@@ -100,6 +110,12 @@ def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
         Mount("scratch", WORKSPACE, "resources.disk_mib", size_bytes=lim.disk_mib * MIB,
               mode=0o755),
     ]
+    # /home/user -> /workspace: a link in the sandbox's own root, nothing of the
+    # host; the walls are those of /workspace (Landlock sees the target). Left out
+    # where the policy binds something of the host there.
+    host_paths = (*policy.filesystem.read, *policy.filesystem.write)
+    if not any(_overlaps(p, HOME_LINK) for p in host_paths):
+        mounts.append(Mount("symlink", HOME_LINK, "sandbox.home", source=WORKSPACE))
     rules += [
         FsRule("/proc", "read", "sandbox.proc"),
         FsRule("/dev/shm", "write", "sandbox.tmp"),
@@ -143,6 +159,12 @@ def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
         if policy.filesystem.write else (),
         unprotect=tuple(policy.filesystem.unprotect),
     )
+
+
+def _overlaps(path: str, other: str) -> bool:
+    """Is one of the two paths the other or beneath it?"""
+    a, b = path.rstrip("/") or "/", other.rstrip("/") or "/"
+    return a == b or b.startswith(a.rstrip("/") + "/") or a.startswith(b + "/")
 
 
 def _existing(path: str, rule: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -81,6 +82,17 @@ class FilesystemPolicy(_Section):
         for i, path in enumerate(self.write):
             if path in read:
                 raise refuse(f"{path!r} is listed in both read and write", ("write", i))
+        # Each writable dir is served by a write gate of its own, which keeps a
+        # table of the tree's names; two gates over one tree (a dir and a
+        # symlink into it, or a dir and its subdir) would each miss the other's
+        # renames.  Resolved on this host, as the binds will be.
+        real = [os.path.realpath(w) for w in self.write]
+        for i, path in enumerate(self.write):
+            for j, other in enumerate(self.write):
+                if i != j and _paths.is_within(real[i], real[j]):
+                    raise refuse(f"{path!r} overlaps filesystem.write {other!r} (as "
+                                 f"{real[i]!r} within {real[j]!r}): list one dir per tree",
+                                 ("write", i))  # fmt: skip
         for i, path in enumerate(self.unprotect):
             if not any(_paths.is_within(path, w) for w in self.write):
                 why = "only a writable dir has protected names"

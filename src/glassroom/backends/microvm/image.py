@@ -386,6 +386,9 @@ def _build_rootfs(dest: Path) -> None:
         (etc / "hostname").write_text("sandbox\n")
         for d in GUEST_DIRS:
             (stage / d).mkdir(parents=True, exist_ok=True)
+        # E2B's home, as on the other tiers (plan.HOME_LINK): a link into the scratch disk.
+        (stage / "home").mkdir(exist_ok=True)
+        os.symlink("/workspace", stage / "home" / "user")
         (stage / "run" / "glassroom" / "secrets").mkdir(parents=True, exist_ok=True)
         # The egress dir exists only when the VM has egress: a link into /run (tmpfs).
         os.symlink("/run/glassroom-net", stage / ".glassroom-net")

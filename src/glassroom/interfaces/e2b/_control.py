@@ -135,7 +135,10 @@ async def set_timeout(request: Request) -> Response:
         svc, tenant = _svc(request), _tenant(request)
         e = svc.get(tenant, request.path_params["sandbox_id"])
         body = await _json(request)
-        svc.set_timeout(e, check_timeout(body.get("timeout"), "timeout"))
+        # E2B: "timeout in seconds from the current time after which the sandbox
+        # should expire", minimum 0: set_timeout(0) ends the sandbox now.
+        secs = check_timeout(body.get("timeout"), "timeout", allow_zero=True)
+        svc.set_timeout(e, secs, allow_zero=True)
     except ApiError as exc:
         return _err(exc)
     return Response(status_code=204)

@@ -14,6 +14,10 @@ sandbox's ``X-Access-Token`` (given out at create).  Here:
 
 A sandbox that was killed or expired answers 502 "The sandbox … was not
 found", which the SDK turns into ``SandboxNotRunningException``.
+
+E2B's home is ``/home/user``; here it is a link to the sandbox's ``/workspace``
+(``plan.HOME_LINK``, on every tier).  File calls under it are done on
+``/workspace`` and answered in the form the client used.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import posixpath
 import signal
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -32,8 +36,10 @@ import anyio.to_thread
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..._config import INSIDE_GID, INSIDE_UID
 from ..._errors import GlassroomError
 from ...backends.base import FileEntry, Process
+from ...plan import HOME_LINK
 from ..http._edge import (
     Family,
     check_text,
@@ -53,6 +59,9 @@ MAX_PATH = 4096
 MAX_LIST_DEPTH = 32
 MAX_EVENTS_PER_STEP = 256
 WORKSPACE = "/workspace"
+HOME = HOME_LINK
+#: ``connect-timeout-ms`` above this (a day) is refused: no stream lives that long.
+MAX_CONNECT_TIMEOUT_MS = 86_400_000
 
 _CONNECT_CODES = {
     400: "invalid_argument",
@@ -71,6 +80,8 @@ _CODE_STATUS = {
     "permission_denied": 403,
     "not_found": 404,
     "already_exists": 409,
+    "failed_precondition": 400,
+    "deadline_exceeded": 408,
     "resource_exhausted": 429,
     "unimplemented": 501,
     "unavailable": 503,
@@ -100,9 +111,9 @@ def entry_for(svc: SandboxService, request: Request) -> Entry:
     return svc.get_by_token(sid, token)
 
 
-def resolve(path: object, field: str = "path") -> str:
-    """E2B paths are relative to the user's home; the sandbox's home is /workspace.
-    ``path`` comes from the client: anything but a sane string is a 400 naming ``field``."""
+def client_path(path: object, field: str = "path") -> str:
+    """``path`` as the client means it, absolute: E2B paths are relative to the
+    user's home, /home/user.  Anything but a sane string is a 400 naming ``field``."""
     if not isinstance(path, str):
         raise ApiError(400, "invalid", f"{field}: must be a string")
     if "\0" in path or len(path) > MAX_PATH:
@@ -111,12 +122,30 @@ def resolve(path: object, field: str = "path") -> str:
         )
     check_text(path, field)
     if path in ("", "~"):
-        return WORKSPACE
+        return HOME
     if path.startswith("~/"):
-        path = WORKSPACE + path[1:]
+        path = HOME + path[1:]
     if not path.startswith("/"):
-        path = WORKSPACE + "/" + path
+        path = HOME + "/" + path
     return posixpath.normpath(path)
+
+
+def _swap(path: str, old: str, new: str) -> str:
+    if path == old or path.startswith(old + "/"):
+        return new + path[len(old) :]
+    return path
+
+
+def resolve(path: object, field: str = "path") -> str:
+    """The sandbox path for the client's ``path``: /home/user is a link to
+    /workspace, and the file API works on the workspace itself (its walls)."""
+    return _swap(client_path(path, field), HOME, WORKSPACE)
+
+
+def shown_as(path: str, asked: str) -> str:
+    """A sandbox path in the client's form: under /home/user if it asked there."""
+    under_home = asked == HOME or asked.startswith(HOME + "/")
+    return _swap(path, WORKSPACE, HOME) if under_home else path
 
 
 def api_error_response(exc: ApiError) -> Response:
@@ -128,7 +157,13 @@ def api_error_response(exc: ApiError) -> Response:
 # -- files over HTTP ------------------------------------------------------------
 
 
-async def health(_request: Request) -> Response:
+async def health(request: Request) -> Response:
+    """204 only for a live sandbox: a killed, expired or unknown one is E2B's 502
+    (``is_running()`` is False, and the SDK's probe after a dropped stream says so)."""
+    try:
+        entry_for(request.app.state.service, request)
+    except ApiError as exc:
+        return api_error_response(exc)
     return Response(status_code=204)
 
 
@@ -157,20 +192,33 @@ async def post_file(request: Request) -> Response:
                 name = param if param and len(uploads) == 1 else (up.filename or "")
                 if not name:
                     raise ApiError(400, "invalid", "a multipart file needs a path")
-                items.append((resolve(name), await up.read()))
+                items.append((client_path(name), await up.read()))
         else:
             if not param:
                 raise ApiError(400, "invalid", "missing path")
             # A Content-Encoding (gzip) was decoded, bounded, by the edge (_edge.Edge).
             body = await request.body()
-            items.append((resolve(param), body))
+            items.append((client_path(param), body))
         out = []
-        for path, data in items:
-            await anyio.to_thread.run_sync(svc.file_op, e, "write", path, data)
-            out.append({"name": posixpath.basename(path), "type": "file", "path": path})
+        for asked, data in items:
+            await anyio.to_thread.run_sync(_write, svc, e, resolve(asked), data)
+            out.append({"name": posixpath.basename(asked), "type": "file", "path": asked})
     except ApiError as exc:
         return api_error_response(exc)
     return JSONResponse(out)
+
+
+def _write(svc: SandboxService, e: Entry, path: str, data: bytes) -> None:
+    """envd creates the missing parents of a file it writes; so do we (as the
+    sandbox's user, through the same walls: a denied parent stays denied)."""
+    try:
+        svc.file_op(e, "write", path, data)
+    except ApiError as exc:
+        parent = posixpath.dirname(path)
+        if exc.status != 404 or parent in ("", "/"):
+            raise
+        svc.file_op(e, "make_dir", parent)
+        svc.file_op(e, "write", path, data)
 
 
 # -- Connect RPC -------------------------------------------------------------------
@@ -276,10 +324,12 @@ def _end_event(proc: Process) -> dict[str, Any]:
     return {"end": end}
 
 
-def _next_frames(proc: Process, idx: int, key: str) -> tuple[list[bytes], int, bool]:
+def _next_frames(
+    proc: Process, idx: int, key: str, wait: float = 1.0
+) -> tuple[list[bytes], int, bool]:
     """Up to MAX_EVENTS_PER_STEP output chunks, already framed (run on a worker
     thread: base64 and JSON of a lot of output must not hold the event loop)."""
-    new, nxt, done = proc.events_since(idx, 1.0)
+    new, nxt, done = proc.events_since(idx, wait)
     if len(new) > MAX_EVENTS_PER_STEP:
         new, nxt, done = new[:MAX_EVENTS_PER_STEP], idx + MAX_EVENTS_PER_STEP, False
     frames = [_envelope({key: {"data": {stream: _b64(data)}}}) for stream, data in new]
@@ -304,28 +354,80 @@ def batched(parts: list[bytes], cap: int = 1 << 20) -> list[bytes]:
 
 
 async def _stream_process(
-    proc: Process, start_index: int, with_start: bool, key: str
+    proc: Process,
+    start_index: int,
+    with_start: bool,
+    key: str,
+    *,
+    deadline: float | None = None,
+    owns: bool = False,
+    gone: Callable[[], str | None] = lambda: None,
 ) -> AsyncIterator[bytes]:
+    """A process's events as Connect frames, then its end.
+
+    ``deadline`` (monotonic; from ``connect-timeout-ms``): past it the stream
+    ends with ``deadline_exceeded``, which the SDK raises as a timeout, and a
+    process this stream started (``owns``) is killed, as envd's context does.
+    ``gone``: why the sandbox is gone, if it is; a sandbox killed or expired
+    under the command ends the stream with ``unavailable`` instead of an end
+    event, so the SDK probes ``/health``, gets 502 and says the sandbox was
+    killed (``SandboxNotRunningException``).  At server shutdown the end event
+    stays (docs/service.md, "Stopping")."""
     if with_start:
         yield _envelope({key: {"start": {"pid": proc.pid}}})
     idx = start_index
     last = time.monotonic()
     while True:
-        frames, idx, done = await anyio.to_thread.run_sync(_next_frames, proc, idx, key)
+        wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+        frames, idx, done = await anyio.to_thread.run_sync(_next_frames, proc, idx, key, wait)
         for frame in frames:
             yield frame
             last = time.monotonic()
         if done:
             break
+        if deadline is not None and time.monotonic() >= deadline:
+            if owns:
+                proc.signal(signal.SIGKILL)
+            msg = f"the command did not end within its timeout (connect-timeout-ms); pid {proc.pid}"
+            yield _envelope({"error": {"code": "deadline_exceeded", "message": msg}}, flags=0x02)
+            return
         if time.monotonic() - last > KEEPALIVE_S:
             yield _envelope({key: {"keepalive": {}}})
             last = time.monotonic()
     await anyio.to_thread.run_sync(proc.wait, 5.0)
+    why = gone()
+    if why is not None and why != "server shutdown":
+        msg = f"the sandbox was killed ({why}) before the command ended; pid {proc.pid}"
+        yield _envelope({"error": {"code": "unavailable", "message": msg}}, flags=0x02)
+        return
     yield _envelope({key: _end_event(proc)})
     yield _envelope({}, flags=0x02)
 
 
+def _deadline(request: Request) -> float | None:
+    """``connect-timeout-ms`` (Connect's per-call timeout) as a monotonic deadline."""
+    raw = request.headers.get("connect-timeout-ms")
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit() and 0 < len(raw) <= 10):
+        raise RpcError("invalid_argument", "connect-timeout-ms: must be a positive integer")
+    ms = int(raw)
+    if not 0 < ms <= MAX_CONNECT_TIMEOUT_MS:
+        raise RpcError(
+            "invalid_argument", f"connect-timeout-ms: must be from 1 to {MAX_CONNECT_TIMEOUT_MS}"
+        )
+    return time.monotonic() + ms / 1000
+
+
+_FTYPES = {"f": "FILE_TYPE_FILE", "d": "FILE_TYPE_DIRECTORY", "l": "FILE_TYPE_SYMLINK"}
+#: find's record per entry: type, size, mode, mtime, owner, group (name, number),
+#: then the path last (a name may hold a tab; never a NUL).
+_FIND_FMT = "%y\\t%s\\t%m\\t%T@\\t%u\\t%U\\t%g\\t%G\\t%p\\0"
+
+
 def _entry_info(path: str, fe: FileEntry | None) -> dict[str, Any]:
+    """An entry from the file API's listing (name, type, size only): used when the
+    sandbox's ``find`` cannot answer (its output passed the policy's cap)."""
     kind = fe.type if fe else "dir"
     ftype = {
         "file": "FILE_TYPE_FILE",
@@ -333,22 +435,108 @@ def _entry_info(path: str, fe: FileEntry | None) -> dict[str, Any]:
         "symlink": "FILE_TYPE_SYMLINK",
     }.get(kind, "FILE_TYPE_UNSPECIFIED")
     mode = 0o755 if kind == "dir" else 0o644
-    perms = ("d" if kind == "dir" else "-") + ("rwxr-xr-x" if kind == "dir" else "rw-r--r--")
     return {
         "name": shown(posixpath.basename(path)) or "/",
         "type": ftype,
         "path": shown(path),
         "size": str(fe.size if fe else 0),
         "mode": mode,
-        "permissions": perms,
+        "permissions": _permissions("d" if kind == "dir" else "-", mode),
         "owner": "user",
         "group": "user",
-        "modifiedTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "isSymlink": kind == "symlink",
     }
 
 
-def _stat(svc: SandboxService, e: Entry, path: str) -> dict[str, Any]:
+def _permissions(kind: str, mode: int) -> str:
+    """``ls -l``'s form, as envd gives it: ``drwxr-xr-x``."""
+    bits = "".join(ch if mode & (1 << (8 - i)) else "-" for i, ch in enumerate("rwxrwxrwx"))
+    return kind + bits
+
+
+def _owner(name: str, number: str, inside: int) -> str:
+    """The sandbox's own user is E2B's ``user`` (the SDK and its tests expect it)."""
+    return "user" if name == "agent" or number == str(inside) else name
+
+
+def _timestamp(raw: str) -> str:
+    """find's ``%T@`` (seconds.fraction) as protobuf JSON's Timestamp (RFC 3339, UTC)."""
+    secs, _, frac = raw.partition(".")
+    whole = int(secs)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{frac[:9]:0<9}Z"
+
+
+class _NoFind(Exception):
+    """The policy does not let the sandbox run ``find``: use the file API's listing."""
+
+
+def _find(
+    svc: SandboxService, e: Entry, args: list[str], what: str
+) -> tuple[list[list[str]], bool]:
+    """Run ``find ARGS -printf`` in the sandbox, as its user and through its walls:
+    the file's real metadata (mode, owner, mtime) is what the sandbox sees.
+    Returns (records, truncated); ``what`` names the path in errors."""
+    r = svc.run(e, ["find", *args, "-printf", _FIND_FMT])
+    recs = [rec.split("\t", 8) for rec in r.stdout.split("\0") if rec]
+    recs = [rec for rec in recs if len(rec) == 9]
+    if r.exit_code != 0 and not recs:
+        if r.exit_code in (126, 127):
+            raise _NoFind
+        err = r.stderr.strip()
+        if "No such file" in err or "Not a directory" in err:
+            raise RpcError("not_found", f"path {what} was not found")
+        code = "permission_denied" if "denied" in err else "failed_precondition"
+        raise RpcError(code, f"{what}: {err[:300] or 'cannot be read'}")
+    return recs, r.truncated
+
+
+def _infos(
+    svc: SandboxService, e: Entry, recs: list[list[str]], asked: str
+) -> list[dict[str, Any]]:
+    """Entries as envd gives them; a symlink is followed (type, size, mode and
+    mtime of its target) and names the target's absolute path in ``symlinkTarget``."""
+    links = [rec[8] for rec in recs if rec[0] == "l"]
+    followed: dict[str, list[str]] = {}
+    targets: dict[str, str] = {}
+    if links:
+        for rec in _find(svc, e, ["-L", *links, "-maxdepth", "0"], links[0])[0]:
+            if rec[0] != "l":  # "l" under -L: a dangling link, kept as a link
+                followed[rec[8]] = rec
+        r = svc.run(e, ["realpath", "-m", "-z", "--", *links])
+        if r.exit_code == 0:
+            targets = dict(zip(links, [t for t in r.stdout.split("\0") if t], strict=False))
+    out = []
+    for rec in recs:
+        path = rec[8]
+        kind, size, mode, mtime, uname, uid, gname, gid, _ = followed.get(path, rec)
+        perm = int(mode, 8) & 0o7777
+        info: dict[str, Any] = {
+            "name": shown(posixpath.basename(path)) or "/",
+            "type": _FTYPES.get(kind, "FILE_TYPE_UNSPECIFIED"),
+            "path": shown(shown_as(path, asked)),
+            "size": size,
+            "mode": perm,
+            "permissions": _permissions("-" if kind == "f" else kind, perm),
+            "owner": _owner(uname, uid, INSIDE_UID),
+            "group": _owner(gname, gid, INSIDE_GID),
+            "modifiedTime": _timestamp(mtime),
+            "isSymlink": rec[0] == "l",
+        }
+        if path in targets:
+            info["symlinkTarget"] = shown(shown_as(targets[path], asked))
+        out.append(info)
+    return out
+
+
+def _stat(svc: SandboxService, e: Entry, path: str, asked: str = "") -> dict[str, Any]:
+    try:
+        recs, _cut = _find(svc, e, [path, "-maxdepth", "0"], asked or path)
+    except _NoFind:
+        return _plain_stat(svc, e, path)
+    return _infos(svc, e, recs[:1], asked or path)[0]
+
+
+def _plain_stat(svc: SandboxService, e: Entry, path: str) -> dict[str, Any]:
     if path == "/":
         return _entry_info("/", None)
     parent, name = posixpath.split(path)
@@ -364,13 +552,28 @@ def _stat(svc: SandboxService, e: Entry, path: str) -> dict[str, Any]:
     raise RpcError("not_found", f"path {path} was not found")
 
 
-def _list(svc: SandboxService, e: Entry, path: str, depth: int) -> list[dict[str, Any]]:
+def _list(
+    svc: SandboxService, e: Entry, path: str, depth: int, asked: str = ""
+) -> list[dict[str, Any]]:
+    """ListDir, ``depth`` levels, in envd's order (lexical, a directory before
+    what is in it)."""
+    try:
+        recs, cut = _find(svc, e, [path, "-mindepth", "1", "-maxdepth", str(depth)], asked or path)
+    except _NoFind:
+        cut = True
+    if cut:  # more than the policy lets a command print: the file API's plain listing
+        return _plain_list(svc, e, path, depth)
+    recs.sort(key=lambda rec: rec[8].split("/"))
+    return _infos(svc, e, recs, asked or path)
+
+
+def _plain_list(svc: SandboxService, e: Entry, path: str, depth: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for fe in svc.file_op(e, "list", path):
         child = posixpath.join(path, fe.name)
         out.append(_entry_info(child, fe))
         if fe.type == "dir" and depth > 1:
-            out += _list(svc, e, child, depth - 1)
+            out += _plain_list(svc, e, child, depth - 1)
     return out
 
 
@@ -417,31 +620,39 @@ def _unary_call(svc: SandboxService, e: Entry, method: str, msg: dict[str, Any])
         _selector(msg, e).close_stdin()
         return {}
     if method == "filesystem.Filesystem/Stat":
-        return {"entry": _stat(svc, e, resolve(msg.get("path", "")))}
+        asked = client_path(msg.get("path", ""))
+        return {"entry": _stat(svc, e, resolve(asked), asked)}
     if method == "filesystem.Filesystem/ListDir":
-        path = resolve(msg.get("path", ""))
+        asked = client_path(msg.get("path", ""))
         depth = max(1, _int(msg, "depth", 0, MAX_LIST_DEPTH, 1))
         try:
-            return {"entries": _list(svc, e, path, depth)}
+            return {"entries": _list(svc, e, resolve(asked), depth, asked)}
         except ApiError as exc:
             if exc.status == 404:
                 raise RpcError("not_found", exc.message) from None
             raise
     if method == "filesystem.Filesystem/MakeDir":
-        path = resolve(msg.get("path", ""))
+        asked = client_path(msg.get("path", ""))
+        path = resolve(asked)
         try:
-            _stat(svc, e, path)
+            _plain_stat(svc, e, path)
         except RpcError:
             svc.file_op(e, "make_dir", path)
-            return {"entry": _entry_info(path, None)}
-        raise RpcError("already_exists", f"path {path} already exists")
+            return {"entry": _stat(svc, e, path, asked)}
+        raise RpcError("already_exists", f"path {asked} already exists")
     if method == "filesystem.Filesystem/Remove":
         path = resolve(msg.get("path", ""))
-        svc.file_op(e, "remove", path)
+        try:
+            svc.file_op(e, "remove", path)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            # envd: removing what is not there is done, not an error
         return {}
     if method == "filesystem.Filesystem/Move":
+        asked = client_path(msg.get("destination", ""), "destination")
         src = resolve(msg.get("source", ""), "source")
-        dst = resolve(msg.get("destination", ""), "destination")
+        dst = resolve(asked, "destination")
         r = svc.run(e, ["mv", "-T", "--", src, dst])
         if r.exit_code != 0:
             raise RpcError(
@@ -450,7 +661,7 @@ def _unary_call(svc: SandboxService, e: Entry, method: str, msg: dict[str, Any])
                 else "not_found",
                 r.stderr.strip() or f"move {src}: failed",
             )
-        return {"entry": _stat(svc, e, dst)}
+        return {"entry": _stat(svc, e, dst, asked)}
     raise RpcError("unimplemented", f"{method} is not implemented by glassroom")
 
 
@@ -470,7 +681,7 @@ async def rpc(request: Request) -> Response:
     try:
         msg = _message(request, body, streaming)
         if streaming:
-            return await _start_stream(svc, e, method, msg)
+            return await _start_stream(svc, e, method, msg, _deadline(request))
         out = await anyio.to_thread.run_sync(_unary_call, svc, e, method, msg)
         # ensure_ascii: a name from the sandbox may hold anything; escaped, it is still JSON
         return Response(json.dumps(out).encode(), media_type="application/json")
@@ -488,12 +699,15 @@ async def rpc(request: Request) -> Response:
 
 
 async def _start_stream(
-    svc: SandboxService, e: Entry, method: str, msg: dict[str, Any]
+    svc: SandboxService, e: Entry, method: str, msg: dict[str, Any], deadline: float | None
 ) -> Response:
+    def gone() -> str | None:
+        return svc.gone_reason(e.id)
+
     if method == "process.Process/Connect":
         proc = await anyio.to_thread.run_sync(_selector, msg, e)
         idx = len(getattr(proc, "events", []))
-        gen = _stream_process(proc, idx, True, "event")
+        gen = _stream_process(proc, idx, True, "event", deadline=deadline, gone=gone)
     else:
         if msg.get("pty"):
             raise RpcError("unimplemented", "pty is not supported by glassroom")
@@ -508,12 +722,16 @@ async def _start_stream(
             raise RpcError("invalid_argument", "process.args: must be a list of strings")
         argv = [cmd, *args]
         envs = check_mapping(cfg.get("envs"), "process.envs", env=True)
-        cwd = resolve(cfg["cwd"], "process.cwd") if cfg.get("cwd") else None
+        # E2B's default workdir and HOME are /home/user (a link to /workspace): the
+        # process starts in the real directory, and PWD tells the shell its E2B name.
+        asked = client_path(cfg["cwd"], "process.cwd") if cfg.get("cwd") else HOME
+        cwd = resolve(asked, "process.cwd")
+        envs = {**({} if "HOME" in e.env else {"HOME": HOME}), "PWD": asked, **envs}
         tag = _str(msg, "tag") or None
         proc = await anyio.to_thread.run_sync(
             lambda: svc.spawn(e, argv, cwd=cwd, env=envs, tag=tag)
         )
         if not msg.get("stdin"):
             proc.close_stdin()
-        gen = _stream_process(proc, 0, True, "event")
+        gen = _stream_process(proc, 0, True, "event", deadline=deadline, owns=True, gone=gone)
     return StreamingResponse(gen, media_type="application/connect+json")

@@ -7,6 +7,8 @@ data_dir = "/var/lib/glassroom/serve"      # its audit.jsonl; default: beside th
 max_request_bytes = 16777216
 default_timeout_s = 300                     # a sandbox's deadline unless the client says
 shutdown_timeout_s = 10                     # SIGTERM: stopped, sandboxes gone, within this
+max_sandboxes_per_session = 10              # glassroom mcp: one MCP session's share
+max_handle_sandboxes = 20                   # glassroom mcp: session-less (handle) share per tenant
 [tenants.alice]
 max_sandboxes = 20
 api_keys_sha256 = ["<sha256 hex of the key>"]   # keys are never stored in clear
@@ -40,6 +42,12 @@ DEFAULT_PORT = 8049
 TEMPLATE_MAX_RUNTIME_S = 3600.0
 #: How long ``glassroom serve`` may take to stop (docs/service.md, "Stopping").
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
+#: ``glassroom mcp``: how many live sandboxes one MCP session may hold, and how
+#: many the session-less (2026-07-28 handle) clients of one tenant may hold
+#: together (docs/service.md, "MCP: authentication and caps").
+DEFAULT_MAX_SANDBOXES_PER_SESSION = 10
+DEFAULT_MAX_HANDLE_SANDBOXES = 20
+MAX_MCP_CAP = 1000
 
 
 def hash_key(key: str) -> str:
@@ -79,6 +87,9 @@ class ServeConfig:
     #: The bound on stopping (SIGTERM/SIGINT): streams end, every sandbox is
     #: destroyed and the process exits within this many seconds.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    #: ``glassroom mcp`` only: one client must not take the whole tenant's share.
+    max_sandboxes_per_session: int = DEFAULT_MAX_SANDBOXES_PER_SESSION
+    max_handle_sandboxes: int = DEFAULT_MAX_HANDLE_SANDBOXES
     #: sha256(key) -> tenant name
     key_hashes: dict[str, str] = field(default_factory=dict)
     tenants: dict[str, Tenant] = field(default_factory=dict)
@@ -99,10 +110,13 @@ class ServeConfig:
         if not key:
             return None
         digest = hash_key(key)
+        found: str | None = None
+        # Every hash is compared, even after a match: the time taken must not
+        # depend on which (or whether any) configured key matched.
         for known, tenant in self.key_hashes.items():
-            if hmac.compare_digest(known, digest):
-                return self.tenants.get(tenant)
-        return None
+            if hmac.compare_digest(known, digest) and found is None:
+                found = tenant
+        return None if found is None else self.tenants.get(found)
 
     @classmethod
     def load(cls, path: str | Path) -> ServeConfig:
@@ -122,6 +136,9 @@ class ServeConfig:
             cfg.default_timeout_s = float(raw["default_timeout_s"])
         if "shutdown_timeout_s" in raw:
             cfg.shutdown_timeout_s = _shutdown_bound(raw["shutdown_timeout_s"], p)
+        for key in ("max_sandboxes_per_session", "max_handle_sandboxes"):
+            if key in raw:
+                setattr(cfg, key, check_mcp_cap(raw[key], key, str(p)))
         if "data_dir" in raw:
             cfg.data_dir = Path(raw["data_dir"])
         for name, t in dict(raw.get("tenants", {})).items():
@@ -153,3 +170,18 @@ def _shutdown_bound(value: Any, source: Path) -> float:
             field="shutdown_timeout_s",
         )
     return bound
+
+
+def check_mcp_cap(value: Any, name: str, source: str = "serve config") -> int:
+    """A whole number of sandboxes from 1 to :data:`MAX_MCP_CAP`.
+
+    Refused otherwise (0, negative, a float, ``true``, a string): a cap that
+    silently meant "none" or "unbounded" would undo what it is for.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_MCP_CAP:
+        raise PolicyError(
+            f"{name} must be a whole number of sandboxes from 1 to {MAX_MCP_CAP}, not {value!r}",
+            source=source,
+            field=name,
+        )
+    return value

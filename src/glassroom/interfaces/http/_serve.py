@@ -40,6 +40,11 @@ log = logging.getLogger("uvicorn.error")
 WATCHDOG_EXIT = 70
 
 
+def _exit_soon() -> None:
+    time.sleep(0.5)
+    os._exit(WATCHDOG_EXIT)
+
+
 def grace_for(bound: float) -> float:
     """How long uvicorn waits for streams: half the bound, the rest is for teardown."""
     return max(0.5, bound / 2)
@@ -56,24 +61,35 @@ class BoundedServer(uvicorn.Server):
         self._watchdog: threading.Thread | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Runs in the signal handler: only note the time; the loop does the rest.
+        # Runs in the signal handler: only note the time (a plain store, no lock);
+        # the watchdog thread and the loop do the rest.
         if self.signalled_at is None:
             self.signalled_at = time.monotonic()
         super().handle_exit(sig, frame)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # Armed before serving, not when the loop gets to shutdown(): a loop that
+        # is stuck (a blocked log write, a sync call) must not postpone the bound.
+        self._start_watchdog()
+        await super().startup(sockets)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        began = self.signalled_at if self.signalled_at is not None else time.monotonic()
+        if self.signalled_at is None:  # stopping without a signal: the bound starts now
+            self.signalled_at = time.monotonic()
+        began = self.signalled_at
         log.info("stopping: destroying every sandbox (bound %.1f s)", self.bound)
         self.service.begin_shutdown()
-        self._start_watchdog(began)
         await super().shutdown(sockets)
         log.info("stopped in %.2f s", time.monotonic() - began)
 
-    def _start_watchdog(self, began: float) -> None:
+    def _start_watchdog(self) -> None:
         def watch() -> None:
-            # Sleep in short steps: the process normally exits long before this ends.
-            while time.monotonic() < began + self.bound:
+            # Poll in short steps: the process normally exits long before the bound.
+            while (began := self.signalled_at) is None or time.monotonic() < began + self.bound:
                 time.sleep(0.05)
+            # The log line can block: a full stderr pipe nobody reads, or a handler
+            # lock held by the very thread that hangs.  The exit must not wait for it.
+            threading.Thread(target=_exit_soon, name="glassroom-stop-exit", daemon=True).start()
             log.error(
                 "stopping took longer than %.1f s: exiting now; the reaper removes "
                 "what is left at the next start",
@@ -82,8 +98,11 @@ class BoundedServer(uvicorn.Server):
             logging.shutdown()
             os._exit(WATCHDOG_EXIT)
 
-        self._watchdog = threading.Thread(target=watch, name="glassroom-stop-watchdog", daemon=True)
-        self._watchdog.start()
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(
+                target=watch, name="glassroom-stop-watchdog", daemon=True
+            )
+            self._watchdog.start()
 
 
 def run(cfg: ServeConfig) -> None:

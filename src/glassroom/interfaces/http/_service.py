@@ -93,23 +93,27 @@ def translate(exc: GlassroomError) -> ApiError:
     return ApiError(503, "unavailable", msg, rule)
 
 
-def check_timeout(value: object, field: str, *, limit: float = SANE_TIMEOUT_S) -> float:
+def check_timeout(
+    value: object, field: str, *, limit: float = SANE_TIMEOUT_S, allow_zero: bool = False
+) -> float:
     """``value`` as seconds, or 400 naming ``field``: a number (not a bool),
     finite, above 0 and at most ``limit``.  NaN compares false with everything,
     so an unchecked NaN passed every ``>`` test and made a sandbox with no deadline.
     The policy's own cap (``resources.max_runtime_s``) is checked after this, with
-    its rule named; ``limit`` only stops numbers no policy could mean."""
+    its rule named; ``limit`` only stops numbers no policy could mean.
+    ``allow_zero``: E2B's ``POST /sandboxes/{id}/timeout`` takes 0 as "expire now"."""
     secs = math.nan
     if isinstance(value, int | float) and not isinstance(value, bool):
         with contextlib.suppress(OverflowError):
             secs = float(value)
-    if not (math.isfinite(secs) and 0 < secs <= limit):
+    if not (math.isfinite(secs) and (secs > 0 or (allow_zero and secs == 0)) and secs <= limit):
         shown = repr(value)
         shown = shown if len(shown) <= 40 else shown[:40] + "..."
         raise ApiError(
             400,
             "invalid",
-            f"{field}: must be a finite number of seconds above 0 and at most {limit:g}, "
+            f"{field}: must be a finite number of seconds "
+            f"{'from 0' if allow_zero else 'above 0'} and at most {limit:g}, "
             f"got {shown}",
             rule=field,
         )
@@ -500,8 +504,10 @@ class SandboxService:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def set_timeout(self, e: Entry, timeout_s: float) -> None:
-        timeout_s = check_timeout(timeout_s, "timeout_s")
+    def set_timeout(self, e: Entry, timeout_s: float, *, allow_zero: bool = False) -> None:
+        """Move the deadline to now + ``timeout_s``; 0 (only if ``allow_zero``, for
+        E2B's API) makes it now, so the reaper destroys the sandbox at once."""
+        timeout_s = check_timeout(timeout_s, "timeout_s", allow_zero=allow_zero)
         now = time.time()
         hard = e.created + e.max_runtime_s
         if now + timeout_s > hard + 1e-3:
@@ -518,6 +524,13 @@ class SandboxService:
         self.audit.append(
             e.id, "service.timeout_set", {"timeout_s": timeout_s, "end_at": rfc3339(e.end_at)}
         )
+
+    def gone_reason(self, sandbox_id: str) -> str | None:
+        """Why a sandbox that was live is gone ("client", "timeout", "server
+        shutdown"...), or None: a stream that outlived its sandbox says which."""
+        with self._cond:
+            gone = self._gone.get(sandbox_id)
+        return gone[1] if gone else None
 
     def on_destroy(self, callback: Callable[[Entry], None]) -> None:
         self._on_destroy.append(callback)

@@ -8,10 +8,30 @@ denied path, a limit) is an ``isError`` result whose text names the policy
 rule.  When a session ends, every sandbox it created is destroyed; a
 2026-07-28 client over HTTP has no session and gets a handle instead (see
 ``_Sessions`` in ``_server.py`` and docs/service.md, "MCP: sandbox lifetime").
+Over HTTP, the tenant API keys of ``glassroom serve`` are required when
+configured (and without them only loopback is served); one session holds at
+most ``max_sandboxes_per_session`` sandboxes (docs/service.md, "MCP:
+authentication and caps").
 """
 
 from __future__ import annotations
 
-from ._server import DEFAULT_IDLE_TTL_S, build_server, check_idle_ttl, run_http, run_stdio
+from ._server import (
+    DEFAULT_IDLE_TTL_S,
+    build_server,
+    check_http_bind,
+    check_idle_ttl,
+    http_app,
+    run_http,
+    run_stdio,
+)
 
-__all__ = ["DEFAULT_IDLE_TTL_S", "build_server", "check_idle_ttl", "run_http", "run_stdio"]
+__all__ = [
+    "DEFAULT_IDLE_TTL_S",
+    "build_server",
+    "check_http_bind",
+    "check_idle_ttl",
+    "http_app",
+    "run_http",
+    "run_stdio",
+]

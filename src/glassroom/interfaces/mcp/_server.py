@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
+import json
 import logging
 import math
 import os
@@ -21,15 +23,29 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ... import __version__
-from ..http._config import ServeConfig, Tenant
+from ..http._config import (
+    DEFAULT_MAX_HANDLE_SANDBOXES,
+    DEFAULT_MAX_SANDBOXES_PER_SESSION,
+    ServeConfig,
+    Tenant,
+)
 from ..http._models import Approval, AuditRecord, FileEntryModel, ReceiptModel, SandboxInfo
 from ..http._service import GONE_MEMORY, ApiError, Entry, SandboxService
 
 log = logging.getLogger("glassroom.mcp")
 
+#: The service tenant of unauthenticated use (stdio, or HTTP without keys) ...
 MCP_TENANT = "mcp"
+#: ... and, apart from it, that of unauthenticated handle sandboxes: they outlive
+#: their client for the idle TTL, so they must not be able to use up the sessions' cap.
+MCP_HANDLE_TENANT = "mcp.handles"
+MCP_TENANT_CAP = 50
+#: Where :class:`_Auth` puts the authenticated tenant's name in the ASGI scope
+#: (the SDK hands the tools the Starlette request, whose ``scope`` this is).
+TENANT_SCOPE_KEY = "glassroom.tenant"
 DEFAULT_MAX_OUTPUT = 64 * 1024
 #: A sandbox no tool call has named for this long is destroyed (``--idle-ttl``).
 DEFAULT_IDLE_TTL_S = 600.0
@@ -119,12 +135,35 @@ def _cut(text: str, limit: int, name: str) -> tuple[str, str | None]:
 
 
 class _Owner:
-    """One MCP session's sandboxes: every id it made (for its audit after a kill)."""
+    """Who a sandbox belongs to: one MCP session, the stdio process, or a pool.
 
-    def __init__(self, name: str) -> None:
+    A pool is every session-less (2026-07-28 handle) client of one tenant
+    together: the protocol gives them no session to tell apart, so their
+    cap (``max_handle_sandboxes``) is per tenant, and their sandboxes are
+    reached only through a handle, never listed.
+    """
+
+    def __init__(self, name: str, tenant: Tenant, who: str | None, *, cap: int, pool: bool) -> None:
         self.name = name
-        self.ids: set[str] = set()
+        #: the service tenant its sandboxes are made under (and counted against)
+        self.tenant = tenant
+        #: the authenticated tenant of the requests (None: unauthenticated)
+        self.who = who
+        self.cap = cap
+        self.pool = pool
+        self.ids: set[str] = set()  # every id a session made (for its audit after a kill)
+        self.live: set[str] = set()
+        self.reserved = 0  # creates under way, counted against ``cap``
         self.ended = False
+
+
+def _who(ctx: Context) -> str | None:
+    """The tenant the HTTP request authenticated as; None on stdio, in-process,
+    or a server without keys (see :class:`_Auth`)."""
+    request = getattr(ctx.request_context, "request", None)
+    scope = getattr(request, "scope", None)
+    who = scope.get(TENANT_SCOPE_KEY) if isinstance(scope, dict) else None
+    return who if isinstance(who, str) else None
 
 
 class _Sessions:
@@ -143,10 +182,22 @@ class _Sessions:
     * the process, for a 2026-07-28 client over stdio: a stdio server has
       exactly one client, the one that started it, and its sandboxes go when
       the pipe closes and the process stops;
-    * nobody, for a 2026-07-28 request over HTTP (or in-process): the
-      protocol has no session, so ``create_sandbox`` returns the sandbox id
-      with a secret (``sb-….<secret>``), a handle the client passes back as
-      ``sandbox_id``.  A bare id never works there, and no listing shows it.
+    * the tenant's handle pool, for a 2026-07-28 request over HTTP (or
+      in-process): the protocol has no session, so ``create_sandbox`` returns
+      the sandbox id with a secret (``sb-….<secret>``), a handle the client
+      passes back as ``sandbox_id``.  A bare id never works there, and no
+      listing shows it.
+
+    Caps, checked before anything is made: a session (or the stdio process)
+    holds at most ``per_session`` live sandboxes, a tenant's handle pool at
+    most ``handle_cap``, and the service tenant's ``max_sandboxes`` still
+    holds over all of them.  Without API keys the handle pool has a service
+    tenant of its own, so handle sandboxes (which outlive their client for
+    the idle TTL) cannot use up the sessions' share.
+
+    With API keys (HTTP), every owner is bound to the tenant that made it: a
+    session opened with one key is refused to another, and a handle works
+    only for its own tenant.
 
     Whatever the owner, a sandbox also ends at its deadline (``timeout_s``),
     at ``kill_sandbox``, when the server stops, and after ``idle_ttl_s``
@@ -155,13 +206,30 @@ class _Sessions:
     TTL counts from the end of the last call.
     """
 
-    def __init__(self, svc: SandboxService, *, process_session: bool, idle_ttl_s: float) -> None:
+    def __init__(
+        self,
+        svc: SandboxService,
+        *,
+        process_session: bool,
+        idle_ttl_s: float,
+        per_session: int = DEFAULT_MAX_SANDBOXES_PER_SESSION,
+        handle_cap: int = DEFAULT_MAX_HANDLE_SANDBOXES,
+    ) -> None:
         self.svc = svc
         self.tenant = svc.tenant(MCP_TENANT)
+        self.handle_tenant = svc.tenant(MCP_HANDLE_TENANT)
         self.idle_ttl_s = idle_ttl_s
-        self._process = _Owner("process") if process_session else None
+        self.per_session = per_session
+        self.handle_cap = handle_cap
+        self._process = (
+            _Owner("process", self.tenant, None, cap=per_session, pool=False)
+            if process_session
+            else None
+        )
+        self._pools: dict[str | None, _Owner] = {}  # authenticated tenant -> its handle pool
         self._lock = threading.Lock()
-        self._handles: OrderedDict[str, str] = OrderedDict()  # sandbox id -> secret
+        self._handles: OrderedDict[str, tuple[str, _Owner]] = OrderedDict()  # id -> secret, pool
+        self._owner_of: dict[str, _Owner] = {}  # live sandbox id -> its owner
         self._used: dict[str, float] = {}  # live sandbox id -> monotonic time of last use
         self._busy: dict[str, int] = {}  # sandbox id -> tool calls working in it now
         self._stop = threading.Event()
@@ -171,8 +239,9 @@ class _Sessions:
 
     # -- who is asking ---------------------------------------------------------
 
-    def owner(self, ctx: Context) -> _Owner | None:
-        """The session this request belongs to; None when the protocol gives it none."""
+    def owner(self, ctx: Context) -> _Owner:
+        """The session (or pool) this request belongs to."""
+        who = _who(ctx)
         rc = ctx.request_context
         if rc.protocol_version not in MODERN_PROTOCOL_VERSIONS:
             # The SDK exposes the per-session Connection (its ``state`` and the
@@ -180,10 +249,34 @@ class _Sessions:
             conn = rc.session._connection
             owner: _Owner | None = conn.state.get("glassroom.owner")
             if owner is None:
-                owner = conn.state["glassroom.owner"] = _Owner(conn.session_id or "stdio")
+                tenant = self.tenant if who is None else self.svc.tenant(who)
+                owner = _Owner(conn.session_id or "stdio", tenant, who, cap=self.per_session,
+                               pool=False)  # fmt: skip
+                conn.state["glassroom.owner"] = owner
                 conn.exit_stack.push_async_callback(self._end, owner)
+            elif owner.who != who:
+                # A session id is a secret, but it is not a credential: the key is.
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    "this MCP session was opened with another tenant's API key",
+                    rule="mcp.auth",
+                )
             return owner
-        return self._process
+        if self._process is not None:
+            return self._process
+        with self._lock:
+            pool = self._pools.get(who)
+            if pool is None:
+                tenant = self.handle_tenant if who is None else self.svc.tenant(who)
+                pool = self._pools[who] = _Owner(
+                    f"handles of {who or 'unauthenticated clients'}",
+                    tenant,
+                    who,
+                    cap=self.handle_cap,
+                    pool=True,
+                )
+            return pool
 
     async def _end(self, owner: _Owner) -> None:
         # Bounded by the SDK (5 s for the whole exit stack): hand the teardown
@@ -193,31 +286,67 @@ class _Sessions:
             live = [i for i in owner.ids if i in self._used]
         for sid in live:
             threading.Thread(
-                target=self._destroy, args=(sid, "mcp session end"), daemon=True
+                target=self._destroy, args=(sid, owner.tenant, "mcp session end"), daemon=True
             ).start()
 
-    def _destroy(self, sid: str, why: str) -> None:
+    def _destroy(self, sid: str, tenant: Tenant, why: str) -> None:
         with contextlib.suppress(ApiError):
-            e = self.svc.get(self.tenant, sid)
+            e = self.svc.get(tenant, sid)
             try:
                 self.svc.destroy(e, why)
             except Exception:
                 log.exception("destroying %s (%s) failed", sid, why)
 
-    # -- ownership ---------------------------------------------------------------
+    # -- caps ------------------------------------------------------------------
 
-    def add(self, ctx: Context, e: Entry) -> str:
-        """Record a new sandbox; return the ``sandbox_id`` the client is to use."""
+    def reserve(self, ctx: Context) -> _Owner:
+        """A slot of the asking owner's cap, held until :meth:`release`.
+
+        Taken before the sandbox is made, under the lock: two creates racing
+        for the last slot must not both get it."""
         owner = self.owner(ctx)
         with self._lock:
-            ended = owner is not None and owner.ended
-            if not ended:
+            held = len(owner.live) + owner.reserved
+            if held >= owner.cap:
+                if owner.pool:
+                    who = f"tenant {owner.who!r}" if owner.who else "unauthenticated clients"
+                    raise ApiError(
+                        429,
+                        "limit",
+                        f"the session-less (handle) sandboxes of {who} already number {held} "
+                        f"(max_handle_sandboxes = {owner.cap}): kill one, or use an MCP "
+                        "session",
+                        rule="mcp.max_handle_sandboxes",
+                    )
+                raise ApiError(
+                    429,
+                    "limit",
+                    f"this MCP session already has {held} sandboxes "
+                    f"(max_sandboxes_per_session = {owner.cap}): kill one first",
+                    rule="mcp.max_sandboxes_per_session",
+                )
+            owner.reserved += 1
+        return owner
+
+    def release(self, owner: _Owner) -> None:
+        with self._lock:
+            owner.reserved -= 1
+
+    # -- ownership ---------------------------------------------------------------
+
+    def add(self, ctx: Context, e: Entry, owner: _Owner | None = None) -> str:
+        """Record a new sandbox; return the ``sandbox_id`` the client is to use."""
+        owner = owner or self.owner(ctx)
+        with self._lock:
+            if not owner.ended:
                 self._used[e.id] = time.monotonic()
-                if owner is not None:
+                self._owner_of[e.id] = owner
+                owner.live.add(e.id)
+                if not owner.pool:
                     owner.ids.add(e.id)
                     return e.id
                 secret = secrets.token_urlsafe(18)
-                self._handles[e.id] = secret
+                self._handles[e.id] = (secret, owner)
                 if len(self._handles) > GONE_MEMORY:
                     # Forget the oldest handles of sandboxes already gone, never a live
                     # one's: a flood of create/kill must not lock another client out.
@@ -237,34 +366,42 @@ class _Sessions:
         except Exception:
             log.exception("destroying %s (%s) failed", e.id, why)
 
-    def resolve(self, ctx: Context, sandbox_id: str) -> str:
-        """The sandbox id behind what the client passed, if this request may use it."""
+    def resolve(self, ctx: Context, sandbox_id: str) -> tuple[str, Tenant]:
+        """The sandbox id behind what the client passed, and its service tenant,
+        if this request may use it."""
         sid, dot, secret = sandbox_id.partition(".")
-        with self._lock:
-            if dot:
+        if dot:
+            who = _who(ctx)
+            with self._lock:
                 known = self._handles.get(sid)
-                # compare_digest raises TypeError on non-ASCII str: compare bytes
-                given = secret.encode("utf-8", "surrogatepass")
-                if known is not None and hmac.compare_digest(known.encode(), given):
-                    return sid
-            else:
-                owner = self.owner(ctx)
-                if owner is not None and sid in owner.ids:
-                    return sid
-                if owner is None:
-                    raise ApiError(
-                        404,
-                        "not_found",
-                        f"sandbox {sandbox_id} was not found: this request has no MCP "
-                        "session (2026-07-28 protocol), so pass the sandbox_id handle "
-                        "create_sandbox returned",
-                    )
+            # compare_digest raises TypeError on non-ASCII str: compare bytes
+            given = secret.encode("utf-8", "surrogatepass")
+            if (
+                known is not None
+                and hmac.compare_digest(known[0].encode(), given)
+                and known[1].who == who  # a handle is no use to another tenant
+            ):
+                return sid, known[1].tenant
+        else:
+            owner = self.owner(ctx)
+            with self._lock:
+                mine = sid in owner.ids
+            if mine:
+                return sid, owner.tenant
+            if owner.pool:
+                raise ApiError(
+                    404,
+                    "not_found",
+                    f"sandbox {sandbox_id} was not found: this request has no MCP "
+                    "session (2026-07-28 protocol), so pass the sandbox_id handle "
+                    "create_sandbox returned",
+                )
         raise ApiError(404, "not_found", f"sandbox {sandbox_id} was not found in this session")
 
     def own(self, ctx: Context, sandbox_id: str) -> Entry:
         """The live sandbox the client named; its use counts against the idle TTL."""
-        sid = self.resolve(ctx, sandbox_id)
-        e = self.svc.get(self.tenant, sid)
+        sid, tenant = self.resolve(ctx, sandbox_id)
+        e = self.svc.get(tenant, sid)
         with self._lock:
             if sid not in self._used:  # the idle TTL already took it
                 raise ApiError(404, "not_found", f"sandbox {sandbox_id} was not found")
@@ -289,22 +426,29 @@ class _Sessions:
                 if sid in self._used:
                     self._used[sid] = time.monotonic()
 
-    def visible(self, ctx: Context) -> set[str]:
+    def visible(self, ctx: Context, sandbox_id: str | None = None) -> set[str]:
+        """The ids this request may see: its session's, or the one its handle names."""
+        if sandbox_id:
+            return {self.resolve(ctx, sandbox_id)[0]}
         owner = self.owner(ctx)
-        if owner is None:
+        if owner.pool:
             return set()
         with self._lock:
             return set(owner.ids)
 
     def list(self, ctx: Context) -> list[Entry]:
+        owner = self.owner(ctx)
         ids = self.visible(ctx)
-        return [e for e in self.svc.list(self.tenant) if e.id in ids]
+        return [e for e in self.svc.list(owner.tenant) if e.id in ids]
 
     # -- the idle TTL --------------------------------------------------------------
 
     def _forget(self, e: Entry) -> None:
         with self._lock:
             self._used.pop(e.id, None)
+            owner = self._owner_of.pop(e.id, None)
+            if owner is not None:  # its slot of the owner's cap is free again
+                owner.live.discard(e.id)
 
     def _idle_loop(self) -> None:
         step = min(5.0, max(0.1, self.idle_ttl_s / 10))
@@ -318,6 +462,7 @@ class _Sessions:
                 ]
                 for i in idle:  # claimed: a call from now on finds it gone
                     del self._used[i]
+                tenants = {i: o.tenant for i in idle if (o := self._owner_of.get(i))}
             for sid in idle:
                 with contextlib.suppress(Exception):
                     self.svc.audit.append(
@@ -329,7 +474,9 @@ class _Sessions:
                     )
                 # one thread each: a teardown that hangs must not stall the others
                 threading.Thread(
-                    target=self._destroy, args=(sid, "mcp idle ttl"), daemon=True
+                    target=self._destroy,
+                    args=(sid, tenants.get(sid, self.tenant), "mcp idle ttl"),
+                    daemon=True,
                 ).start()
 
     def close(self) -> None:
@@ -352,10 +499,15 @@ def build_server(
     idle_ttl_s: float = DEFAULT_IDLE_TTL_S,
 ) -> MCPServer:
     """The MCP server over ``svc``.  ``process_session``: this process serves one
-    client (stdio), so a 2026-07-28 client's sandboxes belong to the process."""
-    tenant: Tenant = svc.tenant(MCP_TENANT)
+    client (stdio), so a 2026-07-28 client's sandboxes belong to the process.
+    The caps come from ``svc.cfg`` (``max_sandboxes_per_session``,
+    ``max_handle_sandboxes``)."""
     sessions = _Sessions(
-        svc, process_session=process_session, idle_ttl_s=check_idle_ttl(idle_ttl_s)
+        svc,
+        process_session=process_session,
+        idle_ttl_s=check_idle_ttl(idle_ttl_s),
+        per_session=svc.cfg.max_sandboxes_per_session,
+        handle_cap=svc.cfg.max_handle_sandboxes,
     )
     mcp: MCPServer = MCPServer(
         "glassroom",
@@ -394,19 +546,23 @@ def build_server(
         try:
             if timeout_s is not None:  # NaN, Infinity, 1e300: refused before anything is made
                 timeout_s = check_timeout(timeout_s, "timeout_s")
+            owner = sessions.reserve(ctx)
             # Shielded: a sandbox made must be recorded (owned, idle TTL), even when
             # the request is cancelled meanwhile; add() destroys it if the session ended.
-            with anyio.CancelScope(shield=True):
-                e = await anyio.to_thread.run_sync(
-                    lambda: svc.create(
-                        tenant,
-                        template=template,
-                        policy=policy,
-                        backend=backend,
-                        timeout_s=timeout_s,
+            try:
+                with anyio.CancelScope(shield=True):
+                    e = await anyio.to_thread.run_sync(
+                        lambda: svc.create(
+                            owner.tenant,
+                            template=template,
+                            policy=policy,
+                            backend=backend,
+                            timeout_s=timeout_s,
+                        )
                     )
-                )
-                handle = sessions.add(ctx, e)
+                    handle = sessions.add(ctx, e, owner)
+            finally:
+                sessions.release(owner)
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
         info: SandboxInfo = await call(svc.info, e)
@@ -481,23 +637,33 @@ def build_server(
         if language != "python":
             return _fail(f"language {language!r} is not supported (supported: python)")
         throwaway: Entry | None = None
+        slot: _Owner | None = None
         try:
             if sandbox_id:
                 e = sessions.own(ctx, sandbox_id)
                 r = await work(e, svc.run, e, ["python3", "-"], stdin=code.encode())
             else:
+                # A throwaway takes a slot of the caller's cap while it lives: many
+                # concurrent run_code calls must not get round max_sandboxes_per_session.
+                slot = owner = sessions.reserve(ctx)
                 with anyio.CancelScope(shield=True):  # made, so destroyed below
                     e = throwaway = await anyio.to_thread.run_sync(
-                        lambda: svc.create(tenant, template="code-interpreter-v1", timeout_s=120.0)
+                        lambda: svc.create(
+                            owner.tenant, template="code-interpreter-v1", timeout_s=120.0
+                        )
                     )
                 r = await call(svc.run, e, ["python3", "-"], stdin=code.encode())
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
         finally:
-            if throwaway is not None:
-                # Shielded: a cancelled request (client gone) still destroys it.
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(svc.destroy, throwaway, "throwaway")
+            try:
+                if throwaway is not None:
+                    # Shielded: a cancelled request (client gone) still destroys it.
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(svc.destroy, throwaway, "throwaway")
+            finally:
+                if slot is not None:
+                    sessions.release(slot)
         out, cut_o = _cut(r.stdout, DEFAULT_MAX_OUTPUT, "stdout")
         err, cut_e = _cut(r.stderr, DEFAULT_MAX_OUTPUT, "stderr")
         notes = [n for n in (cut_o, cut_e) if n]
@@ -574,7 +740,7 @@ def build_server(
         ctx: Context, sandbox_id: str, blocked_only: bool = False
     ) -> Annotated[CallToolResult, AuditTrail]:
         try:
-            sid = sessions.resolve(ctx, sandbox_id)
+            sid, tenant = sessions.resolve(ctx, sandbox_id)
             recs = await call(lambda: list(svc.audit_records(tenant, sid, blocked_only)))
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
@@ -585,8 +751,11 @@ def build_server(
         )
 
     @mcp.tool(annotations=READ, description="This session's live sandboxes.")
-    async def list_sandboxes(ctx: Context) -> SandboxList:
-        return SandboxList(sandboxes=[svc.info(e) for e in sessions.list(ctx)])
+    async def list_sandboxes(ctx: Context) -> Annotated[CallToolResult, SandboxList]:
+        try:
+            return _ok(SandboxList(sandboxes=[svc.info(e) for e in sessions.list(ctx)]))
+        except ApiError as exc:
+            return _fail(exc.message, exc.rule)
 
     @mcp.tool(
         annotations=WRITE,
@@ -622,20 +791,33 @@ def build_server(
             )
         )
 
-    @mcp.tool(annotations=READ, description="Pending approvals for this session's sandboxes.")
-    async def list_approvals(ctx: Context) -> ApprovalList:
-        return ApprovalList(approvals=svc.approvals.list(sessions.visible(ctx)))
+    @mcp.tool(
+        annotations=READ,
+        description="Pending approvals (network.ask) for this session's sandboxes, or, "
+        "with sandbox_id (a bare id of this session, or a handle), for that sandbox.",
+    )
+    async def list_approvals(
+        ctx: Context, sandbox_id: str | None = None
+    ) -> Annotated[CallToolResult, ApprovalList]:
+        try:
+            ids = sessions.visible(ctx, sandbox_id)
+            return _ok(ApprovalList(approvals=await call(svc.approvals.list, ids)))
+        except ApiError as exc:
+            return _fail(exc.message, exc.rule)
 
-    @mcp.tool(annotations=WRITE, description="Approve or deny a pending approval.")
+    @mcp.tool(
+        annotations=WRITE,
+        description="Approve or deny a pending approval. A session-less (2026-07-28) "
+        "client passes the sandbox_id handle of the sandbox it belongs to.",
+    )
     async def decide_approval(
-        ctx: Context, approval_id: str, decision: str
+        ctx: Context, approval_id: str, decision: str, sandbox_id: str | None = None
     ) -> Annotated[CallToolResult, Approval]:
         if decision not in ("approve", "deny"):
             return _fail("decision must be 'approve' or 'deny'")
         try:
-            return _ok(
-                svc.approvals.decide(approval_id, decision == "approve", sessions.visible(ctx))
-            )
+            ids = sessions.visible(ctx, sandbox_id)
+            return _ok(await call(svc.approvals.decide, approval_id, decision == "approve", ids))
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
 
@@ -645,8 +827,97 @@ def build_server(
 def _service(cfg: ServeConfig | None) -> SandboxService:
     cfg = cfg or ServeConfig()
     svc = SandboxService(cfg)
-    svc.tenant(MCP_TENANT).max_sandboxes = 50
+    svc.tenant(MCP_TENANT).max_sandboxes = MCP_TENANT_CAP
+    svc.tenant(MCP_HANDLE_TENANT).max_sandboxes = cfg.max_handle_sandboxes
     return svc
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: where it points is not ours to trust
+        return False
+
+
+def check_http_bind(cfg: ServeConfig, host: str) -> None:
+    """Refuse to serve unauthenticated anywhere but loopback.
+
+    Without API keys, any process that can reach the port can run code
+    through the tools: tolerable on 127.0.0.1 of a single-user machine (and
+    said so at startup), never on an address other machines reach."""
+    if not cfg.key_hashes and not _is_loopback(host):
+        raise ValueError(
+            f"--host {host} is not a loopback address and no API keys are configured: "
+            "add [tenants.NAME] api_keys_sha256 to --config (or set GLASSROOM_API_KEY), "
+            "or bind --host 127.0.0.1"
+        )
+
+
+_AUTH_HELP = (
+    "send the key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>' (a key of "
+    "the --config's [tenants.NAME] api_keys_sha256, or GLASSROOM_API_KEY)"
+)
+
+
+class _Auth:
+    """The API-key check in front of the MCP app: the same keys as ``glassroom serve``.
+
+    Every HTTP request must carry a configured tenant's key, as
+    ``X-API-Key`` or ``Authorization: Bearer`` (``serve``'s order); the key's
+    hash is compared with every configured hash in constant time
+    (:meth:`ServeConfig.tenant_for`).  The tenant's name goes into the ASGI
+    scope, where the tools read it (:func:`_who`); a request without a
+    valid key is answered 401 before the SDK sees it.  With no keys
+    configured, requests pass unauthenticated (loopback only, see
+    :func:`check_http_bind`).
+    """
+
+    def __init__(self, app: ASGIApp, cfg: ServeConfig) -> None:
+        self.app = app
+        self.cfg = cfg
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.cfg.key_hashes:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        key = headers.get(b"x-api-key", b"").decode("latin-1").strip()
+        if not key:
+            scheme, _, cred = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            key = cred.strip() if scheme.lower() == "bearer" else ""
+        tenant = self.cfg.tenant_for(key) if key else None
+        if tenant is None:
+            why = "unknown API key" if key else "no API key"
+            await _reply_401(send, f"{why}: {_AUTH_HELP}")
+            return
+        scope[TENANT_SCOPE_KEY] = tenant.name
+        await self.app(scope, receive, send)
+
+
+async def _reply_401(send: Send, message: str) -> None:
+    body = json.dumps({"error": "unauthenticated", "message": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b'Bearer realm="glassroom"'),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def http_app(
+    svc: SandboxService, *, host: str = "127.0.0.1", idle_ttl_s: float = DEFAULT_IDLE_TTL_S
+) -> ASGIApp:
+    """The streamable-HTTP ASGI app (``/mcp``) over ``svc``, behind the key check."""
+    server = build_server(svc, idle_ttl_s=idle_ttl_s)
+    return _Auth(server.streamable_http_app(host=host), svc.cfg)
 
 
 def run_stdio(cfg: ServeConfig | None = None, *, idle_ttl_s: float = DEFAULT_IDLE_TTL_S) -> None:
@@ -696,23 +967,47 @@ def run_http(
 
     Run by the same bounded server as ``glassroom serve``: a handshake client's
     open GET stream would otherwise hold a SIGTERM up for as long as it stays.
+    With API keys in ``cfg`` every request needs one (:class:`_Auth`); without,
+    only a loopback ``host`` is served (:func:`check_http_bind` raises
+    ``ValueError`` otherwise), and a startup line says it is unauthenticated.
     """
     import uvicorn
 
     from ..http._serve import BoundedServer, grace_for
 
+    cfg = cfg or ServeConfig()
+    check_http_bind(cfg, host)  # before anything is made (the service reaps at start)
     svc = _service(cfg)
     try:
-        server = build_server(svc, idle_ttl_s=idle_ttl_s)
+        app = http_app(svc, host=host, idle_ttl_s=idle_ttl_s)
         bound = svc.cfg.shutdown_timeout_s
         config = uvicorn.Config(
-            server.streamable_http_app(host=host),
+            app,
             host=host,
             port=port,
-            log_level=server.settings.log_level.lower(),
+            log_level="info",
             lifespan="on",
             timeout_graceful_shutdown=max(1, int(grace_for(bound))),
         )
+        # uvicorn's logger: configured (to stderr) by uvicorn.Config just above.
+        ulog = logging.getLogger("uvicorn.error")
+        if cfg.key_hashes:
+            ulog.info(
+                "MCP over HTTP: API keys required (%d tenant(s)); max_sandboxes_per_session "
+                "= %d, max_handle_sandboxes = %d",
+                len(set(cfg.key_hashes.values())),
+                cfg.max_sandboxes_per_session,
+                cfg.max_handle_sandboxes,
+            )
+        else:
+            ulog.warning(
+                "MCP over HTTP without authentication: no API keys are configured, so any "
+                "local process that can reach %s:%d can use these tools (loopback only; add "
+                "[tenants.NAME] api_keys_sha256 to --config or set GLASSROOM_API_KEY to "
+                "require a key)",
+                host,
+                port,
+            )
         BoundedServer(config, svc, bound).run()
     finally:
         svc.close()
