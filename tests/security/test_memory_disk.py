@@ -173,9 +173,11 @@ def test_memory_cap_errno_for_files_in_dev_shm(make_sandbox: Callable[..., Any])
     assert "ENOSPC" in res.stdout and int(res.stdout.split()[1]) <= 64, res.stdout
 
 
-def test_reaper_detaches_a_scratch_disk_left_mounted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recorded", [True, False])
+def test_reaper_detaches_a_scratch_disk_left_mounted(tmp_path: Path, recorded: bool) -> None:
     """A supervisor that died between making the disk and the sandbox taking it
-    leaves a host mount; the reaper detaches it (and the loop device goes)."""
+    leaves a host mount; the reaper detaches it (and the loop device goes), also
+    when it died before the record named the disk (found by its name)."""
     import json
     import secrets
 
@@ -194,7 +196,8 @@ def test_reaper_detaches_a_scratch_disk_left_mounted(tmp_path: Path) -> None:
     (state / "sandboxes" / f"{sid}.json").write_text(json.dumps({
         "sandbox_id": sid, "backend": "namespaces",
         "supervisor": {"pid": os.getpid(), "start": -1},  # not this process: an orphan
-        "pids": [], "cgroup": None, "paths": [], "scratch": [str(disk.mountpoint)],
+        "pids": [], "cgroup": None, "paths": [],
+        "scratch": [str(disk.mountpoint)] if recorded else [],
     }))  # fmt: skip
     done = reap(state)
     assert [d["sandbox_id"] for d in done] == [sid] and "errors" not in done[0], done
@@ -203,3 +206,81 @@ def test_reaper_detaches_a_scratch_disk_left_mounted(tmp_path: Path) -> None:
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
     assert sid not in loops
     assert not (state / "sandboxes" / f"{sid}.json").exists()
+
+
+_HOST_PEEK = r"""
+import errno, os, sys
+os.setgroups([]); os.setgid(1000); os.setuid(1000)
+try:
+    fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+    print('opened', sorted(os.listdir(fd)))
+except OSError as e:
+    print('refused', errno.errorcode[e.errno])
+"""
+
+
+@pytest.mark.parametrize("root_only", [False, True])
+def test_gvisor_scratch_dirs_not_reachable_by_host_uid_1000(root_only: bool) -> None:
+    """gVisor's scratch dirs belong to host uid 1000 (the task's uid, a real
+    account on most hosts).  While the host mount exists (the start, until
+    the gofer holds its binds) /proc/self/mountinfo names it to every user;
+    a uid-1000 process that opened a dir there then kept read-write access
+    to the sandbox's /workspace or /tmp after the detach.  The disk's root
+    is 0700 for gVisor (root_only: runsc, as root, resolves it); the twin
+    (0711, the namespaces tier's, whose bwrap runs as the sandbox uid) shows
+    the path is otherwise open to that uid."""
+    import secrets
+    import sys
+
+    from glassroom import _config
+    from glassroom._sys import scratch
+
+    if os.geteuid() != 0:
+        pytest.skip("the loop-mounted scratch disk needs root")
+    sid = f"sb-peek{secrets.token_hex(5)}"
+    disk = scratch.ScratchMount.create(_config.scratch_dir(), sid, 32 << 20, (1000, 1000),
+                                       {"workspace": 0o755}, root_only=root_only)  # fmt: skip
+    try:
+        assert str(disk.mountpoint) in Path("/proc/self/mountinfo").read_text()
+        out = subprocess.run([sys.executable, "-c", _HOST_PEEK, disk.path("workspace")],
+                             capture_output=True, text=True, timeout=30, check=False).stdout  # fmt: skip
+    finally:
+        disk.detach()
+    assert out.strip() == ("refused EACCES" if root_only else "opened []"), out
+
+
+def test_gvisor_asks_for_a_root_only_scratch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gVisor backend makes its disk with root_only (see the test above)."""
+    from glassroom._sys import scratch
+
+    seen: list[dict[str, Any]] = []
+
+    def fake(*args: Any, **kw: Any) -> Any:
+        seen.append(kw)
+        raise WallError("resources.disk_mib: stop here", rule="resources.disk_mib")
+
+    monkeypatch.setattr(scratch.ScratchMount, "create", fake)
+    from glassroom import Sandbox
+
+    with pytest.raises(WallError):
+        Sandbox(POLICY, backend="gvisor")
+    assert seen == [{"root_only": True}], seen
+
+
+def test_scratch_template_errors_continue(tmp_path: Path) -> None:
+    """The host kernel mounts the scratch ext4; its error behaviour is fixed
+    by glassroom (``-e continue``), not left to the host's /etc/mke2fs.conf
+    (``errors = panic`` there could let a sandbox that fills a full host disk
+    panic the host).  A full host disk is the sandbox's ENOSPC (shown above)."""
+    import shutil as _shutil
+
+    from glassroom._sys import scratch
+
+    dumpe2fs = _shutil.which("dumpe2fs") or _shutil.which("dumpe2fs", path="/usr/sbin:/sbin")
+    if dumpe2fs is None or scratch.fs_type(tmp_path) in (0x01021994, 0x858458F6):
+        pytest.skip("needs dumpe2fs and a disk-backed tmp dir")
+    img = tmp_path / "s.img"
+    scratch.make_image(img, 32 << 20)
+    out = subprocess.run([dumpe2fs, "-h", str(img)], capture_output=True, text=True,
+                         timeout=30, check=False).stdout  # fmt: skip
+    assert "Errors behavior:          Continue" in out, out[-500:]

@@ -56,12 +56,16 @@ RULE = "resources.disk_mib"
 #: Filesystems whose files are memory: never a place for a scratch image.
 _MEMORY_FS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
 _MKFS_TIMEOUT_S = 30.0
-#: The template's ``mke2fs`` options; part of its file name, so a change makes a new one.
+#: The template's ``mke2fs`` options; a change must bump ``_TEMPLATE_VERSION``
+#: (part of its file name), or the old templates are reused.
 #: 4 KiB blocks at every size (``-T default``): below 512 MiB mke2fs would pick
 #: 1 KiB blocks, which the loop device's 4 KiB logical blocks cannot mount.
+#: ``-e continue``: the host kernel mounts this fs, and a full host disk makes
+#: its writes fail; that must stay the sandbox's EIO/ENOSPC whatever the
+#: host's /etc/mke2fs.conf says (``errors = panic`` there could panic the host).
 MKFS_OPTIONS = ("-t", "ext4", "-T", "default", "-b", "4096", "-O", "^has_journal", "-m", "0",
-                "-E", "lazy_itable_init=1,nodiscard")  # fmt: skip
-_TEMPLATE_VERSION = "2"
+                "-e", "continue", "-E", "lazy_itable_init=1,nodiscard")  # fmt: skip
+_TEMPLATE_VERSION = "3"
 
 _LOOP_CTL_GET_FREE = 0x4C82
 _LOOP_CONFIGURE = 0x4C0A
@@ -243,7 +247,11 @@ class ScratchMount:
     to ``owner`` (the host uid/gid the sandbox's files are to have).  The
     path to them is searchable but not listable (0711 dirs: bwrap, running
     as the sandbox uid, resolves it by name) and carries the sandbox's
-    random id; it exists only until the sandbox holds its mounts.
+    random id; it exists only until the sandbox holds its mounts.  ``root_only``
+    (gVisor: runsc and its gofer, root, resolve the path) makes the disk's
+    root 0700: ``owner`` there is host uid 1000, a real account, which would
+    otherwise reach the dirs by the name /proc/self/mountinfo shows, and keep
+    them (an open fd outlives the detach).
     """
 
     def __init__(self, mountpoint: Path) -> None:
@@ -254,7 +262,7 @@ class ScratchMount:
 
     @classmethod
     def create(cls, directory: Path, name: str, size_bytes: int, owner: tuple[int, int],
-               dirs: dict[str, int]) -> ScratchMount:  # fmt: skip
+               dirs: dict[str, int], *, root_only: bool = False) -> ScratchMount:  # fmt: skip
         if os.geteuid() != 0:
             raise _fail("a loop-mounted workspace needs root")
         check_backing(directory)
@@ -268,7 +276,7 @@ class ScratchMount:
                 raise _fail("cannot attach the workspace image to a loop device",
                             exc.errno) from exc  # fmt: skip
             try:
-                mnt.mkdir(mode=0o711)
+                mnt.mkdir(mode=0o700 if root_only else 0o711)
                 _mount(dev, str(mnt), "ext4", _MS_NOSUID | _MS_NODEV | _MS_NOATIME)
             except OSError as exc:
                 with contextlib.suppress(OSError):
@@ -287,7 +295,7 @@ class ScratchMount:
             _mount("", str(mnt), None, _MS_PRIVATE)  # no propagation to or from the host
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(mnt / "lost+found")
-            os.chmod(mnt, 0o711)
+            os.chmod(mnt, 0o700 if root_only else 0o711)
             for d, mode in dirs.items():
                 p = mnt / d
                 p.mkdir()

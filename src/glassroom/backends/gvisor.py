@@ -308,7 +308,7 @@ class GvisorInstance(FileOps):
         self._disk = scratch.ScratchMount.create(
             _config.scratch_dir(), self.sandbox_id, lim.disk_bytes,
             (_config.INSIDE_UID, _config.INSIDE_GID),
-            {names[t]: mode for t, mode in targets.items()},
+            {names[t]: mode for t, mode in targets.items()}, root_only=True,
         )  # fmt: skip
         self.walls["workspace"] = {
             "kind": "ext4 scratch disk (loop device) bound through the gofer; detached "

@@ -78,11 +78,7 @@ def reap(state: Path | None = None) -> list[dict[str, Any]]:
             from ..backends._gates import cleanup
 
             errors += [f"{g}: write gate dir still present" for g in cleanup(gates)]
-        for mnt in (m for m in rec.get("scratch", []) if isinstance(m, str)):
-            from .._sys.scratch import detach_path  # the disk itself goes with its holders
-
-            if not detach_path(Path(mnt)):
-                errors.append(f"{mnt}: scratch disk still mounted")
+        errors += _reap_scratch(rec, str(done["sandbox_id"]))
         for extra in rec.get("paths", []):
             try:
                 _rmtree(Path(extra))
@@ -105,3 +101,23 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def _reap_scratch(rec: dict[str, Any], sandbox_id: str) -> list[str]:
+    """Detach a dead sandbox's scratch disk: the mounts its record names, and
+    the disk's predictable name too (``scratch_dir()/ID.mnt``, ``ID.img``),
+    for a supervisor killed after making the disk but before recording it."""
+    from .._sys.scratch import detach_path  # the disk itself goes with its holders
+
+    errors = []
+    named = [Path(m) for m in rec.get("scratch", []) if isinstance(m, str)]
+    base = _config.scratch_dir()
+    if _config.is_root() and sandbox_id.startswith("sb-") and sandbox_id[3:].isalnum():
+        if (base / f"{sandbox_id}.mnt") not in named:
+            named.append(base / f"{sandbox_id}.mnt")
+        with contextlib.suppress(OSError):
+            (base / f"{sandbox_id}.img").unlink()  # not yet unlinked: the loop holds none
+    for mnt in named:
+        if os.path.lexists(mnt) and not detach_path(mnt):
+            errors.append(f"{mnt}: scratch disk still mounted")
+    return errors
