@@ -15,13 +15,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 pytest.importorskip("fastapi", reason="glassroom[serve] is not installed")
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from mcp.types import CallToolResult
 
 from glassroom.interfaces.http import SandboxService, ServeConfig, create_app, new_key
 
@@ -91,3 +94,32 @@ def start_server(data_dir: Path, **cfg_kw: Any) -> tuple[Server, uvicorn.Server,
         assert th.is_alive(), "glassroom serve exited during start"
         time.sleep(0.02)
     return Server(f"http://127.0.0.1:{port}", keys, svc, cfg, logs), server, th
+
+
+def wait_listening(proc: Any, port: int, timeout_s: float = 30.0) -> None:
+    """Wait (bounded) until a server subprocess accepts on 127.0.0.1:``port``;
+    fail with its stderr if it exited first, or when ``timeout_s`` runs out."""
+    import socket
+    import time
+
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < end, f"the server did not start in {timeout_s:g} s"
+            time.sleep(0.1)
+
+
+class Tools:
+    """One MCP client, whatever its kind (a session or a per-request client):
+    ``call`` a tool, get the result."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    async def call(self, name: str, args: dict[str, Any]) -> CallToolResult:
+        res: CallToolResult = await self.target.call_tool(name, args)
+        return res

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import pytest
 from glassroom._sys import cgroups
 from glassroom.audit import read_records, verify
 
-from .serve_helpers import free_port
+from .serve_helpers import free_port, wait_listening
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="these fault tests run glassroom serve as root"),
@@ -440,14 +439,7 @@ def test_watchdog_ends_the_process_at_the_bound(how: str, tmp_path: Path) -> Non
         cwd=tmp_path,
     )
     try:
-        end = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < end, "did not start"
-                time.sleep(0.1)
+        wait_listening(proc, port, 30)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(15)

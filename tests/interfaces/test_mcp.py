@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from .serve_helpers import free_port
+from .serve_helpers import free_port, wait_listening
 
 pytest.importorskip("mcp")
 from mcp import ClientSession, StdioServerParameters
@@ -182,17 +182,8 @@ def test_mcp_over_streamable_http(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}/mcp"
     log = tmp_path / "audit.jsonl"
     try:
-        import socket
 
-        end = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                assert time.monotonic() < end, "glassroom mcp --http did not start"
-                time.sleep(0.1)
+        wait_listening(proc, port, 20)
 
         async def main() -> dict[str, Any]:
             async with streamable_http_client(url) as streams, ClientSession(*streams[:2]) as s:

@@ -24,7 +24,7 @@ import anyio
 import httpx
 import pytest
 
-from .serve_helpers import free_port
+from .serve_helpers import Tools, free_port, wait_listening
 
 pytest.importorskip("mcp")
 import uvicorn
@@ -108,17 +108,6 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mcp]:
         yield mcp
     finally:
         stop()
-
-
-class Tools:
-    """One client, whatever its kind: ``call`` a tool, get the result."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-
-    async def call(self, name: str, args: dict[str, Any]) -> CallToolResult:
-        res: CallToolResult = await self.target.call_tool(name, args)
-        return res
 
 
 @asynccontextmanager
@@ -518,7 +507,6 @@ def test_mcp_http_cli_with_a_key(tmp_path: Path) -> None:
     """``glassroom mcp --http`` with GLASSROOM_API_KEY: the key is required, and
     the startup line says so (the path ``run_http`` takes, not just the app)."""
     import os
-    import socket
 
     key = new_key()
     keep = ("PATH", "HOME", "GLASSROOM_STATE_DIR", "GLASSROOM_CGROUP_PARENT", "PYTHONPATH")
@@ -532,14 +520,7 @@ def test_mcp_http_cli_with_a_key(tmp_path: Path) -> None:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/mcp"
     try:
-        end = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < end, "did not start"
-                time.sleep(0.1)
+        wait_listening(proc, port, 30)
         with httpx.Client(timeout=30) as h:
             r = h.post(url, headers=HEAD, json=INIT)
             assert r.status_code == 401 and "no API key" in r.json()["message"], r.text

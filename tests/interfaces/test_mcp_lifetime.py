@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,13 +31,12 @@ from typing import Any
 import anyio
 import pytest
 
-from .serve_helpers import free_port
+from .serve_helpers import Tools, free_port, wait_listening
 
 pytest.importorskip("mcp")
 from mcp import Client, ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.types import CallToolResult
 
 from glassroom.audit import read_records, verify
 
@@ -57,17 +55,6 @@ def _env(data: Path) -> dict[str, str]:
 
 def _argv(data: Path, *extra: str) -> list[str]:
     return ["-m", "glassroom.interfaces.cli", "mcp", "--data-dir", str(data), *extra]
-
-
-class Tools:
-    """One client, whatever its kind: ``call`` a tool, get the result."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-
-    async def call(self, name: str, args: dict[str, Any]) -> CallToolResult:
-        res: CallToolResult = await self.target.call_tool(name, args)
-        return res
 
 
 @asynccontextmanager
@@ -198,15 +185,7 @@ def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer
         stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        end = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                assert time.monotonic() < end, "glassroom mcp --http did not start"
-                time.sleep(0.1)
+        wait_listening(proc, port, 30)
         yield HttpServer(f"http://127.0.0.1:{port}/mcp", data / "audit.jsonl", proc)
     finally:
         proc.terminate()
@@ -304,14 +283,7 @@ def test_mcp_http_sigterm_with_open_sessions_stops_in_bound(tmp_path: Path) -> N
     url = f"http://127.0.0.1:{port}/mcp"
     log = tmp_path / "audit.jsonl"
     try:
-        end = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < end, "did not start"
-                time.sleep(0.1)
+        wait_listening(proc, port, 30)
 
         seen: dict[str, Any] = {"made": []}
 
