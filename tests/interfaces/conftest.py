@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -34,3 +35,15 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         server.should_exit = True
         th.join(20)
         srv.service.close()
+
+
+@pytest.fixture
+def sbx(serve: Server) -> Iterator[Any]:
+    """A sandbox of ``serve`` made with the E2B SDK (``e2b.Sandbox``), killed after."""
+    e2b = pytest.importorskip("e2b")
+    sb = e2b.Sandbox.create(timeout=120)
+    yield sb
+    try:
+        sb.kill()
+    except Exception:
+        pass

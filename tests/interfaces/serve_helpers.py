@@ -13,6 +13,8 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,12 +70,18 @@ def free_port() -> int:
     return port
 
 
-def start_server(data_dir: Path, **cfg_kw: Any) -> tuple[Server, uvicorn.Server, threading.Thread]:
-    cfg = ServeConfig(data_dir=data_dir, **cfg_kw)
+def add_keys(cfg: ServeConfig, caps: Mapping[str, int]) -> dict[str, str]:
+    """A fresh key for each tenant of ``caps`` (tenant: its max_sandboxes)."""
     keys = {}
-    for tenant, cap in TENANTS.items():
+    for tenant, cap in caps.items():
         keys[tenant] = new_key()
         cfg.add_key(tenant, keys[tenant], max_sandboxes=cap)
+    return keys
+
+
+def start_server(data_dir: Path, **cfg_kw: Any) -> tuple[Server, uvicorn.Server, threading.Thread]:
+    cfg = ServeConfig(data_dir=data_dir, **cfg_kw)
+    keys = add_keys(cfg, TENANTS)
     svc = SandboxService(cfg)
     port = free_port()
     app = create_app(cfg, service=svc)
@@ -123,3 +131,72 @@ class Tools:
     async def call(self, name: str, args: dict[str, Any]) -> CallToolResult:
         res: CallToolResult = await self.target.call_tool(name, args)
         return res
+
+
+# -- glassroom mcp --http ------------------------------------------------------------
+
+
+@dataclass
+class Mcp:
+    url: str
+    keys: dict[str, str]
+    svc: SandboxService
+
+
+def start_mcp(
+    cfg: ServeConfig, name: str = "test-mcp-http", caps: Mapping[str, int] | None = None
+) -> tuple[Mcp, Callable[[], None]]:
+    """The MCP app of ``glassroom mcp --http`` (``run_http``'s) on 127.0.0.1, in a
+    thread named ``name``, with a fresh key for each tenant of ``caps`` (tenant: its
+    max_sandboxes; none: no keys); returns it and a stop."""
+    from glassroom.interfaces.mcp import _server, http_app
+
+    keys = add_keys(cfg, caps or {})
+    svc = _server._service(cfg)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            http_app(svc, host="127.0.0.1", idle_ttl_s=600),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+        )
+    )
+    th = threading.Thread(target=server.run, name=name, daemon=True)
+    th.start()
+    end = time.monotonic() + 15
+    while not server.started:
+        assert time.monotonic() < end and th.is_alive(), "the MCP app did not start"
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        th.join(20)
+        svc.close()
+
+    return Mcp(f"http://127.0.0.1:{port}/mcp", keys, svc), stop
+
+
+@asynccontextmanager
+async def mcp_tools(mode: str, url: str, headers: dict[str, str]) -> AsyncIterator[Tools]:
+    """An official-SDK MCP client of ``mode`` ("session": ``ClientSession`` with the
+    handshake; "auto": session-less) at ``url``, sending ``headers``."""
+    from mcp import Client, ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    async with create_mcp_http_client(headers=headers) as hc:
+        transport = streamable_http_client(url, http_client=hc)
+        if mode == "session":
+            async with transport as streams, ClientSession(*streams[:2]) as s:
+                await s.initialize()
+                yield Tools(s)
+        else:
+            async with Client(transport, mode=mode) as c:
+                yield Tools(c)
+
+
+def tool_text(r: CallToolResult) -> str:
+    """A tool result's text, all its text parts joined."""
+    return " ".join(getattr(c, "text", "") for c in r.content)

@@ -16,16 +16,6 @@ from e2b.exceptions import SandboxNotRunningException  # noqa: E402
 from glassroom.audit import read_records, verify  # noqa: E402
 
 
-@pytest.fixture
-def sbx(serve: Server):
-    sb = Sandbox.create(timeout=120)
-    yield sb
-    try:
-        sb.kill()
-    except Exception:
-        pass
-
-
 def test_commands_exit_code_stderr_background_and_kill(sbx) -> None:
     r = sbx.commands.run("echo hello; echo oops >&2")
     assert (r.exit_code, r.stdout, r.stderr) == (0, "hello\n", "oops\n")

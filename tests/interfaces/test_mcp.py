@@ -35,9 +35,16 @@ TOOLS = {
     "kill_sandbox",
     "list_approvals",
     "decide_approval",
+    "sandbox_pause",
+    "sandbox_resume",
+    "sandbox_snapshot",
+    "sandbox_fork",
+    "snapshot_list",
+    "snapshot_delete",
 }
-READ_ONLY = {"read_file", "list_files", "get_audit", "list_sandboxes", "list_approvals"}
-DESTRUCTIVE = {"execute_command", "run_code", "kill_sandbox"}
+READ_ONLY = {"read_file", "list_files", "get_audit", "list_sandboxes", "list_approvals",
+             "snapshot_list"}  # fmt: skip
+DESTRUCTIVE = {"execute_command", "run_code", "kill_sandbox", "sandbox_pause", "snapshot_delete"}
 
 
 def _env(data: Path) -> dict[str, str]:

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +21,15 @@ import anyio
 import httpx
 import pytest
 
-from .serve_helpers import Tools, free_port, wait_listening
+from .serve_helpers import Mcp, Tools, free_port, mcp_tools, start_mcp, wait_listening
+from .serve_helpers import tool_text as _text
 
 pytest.importorskip("mcp")
-import uvicorn
-from mcp import Client, ClientSession
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
-from mcp.types import CallToolResult
+from mcp import Client
 
 from glassroom._errors import PolicyError
 from glassroom.interfaces.http import SandboxService, ServeConfig, new_key
-from glassroom.interfaces.mcp import _server, check_http_bind, http_app
+from glassroom.interfaces.mcp import _server, check_http_bind
 
 #: One tenant per test, so one test's teardown (a session's sandboxes are
 #: destroyed in threads after it ends) never counts against another's cap.
@@ -56,41 +50,6 @@ INIT = {
 }
 
 
-@dataclass
-class Mcp:
-    url: str
-    keys: dict[str, str]
-    svc: SandboxService
-
-
-def _start(cfg: ServeConfig) -> tuple[Mcp, Any]:
-    """The MCP app of ``run_http`` on 127.0.0.1, in a thread; returns it and a stop."""
-    svc = _server._service(cfg)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            http_app(svc, host="127.0.0.1", idle_ttl_s=600),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            lifespan="on",
-        )
-    )
-    th = threading.Thread(target=server.run, name="test-mcp-http", daemon=True)
-    th.start()
-    end = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < end and th.is_alive(), "the MCP app did not start"
-        time.sleep(0.02)
-
-    def stop() -> None:
-        server.should_exit = True
-        th.join(20)
-        svc.close()
-
-    return Mcp(f"http://127.0.0.1:{port}/mcp", {}, svc), stop
-
-
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mcp]:
     cfg = ServeConfig(
@@ -98,40 +57,24 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mcp]:
         max_sandboxes_per_session=PER_SESSION,
         max_handle_sandboxes=HANDLES,
     )
-    keys = {}
-    for t in TENANTS:
-        keys[t] = new_key()
-        cfg.add_key(t, keys[t], max_sandboxes=TENANT_CAP)
-    mcp, stop = _start(cfg)
-    mcp.keys = keys
+    mcp, stop = start_mcp(cfg, caps=dict.fromkeys(TENANTS, TENANT_CAP))
     try:
         yield mcp
     finally:
         stop()
 
 
-@asynccontextmanager
-async def connect(mode: str, url: str, key: str, *, bearer: bool = False) -> AsyncIterator[Tools]:
+def connect(
+    mode: str, url: str, key: str, *, bearer: bool = False
+) -> AbstractAsyncContextManager[Tools]:
     """An SDK client of ``mode`` ("session" or "auto") sending ``key``."""
     head = {"Authorization": f"Bearer {key}"} if bearer else {"X-API-Key": key}
-    async with create_mcp_http_client(headers=head) as hc:
-        transport = streamable_http_client(url, http_client=hc)
-        if mode == "session":
-            async with transport as streams, ClientSession(*streams[:2]) as s:
-                await s.initialize()
-                yield Tools(s)
-        else:
-            async with Client(transport, mode=mode) as c:
-                yield Tools(c)
+    return mcp_tools(mode, url, head)
 
 
 def _state(svc: SandboxService, approval_id: str, wait: float) -> str | None:
     a = svc.approvals.wait(approval_id, wait)
     return None if a is None else a.state
-
-
-def _text(r: CallToolResult) -> str:
-    return " ".join(getattr(c, "text", "") for c in r.content)
 
 
 # -- authentication --------------------------------------------------------------
@@ -344,7 +287,7 @@ def test_mcp_http_handle_cap_is_per_tenant(keyed: Mcp) -> None:
 def test_mcp_http_without_keys_handles_have_their_own_budget(tmp_path: Path) -> None:
     """Loopback without keys: handle sandboxes (they outlive their client) are
     capped apart from the sessions' tenant, so they cannot lock sessions out."""
-    mcp, stop = _start(ServeConfig(data_dir=tmp_path, max_handle_sandboxes=1))
+    mcp, stop = start_mcp(ServeConfig(data_dir=tmp_path, max_handle_sandboxes=1))
     try:
 
         async def main() -> None:

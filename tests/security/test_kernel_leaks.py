@@ -88,6 +88,26 @@ def test_dmesg_syscall_refused(make_sandbox: Callable[..., Any]) -> None:
     assert _probe(sb, "syslog-size") == "EPERM"
 
 
+def test_boot_id_is_the_sandboxs_own(make_sandbox: Callable[..., Any], backend: str) -> None:
+    """The host's boot id names the host and its boot: each sandbox has its own
+    (gVisor 20221219 has no such file at all: nothing to leak)."""
+    host = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    a, b = make_sandbox(POLICY), make_sandbox(POLICY)
+    ida = a.run(["head", "/proc/sys/kernel/random/boot_id"])
+    idb = b.run(["head", "/proc/sys/kernel/random/boot_id"])
+    if backend == "gvisor":
+        assert ida.exit_code == 1 and "No such file or directory" in ida.stderr
+        return
+    assert ida.exit_code == 0 and len(ida.stdout.strip()) == 36  # harmless: readable, a uuid
+    assert host not in ida.stdout + idb.stdout  # the host's is not there
+    assert ida.stdout != idb.stdout
+    # Nor can it be made to say something else.
+    w = a.run(["sh", "-c", "echo 00000000-0000-0000-0000-000000000000 > "
+                           "/proc/sys/kernel/random/boot_id"])  # fmt: skip
+    assert w.exit_code != 0
+    assert a.run(["head", "/proc/sys/kernel/random/boot_id"]).stdout == ida.stdout
+
+
 def test_kallsyms_shows_no_addresses(make_sandbox: Callable[..., Any], backend: str) -> None:
     got = _probe(make_sandbox(POLICY), "kallsyms")
     # gVisor has no /proc/kallsyms at all; a Linux kernel shows zeros to the task.

@@ -31,6 +31,11 @@ EXPECTED_ALL = [
     "SandboxError",
     "SandboxPathError",
     "SandboxPool",
+    "SnapshotError",
+    "SnapshotInfo",
+    "SnapshotIntegrityError",
+    "SnapshotLimits",
+    "SnapshotStore",
     "WallError",
     "__version__",
     "default_policy",
@@ -50,6 +55,8 @@ EXPECTED_ERRORS = {
     "SandboxClosed",
     "SandboxError",
     "SandboxPathError",
+    "SnapshotError",
+    "SnapshotIntegrityError",
     "WallError",
 }
 

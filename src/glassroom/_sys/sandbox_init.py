@@ -45,6 +45,11 @@ CTL_FD = int(sys.argv[-1]) if len(sys.argv) > 1 else 3  # the supervisor passes 
 SIGKILL = 9
 MAX_MSG = 1 << 20
 _json_str = _json.encode_basestring_ascii
+#: File types (``st_mode & S_IFMT``): no ``stat`` import (start-up time).
+S_IFMT, S_IFREG, S_IFDIR, S_IFLNK = 0o170000, 0o100000, 0o040000, 0o120000
+ENXIO, EISDIR = 6, 21
+_SPECIAL = {0o010000: "a FIFO", 0o140000: "a socket", 0o020000: "a character device",
+            0o060000: "a block device"}  # fmt: skip
 
 
 def _enc(value: object) -> str:
@@ -273,7 +278,7 @@ def _file_body(msg: dict[str, Any]) -> Callable[[int, list[int]], None]:
         kind, path = msg["kind"], msg["path"]
         pipe = fds[0] if fds else -1
         if kind == "read":
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+            fd = open_regular(path, os.O_RDONLY)
             limit = int(msg["max"])
             os.close(errw)
             while limit > 0:
@@ -284,8 +289,8 @@ def _file_body(msg: dict[str, Any]) -> Callable[[int, list[int]], None]:
                 os.write(pipe, chunk)
             os._exit(0)
         elif kind == "write":
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY
-            fd = os.open(path, flags, int(msg.get("mode", 0o644)))
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            fd = open_regular(path, flags, int(msg.get("mode", 0o644)))
             os.close(errw)
             while True:
                 chunk = os.read(pipe, 1 << 16)
@@ -300,13 +305,13 @@ def _file_body(msg: dict[str, Any]) -> Callable[[int, list[int]], None]:
             entries = []
             with os.scandir(path) as it:
                 for e in it:
-                    st = e.stat(follow_symlinks=False)
-                    kind_ = (
-                        "dir"
-                        if e.is_dir(follow_symlinks=False)
-                        else ("symlink" if e.is_symlink() else "file")
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # removed or renamed while listed: not there any more
+                    entries.append(
+                        {"name": e.name, "type": entry_type(st.st_mode), "size": st.st_size}
                     )
-                    entries.append({"name": e.name, "type": kind_, "size": st.st_size})
             os.close(errw)
             os.write(pipe, _enc(entries).encode())
             os._exit(0)
@@ -321,6 +326,56 @@ def _file_body(msg: dict[str, Any]) -> Callable[[int, list[int]], None]:
         raise OSError(22, f"unknown file op {kind!r}")
 
     return body
+
+
+def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
+    """Open ``path`` for a file op only if it is a regular file, without ever blocking.
+
+    The sandbox may have put a FIFO, a socket or a device at any path: a
+    plain blocking ``open`` of a FIFO waits for a peer forever, and the init
+    waits for this child's first word, so every later request would hang
+    with it.  So: ``O_NONBLOCK`` for the open (a FIFO opens at once for
+    reading, or fails ENXIO for writing with no reader; a socket fails
+    ENXIO), then the type of what was opened, from the fd itself (nothing
+    can swap it in between), and only a regular file goes on, back in
+    blocking mode.  Anything else is ENXIO (a directory: EISDIR), before
+    any byte moves.  ``O_CREAT`` still creates a new regular file; the
+    ``O_TRUNC`` of an existing FIFO or device is a no-op in the kernel.
+
+    The path is resolved as it always was: by the kernel, in the sandbox's
+    own mount namespace and under its walls (a symlink is followed there,
+    and what it leads to is checked the same way).  The microVM agent
+    (``guest/agent.py``) does the same.
+    """
+    flags |= os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno == ENXIO:  # a FIFO with no reader, a socket: same refusal as below
+            raise OSError(ENXIO, "not a regular file; refused") from None
+        raise
+    try:
+        kind = os.fstat(fd).st_mode & S_IFMT
+        if kind == S_IFDIR:
+            raise OSError(EISDIR, "is a directory")
+        if kind != S_IFREG:
+            what = _SPECIAL.get(kind, "a special file")
+            raise OSError(ENXIO, f"not a regular file ({what}); refused")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def entry_type(mode: int) -> str:
+    """A listing's ``type``: a FIFO, socket or device is ``other``, never ``file``."""
+    kind = mode & S_IFMT
+    if kind == S_IFDIR:
+        return "dir"
+    if kind == S_IFLNK:
+        return "symlink"
+    return "file" if kind == S_IFREG else "other"
 
 
 def _remove(path: str) -> None:

@@ -256,19 +256,28 @@ class ScratchMount:
 
     def __init__(self, mountpoint: Path) -> None:
         self.mountpoint = mountpoint
+        #: The loop device (``/dev/loopN``): gVisor's checkpoint holds it open
+        #: to copy the disk once the sandbox has let go of it.
+        self.device = ""
         self.detached = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @classmethod
     def create(cls, directory: Path, name: str, size_bytes: int, owner: tuple[int, int],
-               dirs: dict[str, int], *, root_only: bool = False) -> ScratchMount:  # fmt: skip
+               dirs: dict[str, int], *, root_only: bool = False,
+               source: Path | None = None) -> ScratchMount:  # fmt: skip
+        """``source``: a raw image in ``directory`` to use instead of a fresh ext4 (a
+        restored sandbox's saved disk); it is moved into place and its dirs are kept."""
         if os.geteuid() != 0:
             raise _fail("a loop-mounted workspace needs root")
         check_backing(directory)
         image = directory / f"{name}.img"
         mnt = directory / f"{name}.mnt"
-        make_image(image, size_bytes)
+        if source is not None:
+            os.replace(source, image)
+        else:
+            make_image(image, size_bytes)
         try:
             try:
                 dev, held = _attach_loop(image)
@@ -291,12 +300,13 @@ class ScratchMount:
             with contextlib.suppress(OSError):
                 image.unlink()  # the loop device holds it open; no name left behind
         out = cls(mnt)
+        out.device = dev
         try:
             _mount("", str(mnt), None, _MS_PRIVATE)  # no propagation to or from the host
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(mnt / "lost+found")
             os.chmod(mnt, 0o700 if root_only else 0o711)
-            for d, mode in dirs.items():
+            for d, mode in ({} if source is not None else dirs).items():
                 p = mnt / d
                 p.mkdir()
                 os.chown(p, *owner)

@@ -10,13 +10,29 @@ A listing is untrusted input: entries must be plain names (no ``/``, no
 from __future__ import annotations
 
 import json
+import queue
+import select
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from .._errors import SandboxError
 from .base import FileEntry
 
-ENTRY_TYPES = ("file", "dir", "symlink")
+#: A listing entry's ``type``: a regular file, a directory, a symlink (never
+#: followed), or ``other`` (a FIFO, socket or device: never read or written
+#: by the file API, which refuses anything but a regular file with ENXIO).
+ENTRY_TYPES = ("file", "dir", "symlink", "other")
+#: How long a file op waits for the sandbox's next word (its start, a chunk,
+#: its end) before it gives up: generous, since the in-sandbox side never
+#: blocks on what the sandbox controls (it refuses FIFOs, sockets and devices);
+#: a reply this late means the init or agent is stuck or lying.
+FILE_OP_TIMEOUT_S = 60.0
+
+_T = TypeVar("_T")
+
+
+class FileOpStalled(SandboxError):
+    """A file op got no word from the sandbox within ``FILE_OP_TIMEOUT_S``."""
 
 
 def parse_listing(raw: bytes, path: str) -> list[FileEntry]:
@@ -52,6 +68,33 @@ class FileOps:
 
     #: Passed to ``_file_op("list", ...)`` by backends that bound the listing size.
     _listing_kw: ClassVar[dict[str, Any]] = {}
+
+    def _file_stalled(self, kind: str, path: str) -> NoReturn:
+        """A file op got no word from the sandbox in time: an anomaly, and SandboxError."""
+        self._anomaly(f"{kind} {path}: no reply from the sandbox in {FILE_OP_TIMEOUT_S:g}s")
+        raise FileOpStalled(f"{kind} {path}: the sandbox did not answer within "
+                            f"{FILE_OP_TIMEOUT_S:g}s; the operation was abandoned")  # fmt: skip
+
+    def _file_reply(self, q: queue.Queue[_T], kind: str, path: str, *,
+                    progress: Callable[[], int] | None = None, size: int = 0) -> _T:  # fmt: skip
+        """The next reply to a file op, waited for at most ``FILE_OP_TIMEOUT_S``
+        without news: ``progress`` (bytes moved so far, where the data does not
+        come through ``q``) restarts the wait while it grows; ``size`` bytes the
+        sandbox must still write before it can answer add a second per MiB."""
+        timeout = FILE_OP_TIMEOUT_S + size / (1 << 20)
+        while True:
+            seen = progress() if progress is not None else 0
+            try:
+                return q.get(timeout=timeout)
+            except queue.Empty:
+                if progress is None or progress() == seen:
+                    self._file_stalled(kind, path)
+
+    def _file_ready(self, fd: int, kind: str, path: str, *, write: bool) -> None:
+        """Wait, at most ``FILE_OP_TIMEOUT_S``, until a file op's pipe can move bytes."""
+        want = ([], [fd]) if write else ([fd], [])
+        if not any(select.select(*want, [], FILE_OP_TIMEOUT_S)):
+            self._file_stalled(kind, path)
 
     def read_file(self, path: str, max_bytes: int) -> bytes:
         return self._file_op("read", path, max_bytes=max_bytes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from ..plan import LaunchPlan
@@ -46,6 +47,12 @@ class ExecResult:
 
 @dataclass(frozen=True)
 class FileEntry:
+    """One entry of a directory listing, as the sandbox saw it (not followed).
+
+    ``type`` is ``"file"`` (a regular file), ``"dir"``, ``"symlink"`` or
+    ``"other"`` (a FIFO, socket or character/block device: reading or
+    writing one through the file API is refused with ENXIO)."""
+
     name: str
     type: str
     size: int
@@ -70,6 +77,33 @@ class Receipt:
             "leftovers": self.leftovers,
             "clean": self.clean,
         }
+
+
+@dataclass
+class Checkpoint:
+    """What :meth:`Instance.checkpoint` wrote into its directory.
+
+    The caller (``lifecycle/snapshots.py``) hashes and signs every file the
+    backend lists, so a changed image is refused before ``restore`` sees it.
+    """
+
+    #: The backend that wrote it; only that backend restores it.
+    tier: str
+    #: True when processes and memory were saved (restore resumes them).
+    memory: bool
+    #: Names of the files written, relative to the checkpoint's directory.
+    files: list[str]
+    #: Tier facts for the audit record and the bench: sizes, times, the raw tool.
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tier": self.tier, "memory": self.memory, "files": list(self.files),
+                "details": dict(self.details)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Checkpoint:
+        files = [str(f) for f in d["files"]]
+        return cls(str(d["tier"]), bool(d["memory"]), files, dict(d.get("details", {})))
 
 
 class Process(Protocol):
@@ -131,6 +165,28 @@ class Instance(Protocol):
     def kill(self) -> None: ...
     def destroy(self) -> Receipt: ...
 
+    def checkpoint(self, dest: Path, *, leave_running: bool) -> Checkpoint:
+        """Save the whole sandbox, processes, memory and files, into ``dest``.
+
+        ``dest`` is an empty directory (mode 0700, root's) on the data disk.
+        With ``leave_running`` the sandbox goes on as before (a snapshot or a
+        fork); without it, the sandbox's processes are gone when this returns
+        (a pause) and the caller then calls :meth:`destroy` to release the rest.
+        A tier that cannot save processes raises ``SnapshotError`` with rule
+        ``snapshot.memory`` naming the tier (``lifecycle/snapshots.py`` then
+        offers a files-only snapshot); it never pretends.
+        """
+        ...
+
+    def freeze(self) -> None:
+        """Stop every process in place, memory kept (the namespaces tier's pause);
+        ``SnapshotError`` (rule ``snapshot.freeze``) where the tier has no freezer."""
+        ...
+
+    def thaw(self) -> None:
+        """Undo :meth:`freeze`."""
+        ...
+
 
 class Backend(Protocol):
     name: ClassVar[str]
@@ -138,3 +194,13 @@ class Backend(Protocol):
     risks: ClassVar[Sequence[str]]
 
     def start(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> Instance: ...
+
+    def restore(
+        self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink, src: Path,
+        checkpoint: Checkpoint,
+    ) -> Instance:  # fmt: skip
+        """A running sandbox again from what :meth:`Instance.checkpoint` wrote in
+        ``src`` (already integrity-checked).  The walls are built from ``plan``
+        exactly as :meth:`start` builds them; ``sandbox_id`` may differ from the
+        one saved (a fork, or a sandbox made from a snapshot)."""
+        ...

@@ -50,6 +50,8 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,18 +59,23 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import _config
-from .._errors import BackendUnavailable, SandboxClosed, WallError
+from .._errors import BackendUnavailable, SandboxClosed, SnapshotError, WallError
 from .._sys import cgroups, proc, scratch, seccomp
 from ..audit import _events
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan
 from . import _gvisor_spec as spec
 from ._channel import ProtocolViolation
 from ._channel import parse_reply as _parse_reply
-from ._files import FileOps
+from ._files import FileOps, FileOpStalled
 from ._gates import Gates
-from .base import EventSink, ExecRequest, ExecResult, Receipt
+from .base import Checkpoint, EventSink, ExecRequest, ExecResult, Receipt
 
 START_TIMEOUT_S = 15.0
+#: ``runsc checkpoint`` writes the sentry's whole memory: allow for a full one.
+CHECKPOINT_TIMEOUT_S = 120.0
+#: What a checkpoint's directory holds: runsc's own image, and the scratch disk.
+MEMORY_IMAGE = "checkpoint.img"
+DISK_IMAGE = "scratch.qcow2"
 REPLY_TIMEOUT_S = 10.0
 #: The sentry, the gofer and runsc itself live in the sandbox's memory
 #: cgroup next to the workload: this much is added to memory (the files are
@@ -113,6 +120,18 @@ class GvisorBackend:
             raise
         return inst
 
+    def restore(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink, src: Path,
+                checkpoint: Checkpoint) -> GvisorInstance:  # fmt: skip
+        """``runsc restore`` of ``src`` (see :meth:`GvisorInstance.checkpoint`) in walls
+        built from ``plan`` as :meth:`start` builds them, under ``sandbox_id``."""
+        inst = GvisorInstance(plan, sandbox_id, on_event)
+        try:
+            inst.build(restore=src, saved=checkpoint)
+        except BaseException:
+            inst.destroy()
+            raise
+        return inst
+
 
 class _Req:
     """One request's routing slot: control replies go to ``q``, data to ``on_data``."""
@@ -140,7 +159,9 @@ class GvisorInstance(FileOps):
         self.killed_by_deadline = False
         self._destroyed: Receipt | None = None
         self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        # Reentrant: a checkpoint holds it throughout (nothing new may reach the
+        # init while it is saved) and sends on the restored channel itself.
+        self._send_lock = threading.RLock()
         self._reqs: dict[int, _Req] = {}
         self._reqs_lock = threading.Lock()
         self._next_id = 1
@@ -154,11 +175,23 @@ class GvisorInstance(FileOps):
         self.strace_syscalls: tuple[str, ...] = spec.STRACE_SYSCALLS
         self.strace_missing: tuple[str, ...] = ()
         self._gates = Gates(plan, sandbox_id, on_event, gvisor=True)
+        self._gate_denied = 0  # by the gates of the runs before a checkpoint --leave-running
+        self._proxied = False
+        self._egress_gid: int | None = None
+        self._bundle: Path | None = None
+        #: Set by a checkpoint that goes on: the reader takes the next runsc from
+        #: it when the saved one's stdout ends (None: there is none, stop).
+        self._handover: queue.Queue[subprocess.Popen[bytes] | None] | None = None
+        #: Set by a checkpoint that stops the sandbox (a pause): why it ended.
+        self._checkpointed = False
+        self._ckpt_lock = threading.Lock()
 
     # -- construction ------------------------------------------------------
 
-    def build(self) -> None:
-        runsc = spec.runsc_path()
+    def build(self, restore: Path | None = None, saved: Checkpoint | None = None) -> None:
+        """Start the sandbox: ``runsc run`` of a fresh init, or, given ``restore`` (a
+        checkpoint's directory, integrity-checked by the caller), ``runsc restore`` of
+        the saved one.  Every wall is built the same way in both cases."""
         if not _config.is_root():
             # Rootless runsc drops the sentry's own user namespace and uid 65534.
             raise BackendUnavailable(
@@ -168,6 +201,12 @@ class GvisorInstance(FileOps):
             )
         self.platform = spec.choose_platform()
         spec.check_plan(self.plan)
+        _path, version, _known = spec.runsc_info()
+        if saved is not None:
+            _check_saved(saved, version, self.platform)
+            # The restored init still runs (and may answer) the requests of its
+            # first life: their ids are never handed out again here.
+            self._next_id = max(1, min(int(saved.details.get("next_request_id", 1)), 1 << 30))
         level = self.plan.audit_level
         if level != "actions":
             unknown = spec.strace_unknown(self.platform)
@@ -198,38 +237,33 @@ class GvisorInstance(FileOps):
         }  # fmt: skip
         argv = spec.init_argv(_LAUNCH)
         net = self.plan.network
-        proxied = net.mode == "proxy" and bool(net.host_dir)
+        self._proxied = net.mode == "proxy" and bool(net.host_dir)
         extra_gids: tuple[int, ...] = ()
-        if proxied:
+        if self._proxied:
             extra_gids = (_open_egress_to_group(Path(str(net.host_dir))),)
-        scratch_dirs = self._scratch()
+            was = saved.details.get("egress_gid", extra_gids[0]) if saved else extra_gids[0]
+            if was != extra_gids[0]:
+                # The saved processes keep the supplementary gid they were started with.
+                raise SnapshotError(
+                    "gvisor: the egress dir's group changed since the checkpoint "
+                    f"({was} -> {extra_gids[0]}): the restored "
+                    "processes could not reach the proxy", rule="snapshot.state")  # fmt: skip
+        self._egress_gid = extra_gids[0] if extra_gids else None
+        scratch_dirs = self._scratch(restore)
         if self._gates.needed:  # writable host dirs: through their gates only
             self._write_record()
             self.walls["write_gate"] = self._gates.start()
-        bundle = spec.bundle(self.plan, self.state, init_dir, argv, self.sbdir, extra_gids,
-                             scratch_dirs, self._gates.staging)  # fmt: skip
-        runsc_argv = [
-            runsc, "--root", str(self.sbdir / "state"), f"--platform={self.platform}",
-            "--network=none", "--ignore-cgroups",
-            *(["--host-uds=open"] if proxied else []),
-            "--strace", "--strace-syscalls=" + ",".join(self.strace_syscalls),
-            # --debug: the sentry then logs each call its seccomp filter refused
-            # (Tracer: the setuid/setgid modes' deny records); about 10 lines per
-            # process started, no measurable cost (docs/backends.md).
-            "--debug", f"--debug-log={fifo}", "--debug-log-format=json", "--debug-command=boot",
-            "run", "--bundle", str(bundle), self.sandbox_id,
-        ]  # fmt: skip
-        procs = [os.path.join(p, "cgroup.procs") for p in self.cg.paths]
-        # Born in the cgroups: the shell moves itself, then becomes runsc.
-        script = 'for f in "$@"; do echo $$ > "$f" || exit 125; done; exec ' + shlex.join(
-            runsc_argv
-        )
-        self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", script, "sh", *procs],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, cwd="/", close_fds=True,
-            start_new_session=True,
-        )  # fmt: skip
+        self._bundle = spec.bundle(self.plan, self.state, init_dir, argv, self.sbdir, extra_gids,
+                                   scratch_dirs, self._gates.staging)  # fmt: skip
+        t0 = time.monotonic()
+        if restore is None:
+            self.proc = self._launch("run", "--bundle", str(self._bundle), self.sandbox_id)
+        else:
+            # Armed at once: everything traced from here on is the sandbox's own
+            # (its init's start-up was in its first life).
+            self._tracer.arm()
+            self.proc = self._launch("restore", "--bundle", str(self._bundle),
+                                     "--image-path", str(restore), self.sandbox_id)  # fmt: skip
         self._write_record()
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"glassroom-{self.sandbox_id}")  # fmt: skip
@@ -237,33 +271,12 @@ class GvisorInstance(FileOps):
         self._tracer.start()
         shim = init_dir / spec.COMPAT_SHIM
         preload = f"{spec.INIT_DIR_INSIDE}/{spec.COMPAT_SHIM}" if shim.exists() else ""
-        self._send(_K_MSG, 0, marshal.dumps({
-            "op": "config",
-            # The whole profile, setuid/setgid modes included: this runsc reports
-            # success for a chmod its gofer refused, so the sentry must say EPERM.
-            "seccomp": [seccomp.compile_bpf(self.plan.seccomp_profile)],
-            "preload": preload,
-            **({"forward": {"port": PROXY_PORT_INSIDE,
-                            "socket": f"{EGRESS_DIR_INSIDE}/proxy.sock"}} if proxied else {}),
-            "rlimits": {"RLIMIT_FSIZE": lim.disk_bytes, "RLIMIT_CORE": 0,
-                        "RLIMIT_NOFILE": 1024, "RLIMIT_NPROC": lim.pids},
-        }))  # fmt: skip
-        try:
-            ready = self._ready.get(timeout=START_TIMEOUT_S)
-        except queue.Empty:
-            raise WallError("gvisor: the sandbox did not start in time", rule="gvisor") from None
-        if ready["op"] == "closed":
-            raise WallError(f"gvisor: runsc failed: {self._stderr()}", rule="gvisor")
-        if ready["op"] == "fatal":
-            wall = str(ready.get("wall", "init"))
-            raise WallError(f"{wall}: {ready.get('error', 'failed')}", rule=wall)
-        if ready["op"] != "ready":
-            raise WallError(f"init: unexpected first reply {ready['op']!r}", rule="init")
-        self._tracer.arm()
-        self._gates.detach()  # the gofer holds its binds of the gates: none stay on the host
-        if self._disk is not None:  # the gofer holds its own mounts of the disk now
-            self._disk.detach_soon()
-        _path, version, _known = spec.runsc_info()
+        if restore is None:
+            self._configure(preload)
+            self._tracer.arm()
+        else:
+            self._await_restored()
+        self._settle()
         self.walls.update({
             "runsc": version,
             "platform": self.platform,
@@ -279,11 +292,24 @@ class GvisorInstance(FileOps):
                       "how": "noexec on every mount, allowed tools re-bound executable"},
             "network": "runsc --network=none (loopback only)" + (
                 f"; proxy on 127.0.0.1:{PROXY_PORT_INSIDE} via the egress socket "
-                "(--host-uds=open)" if proxied else ""),
+                "(--host-uds=open)" if self._proxied else ""),
             "rlimits": {"RLIMIT_FSIZE": lim.disk_bytes, "RLIMIT_CORE": 0,
                         "RLIMIT_NOFILE": 1024, "RLIMIT_NPROC": lim.pids},
             "audit": "runsc --strace: " + ",".join(self.strace_syscalls),
         })  # fmt: skip
+        if saved is not None:
+            # The seccomp programs, rlimits and no_new_privs are the saved tasks' own
+            # (the sentry restores them with the processes); mounts, network,
+            # cgroups, gates and the tracer are this start's, built from the plan.
+            self.walls["start"] = {
+                "how": "runsc restore", "ms": round((time.monotonic() - t0) * 1000, 1),
+                "from": {k: saved.details[k] for k in ("sandbox_id", "runsc", "platform")
+                         if k in saved.details},
+                "seccomp_and_rlimits": "restored with the saved processes (set by the init "
+                                       "in their first life)",
+            }  # fmt: skip
+        else:
+            self.walls["start"] = {"how": "runsc run"}
         if level != "actions":
             self.walls["file_audit"] = {
                 "level": level,
@@ -292,7 +318,89 @@ class GvisorInstance(FileOps):
                 "not_traceable": sorted(self.strace_missing),
             }
 
-    def _scratch(self) -> dict[str, str]:
+    def _runsc(self, *command: str) -> list[str]:
+        """runsc with this sandbox's global flags: the same for run, restore and checkpoint
+        (a restored sentry is configured by these flags, not by the image)."""
+        fifo = self.sbdir / "trace"
+        return [
+            spec.runsc_path(), "--root", str(self.sbdir / "state"), f"--platform={self.platform}",
+            "--network=none", "--ignore-cgroups",
+            *(["--host-uds=open"] if self._proxied else []),
+            "--strace", "--strace-syscalls=" + ",".join(self.strace_syscalls),
+            # --debug: the sentry then logs each call its seccomp filter refused
+            # (Tracer: the setuid/setgid modes' deny records); about 10 lines per
+            # process started, no measurable cost (docs/backends.md).
+            "--debug", f"--debug-log={fifo}", "--debug-log-format=json", "--debug-command=boot",
+            *command,
+        ]  # fmt: skip
+
+    def _launch(self, *command: str) -> subprocess.Popen[bytes]:
+        """``runsc COMMAND``, born in the sandbox's cgroups; its stdio is the channel."""
+        assert self.cg is not None
+        procs = [os.path.join(p, "cgroup.procs") for p in self.cg.paths]
+        # Born in the cgroups: the shell moves itself, then becomes runsc.
+        script = 'for f in "$@"; do echo $$ > "$f" || exit 125; done; exec ' + shlex.join(
+            self._runsc(*command)
+        )
+        return subprocess.Popen(
+            ["/bin/sh", "-c", script, "sh", *procs],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, cwd="/", close_fds=True,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def _configure(self, preload: str) -> None:
+        """Send a fresh init its walls (seccomp, rlimits, the proxy bridge); wait for ready."""
+        lim = self.plan.limits
+        self._send(_K_MSG, 0, marshal.dumps({
+            "op": "config",
+            # The whole profile, setuid/setgid modes included: this runsc reports
+            # success for a chmod its gofer refused, so the sentry must say EPERM.
+            "seccomp": [seccomp.compile_bpf(self.plan.seccomp_profile)],
+            "preload": preload,
+            **({"forward": {"port": PROXY_PORT_INSIDE,
+                            "socket": f"{EGRESS_DIR_INSIDE}/proxy.sock"}} if self._proxied else {}),
+            "rlimits": {"RLIMIT_FSIZE": lim.disk_bytes, "RLIMIT_CORE": 0,
+                        "RLIMIT_NOFILE": 1024, "RLIMIT_NPROC": lim.pids},
+        }))  # fmt: skip
+        try:
+            ready = self._ready.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            raise WallError("gvisor: the sandbox did not start in time", rule="gvisor") from None
+        if ready["op"] == "closed":
+            raise WallError(f"gvisor: runsc failed: {self._stderr()}", rule="gvisor")
+        if ready["op"] == "fatal":
+            wall = str(ready.get("wall", "init"))
+            raise WallError(f"{wall}: {ready.get('error', 'failed')}", rule=wall)
+        if ready["op"] != "ready":
+            raise WallError(f"init: unexpected first reply {ready['op']!r}", rule="init")
+
+    def _await_restored(self) -> None:
+        """The restored init answers on the new channel (a statfs of the workspace).
+
+        It was configured in its first life and never says ``ready`` again; an
+        answer to a request proves the restore finished and the stream is in step.
+        """
+        rid, req = self._request({"op": "statfs", "path": self.plan.workspace})
+        try:
+            msg = req.q.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            raise WallError("gvisor: the restored sandbox did not answer in time",
+                            rule="gvisor") from None  # fmt: skip
+        finally:
+            self._forget(rid)
+        if msg["op"] == "closed":
+            raise WallError(f"gvisor: runsc restore failed: {self._stderr()}", rule="gvisor")
+        if msg["op"] != "statfs":
+            raise WallError(f"init: unexpected reply {msg['op']!r} after restore", rule="init")
+
+    def _settle(self) -> None:
+        """The gofer holds its binds of the gates and the disk now: none stay on the host."""
+        self._gates.detach()
+        if self._disk is not None:
+            self._disk.detach_soon()
+
+    def _scratch(self, restore: Path | None = None) -> dict[str, str]:
         """/workspace and /tmp: dirs of one ext4 scratch disk of disk_mib, bound in.
 
         Not runsc's tmpfs (sentry memory, charged to the cgroup like the
@@ -301,20 +409,31 @@ class GvisorInstance(FileOps):
         disk_mib would not hold): a loop-mounted image on the host, served by
         the gofer with ``--file-access-mounts=shared`` (the default: no sentry
         page cache for it).  The dirs belong to the uid the sentry's task has.
+
+        ``restore``: the disk is the one saved there (``DISK_IMAGE``), block
+        for block: the restored gofer re-opens the saved sandbox's files by
+        path and checks each one's size, so they must be exactly as saved.
         """
         lim = self.plan.limits
         targets = {m.target: m.mode or 0o755 for m in self.plan.mounts if m.kind == "scratch"}
         names = {t: t.strip("/").replace("/", "_") for t in targets}
-        self._disk = scratch.ScratchMount.create(
-            _config.scratch_dir(), self.sandbox_id, lim.disk_bytes,
-            (_config.INSIDE_UID, _config.INSIDE_GID),
-            {names[t]: mode for t, mode in targets.items()}, root_only=True,
-        )  # fmt: skip
+        raw = _unpack_disk(restore / DISK_IMAGE, self.sandbox_id) if restore else None
+        try:
+            self._disk = scratch.ScratchMount.create(
+                _config.scratch_dir(), self.sandbox_id, lim.disk_bytes,
+                (_config.INSIDE_UID, _config.INSIDE_GID),
+                {names[t]: mode for t, mode in targets.items()}, root_only=True, source=raw,
+            )  # fmt: skip
+        finally:
+            if raw is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    raw.unlink()
         self.walls["workspace"] = {
             "kind": "ext4 scratch disk (loop device) bound through the gofer; detached "
                     "from the host once the sandbox holds it",
             "holds": sorted(targets), "disk_bytes": lim.disk_bytes,
             "counts_in": "resources.disk_mib (host page cache, reclaimable)",
+            **({"from": "the checkpoint's copy (e2image)"} if restore else {}),
         }  # fmt: skip
         return {t: self._disk.path(names[t]) for t in targets}
 
@@ -401,12 +520,18 @@ class GvisorInstance(FileOps):
     def _read_loop(self) -> None:
         """Route frames and enforce the deadline until the sandbox ends (fail closed)."""
         reason = "sandbox exited"
+        buf = bytearray()  # one stream across a checkpoint that goes on (see _handover)
         try:
-            reason = self._pump()
+            p = self.proc
+            while p is not None:
+                reason = self._pump(p, buf)
+                p = self._next_runsc(reason, p)
         except Exception as exc:
             reason = f"supervisor error: {type(exc).__name__}"
             self._violation(f"reader stopped: {exc!r}")
             self.kill()
+        if self._checkpointed and reason == "sandbox exited":
+            reason = "checkpointed: its processes were saved and stopped"
         self.dead_reason = reason
         with self._reqs_lock:
             self._closed = True
@@ -417,10 +542,26 @@ class GvisorInstance(FileOps):
         for r in waiters:
             r.q.put(closed)
 
-    def _pump(self) -> str:
-        assert self.proc is not None and self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        buf = bytearray()
+    def _next_runsc(self, reason: str, old: subprocess.Popen[bytes]
+                    ) -> subprocess.Popen[bytes] | None:  # fmt: skip
+        """After the saved runsc's stdout ended: the restored one, if a checkpoint
+        with ``leave_running`` is under way (the init's frames go on there, from
+        exactly where they stopped: the old pipe was read to its end)."""
+        handover = self._handover
+        if reason != "sandbox exited" or handover is None:
+            return None
+        try:
+            nxt = handover.get(timeout=CHECKPOINT_TIMEOUT_S + START_TIMEOUT_S)
+        except queue.Empty:
+            return None
+        if nxt is not None and old.stdout is not None:
+            with contextlib.suppress(OSError):
+                old.stdout.close()
+        return nxt
+
+    def _pump(self, p: subprocess.Popen[bytes], buf: bytearray) -> str:
+        assert p.stdout is not None
+        fd = p.stdout.fileno()
         while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
@@ -546,7 +687,10 @@ class GvisorInstance(FileOps):
         out = bytearray()
         cap = max_bytes if kind == "read" else 64 << 20
 
+        moved = [0]  # bytes relayed so far: a long read is not a stalled one
+
         def on_data(_kind: int, chunk: bytes) -> None:
+            moved[0] += len(chunk)
             if len(out) < cap:
                 out.extend(chunk[: cap - len(out)])
 
@@ -559,12 +703,13 @@ class GvisorInstance(FileOps):
                 for i in range(0, len(view), MAX_DATA):
                     self._send(_K_IN, rid, bytes(view[i : i + MAX_DATA]))
                 self._send(_K_CLOSE, rid, b"")
-            first = req.q.get()
+            first = self._file_reply(req.q, kind, path)  # bounded: FILE_OP_TIMEOUT_S
             if first["op"] == "closed":
                 raise self._closed_error()
             if first["op"] == "error":
                 raise _path_error(kind, path, int(first["errno"]), str(first["error"]))
-            done = req.q.get()
+            done = self._file_reply(req.q, kind, path, progress=lambda: moved[0],
+                                    size=len(data or b""))  # fmt: skip
             if done["op"] == "closed":
                 raise self._closed_error()
             code = done.get("code") or 0
@@ -572,9 +717,244 @@ class GvisorInstance(FileOps):
                 raise _path_error(kind, path, int(code), os.strerror(int(code)))
         except SandboxClosed:
             raise self._closed_error() from None
+        except FileOpStalled:  # its child, if it got one, goes too
+            with contextlib.suppress(SandboxClosed):
+                self._send(_K_MSG, 0, marshal.dumps({"op": "signal", "target": rid,
+                                                     "sig": int(signal.SIGKILL)}))  # fmt: skip
+            raise
         finally:
             self._forget(rid)
         return bytes(out)
+
+    # -- checkpoint ---------------------------------------------------------------
+
+    def checkpoint(self, dest: Path, *, leave_running: bool) -> Checkpoint:
+        """``runsc checkpoint`` of the whole sandbox into ``dest``, and a copy of its disk.
+
+        The saved runsc stops.  Its gofer re-opens the sandbox's files by path
+        on restore (and checks their sizes), so the scratch disk is saved with
+        it: its loop device is held open here before the sentry stops (else
+        autoclear would free it with the last mount), and once every process of
+        the sandbox is gone and the filesystem released (flushed), ``e2image
+        -Qa`` copies its used blocks.  The sandbox itself never writes blocks,
+        only files through the gofer: the copy is the filesystem as the kernel
+        wrote it.
+
+        ``leave_running``: runsc 20221219's own ``--leave-running`` is a
+        checkpoint, a destroy and a restore run inside ``runsc checkpoint``:
+        the restored sandbox would get that command's stdio, not this
+        instance's channel, and its gofer would look for the disk's host
+        mount, detached since the start.  So the same three steps are done
+        here: after the copy, ``runsc restore`` of the image into this same
+        instance (same id, cgroups, trace FIFO and request ids, a new disk
+        from the copy, new write gates).  The init's stream goes on where it
+        stopped, so host-side handles of running processes keep working.
+
+        Without ``leave_running`` (a pause) the sandbox's processes are saved
+        and gone; the host-side handles of processes spawned before end as
+        the sandbox closes (result: SIGKILL, ``SandboxClosed`` for new calls);
+        the processes themselves go on in whatever is restored from ``dest``.
+
+        Known limit (runsc 20221219): a connection open through the egress
+        proxy (``--host-uds=open``) cannot be saved: ``runsc checkpoint``
+        fails with ``encoding error at object transport.connectionedEndpoint
+        ...: runtime error: invalid memory address or nil pointer
+        dereference`` and the sentry exits.  That is raised as
+        ``SnapshotError`` (``snapshot.memory``) saying the sandbox ended; it is
+        not detectable from the host beforehand (the host holds no socket for
+        it by then).
+        """
+        with self._ckpt_lock:
+            if self._destroyed is not None or not self.alive():
+                raise SnapshotError(f"gvisor: sandbox {self.sandbox_id} is not running",
+                                    rule="snapshot.state")  # fmt: skip
+            if self._disk is None or not self._disk.device:
+                raise SnapshotError("gvisor: the sandbox has no scratch disk to save",
+                                    rule="snapshot.state")  # fmt: skip
+            with self._send_lock:  # nothing new reaches the init while it is saved
+                return self._checkpoint(dest, leave_running)
+
+    def _checkpoint(self, dest: Path, leave_running: bool) -> Checkpoint:
+        assert self.proc is not None and self._disk is not None
+        t0 = time.monotonic()
+        self._drain_stdin()
+        old, disk = self.proc, self._disk
+        argv = self._runsc("checkpoint", "--image-path", str(dest), self.sandbox_id)
+        try:
+            held = os.open(disk.device, os.O_RDONLY | os.O_CLOEXEC)  # it outlives its mounts
+        except OSError as exc:
+            raise SnapshotError(f"gvisor: cannot hold the scratch disk {disk.device}: {exc}",
+                                rule="snapshot.memory") from exc  # fmt: skip
+        handover: queue.Queue[subprocess.Popen[bytes] | None] = queue.Queue()
+        self._handover = handover if leave_running else None
+        try:
+            try:
+                res = subprocess.run(argv, capture_output=True, timeout=CHECKPOINT_TIMEOUT_S,
+                                     env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, cwd="/",
+                                     check=False)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                self.kill()  # half-saved: it must not go on as if nothing happened
+                raise SnapshotError(f"gvisor: runsc checkpoint did not finish in "
+                                    f"{CHECKPOINT_TIMEOUT_S:g}s; the sandbox was killed",
+                                    rule="snapshot.memory") from None  # fmt: skip
+            if res.returncode != 0:
+                # A Go panic's first line is the reason; the stack trace after it is not.
+                text = res.stderr.decode(errors="replace").strip()
+                err = " ".join(text.splitlines()[0].split())[:600] if text else "no output"
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    old.wait(timeout=1.0)  # a sentry that failed its save may be ending
+                ended = "" if self.alive() else "; the sandbox ended with it"
+                if "transport.connectionedEndpoint" in err:
+                    # Seen with a connection open through the egress proxy (the
+                    # in-sandbox bridge's Unix socket, --host-uds=open): runsc
+                    # 20221219 cannot encode it, and its sentry then exits.
+                    err = ("runsc cannot save an open connection through the egress proxy "
+                           f"(a connected Unix socket): {err[:300]}")
+                raise SnapshotError(f"gvisor: runsc checkpoint failed (exit {res.returncode}): "
+                                    f"{err}{ended}", rule="snapshot.memory")  # fmt: skip
+            t_saved = time.monotonic()
+            self._checkpointed = not leave_running
+            with self._reqs_lock:
+                next_id = self._next_id  # every id the saved init has seen is below it
+            flushed = self._await_stopped(old, disk.device)
+            self._save_disk(disk.device, dest)
+        except BaseException:
+            handover.put(None)  # if its stream ends, nothing follows it
+            self._handover = None
+            raise
+        finally:
+            os.close(held)  # the old disk's loop device detaches (autoclear) and is freed
+        t_copied = time.monotonic()
+        _path, version, _known = spec.runsc_info()
+        mem_img, disk_img = dest / MEMORY_IMAGE, dest / DISK_IMAGE
+        details: dict[str, Any] = {
+            "sandbox_id": self.sandbox_id, "runsc": version, "platform": self.platform,
+            "command": shlex.join(["runsc", "checkpoint", "--image-path", str(dest),
+                                   self.sandbox_id]),
+            "checkpoint_ms": round((t_saved - t0) * 1000, 1),
+            "disk_copy_ms": round((t_copied - t_saved) * 1000, 1),
+            "memory_image_bytes": mem_img.stat().st_size,
+            "disk_image_bytes": disk_img.stat().st_size,
+            "disk": f"e2image -Qa of the scratch disk ({self.plan.limits.disk_bytes} bytes), "
+                    + flushed,
+            "next_request_id": next_id, "egress_gid": self._egress_gid,
+            "leave_running": leave_running,
+        }  # fmt: skip
+        if leave_running:
+            for f in (old.stdin, old.stderr):
+                with contextlib.suppress(OSError):
+                    if f is not None:
+                        f.close()
+            details["restart_ms"] = self._relaunch(dest, handover)
+        files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+        details["bytes"] = sum((dest / f).stat().st_size for f in files)
+        details["ms"] = round((time.monotonic() - t0) * 1000, 1)
+        return Checkpoint(tier="gvisor", memory=True, files=files, details=details)
+
+    def _drain_stdin(self) -> None:
+        """Wait until the init has read all that was sent to it.
+
+        Bytes left in the pipe would be lost with the saved runsc, and the
+        restored init's stream would then start mid-frame; what it has read is
+        in its memory, saved with it.
+        """
+        assert self.proc is not None and self.proc.stdin is not None
+        fd = self.proc.stdin.fileno()
+        end = time.monotonic() + REPLY_TIMEOUT_S
+        while True:
+            left = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+            if left == 0:
+                return
+            if time.monotonic() > end:
+                raise SnapshotError(f"gvisor: the sandbox's init left {left} bytes of its input "
+                                    f"unread for {REPLY_TIMEOUT_S:g}s: not saved mid-stream",
+                                    rule="snapshot.state")  # fmt: skip
+            time.sleep(0.002)
+
+    def _await_stopped(self, old: subprocess.Popen[bytes], device: str) -> str:
+        """Wait for the saved sandbox's runsc, sentry and gofer to exit and the disk's
+        filesystem to be released (unmounting flushes it); returns how it was flushed.
+
+        A sandbox started on this host while this one's disk was still mounted
+        on the host holds a copy of that mount in its own mount namespaces, so
+        the filesystem may stay mounted there: then ``sync()`` writes it out
+        (nothing writes to it any more: its only writer, this gofer, is gone).
+        """
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            old.wait(timeout=START_TIMEOUT_S)
+        assert self.cg is not None
+        end = time.monotonic() + 5.0
+        while self.cg.pids() and time.monotonic() < end:
+            time.sleep(0.005)
+        if self.cg.pids():  # the saved sentry or gofer lingers: it has nothing left to do
+            with contextlib.suppress(OSError, WallError):
+                self.cg.kill_all(timeout=5.0)
+        end = time.monotonic() + 2.0
+        while True:
+            try:
+                fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise SnapshotError(f"gvisor: cannot reach the scratch disk {device}: {exc}",
+                                        rule="snapshot.memory") from exc  # fmt: skip
+                if time.monotonic() > end:
+                    os.sync()
+                    return "synced (still mounted in another sandbox's namespace)"
+                time.sleep(0.002)
+                continue
+            os.close(fd)
+            return "after its last unmount"
+
+    def _save_disk(self, device: str, dest: Path) -> None:
+        """The disk's used blocks, compact (QCOW2: a sparse raw file would count, be
+        hashed and be stored at its full ``disk_mib``)."""
+        res = subprocess.run([_e2image(), "-Qa", device, str(dest / DISK_IMAGE)],
+                             capture_output=True, timeout=CHECKPOINT_TIMEOUT_S, check=False,
+                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})  # fmt: skip
+        if res.returncode != 0:
+            err = " ".join(res.stderr.decode(errors="replace").split())[-400:]
+            raise SnapshotError(f"gvisor: e2image could not copy the scratch disk: {err}",
+                                rule="snapshot.memory")  # fmt: skip
+
+    def _relaunch(self, image: Path,
+                  handover: queue.Queue[subprocess.Popen[bytes] | None]) -> float:  # fmt: skip
+        """``runsc restore`` of what was just saved, into this instance (``leave_running``)."""
+        t0 = time.monotonic()
+        try:
+            if self._disk is not None:
+                self._disk.detach()  # long done (at the start); its name is free again
+            self._scratch(image)
+            if self._gates.needed:  # the saved gofer's gates ended with it
+                self._gate_denied += int(self._gates.close().get("denied", 0))
+                self._gates = Gates(self.plan, self.sandbox_id, self.on_event, gvisor=True)
+                self.walls["write_gate"] = self._gates.start()
+            assert self._bundle is not None
+            self.proc = self._launch("restore", "--bundle", str(self._bundle),
+                                     "--image-path", str(image), self.sandbox_id)  # fmt: skip
+            self._write_record()
+            handover.put(self.proc)
+            self._await_restored()  # answered: the reader is on the new runsc's stdout
+            self._handover = None  # so a later end of the sandbox is just that
+            self._settle()
+        except (WallError, SandboxClosed, OSError) as exc:
+            handover.put(None)  # the reader stops at the end of whichever stream it reads
+            self._handover = None
+            self.kill()
+            raise SnapshotError(f"gvisor: the sandbox was saved but did not go on: {exc}",
+                                rule="snapshot.state") from exc  # fmt: skip
+        ms = round((time.monotonic() - t0) * 1000, 1)
+        self.walls["start"] = {"how": "runsc restore (checkpoint with leave_running)", "ms": ms}
+        return ms
+
+    def freeze(self) -> None:
+        raise SnapshotError(
+            "gvisor: this tier pauses by checkpoint (runsc checkpoint, then runsc restore), "
+            "not by freezing in place: a frozen sentry would hold all its memory",
+            rule="snapshot.freeze")  # fmt: skip
+
+    def thaw(self) -> None:
+        raise SnapshotError("gvisor: this tier pauses by checkpoint, so there is nothing to thaw",
+                            rule="snapshot.freeze")  # fmt: skip
 
     # -- teardown -----------------------------------------------------------
 
@@ -632,6 +1012,8 @@ class GvisorInstance(FileOps):
         removed["mounts"] = "the sentry's private mount namespace, gone with the sentry"
         if self._gates.needed:
             removed["write_gate"] = self._gates.close()
+            if self._gate_denied:
+                removed["write_gate"]["denied"] += self._gate_denied
         if self.record_path.exists():
             self.record_path.unlink()
             removed["state"] = str(self.record_path)
@@ -655,6 +1037,50 @@ class GvisorInstance(FileOps):
             if p.exists():
                 left["state"].append(str(p))
         return left
+
+
+def _check_saved(saved: Checkpoint, version: str, platform: str) -> None:
+    """Refuse, before anything starts, a checkpoint this runsc cannot restore."""
+    if saved.tier != "gvisor" or not saved.memory:
+        raise SnapshotError(f"gvisor: cannot restore a {saved.tier} checkpoint"
+                            f"{'' if saved.memory else ' without memory'}",
+                            rule="snapshot.memory")  # fmt: skip
+    missing = [f for f in (MEMORY_IMAGE, DISK_IMAGE) if f not in saved.files]
+    if missing:
+        raise SnapshotError(f"gvisor: the checkpoint lacks {', '.join(missing)}",
+                            rule="snapshot.memory")  # fmt: skip
+    made_by = saved.details.get("runsc")
+    if made_by != version:  # runsc restores only images of its own build
+        raise SnapshotError(f"gvisor: the checkpoint was made by {made_by}, this is {version}",
+                            rule="snapshot.memory")  # fmt: skip
+
+
+def _e2image() -> str:
+    found = shutil.which("e2image", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if found is None:
+        raise SnapshotError("gvisor: e2image (e2fsprogs) is not installed, so the scratch "
+                            "disk cannot be saved with the memory",
+                            rule="snapshot.memory")  # fmt: skip
+    return found
+
+
+def _unpack_disk(image: Path, sandbox_id: str) -> Path:
+    """A raw image (sparse) of a saved disk, next to where the new one is made."""
+    directory = _config.scratch_dir()
+    scratch.check_backing(directory)
+    raw = directory / f".{sandbox_id}.restore.img"
+    with contextlib.suppress(FileNotFoundError):
+        raw.unlink()
+    res = subprocess.run([_e2image(), "-r", str(image), str(raw)], capture_output=True,
+                         timeout=CHECKPOINT_TIMEOUT_S, check=False,
+                         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})  # fmt: skip
+    if res.returncode != 0:
+        with contextlib.suppress(FileNotFoundError):
+            raw.unlink()
+        err = " ".join(res.stderr.decode(errors="replace").split())[-400:]
+        raise SnapshotError(f"gvisor: e2image could not unpack the saved disk: {err}",
+                            rule="snapshot.memory")  # fmt: skip
+    return raw
 
 
 def _open_egress_to_group(egress: Path) -> int:

@@ -31,18 +31,26 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from .. import _config, _reach
-from .._errors import BackendUnavailable, SandboxClosed, SandboxError, SandboxPathError, WallError
+from .._errors import (
+    BackendUnavailable,
+    SandboxClosed,
+    SandboxError,
+    SandboxPathError,
+    SnapshotError,
+    WallError,
+)
 from .._sys import cgroups, netwatch, proc, scratch, seccomp, tracewatch
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan, Mount
 from ._channel import Channel, ProtocolViolation, close_quietly, release_quietly
-from ._files import FileOps
+from ._files import FileOps, FileOpStalled
 from ._gates import Gates
-from .base import EventSink, ExecRequest, ExecResult, Receipt
+from .base import Checkpoint, EventSink, ExecRequest, ExecResult, Receipt
 
 if TYPE_CHECKING:
     from ._spawn import NamespacesProcess
@@ -176,6 +184,11 @@ def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int],
     ]  # fmt: skip
     for m in plan.mounts:
         argv += _mount_args(m, scratch_dirs, gates)
+        if m.kind == "proc" and "boot_id" in fds:
+            # The host's boot id names the host (and its every boot): the sandbox
+            # gets one of its own, as a VM would.  A resumed sandbox keeps its
+            # own; a new sandbox from a files-only snapshot gets a new one.
+            argv += ["--ro-bind-data", str(fds["boot_id"]), f"{m.target}/sys/kernel/random/boot_id"]
     argv += ["--ro-bind", str(init_dir), INIT_DIR_INSIDE]
     if not Path("/etc/passwd").exists() or not any(
         r.path in ("/etc", "/etc/passwd") for r in plan.fs_rules
@@ -250,6 +263,19 @@ class NamespacesBackend:
             raise
         return inst
 
+    def restore(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink, src: Path,
+                checkpoint: Checkpoint) -> NamespacesInstance:  # fmt: skip
+        raise SnapshotError(NO_PROCESS_STATE, rule="snapshot.memory")
+
+
+#: Why this tier saves no process state (docs/snapshots.md).
+NO_PROCESS_STATE = (
+    "the namespaces tier cannot save process state: CRIU restores neither the "
+    "sandbox's Landlock domain nor its seccomp filter with a notify listener, so the "
+    "processes would come back without their walls; pause() freezes them in place "
+    "instead, and snapshots of this tier hold files only"
+)
+
 
 class NamespacesInstance(FileOps):
     """One running sandbox: bwrap + init + cgroups, driven over the channel."""
@@ -268,6 +294,8 @@ class NamespacesInstance(FileOps):
         self.deadline = time.monotonic() + plan.limits.max_runtime_s
         self.dead_reason: str | None = None
         self.killed_by_deadline = False
+        #: When freeze() stopped it (a pause), or None.
+        self._frozen_at: float | None = None
         self._reader: threading.Thread | None = None
         self._pidfd: int | None = None
         self._netwatch: netwatch.NetWatch | None = None
@@ -338,7 +366,10 @@ class NamespacesInstance(FileOps):
         except Exception as exc:
             close_quietly(info_r, info_w, block_r, block_w)
             raise WallError(f"seccomp: cannot compile filter: {exc}", rule="seccomp") from exc
-        fds = {"info": info_w, "block": block_r, "seccomp": sec_fd}
+        boot_fd = os.memfd_create("boot_id", os.MFD_CLOEXEC)
+        os.write(boot_fd, f"{uuid.uuid4()}\n".encode())
+        os.lseek(boot_fd, 0, os.SEEK_SET)
+        fds = {"info": info_w, "block": block_r, "seccomp": sec_fd, "boot_id": boot_fd}
         if self._gates.needed:  # writable host dirs: through their gates only
             self._write_record()
             self.walls["write_gate"] = self._gates.start()
@@ -354,7 +385,7 @@ class NamespacesInstance(FileOps):
                 stderr=subprocess.PIPE,
                 env={},
                 cwd="/",
-                pass_fds=(info_w, block_r, sec_fd, child_sock.fileno()),
+                pass_fds=(info_w, block_r, sec_fd, boot_fd, child_sock.fileno()),
                 user=uid if as_root else None,
                 group=gid if as_root else None,
                 extra_groups=[] if as_root else None,
@@ -364,7 +395,7 @@ class NamespacesInstance(FileOps):
             close_quietly(info_r, block_w)
             raise
         finally:
-            close_quietly(info_w, block_r, sec_fd)
+            close_quietly(info_w, block_r, sec_fd, boot_fd)
             child_sock.close()
         try:
             info = self._read_info(info_r)
@@ -661,6 +692,8 @@ class NamespacesInstance(FileOps):
         sock = self.channel.sock
         while True:
             remaining = self.deadline - time.monotonic()
+            if self._frozen_at is not None:  # frozen time does not count (thaw moves it)
+                remaining = max(remaining, 0.5)
             if remaining <= 0:
                 self.killed_by_deadline = True
                 self.on_event(
@@ -859,38 +892,84 @@ class NamespacesInstance(FileOps):
         give, keep = (r, w) if kind == "write" else (w, r)
         msg = {"op": "file", "kind": kind, "path": path, "max": max_bytes, "mode": mode}
         try:
-            _rid, q = self._request(msg, [give])
+            rid, q = self._request(msg, [give])
         except SandboxClosed:
             close_quietly(r, w)
             raise self._closed_error() from None
         close_quietly(give)
         out = bytearray()
         try:
-            first = q.get()
+            # Every wait below is bounded (FILE_OP_TIMEOUT_S): an init that never
+            # answers is an anomaly and a SandboxError, not a hung caller.
+            first = self._file_reply(q, kind, path)
             if first["op"] == "closed":
                 raise self._closed_error()
             if first["op"] == "error":
                 raise _path_error(kind, path, first["errno"], first["error"])
+            os.set_blocking(keep, False)
             if kind == "write":
                 view = memoryview(data or b"")
                 try:
                     while view:
-                        view = view[os.write(keep, view[: 1 << 16]) :]
+                        try:
+                            view = view[os.write(keep, view[: 1 << 16]) :]
+                        except BlockingIOError:
+                            self._file_ready(keep, kind, path, write=True)
                 except BrokenPipeError:
                     pass
                 release_quietly(keep)  # EOF for the reader; closed once, below
             else:
-                while chunk := os.read(keep, 1 << 16):
+                while True:
+                    try:
+                        chunk = os.read(keep, 1 << 16)
+                    except BlockingIOError:
+                        self._file_ready(keep, kind, path, write=False)
+                        continue
+                    if not chunk:
+                        break
                     out += chunk
-            done = q.get()
+            done = self._file_reply(q, kind, path)
             if done["op"] == "closed":
                 raise self._closed_error()
             code = done.get("code") or 0
             if code:
                 raise _path_error(kind, path, code, os.strerror(code))
+        except FileOpStalled:
+            if self.channel is not None:  # its child, if it got one, goes too
+                with contextlib.suppress(SandboxClosed):
+                    self.channel.send({"op": "signal", "target": rid, "sig": int(signal.SIGKILL)})
+            raise
         finally:
             close_quietly(keep)
         return bytes(out)
+
+    # -- pause ----------------------------------------------------------------
+
+    def checkpoint(self, dest: Path, *, leave_running: bool) -> Checkpoint:
+        raise SnapshotError(NO_PROCESS_STATE, rule="snapshot.memory")
+
+    def freeze(self) -> None:
+        """The cgroup freezer stops every task of the sandbox where it stands."""
+        if self.cg is None:
+            raise SnapshotError(
+                "namespaces: this sandbox has no cgroups (glassroom is not root here), "
+                "so it cannot be frozen; pause(memory=False) keeps its files",
+                rule="snapshot.freeze",
+            )
+        self._frozen_at = time.monotonic()
+        try:
+            self.cg.freeze()
+        except WallError as exc:
+            self._frozen_at = None
+            raise SnapshotError(f"namespaces: {exc}", rule="snapshot.freeze") from None
+
+    def thaw(self) -> None:
+        """Run again; the time spent frozen is added to the max-runtime deadline."""
+        if self.cg is not None:
+            self.cg.thaw()
+        if self._frozen_at is not None:
+            self.deadline += time.monotonic() - self._frozen_at
+            self._frozen_at = None
 
     # -- teardown -----------------------------------------------------------
 

@@ -475,7 +475,11 @@ class Agent:
             _log(f"bad frame from host: {exc}")
             self.dec = protocol.Decoder()
             return
-        for header, payload in frames:
+        while frames:
+            header, payload = frames.pop(0)
+            if header.get("op") == "quiesce":
+                frames = self.quiesce() + frames
+                continue
             try:
                 self.handle(header, payload)
             except Exception as exc:  # report, keep serving
@@ -483,6 +487,50 @@ class Agent:
                 self.send({"op": "error", "id": rid if isinstance(rid, int) else 0,
                            "errno": getattr(exc, "errno", None) or errno.EIO,
                            "error": str(exc)[:200]})  # fmt: skip
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def quiesce(self) -> "list[tuple[dict[str, Any], bytes]]":
+        """Hold still for a checkpoint until the host says ``resume``.
+
+        The host stops the VM and saves it while the agent waits here, so
+        the saved channel sits between two frames in both directions: the
+        agent sends nothing after ``quiesced`` (output and exits wait in
+        their pipes), and the host sends nothing before ``resume``.  A VM
+        restored from the checkpoint wakes up in this loop, talking to a new
+        host, whose first frame is ``resume``.  Frames after it are returned
+        to be handled as usual; any before it are not the host's (dropped).
+        """
+        self.send({"op": "quiesced"})
+        while True:
+            try:
+                select.select([self.port], [], [], 1.0)
+                data = os.read(self.port, 1 << 16)
+            except (BlockingIOError, InterruptedError):
+                continue
+            if not data:  # between the old host and the new one
+                time.sleep(0.01)
+                continue
+            try:
+                frames: list[tuple[dict[str, Any], bytes]] = self.dec.feed(data)
+            except protocol.FrameError as exc:
+                _log(f"bad frame from host while quiesced: {exc}")
+                self.dec = protocol.Decoder()
+                continue
+            for i, (header, _payload) in enumerate(frames):
+                if header.get("op") == "resume":
+                    self._resume(header)
+                    return frames[i + 1 :]
+                _log(f"dropped {str(header.get('op'))[:20]!r} while quiesced")
+
+    def _resume(self, m: "dict[str, Any]") -> None:
+        """The clock first: a restored guest's wall time is the checkpoint's."""
+        if m.get("time"):
+            try:
+                time.clock_settime(time.CLOCK_REALTIME, float(m["time"]))
+            except (OSError, ValueError, TypeError):
+                pass
+        self.send({"op": "resumed", "version": protocol.VERSION})
 
     # -- requests -------------------------------------------------------------
 
@@ -1165,13 +1213,59 @@ def _tracer_main(target: int, names: "dict[int, str]", out: int, ctl: int) -> No
     flush()
 
 
+#: ``st_mode & S_IFMT`` of what a file op may read or write, and of listings.
+_S_IFMT, _S_IFREG, _S_IFDIR, _S_IFLNK = 0o170000, 0o100000, 0o040000, 0o120000
+_SPECIAL = {0o010000: "a FIFO", 0o140000: "a socket", 0o020000: "a character device",
+            0o060000: "a block device"}  # fmt: skip
+
+
+def _open_regular(path: str, flags: int, mode: int = 0o644) -> int:
+    """Open ``path`` for a file op only if it is a regular file, never blocking.
+
+    As ``sandbox_init.open_regular`` on the other tiers: the task may have
+    put a FIFO, a socket or a device there, and a blocking ``open`` of a
+    FIFO would wait for a peer forever, with this agent's main loop (it
+    reads the op's child to the end).  ``O_NONBLOCK`` for the open, the
+    type from the opened fd, ENXIO for anything but a regular file (EISDIR
+    for a directory) before any byte moves, then blocking mode again.  The
+    path is resolved as before, by the guest kernel inside the child's
+    walls (a symlink is followed, and what it leads to is checked)."""
+    flags |= os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO with no reader, a socket: refused alike
+            raise OSError(errno.ENXIO, "not a regular file; refused") from None
+        raise
+    try:
+        kind = os.fstat(fd).st_mode & _S_IFMT
+        if kind == _S_IFDIR:
+            raise OSError(errno.EISDIR, "is a directory")
+        if kind != _S_IFREG:
+            what = _SPECIAL.get(kind, "a special file")
+            raise OSError(errno.ENXIO, f"not a regular file ({what}); refused")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _entry_type(mode: int) -> str:
+    """A listing's ``type``: a FIFO, socket or device is ``other``, never ``file``."""
+    kind = mode & _S_IFMT
+    if kind == _S_IFDIR:
+        return "dir"
+    if kind == _S_IFLNK:
+        return "symlink"
+    return "file" if kind == _S_IFREG else "other"
+
+
 def _file_body(m: "dict[str, Any]", data: bytes) -> bytes:
     kind, path = m["kind"], m["path"]
     if kind == "read":
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_regular(path, os.O_RDONLY)
         try:
-            if os.fstat(fd).st_mode & 0o170000 == 0o040000:
-                raise OSError(errno.EISDIR, "is a directory")
             out = bytearray()
             limit = int(m.get("max", 0)) or (1 << 62)
             while len(out) < limit:
@@ -1183,7 +1277,7 @@ def _file_body(m: "dict[str, Any]", data: bytes) -> bytes:
         finally:
             os.close(fd)
     if kind == "write":
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, int(m["mode"]))
+        fd = _open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, int(m["mode"]))
         try:
             view = memoryview(data)
             while view:
@@ -1198,10 +1292,8 @@ def _file_body(m: "dict[str, Any]", data: bytes) -> bytes:
             for e in it:
                 try:
                     st = e.stat(follow_symlinks=False)
-                    kind_ = ("dir" if e.is_dir(follow_symlinks=False) else
-                             "symlink" if e.is_symlink() else
-                             "file")  # fmt: skip
-                    items.append({"name": e.name, "type": kind_, "size": st.st_size})
+                    items.append({"name": e.name, "type": _entry_type(st.st_mode),
+                                  "size": st.st_size})  # fmt: skip
                 except OSError:
                     continue
         return json.dumps(items).encode()

@@ -22,7 +22,8 @@ MAX_PAYLOAD = 256 * 1024
 CHUNK = 64 * 1024
 #: Bumped whenever the wire format changes: host and guest must agree.
 #: 2: ``trace`` frames (the file audit), ``audit`` in config/configured.
-VERSION = 2
+#: 3: ``quiesce``/``quiesced`` and ``resume``/``resumed`` (microVM checkpoints).
+VERSION = 3
 
 
 class FrameError(Exception):

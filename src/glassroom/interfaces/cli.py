@@ -13,9 +13,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._errors import REFUSED_EXIT, GlassroomError, PlanError, PolicyError
+from .._errors import REFUSED_EXIT, GlassroomError, PlanError, PolicyError, SnapshotError
+
+if TYPE_CHECKING:
+    from .._sandbox import Sandbox
+    from ..lifecycle.snapshots import SnapshotInfo, SnapshotStore
 
 PROG = "glassroom"
 
@@ -54,15 +58,20 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from .._sandbox import Sandbox
-
     argv = list(ns.cmd)
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
         return _fail("run: no command given (usage: glassroom run [options] -- CMD [ARG...])")
-    policy = _load(ns.policy)
-    with Sandbox(policy, backend=ns.backend, audit_log=ns.audit_log) as sb:
+    if ns.from_snapshot is not None and ns.policy:
+        # A restore must be built under exactly the walls it was saved with.
+        return _fail("run: --policy and --from-snapshot cannot be used together (a snapshot "
+                     "is restored under the policy it was made with)")  # fmt: skip
+    try:
+        made = _run_sandbox(ns)
+    except SnapshotError as exc:
+        return _snapshot_fail(f"run --from-snapshot {ns.from_snapshot}", exc)
+    with made as sb:
         res = sb.run(argv, timeout_s=ns.timeout)
         if ns.json:
             print(json.dumps({
@@ -82,6 +91,118 @@ def _run(ns: argparse.Namespace) -> int:
             for b in res.blocked:
                 print(f"{PROG}: blocked {b.action} {b.target} (rule {b.rule})", file=sys.stderr)
     return res.exit_code
+
+
+def _run_sandbox(ns: argparse.Namespace) -> Sandbox:
+    """The run's sandbox: fresh from the policy, or made from a snapshot (which
+    carries its own policy and tier, so ``_run`` refuses a ``--policy`` beside
+    it, and a ``--backend`` must be that tier).
+
+    Any tenant's snapshot: the local store is the operator's, as ``glassroom
+    snapshot list`` shows it whole."""
+    from .._sandbox import Sandbox
+
+    if ns.from_snapshot is None:
+        return Sandbox(_load(ns.policy), backend=ns.backend, audit_log=ns.audit_log)
+    return Sandbox.from_snapshot(
+        ns.from_snapshot,
+        store=_store(ns.snapshot_dir),
+        tenant=None,
+        audit_log=ns.audit_log,
+        backend=ns.backend,
+    )
+
+
+def _store(directory: str | None) -> SnapshotStore:
+    """The local snapshot store: ``directory``, or the SDK's default
+    (``$GLASSROOM_SNAPSHOT_DIR``, or /var/lib/glassroom/snapshots as root)."""
+    from ..lifecycle.snapshots import SnapshotStore, default_store
+
+    return SnapshotStore(Path(directory)) if directory else default_store()
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _when(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _snapshot_line(info: SnapshotInfo) -> str:
+    names = ",".join(info.names) or "-"
+    saved = "memory+files" if info.memory else "files only"
+    return (f"{info.id}  {names}  {info.tenant}  {info.tier}  {saved}  "
+            f"{_human_size(info.size_bytes)}  {_when(info.created_at)}  "
+            f"from {info.sandbox_id}")  # fmt: skip
+
+
+def _snapshot_detail(info: SnapshotInfo) -> str:
+    """``show``: every field, the time readable, and why memory was not saved."""
+    d = info.as_dict()
+    d["created_at"] = _when(info.created_at)
+    d["names"] = ", ".join(info.names) or "-"
+    d["size_bytes"] = f"{info.size_bytes} ({_human_size(info.size_bytes)})"
+    if d["memory_refused"] is None:
+        del d["memory_refused"]
+    return "\n".join(f"{k}: {v}" for k, v in d.items())
+
+
+def _snapshot_fail(what: str, exc: SnapshotError) -> int:
+    """One line naming the rule: a changed snapshot (``snapshot.integrity``) must
+    not read like a missing one (``snapshot.not_found``)."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return _fail(f"{what}: {first}" + (f" (rule {exc.rule})" if exc.rule else ""))
+
+
+def cmd_snapshot(ns: argparse.Namespace) -> int:
+    """``snapshot list|show ID|rm ID|verify ID`` over the local store."""
+    try:
+        return _snapshot_cmd(ns)
+    except SnapshotError as exc:
+        where = f" {ns.id}" if getattr(ns, "id", None) else ""
+        return _snapshot_fail(f"snapshot {ns.snapshot_cmd}{where}", exc)
+
+
+def _snapshot_cmd(ns: argparse.Namespace) -> int:
+    store = _store(ns.dir)
+    verb = ns.snapshot_cmd
+    if verb == "list":
+        items = store.list(sandbox_id=ns.sandbox, name=ns.name)
+        if ns.json:
+            print(json.dumps([i.as_dict() for i in items], indent=2))
+        else:
+            for i in items:
+                print(_snapshot_line(i))
+            if not items:
+                print(f"no snapshots in {store.root}")
+        return 0
+    if verb == "rm":
+        store.get(ns.id)  # a missing id: SnapshotError (snapshot.not_found), exit 125
+        store.delete(ns.id)
+        if ns.json:
+            print(json.dumps({"id": ns.id, "deleted": True}))
+        else:
+            print(f"{ns.id}: deleted")
+        return 0
+    info = store.verify(ns.id) if verb == "verify" else store.get(ns.id)
+    if ns.json:
+        out = info.as_dict()
+        if verb == "verify":
+            out = {"ok": True, **out}
+        print(json.dumps(out, indent=2))
+    elif verb == "verify":
+        print(f"{ns.id}: ok, signature and every file hash match")
+    else:
+        print(_snapshot_detail(info))
+    return 0
 
 
 def cmd_policy_check(ns: argparse.Namespace) -> int:
@@ -278,8 +399,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--json", action="store_true", help="print a JSON result")
     r.add_argument("--timeout", type=float, default=None, help="per-command timeout in seconds")
+    r.add_argument(
+        "--from-snapshot",
+        metavar="ID",
+        help="start the sandbox from this snapshot (under its own policy)",
+    )
+    r.add_argument(
+        "--snapshot-dir",
+        metavar="DIR",
+        help="the snapshot store (default: $GLASSROOM_SNAPSHOT_DIR or the system one)",
+    )
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     r.set_defaults(func=cmd_run)
+
+    sn = sub.add_parser("snapshot", help="the local snapshot store (docs/snapshots.md)")
+    sns = sn.add_subparsers(dest="snapshot_cmd", required=True)
+    snl = sns.add_parser("list", help="every snapshot in the store")
+    snl.add_argument("--sandbox", help="only the snapshots of this sandbox id")
+    snl.add_argument("--name", help="only the snapshots with this name")
+    for verb, text in (("show", "one snapshot's manifest facts"),
+                       ("rm", "delete a snapshot"),
+                       ("verify", "check the signature and every file's hash")):  # fmt: skip
+        sv = sns.add_parser(verb, help=text)
+        sv.add_argument("id")
+    for sv in (snl, *(sns.choices[v] for v in ("show", "rm", "verify"))):
+        sv.add_argument("--dir", metavar="DIR",
+                        help="the snapshot store (default: $GLASSROOM_SNAPSHOT_DIR or the "
+                             "system one)")  # fmt: skip
+        sv.add_argument("--json", action="store_true")
+        sv.set_defaults(func=cmd_snapshot)
 
     pol = sub.add_parser("policy", help="policy tools").add_subparsers(
         dest="policy_cmd", required=True
@@ -351,8 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--port", type=int, help="listen port")
         sp.add_argument("--data-dir", help="where the server keeps its audit log")
         if name == "serve":
-            sp.add_argument("--new-key", metavar="TENANT",
-                            help="print a new API key and its config line, then exit")
+            sp.add_argument(
+                "--new-key",
+                metavar="TENANT",
+                help="print a new API key and its config line, then exit",
+            )
         else:
             sp.add_argument("--http", action="store_true", help="streamable HTTP, not stdio")
             sp.add_argument("--idle-ttl", type=float, default=600.0, metavar="SECONDS",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _config
-from .._errors import BackendUnavailable, GlassroomError, SandboxClosed
+from .._errors import BackendUnavailable, GlassroomError, SandboxClosed, SnapshotError
 from ..audit import AuditLog
 from ..backends.base import EventSink, ExecRequest, ExecResult, Instance, Process, Receipt
 from ..credentials import Issued, env_name
@@ -28,9 +28,13 @@ from ..egress import Egress, NetworkOptions
 from ..plan import SECRETS_DIR, LaunchPlan
 from ..policy import Policy
 from ..policy import compile as compile_policy
-from . import reaper
+from . import _filesave, reaper
+from .pausing import Pausing, ProxyHook, RestoreFrom
+from .snapshots import SnapshotStore
 
 _reaped_once = threading.Lock()
+#: How long destroy waits for a pause/snapshot/fork in progress before ending the sandbox.
+DESTROY_WAIT_S = 0.5
 _reaped = False
 
 
@@ -80,7 +84,7 @@ def reap_orphans(audit: AuditLog) -> None:
                          rule="lifecycle.reaper")  # fmt: skip
 
 
-class Supervised:
+class Supervised(Pausing):
     """One sandbox under supervision."""
 
     def __init__(
@@ -90,16 +94,29 @@ class Supervised:
         backend: str | None = None,
         audit_log: str | Path | None = None,
         network: NetworkOptions | None = None,
+        store: SnapshotStore | None = None,
+        tenant: str = "local",
+        restore: RestoreFrom | None = None,
+        sandbox_id: str | None = None,
     ) -> None:
         self.policy = policy
         self.audit = AuditLog(audit_log or _config.audit_log_path())
-        self.id = "sb-" + secrets.token_hex(6)
+        self.audit_path = Path(audit_log or _config.audit_log_path())
+        self.id = sandbox_id or "sb-" + secrets.token_hex(6)
+        self.tenant = tenant
+        self._store = store
+        #: "running", "paused" or "destroyed" (see lifecycle/pausing.py).
+        self.state = "running"
+        self._frozen = False
         self._instance: Instance | None = None
         self._receipt: Receipt | None = None
         self._counters: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._egress: Egress | None = None
+        self._network_opts = network
         self._issued: list[Issued] = []
+        #: The proxy's credential filter; swapped when credentials are reissued.
+        self._proxy_hook = ProxyHook()
         #: Called once after destroy (the warm pool counts its sandboxes).
         self.on_destroy: Callable[[], None] | None = None
         #: Env vars every command gets: credentials injected as env, and
@@ -107,18 +124,21 @@ class Supervised:
         self._secret_env: dict[str, str] = {}
         try:
             reap_orphans(self.audit)
-            self.plan: LaunchPlan = compile_policy(policy, backend)
+            self._plan0: LaunchPlan = compile_policy(policy, backend)
+            self.plan: LaunchPlan = self._plan0
+            self.backend = self.plan.backend
+            if restore is not None and restore.how == "resume":
+                self._runtime_used = float(restore.manifest.get("runtime_used_s") or 0.0)
+                self._limit_runtime(self._runtime_used)
             # Issued before any wall exists: a source that fails costs nothing.
             self._issue_credentials()
-            if self.plan.network.mode == "proxy":  # the only way out; see docs/network.md
-                network = self._with_credential_hook(network)
-                self._egress = Egress(self.plan.network, self.id, self._network_sink(), network)
-                self.plan = replace(self.plan, network=replace(
-                    self.plan.network, host_dir=str(self._egress.dir)))  # fmt: skip
-            self.backend = self.plan.backend
-            inst = get_backend(self.backend).start(self.plan, self.id, self._sink())
+            if restore is not None:
+                self._apply_placeholders(restore.manifest.get("placeholders") or {})
+            self._start_egress()
+            inst = self._launch(restore)
             self._instance = inst
-            self._inject_credentials(inst)
+            self._run_since = time.monotonic()
+            self._inject_credentials(inst, replace=restore is not None)
         except GlassroomError as exc:
             self._revoke_credentials(log=False)
             if self._instance is not None:
@@ -133,18 +153,41 @@ class Supervised:
             self._stop_egress()
             raise
         self._counters = self._limit_counters()
-        self.audit.append(
-            self.id,
-            "sandbox.created",
-            {
-                "backend": self.backend,
-                "tier": self.plan.risk,
-                "policy_digest": self.plan.policy_digest,
-                "walls": inst.walls,
-                "limits": self.plan.limits.__dict__,
-            },
-            decision="allow",
-        )
+        details: dict[str, Any] = {
+            "backend": self.backend,
+            "tier": self.plan.risk,
+            "policy_digest": self.plan.policy_digest,
+            "walls": inst.walls,
+            "limits": self.plan.limits.__dict__,
+        }
+        if restore is not None:
+            details.update(restore.audit_details())
+        self.audit.append(self.id, "sandbox.created", details, decision="allow")
+
+    def _launch(self, restore: RestoreFrom | None) -> Instance:
+        """Start the backend: fresh, from a memory checkpoint, or fresh plus saved files."""
+        backend = get_backend(self.backend)
+        if restore is None:
+            inst: Instance = backend.start(self.plan, self.id, self._sink())
+            return inst
+        if restore.checkpoint is not None:
+            inst = backend.restore(self.plan, self.id, self._sink(), restore.dir / "data",
+                                   restore.checkpoint)  # fmt: skip
+            return inst
+        inst = backend.start(self.plan, self.id, self._sink())
+        try:
+            restore.loaded = _filesave.load(inst, restore.dir / _filesave.ARCHIVE)
+        except BaseException:
+            inst.destroy()
+            raise
+        return inst
+
+    def _start_egress(self) -> None:
+        if self._plan0.network.mode == "proxy":  # the only way out; see docs/network.md
+            network = self._with_credential_hook(self._network_opts)
+            self._egress = Egress(self._plan0.network, self.id, self._network_sink(), network)
+            self.plan = replace(self._plan0, network=replace(
+                self._plan0.network, host_dir=str(self._egress.dir)))  # fmt: skip
 
     # -- credentials ----------------------------------------------------------
 
@@ -153,8 +196,13 @@ class Supervised:
         for i, cred in enumerate(self.policy.credentials):
             self._issued.append(issue_credential(cred, i, self.id, limit))
 
-    def _inject_credentials(self, inst: Instance) -> None:
+    def _inject_credentials(self, inst: Instance, *, replace: bool = False) -> None:
+        """Put each credential where the policy says; ``replace`` for a restored or
+        resumed sandbox, whose old 0400 files are unlinked first (not rewritable)."""
         for cred in self._issued:
+            if cred.inject == "file" and replace:
+                with contextlib.suppress(GlassroomError):
+                    inst.remove(f"{SECRETS_DIR}/{cred.name}")
             if cred.inject == "file":
                 inst.write_file(f"{SECRETS_DIR}/{cred.name}", cred.value.encode(), 0o400)
                 where = f"{SECRETS_DIR}/{cred.name}"
@@ -174,7 +222,8 @@ class Supervised:
             self.audit.append(self.id, "credential.injected", details, decision="allow",
                               rule=f"{cred.rule}.inject")  # fmt: skip
 
-    def _revoke_credentials(self, *, log: bool = True) -> None:
+    def _revoke_credentials(self, *, log: bool = True, why: str | None = None) -> None:
+        self._proxy_hook.current = None
         for cred in self._issued:
             expired = time.time() >= cred.expires_at
             error = None
@@ -188,7 +237,14 @@ class Supervised:
                                                  if k in ("token_id", "accessor", "lease_id")}}
                 if error:
                     details["error"] = error
+                if why:
+                    details["why"] = why
                 event = "credential.expired" if expired else "credential.revoked"
+                if cred.revoke is None and not expired:
+                    # A static secret (env:, file:, a Vault KV value): nothing can
+                    # revoke it, and the record must not say it was.
+                    event = "credential.released"
+                    details["revocable"] = False
                 decision = "deny" if error else "info"
                 self.audit.append(self.id, event, details, decision=decision, rule=cred.rule)
         self._issued = []
@@ -200,11 +256,19 @@ class Supervised:
         """Proxy credentials: the proxy swaps placeholders only for listed host:ports,
         and takes the values back out of responses (credentials/_proxy_inject.py)."""
         opts = network or NetworkOptions()
+        if not any(c.inject == "proxy" for c in self.policy.credentials):
+            return opts
+        self._arm_proxy_hook()
+        return replace(opts, exchange_filter=self._proxy_hook)
+
+    def _arm_proxy_hook(self) -> None:
+        """Point the proxy's filter at the credentials issued now (none while paused)."""
         proxied = [c for c in self._issued if c.inject == "proxy"]
         if not proxied:
-            return opts
+            self._proxy_hook.current = None
+            return
         creds = {c.name: c for c in self.policy.credentials}
-        hook = header_hook(
+        self._proxy_hook.current = header_hook(
             proxied,
             {n: list(creds[n].hosts) for n in creds},
             {n: creds[n].header for n in creds},
@@ -212,7 +276,6 @@ class Supervised:
                 self.id, event, details, decision=decision, rule=rule
             ),
         )
-        return replace(opts, exchange_filter=hook)
 
     def _network_sink(self) -> Callable[[dict[str, Any], str, str | None], None]:
         def emit(details: dict[str, Any], decision: str, rule: str | None) -> None:
@@ -237,6 +300,9 @@ class Supervised:
 
     @property
     def instance(self) -> Instance:
+        if self.state == "paused":
+            raise SnapshotError(f"sandbox {self.id} is paused: resume it first",
+                                rule="snapshot.state")  # fmt: skip
         if self._instance is None or self._receipt is not None:
             raise SandboxClosed(f"sandbox {self.id} has been destroyed")
         return self._instance
@@ -380,26 +446,48 @@ class Supervised:
                               decision="deny", rule=error.rule)  # fmt: skip
 
     def destroy(self) -> Receipt:
-        with self._lock:
-            if self._receipt is not None:
-                return self._receipt
-            if self._instance is None:
+        if not self._lock.acquire(timeout=DESTROY_WAIT_S):
+            # A pause, snapshot or fork holds the lock, perhaps waiting on the
+            # sandbox itself: a destroy must not wait for it.  Ending the sandbox
+            # makes that operation fail and let go.
+            inst = self._instance
+            if inst is not None:
+                inst.kill()
+            self._lock.acquire()
+        try:
+            return self._destroy_locked()
+        finally:
+            self._lock.release()
+
+    def _destroy_locked(self) -> Receipt:
+        if self._receipt is not None:
+            return self._receipt
+        t0 = time.monotonic()
+        if self._instance is None:
+            if self._paused_receipt is None:
                 raise SandboxClosed(f"sandbox {self.id} was never started")
-            t0 = time.monotonic()
+            # Its processes ended at the pause (or a failed one): what is left
+            # is the saved image, if any.
+            receipt = self._paused_receipt
+            if self._store is not None:
+                gone = self._store.delete(self.id, kind="pause")
+                receipt.removed["paused_image"] = "deleted" if gone else "none"
+        else:
             receipt = self._instance.destroy()
-            egress = self._stop_egress()  # after the sandbox: its open requests are logged
-            if egress is not None:
-                receipt.removed["egress"] = egress
-                if egress["left"]:
-                    receipt.leftovers.setdefault("state", []).append(egress["egress_dir"])
-            self._revoke_credentials()
-            self._receipt = receipt
-            details = receipt.as_dict()
-            details["duration_ms"] = round((time.monotonic() - t0) * 1000, 3)
-            self.audit.append(self.id, "sandbox.destroyed", details,
-                              decision="info" if receipt.clean else "deny",
-                              rule=None if receipt.clean else "lifecycle.teardown")  # fmt: skip
-            self.audit.close()
-            if self.on_destroy is not None:
-                self.on_destroy()
-            return receipt
+        egress = self._stop_egress()  # after the sandbox: its open requests are logged
+        if egress is not None:
+            receipt.removed["egress"] = egress
+            if egress["left"]:
+                receipt.leftovers.setdefault("state", []).append(egress["egress_dir"])
+        self._revoke_credentials()
+        self._receipt = receipt
+        self.state = "destroyed"
+        details = receipt.as_dict()
+        details["duration_ms"] = round((time.monotonic() - t0) * 1000, 3)
+        self.audit.append(self.id, "sandbox.destroyed", details,
+                          decision="info" if receipt.clean else "deny",
+                          rule=None if receipt.clean else "lifecycle.teardown")  # fmt: skip
+        self.audit.close()
+        if self.on_destroy is not None:
+            self.on_destroy()
+        return receipt

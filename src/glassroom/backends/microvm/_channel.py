@@ -61,11 +61,14 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     # What the guest's tracer saw a request do (the file audit): the guest's
     # claim, validated event by event by the instance (see ``_instance``).
     "trace": {"events": (list,), "error": (str,)},
+    # A checkpoint: the agent holds still (``quiesced``) until ``resume``.
+    "quiesced": {},
+    "resumed": {"version": _INT},
 }
 #: Walls a guest may name in an ``error`` frame.
 WALLS = frozenset({"audit.level"})
 #: Ops that are not replies to a request.
-UNTAGGED = {"ready", "configured", "fatal", "netdirect", "refused"}
+UNTAGGED = {"ready", "configured", "fatal", "netdirect", "refused", "quiesced", "resumed"}
 #: Ops that carry a payload; every other op must come with an empty one.
 WITH_PAYLOAD = {"out", "data"}
 MAX_STR = 4096
@@ -141,10 +144,15 @@ def _check_netdirect(h: dict[str, Any]) -> None:
 class GuestChannel:
     """Framed request/reply over the virtio-serial socket; frames routed by id."""
 
-    def __init__(self, sock: socket.socket, on_anomaly: Callable[[str], None]) -> None:
+    def __init__(self, sock: socket.socket, on_anomaly: Callable[[str], None], *,
+                 first_id: int = 1, orphans: frozenset[int] = frozenset()) -> None:  # fmt: skip
         self.sock = sock
         self.decoder = protocol.Decoder()
-        self._ids = iter(range(1, 1 << 62))
+        self._ids = iter(range(first_id, 1 << 62))
+        self._next = first_id
+        #: Requests of the VM's life before a restore (processes still running in
+        #: it): their frames are checked like any, then dropped without an anomaly.
+        self.orphans = set(orphans)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._handlers: dict[int, Handler] = {}
@@ -158,8 +166,36 @@ class GuestChannel:
             if self.closed is not None:
                 raise SandboxClosed(f"the sandbox is no longer running ({self.closed})")
             rid = next(self._ids)
+            self._next = rid + 1
             self._handlers[rid] = handler
             return rid
+
+    def state(self) -> tuple[int, list[int]]:
+        """(the next request id, the ids still open): what a restored channel must
+        know so that its ids never meet the guest's earlier requests."""
+        with self._lock:
+            return self._next, sorted(set(self._handlers) | self.orphans)
+
+    def hold(self, header: dict[str, Any]) -> None:
+        """Send ``header`` and keep every other sender waiting until :meth:`release`:
+        after a ``quiesce`` nothing may follow it into the saved stream."""
+        data = protocol.encode(header)
+        self._send_lock.acquire()
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            self._send_lock.release()
+            raise SandboxClosed(f"the sandbox is no longer running ({exc.strerror})") from None
+
+    def release(self, header: dict[str, Any] | None = None) -> None:
+        """End :meth:`hold`, sending ``header`` (``resume``) first when given."""
+        try:
+            if header is not None:
+                self.sock.sendall(protocol.encode(header))
+        except OSError as exc:
+            raise SandboxClosed(f"the sandbox is no longer running ({exc.strerror})") from None
+        finally:
+            self._send_lock.release()
 
     def on_untagged(self, handler: Handler) -> None:
         self._untagged = handler
@@ -203,11 +239,16 @@ class GuestChannel:
                 continue
             with self._lock:
                 handler = self._handlers.get(rid)
-            if msg["op"] == "trace":
+                orphan = handler is None and rid in self.orphans
+                if orphan and msg["op"] in ("exit", "error", "done"):
+                    self.orphans.discard(rid)
+            if msg["op"] == "trace":  # an orphan's too: the file audit goes on
                 if self._trace is None:
                     self.on_anomaly("unsolicited 'trace' frame")
                 else:
-                    self._trace(msg, handler is not None)
+                    self._trace(msg, handler is not None or orphan)
+                continue
+            if orphan:  # output and exit of a request no one here waits for
                 continue
             if handler is None:
                 self.on_anomaly(f"{msg['op']!r} frame for unknown request id {rid}")

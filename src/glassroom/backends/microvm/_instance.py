@@ -25,12 +25,28 @@ guest's claim: each one is checked (bounded count, types, known syscalls,
 a request that is running), turned into a record by the one schema
 (``audit/_events.py``) with source "guest agent (untrusted)" and
 ``untrusted: true``, and anything off is an anomaly, never a crash.
+
+Checkpoints (pause, snapshot, fork; see docs/snapshots.md): the agent is
+asked to hold still (``quiesce``: it answers, then sends nothing until
+``resume``), so the saved channel is between frames both ways; QEMU, told
+over its monitor (a socketpair, like the channel), stops and migrates its
+state to a file, and the scratch disk is copied sparse, both of that one
+stopped instant.  A restore is a new QEMU of the same command line with
+``-incoming`` from that file and a copy of the disk, under walls built as
+``start`` builds them (its own uid, cgroups, QEMU's seccomp); the guest is
+not configured again (its walls are in the restored memory, and the plan
+must ask for the same ones: checked by digest), it is told ``resume``.
+Requests still open at the checkpoint (a command left running) go on in
+the guest: the new channel's ids start past them and their frames are
+checked and dropped, their trace reports still logged.  A VM with a NIC
+is never checkpointed (``snapshot.memory``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import queue
@@ -47,21 +63,28 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ... import _config
-from ..._errors import SandboxClosed, SandboxError, SandboxPathError, WallError
+from ..._errors import SandboxClosed, SandboxError, SandboxPathError, SnapshotError, WallError
 from ..._reach import reachable_by
 from ..._sys import cgroups, netwatch, proc, seccomp, tracewatch
 from ...audit._events import MAX_ARGV, MAX_PATH, syscalls_for, to_record
 from ...guest import protocol
 from ...plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, SECRETS_DIR, LaunchPlan
 from .._files import FileOps
-from ..base import EventSink, ExecRequest, ExecResult, Instance, Process, Receipt
+from ..base import (
+    Checkpoint,
+    EventSink,
+    ExecRequest,
+    ExecResult,
+    Instance,
+    Process,
+    Receipt,
+)
 from . import image as _image
 from . import qemu
 from ._channel import GuestChannel, ProtocolViolation
 
 CONFIG_TIMEOUT_S = 30.0
 MAX_LISTING = 1 << 20
-ENTRY_TYPES = ("file", "dir", "symlink")
 #: The ``source`` of every record built from the guest's trace reports.
 TRACE_SOURCE = "guest agent (untrusted)"
 #: Reports per ``trace`` frame (the agent sends at most 512).
@@ -73,6 +96,11 @@ _TRACE_STR = ("syscall", "path", "path2", "flags", "mode", "result", "parent", "
 _TRACE_INT = ("pid", "ppid")
 _RESULT = re.compile(r"ok|E[A-Z0-9_]{1,30}|unfinished \(process ended\)|unknown \([a-z ]{1,60}\)")
 Record = tuple[str, dict[str, Any], str, "str | None"]
+#: A checkpoint's files, in its directory: QEMU's migrated state, the scratch disk.
+STATE_FILE = "vm.state"
+DISK_FILE = "scratch.img"
+#: How long a guest agent gets to hold still (``quiesced``) for a checkpoint.
+QUIESCE_TIMEOUT_S = 30.0
 
 
 def snapshots_enabled() -> bool:
@@ -87,6 +115,21 @@ class MicrovmBackend:
         inst = MicrovmInstance(plan, sandbox_id, on_event)
         try:
             inst.build()
+        except BaseException:
+            inst.destroy()
+            raise
+        return inst
+
+    def restore(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink, src: Path,
+                checkpoint: Checkpoint) -> MicrovmInstance:  # fmt: skip
+        """A VM again from :meth:`MicrovmInstance.checkpoint`'s files, under
+        ``sandbox_id`` (a new one for a fork), with the walls ``start`` builds."""
+        if checkpoint.tier != self.name or not checkpoint.memory:
+            raise SnapshotError(f"microvm: cannot restore a {checkpoint.tier!r} checkpoint",
+                                rule="snapshot.restore")  # fmt: skip
+        inst = MicrovmInstance(plan, sandbox_id, on_event)
+        try:
+            inst.build(restore=(src, checkpoint))
         except BaseException:
             inst.destroy()
             raise
@@ -264,6 +307,18 @@ class MicrovmInstance(FileOps):
         self._destroyed: Receipt | None = None
         #: The flock'ed slot of QEMU's own host uid (as root), held until QEMU is gone.
         self._uid_lock: int | None = None
+        #: QEMU's monitor (our end of a socketpair), spoken to for checkpoints only.
+        self._mon: socket.socket | None = None
+        self._qmp: qemu._Qmp | None = None
+        #: A read-only fd of the scratch disk (an unlinked file), to copy it.
+        self._disk_fd: int | None = None
+        #: What a checkpoint's VM must match to be restored here.
+        self.shape: dict[str, Any] = {}
+        self.walls_sha256 = ""
+        self._has_watch = False
+        self._checkpoint_lock = threading.Lock()
+        #: Why the VM is gone on purpose (a pause's checkpoint), for later errors.
+        self._ended: str | None = None
         self._lock = threading.Lock()
         self._trace_calls = frozenset(syscalls_for(plan.audit_level))
         self.max_trace_events = MAX_TRACE_EVENTS
@@ -272,7 +327,9 @@ class MicrovmInstance(FileOps):
 
     # -- construction ----------------------------------------------------------------
 
-    def build(self) -> None:
+    def build(self, restore: tuple[Path, Checkpoint] | None = None) -> None:
+        """Start the VM: from the booted-idle template (or cold), or with ``restore``
+        from a checkpoint's saved state and a copy of its disk.  Same walls either way."""
         t0 = time.monotonic()
         accel = qemu.choose_accel()
         img = _image.prepare()
@@ -285,8 +342,15 @@ class MicrovmInstance(FileOps):
             proxy_sock = str(Path(self.plan.network.host_dir) / "proxy.sock")
         snap = None
         disk_mib = -(-lim.disk_bytes // (1 << 20))
+        self.shape = {"image": img.image_id, "accel": accel.name, "ram_mib": ram, "vcpus": vcpus,
+                      "disk_mib": disk_mib, "nic": proxy_sock is not None}  # fmt: skip
+        cfg, walls_payload = self._guest_walls()
+        self.walls_sha256 = _walls_digest(cfg, walls_payload)
+        if restore is not None:
+            _check_restorable(restore[1], self.shape, self.walls_sha256)
+            snap = restore[0] / STATE_FILE
         # A VM with a NIC boots cold: its user-networking state is not snapshotted.
-        if snapshots_enabled() and proxy_sock is None:
+        elif snapshots_enabled() and proxy_sock is None:
             snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm", disk_mib)
         self.vmdir.mkdir(parents=True, exist_ok=False, mode=0o700)
         # Root outside, nobody inside: as root, QEMU runs as a host uid of its
@@ -307,36 +371,41 @@ class MicrovmInstance(FileOps):
                             "directories above it searchable (the state dir's default "
                             "/run/glassroom is 0755)", rule="vmm")  # fmt: skip
         self._write_record()
-        # The control channel is a socketpair: QEMU gets its end as an fd, so no
-        # socket path has to be reachable by QEMU's uid, and nothing else can
-        # connect in its place.
+        # The control channel and the monitor are socketpairs: QEMU gets its
+        # ends as fds, so no socket path has to be reachable by QEMU's uid, and
+        # nothing else can connect in their place.
         conn, qemu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        snap_fd = None
-        if snap is not None:
-            try:
-                snap_fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:  # removed meanwhile (`microvm prepare` pruned it)
-                snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm",
-                                            disk_mib)  # fmt: skip
-                snap_fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
-        # /workspace and /tmp: a fresh ext4 of disk_mib as a second virtio-blk
-        # disk, so files are not guest RAM (fails closed: resources.disk_mib).
+        self._mon, mon_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            disk_fds = qemu.scratch_disk(disk_mib << 20)
+            snap_fd = self._open_state(snap, restore is not None, img, accel, ram, vcpus,
+                                       disk_mib)  # fmt: skip
         except BaseException:
-            conn.close()
-            qemu_end.close()
+            for s in (conn, qemu_end, mon_qemu):
+                s.close()
+            raise
+        # /workspace and /tmp: a fresh ext4 of disk_mib as a second virtio-blk
+        # disk, so files are not guest RAM (fails closed: resources.disk_mib);
+        # a restore gets a copy of the checkpoint's.
+        try:
+            disk_fds = (qemu.scratch_disk_from(restore[0] / DISK_FILE, disk_mib << 20)
+                        if restore is not None else qemu.scratch_disk(disk_mib << 20))  # fmt: skip
+            # The host's own read-only view, for a checkpoint's copy of the disk.
+            self._disk_fd = os.dup(disk_fds[1])
+        except BaseException:
+            for s in (conn, qemu_end, mon_qemu):
+                s.close()
             if snap_fd is not None:
                 os.close(snap_fd)
             raise
         log = open(self.vmdir / "qemu.log", "wb")  # noqa: SIM115
         t1 = time.monotonic()
-        passed = [qemu_end.fileno(), *disk_fds] + ([snap_fd] if snap_fd is not None else [])
+        passed = [qemu_end.fileno(), mon_qemu.fileno(), *disk_fds]
+        passed += [snap_fd] if snap_fd is not None else []
         try:
             self.proc = subprocess.Popen(
                 qemu.argv(img, accel, ram, vcpus, qemu_end.fileno(), console=None,
-                          incoming_fd=snap_fd, proxy_sock=proxy_sock, run_as=run_as,
-                          scratch_fds=disk_fds),
+                          incoming_fd=snap_fd, qmp=mon_qemu.fileno(), proxy_sock=proxy_sock,
+                          run_as=run_as, scratch_fds=disk_fds),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env={},
                 cwd="/", close_fds=True, pass_fds=passed,
             )  # fmt: skip
@@ -346,7 +415,8 @@ class MicrovmInstance(FileOps):
         finally:
             log.close()
             qemu_end.close()
-            for fd in disk_fds:  # QEMU's copies are the disk's only references now
+            mon_qemu.close()
+            for fd in disk_fds:  # QEMU's copies (and the host's read-only dup) are all now
                 os.close(fd)
             if snap_fd is not None:
                 os.close(snap_fd)
@@ -358,18 +428,118 @@ class MicrovmInstance(FileOps):
         except BaseException:
             conn.close()
             raise
+        if restore is not None:
+            reply = self._resume_restored(conn, restore[1])
+        else:
+            reply = self._first_boot(conn, cfg, walls_payload)
+        t2 = time.monotonic()
+        if proxy_sock is not None:
+            self._send_net_files()
+        start = ("checkpoint restore" if restore is not None
+                 else "snapshot restore" if snap else "cold boot")  # fmt: skip
+        self.boot = {"start": start, "vmm_ms": round((t2 - t1) * 1000, 1),
+                     "total_ms": round((time.monotonic() - t0) * 1000, 1)}  # fmt: skip
+        self._record_walls(qemu_pid, accel, img, cfg, reply, bool(proxy_sock))
+        if restore is not None:
+            saved = restore[1].details
+            self.walls["restored_from"] = {
+                "sandbox_id": str(saved.get("sandbox_id", ""))[:80],
+                "how": "QEMU -incoming from the checkpoint's saved state, a copy of its "
+                       "scratch disk; the guest's walls are the ones it applied at first boot "
+                       "(the same policy: checked by digest)",
+                "state_bytes": saved.get("state_bytes"),
+            }  # fmt: skip
+
+    def _open_state(self, snap: Path | None, restoring: bool, img: _image.Image,
+                    accel: qemu.Accel, ram: int, vcpus: int,
+                    disk_mib: int) -> int | None:  # fmt: skip
+        """An fd of the state QEMU loads with ``-incoming`` (None: a cold boot)."""
+        if snap is None:
+            return None
+        try:
+            return os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if restoring:
+                raise SnapshotError(f"microvm: the checkpoint has no {STATE_FILE}",
+                                    rule="snapshot.integrity") from None  # fmt: skip
+        # The template was removed meanwhile (`microvm prepare` pruned it): made again.
+        snap = qemu.ensure_snapshot(img, accel, ram, vcpus, self.state / "microvm", disk_mib)
+        return os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _first_boot(self, conn: socket.socket, cfg: dict[str, Any],
+                    payload: bytes) -> dict[str, Any]:  # fmt: skip
+        """The agent answers ``hello``, gets the walls and confirms them."""
+        assert self.proc is not None
         try:
             qemu.handshake(conn, qemu.BOOT_TIMEOUT_S)
         except WallError:
             conn.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=0.5)
-            if self.proc.poll() is not None:  # say why: QEMU's own words
-                raise WallError(f"microvm: qemu exited ({self.proc.returncode}): "
-                                f"{self._qemu_log()}", rule="vmm") from None  # fmt: skip
+            self._raise_if_exited()
             raise
-        t2 = time.monotonic()
         self.attach(conn)
+        self._send(cfg, payload)
+        reply = self._await_untagged(("configured", "fatal"), "apply the walls")
+        if reply["op"] == "fatal":
+            wall = str(reply.get("wall", "init"))
+            raise WallError(f"{wall}: {reply.get('error', 'failed')} (in the guest)", rule=wall)
+        level = self.plan.audit_level
+        if reply.get("audit", "actions") != level:
+            said = str(reply.get("audit"))[:40]
+            raise WallError(f"audit.level: the guest agent did not enable level {level!r} "
+                            f"(it said {said!r})", rule="audit.level")  # fmt: skip
+        return reply
+
+    def _resume_restored(self, conn: socket.socket, ckpt: Checkpoint) -> dict[str, Any]:
+        """A restored VM: QEMU loads the state (paused), goes on, and the agent,
+        which was holding still in ``quiesce``, answers ``resume``.  No ``hello``
+        and no config: the guest applied its walls at its first boot, and they
+        are in the memory that was restored."""
+        try:
+            qmp = self._monitor()
+            qemu.await_incoming(qmp)
+            qemu.cont(qmp)
+        except (qemu.MigrationError, OSError, ValueError) as exc:
+            conn.close()
+            self._raise_if_exited()
+            raise WallError(f"microvm: the checkpoint did not restore: {exc}", rule="vmm") from None
+        chan = ckpt.details.get("channel") or {}
+        self.attach(conn, first_id=int(chan.get("next_id", 1)),
+                    orphans=frozenset(int(i) for i in chan.get("open", ())))  # fmt: skip
+        self._send({"op": "resume", "time": time.time()})
+        reply = self._await_untagged(("resumed",), "resume")
+        if reply.get("version") != protocol.VERSION:
+            raise WallError("microvm: the restored guest agent speaks another protocol version",
+                            rule="init")  # fmt: skip
+        guest = ckpt.details.get("guest") or {}
+        # What the guest said at its first boot (its claim then, recorded by the host).
+        return {"kernel": str(guest.get("kernel", ""))[:80],
+                "landlock_abi": int(guest.get("landlock_abi", 0))}  # fmt: skip
+
+    def _await_untagged(self, ops: tuple[str, ...], what: str) -> dict[str, Any]:
+        """The next untagged frame, which must be one of ``ops`` (else the VM does not start)."""
+        try:
+            reply = self._untagged.get(timeout=CONFIG_TIMEOUT_S)
+        except queue.Empty:
+            raise WallError(f"microvm: the guest agent did not {what}", rule="init") from None
+        if reply["op"] == "closed":
+            self._raise_if_exited()
+            raise WallError(f"microvm: the VM ended before its agent could {what} "
+                            f"({reply.get('reason')})", rule="init")  # fmt: skip
+        if reply["op"] not in ops:
+            raise WallError(f"microvm: unexpected reply {reply['op']!r} ({what})", rule="init")
+        return reply
+
+    def _raise_if_exited(self) -> None:
+        """Say why, in QEMU's own words, when QEMU is gone."""
+        assert self.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=0.5)
+        if self.proc.poll() is not None:
+            raise WallError(f"microvm: qemu exited ({self.proc.returncode}): "
+                            f"{self._qemu_log()}", rule="vmm") from None  # fmt: skip
+
+    def _guest_walls(self) -> tuple[dict[str, Any], bytes]:
+        """The ``config`` frame and its payload (seccomp, watch and trace filters)."""
         cfg = self._config()
         # The profile's notify entries (setuid/setgid modes) go into the watch
         # filter: the guest agent answers them EPERM and reports them (its claim).
@@ -379,28 +549,12 @@ class MicrovmInstance(FileOps):
                          for nr, es in netwatch.denied_calls(self.plan.seccomp_profile).items()}
         level = self.plan.audit_level
         trace = tracewatch.filter_program(level) if level != "actions" else b""
-        self._send({**cfg, "seccomp_len": len(bpf), "trace_len": len(trace)},
-                   bpf + watch + trace)  # fmt: skip
-        try:
-            reply = self._untagged.get(timeout=CONFIG_TIMEOUT_S)
-        except queue.Empty:
-            raise WallError(
-                "microvm: the guest agent did not apply the walls", rule="init"
-            ) from None
-        if reply["op"] == "fatal":
-            wall = str(reply.get("wall", "init"))
-            raise WallError(f"{wall}: {reply.get('error', 'failed')} (in the guest)", rule=wall)
-        if reply["op"] != "configured":
-            raise WallError(f"microvm: unexpected reply {reply['op']!r} to the walls", rule="init")
-        if reply.get("audit", "actions") != level:
-            said = str(reply.get("audit"))[:40]
-            raise WallError(f"audit.level: the guest agent did not enable level {level!r} "
-                            f"(it said {said!r})", rule="audit.level")  # fmt: skip
-        if proxy_sock is not None:
-            self._send_net_files()
-        self.boot = {"start": "snapshot restore" if snap else "cold boot",
-                     "vmm_ms": round((t2 - t1) * 1000, 1),
-                     "total_ms": round((time.monotonic() - t0) * 1000, 1)}  # fmt: skip
+        self._has_watch = bool(watch)
+        return {**cfg, "seccomp_len": len(bpf), "trace_len": len(trace)}, bpf + watch + trace
+
+    def _record_walls(self, qemu_pid: int, accel: qemu.Accel, img: _image.Image,
+                      cfg: dict[str, Any], reply: dict[str, Any], nic: bool) -> None:  # fmt: skip
+        lim, level = self.plan.limits, self.plan.audit_level
         self.walls.update({
             "vmm": "qemu -M microvm",
             # The host uid QEMU runs as: the VM's own (no capabilities) when
@@ -409,21 +563,21 @@ class MicrovmInstance(FileOps):
             "accel": accel.detail if accel.emulated else accel.name,
             "emulated": accel.emulated,
             "guest_kernel": str(reply.get("kernel", img.kernel_release)),
-            "vcpus": vcpus,
-            "ram_mib": ram,
+            "vcpus": self.shape["vcpus"],
+            "ram_mib": self.shape["ram_mib"],
             "network": (f"QEMU user networking, restrict=on: the only route is "
                         f"{qemu.PROXY_ADDR}:{qemu.PROXY_PORT}, relayed to the egress proxy; "
                         f"the guest forwards 127.0.0.1:{PROXY_PORT_INSIDE} there")
-            if proxy_sock else "no network device",
+            if nic else "no network device",
             "network_watch": "in-guest seccomp user notification: connect, sendto, sendmsg, raw"
-            if watch else "off",
+            if self._has_watch else "off",
             "root": "read-only ext4 image",
             "workspace": {"kind": "ext4 scratch disk (virtio-blk, an unlinked host file)",
                           "holds": ["/tmp", "/workspace"], "disk_bytes": lim.disk_bytes,
                           "counts_in": "resources.disk_mib (guest page cache, reclaimable)"},
             "start": self.boot["start"],
             "qemu_sandbox": "seccomp: obsolete, resourcecontrol denied"
-            + ("" if proxy_sock else "; elevateprivileges, spawn denied"),
+            + ("" if nic else "; elevateprivileges, spawn denied"),
             "landlock": {"abi": int(reply.get("landlock_abi", 0)),
                          "tools": [t.path for t in self.plan.tools]},
             "seccomp": {"profile": self.plan.seccomp_profile, "where": "in the guest"},
@@ -441,9 +595,10 @@ class MicrovmInstance(FileOps):
                 "per_sandbox_max": self.max_trace_events,
             }
 
-    def attach(self, conn: socket.socket) -> None:
+    def attach(self, conn: socket.socket, *, first_id: int = 1,
+               orphans: frozenset[int] = frozenset()) -> None:  # fmt: skip
         """Drive the guest on ``conn`` (the VM's channel, or a fake guest in tests)."""
-        self.channel = GuestChannel(conn, self._anomaly)
+        self.channel = GuestChannel(conn, self._anomaly, first_id=first_id, orphans=orphans)
         self.channel.on_untagged(self._untagged_frame)
         self.channel.on_trace(self._trace_frame)
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
@@ -682,7 +837,7 @@ class MicrovmInstance(FileOps):
             reason = f"supervisor error: {type(exc).__name__}"
             self._anomaly(f"reader stopped: {exc!r}")
         finally:
-            self.dead_reason = reason
+            self.dead_reason = self._ended or reason
             self.kill()
             self.channel.close(reason)
             self._untagged.put({"op": "closed", "reason": reason})
@@ -815,7 +970,9 @@ class MicrovmInstance(FileOps):
                     view = view[protocol.CHUNK :]
                 self._send({"op": "eof", "id": rid})
             while True:
-                msg, payload = q.get()
+                # Bounded (FILE_OP_TIMEOUT_S without a frame): the agent does file
+                # ops in its main loop, so one that never ends must not hang us too.
+                msg, payload = self._file_reply(q, kind, path, size=len(data))
                 op = msg["op"]
                 if op == "closed":
                     raise self._closed_error()
@@ -840,6 +997,167 @@ class MicrovmInstance(FileOps):
                     raise SandboxError(f"{kind} {path}: malformed reply from the sandbox")
         finally:
             self.channel_forget(rid)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint(self, dest: Path, *, leave_running: bool) -> Checkpoint:
+        """Save the VM into ``dest``: QEMU's migrated state and a sparse copy of the disk.
+
+        The agent holds still first (``quiesce``), so the saved control
+        channel sits between frames; QEMU stops, migrates to a file and the
+        disk is copied, both of that one stopped instant.  Then the VM goes
+        on (``leave_running``: a snapshot or fork) or QEMU quits (a pause;
+        the caller's :meth:`destroy` releases the rest)."""
+        self._check_checkpointable()
+        with self._checkpoint_lock:
+            t0 = time.monotonic()
+            qmp = self._monitor()
+            self._quiesce()
+            try:
+                facts = self._save(qmp, dest)
+            except BaseException as exc:
+                self._go_on(qmp)  # the sandbox keeps running; nothing was saved
+                if isinstance(exc, (qemu.MigrationError, OSError, ValueError)):
+                    raise SnapshotError(f"microvm: checkpoint failed: {exc}",
+                                        rule="snapshot.memory") from None  # fmt: skip
+                raise
+            if leave_running:
+                facts["resumed"] = self._go_on(qmp)
+            else:
+                self._end_paused(qmp)
+            facts["total_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        return Checkpoint(tier="microvm", memory=True, files=[STATE_FILE, DISK_FILE],
+                          details=facts)  # fmt: skip
+
+    def _check_checkpointable(self) -> None:
+        """Refuse, with the reason, what cannot be saved whole (never a partial save)."""
+        if self.shape.get("nic"):
+            raise SnapshotError(
+                "microvm: a VM with a network device (network through the egress proxy) "
+                "cannot be checkpointed: its QEMU user networking keeps the guest's TCP "
+                "connections as host sockets to relay processes QEMU started, which are not "
+                "part of the migrated state, so a restored guest would hold connections that "
+                "lead nowhere (the same reason such a VM boots cold, not from the snapshot)",
+                rule="snapshot.memory")  # fmt: skip
+        if not self.alive() or self.channel is None or self._mon is None:
+            raise SnapshotError(f"microvm: sandbox {self.sandbox_id} is not running",
+                                rule="snapshot.state")  # fmt: skip
+
+    def _monitor(self) -> qemu._Qmp:
+        if self._qmp is None:
+            assert self._mon is not None
+            self._qmp = qemu.monitor(self._mon)
+        return self._qmp
+
+    def _quiesce(self) -> None:
+        """The agent stops talking (``quiesced``); our senders wait until ``_go_on``."""
+        assert self.channel is not None
+        with contextlib.suppress(queue.Empty):
+            while True:  # nothing stale may pass for the answer
+                self._untagged.get_nowait()
+        try:
+            self.channel.hold({"op": "quiesce"})
+        except SandboxClosed:
+            raise SnapshotError(f"microvm: sandbox {self.sandbox_id} is not running",
+                                rule="snapshot.state") from None  # fmt: skip
+        try:
+            reply = self._untagged.get(timeout=QUIESCE_TIMEOUT_S)
+        except queue.Empty:
+            reply = {"op": "timeout"}
+        if reply.get("op") != "quiesced":
+            with contextlib.suppress(SandboxClosed):
+                self.channel.release({"op": "resume", "time": time.time()})
+            raise SnapshotError(f"microvm: the guest agent did not hold still for the checkpoint "
+                                f"({reply.get('op')})", rule="snapshot.memory")  # fmt: skip
+
+    def _save(self, qmp: qemu._Qmp, dest: Path) -> dict[str, Any]:
+        """Stop, migrate to ``dest/vm.state``, copy the disk to ``dest/scratch.img``."""
+        assert self.channel is not None and self._disk_fd is not None
+        t0 = time.monotonic()
+        out = os.open(dest / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                      0o600)  # fmt: skip
+        try:
+            mig = qemu.save_state(qmp, out)
+            t1 = time.monotonic()
+            os.fsync(out)
+        finally:
+            os.close(out)
+        size = os.fstat(self._disk_fd).st_size
+        disk = os.open(dest / DISK_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                       0o600)  # fmt: skip
+        try:
+            copied = qemu.copy_sparse(self._disk_fd, disk, size)
+            os.fsync(disk)
+        finally:
+            os.close(disk)
+        t2 = time.monotonic()
+        next_id, open_ids = self.channel.state()
+        ram = mig.get("ram") if isinstance(mig.get("ram"), dict) else {}
+        assert isinstance(ram, dict)
+        return {
+            "sandbox_id": self.sandbox_id,
+            "how": "QEMU migration to a file while the VM is stopped, with a sparse copy "
+                   "of the scratch disk",
+            "qemu": {"monitor": ["stop", "migrate-set-parameters max-bandwidth",
+                                 "getfd checkpoint", "migrate fd:checkpoint"],
+                     "restore": "-incoming fd:N, then cont",
+                     "total_time_ms": mig.get("total-time"), "downtime_ms": mig.get("downtime"),
+                     "ram_transferred": ram.get("transferred")},
+            "state_bytes": os.stat(dest / STATE_FILE).st_size,
+            "disk_bytes": copied,
+            "disk_size": size,
+            "migrate_ms": round((t1 - t0) * 1000, 1),
+            "disk_copy_ms": round((t2 - t1) * 1000, 1),
+            "stopped_ms": round((time.monotonic() - t0) * 1000, 1),
+            "shape": dict(self.shape),
+            "walls_sha256": self.walls_sha256,
+            # The host's own channel state: a restored channel's ids start past
+            # these, and frames of the requests still open are not routed.
+            "channel": {"next_id": next_id, "open": open_ids},
+            "guest": {"kernel": self.walls.get("guest_kernel", ""),
+                      "landlock_abi": (self.walls.get("landlock") or {}).get("abi", 0)},
+        }  # fmt: skip
+
+    def _go_on(self, qmp: qemu._Qmp) -> bool:
+        """The VM runs again and the agent resumes; False if it did not say so."""
+        assert self.channel is not None
+        with contextlib.suppress(qemu.MigrationError, OSError, ValueError):
+            if str(qemu._ok(qmp, "query-status").get("status")) != "running":
+                qemu.cont(qmp)
+        try:
+            self.channel.release({"op": "resume", "time": time.time()})
+        except SandboxClosed:
+            return False
+        try:
+            reply = self._untagged.get(timeout=QUIESCE_TIMEOUT_S)
+        except queue.Empty:
+            reply = {"op": "timeout"}
+        if reply.get("op") != "resumed":
+            self._anomaly(f"the guest agent did not resume after a checkpoint ({reply.get('op')})")
+            return False
+        return True
+
+    def _end_paused(self, qmp: qemu._Qmp) -> None:
+        """A pause: QEMU quits (its state is on disk); destroy() does the rest."""
+        assert self.proc is not None and self.channel is not None
+        self._ended = "paused: its state was saved and the VM stopped"
+        qemu.quit_vm(qmp)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.dead_reason = self._ended
+        self.channel.release()
+        self.channel.close(self._ended)
+
+    def freeze(self) -> None:
+        raise SnapshotError("microvm: the VM is not frozen in place; the microvm tier pauses "
+                            "by checkpoint (QEMU migration to a file, then QEMU exits)",
+                            rule="snapshot.freeze")  # fmt: skip
+
+    def thaw(self) -> None:
+        raise SnapshotError("microvm: nothing to thaw; the microvm tier pauses by checkpoint "
+                            "and resumes by restore", rule="snapshot.freeze")  # fmt: skip
 
     # -- teardown -----------------------------------------------------------------------------
 
@@ -876,6 +1194,11 @@ class MicrovmInstance(FileOps):
             with contextlib.suppress(OSError):
                 os.close(self._pidfd)
             self._pidfd = None
+        if self._mon is not None:
+            self._mon.close()
+        if self._disk_fd is not None:  # the disk's last reference, now QEMU is gone
+            os.close(self._disk_fd)
+            self._disk_fd = None
         if self.cg is not None:
             removed["cgroups"] = self.cg.remove()
         if self._uid_lock is not None and (self.proc is None or self.proc.poll() is not None):
@@ -884,7 +1207,8 @@ class MicrovmInstance(FileOps):
         if self.vmdir.exists():
             shutil.rmtree(self.vmdir, ignore_errors=True)
             removed["vm_dir"] = str(self.vmdir)
-        removed["workspace"] = "scratch disk: an unlinked file only QEMU held, freed with it"
+        removed["workspace"] = ("scratch disk: an unlinked file only QEMU (and a read-only fd "
+                                "of the supervisor's) held, freed with them")
         if self._trace_calls:
             removed["file_audit"] = {"events": self.trace_events, "dropped": self.trace_dropped}
         if self.record_path.exists():
@@ -942,6 +1266,30 @@ def _path_error(kind: str, path: str, err: int) -> SandboxError:
         exc = SandboxError(f"{kind} {path}: {os.strerror(err) if 0 < err < 200 else err} ({name})")
     exc.errno = err  # type: ignore[attr-defined]
     return exc
+
+
+def _walls_digest(cfg: dict[str, Any], payload: bytes) -> str:
+    """The guest's walls as sent at first boot (the clock aside): a restore checks
+    that its plan asks for the very walls the restored guest holds."""
+    body = json.dumps({k: v for k, v in cfg.items() if k != "time"}, sort_keys=True)
+    return hashlib.sha256(body.encode() + b"\0" + payload).hexdigest()
+
+
+def _check_restorable(ckpt: Checkpoint, shape: dict[str, Any], walls: str) -> None:
+    """A saved VM loads only into the same VM (image, accel, RAM, vCPUs, disk, no
+    NIC), and only under a plan asking for the walls its guest already holds."""
+    saved = ckpt.details.get("shape") or {}
+    diff = sorted(k for k in shape if saved.get(k) != shape[k])
+    if diff:
+        what = ", ".join(f"{k} {saved.get(k)!r} (here {shape[k]!r})" for k in diff)
+        raise SnapshotError(f"microvm: the checkpoint was made for another VM: {what}",
+                            rule="snapshot.restore")  # fmt: skip
+    if ckpt.details.get("walls_sha256") != walls:
+        raise SnapshotError(
+            "microvm: the policy's in-guest walls (Landlock, seccomp, cgroup, rlimits, audit) "
+            "differ from those the saved guest applied at its first boot, and a restored "
+            "guest is not configured again: restore it under the policy it was made with",
+            rule="snapshot.restore")  # fmt: skip
 
 
 def _conforms(i: MicrovmInstance, p: MicrovmProcess) -> tuple[Instance, Process]:

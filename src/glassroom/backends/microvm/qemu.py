@@ -10,11 +10,16 @@ its agent answers, and its state is saved with ``migrate`` to
 ``<cache>/snapshots/``.  A task VM then starts with ``-incoming fd:N``
 from that file: a booted, idle VM that has not yet mounted its scratch disk
 (a blank one of the same size in the template; each task's is a fresh ext4).
+
+Checkpoints of one sandbox reuse that machinery over the VM's monitor:
+``save_state`` (stop, ``migrate`` to a file glassroom opened), and for the
+restore ``-incoming fd:N``, ``await_incoming`` and ``cont``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -203,7 +208,10 @@ def argv(
     ``scratch_fds``: the VM's scratch disk (``/workspace``, ``/tmp``), as the
     (O_RDWR, O_RDONLY) fds QEMU inherits (it probes read-only first and takes
     from an fd set only an fd of the access mode it asks for), attached as a
-    second virtio-blk disk."""
+    second virtio-blk disk, without QEMU's image locking: the file is unlinked
+    and no other QEMU can reach it, and the lock QEMU took through its two fds
+    of the set would refuse the ``cont`` after a checkpoint's migration
+    ("Failed to get shared 'write' lock")."""
     qemu = qemu_binary()
     if qemu is None:
         raise BackendUnavailable("microvm: qemu-system-x86_64 is not installed "
@@ -245,7 +253,8 @@ def argv(
         "-device", "virtio-blk-device,drive=root",
         *([
             "-add-fd", f"fd={scratch_fds[0]},set=7", "-add-fd", f"fd={scratch_fds[1]},set=7",
-            "-drive", "id=scratch,file=/dev/fdset/7,format=raw,if=none,discard=unmap",
+            "-drive", "id=scratch,file=/dev/fdset/7,format=raw,if=none,discard=unmap,"
+            "file.locking=off",
             "-device", f"virtio-blk-device,drive=scratch,serial={SCRATCH_SERIAL}",
         ] if scratch_fds is not None else []),
         "-device", "virtio-serial-device",
@@ -396,6 +405,152 @@ class _Qmp:
             reply: dict[str, object] = json.loads(self.f.readline())
             if "return" in reply or "error" in reply:  # (events are skipped)
                 return reply
+
+
+# -- per-sandbox checkpoints -----------------------------------------------------------
+
+#: Migration's default bandwidth cap (32 MiB/s) is for a network: a file takes all it can.
+MIGRATE_BANDWIDTH = 1 << 40
+CHECKPOINT_TIMEOUT_S = 120.0
+
+
+class MigrationError(Exception):
+    """QEMU refused or failed a migration step (its own words)."""
+
+
+def monitor(sock: socket.socket, timeout: float = 30.0) -> _Qmp:
+    """QMP on the VM's monitor socketpair (QEMU's greeting waits in the socket)."""
+    return _Qmp(sock, timeout)
+
+
+def _ok(qmp: _Qmp, command: str, arguments: dict[str, object] | None = None,
+        fds: tuple[int, ...] = ()) -> dict[str, object]:  # fmt: skip
+    reply = qmp.call(command, arguments, fds)
+    if "error" in reply:
+        raise MigrationError(f"{command}: {str(reply['error'])[:300]}")
+    ret = reply.get("return")
+    return ret if isinstance(ret, dict) else {}
+
+
+def save_state(qmp: _Qmp, out: int, timeout: float = CHECKPOINT_TIMEOUT_S) -> dict[str, object]:
+    """Stop the VM and migrate its whole state to the file ``out`` (an fd of ours).
+
+    Stopped first, so the saved memory and the scratch disk copied next are
+    of one instant, and the migration is one pass (no dirty pages to chase).
+    The VM stays stopped afterwards (QEMU's ``postmigrate``): ``cont`` goes
+    on, ``quit`` ends it.  Returns ``query-migrate``'s final figures."""
+    _ok(qmp, "stop")
+    _ok(qmp, "migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
+    _ok(qmp, "getfd", {"fdname": "checkpoint"}, fds=(out,))
+    _ok(qmp, "migrate", {"uri": "fd:checkpoint"})
+    return _await_migration(qmp, "query-migrate", timeout)
+
+
+def _await_migration(qmp: _Qmp, query: str, timeout: float) -> dict[str, object]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ret = _ok(qmp, query)
+        status = ret.get("status")
+        if status == "completed":
+            return ret
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"migration {status}: {str(ret.get('error-desc', ''))[:300]}")
+        time.sleep(0.005)
+    raise MigrationError(f"migration did not complete in {timeout:g}s")
+
+
+def await_incoming(qmp: _Qmp, timeout: float = CHECKPOINT_TIMEOUT_S) -> str:
+    """Wait until QEMU has loaded an ``-incoming`` state; return its run state.
+
+    A checkpoint was saved from a stopped VM, so it comes back ``paused``
+    (the caller then sends ``cont``); the booted-idle template runs at once."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        status = str(_ok(qmp, "query-status").get("status"))
+        if status != "inmigrate":
+            if status not in ("paused", "running"):
+                raise MigrationError(f"the restored VM is {status!r}")
+            return status
+        time.sleep(0.005)
+    raise MigrationError(f"the saved state did not load in {timeout:g}s")
+
+
+def cont(qmp: _Qmp) -> None:
+    _ok(qmp, "cont")
+
+
+def quit_vm(qmp: _Qmp) -> None:
+    """Ask QEMU to exit (the caller still reaps it, and kills it if it lingers)."""
+    with contextlib.suppress(OSError, ValueError, MigrationError):
+        _ok(qmp, "quit")
+
+
+def copy_sparse(src: int, dst: int, size: int) -> int:
+    """Copy ``size`` bytes of ``src`` to ``dst``, data extents only (holes stay
+    holes); returns the bytes copied.  ``copy_file_range`` where the kernel
+    allows it (one filesystem), else read/write."""
+    os.ftruncate(dst, size)
+    pos = copied = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole past pos
+                break
+            raise
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        copied += _copy_range(src, dst, start, end)
+        pos = end
+    return copied
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> int:
+    pos = start
+    while pos < end:
+        try:
+            n = os.copy_file_range(src, dst, end - pos, pos, pos)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            n = 0
+        if n <= 0:  # another filesystem: plain reads and writes
+            chunk = os.pread(src, min(end - pos, 1 << 20), pos)
+            if not chunk:
+                raise OSError(errno.EIO, "short read of the scratch disk")
+            n = os.pwrite(dst, chunk, pos)
+        pos += n
+    return end - start
+
+
+def scratch_disk_from(saved: Path, size_bytes: int) -> tuple[int, int]:
+    """:func:`scratch_disk`, but holding a copy of a checkpoint's disk: the saved
+    file stays as it was (a snapshot may be restored many times)."""
+    from ..._sys import scratch
+
+    if os.stat(saved).st_size != size_bytes:
+        raise WallError(f"resources.disk_mib: the saved scratch disk is not {size_bytes} bytes",
+                        rule="resources.disk_mib")  # fmt: skip
+    directory = _config.scratch_dir()
+    scratch.check_backing(directory)
+    path = directory / f"vm-{os.getpid()}-{secrets.token_hex(6)}.img"
+    try:
+        rw = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            src = os.open(saved, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                copy_sparse(src, rw, size_bytes)
+            finally:
+                os.close(src)
+            return rw, os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(rw)
+            raise
+    except OSError as exc:
+        raise WallError(f"resources.disk_mib: cannot copy the saved scratch disk: {exc}",
+                        rule="resources.disk_mib") from exc  # fmt: skip
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def ensure_snapshot(image: Image, accel: Accel, ram_mib: int, vcpus: int, workdir: Path,

@@ -22,6 +22,13 @@ def e2b_router() -> APIRouter:
         add(f"{prefix}/sandboxes", _control.list_sandboxes, methods=["GET"])
         add(f"{prefix}/sandboxes/{{sandbox_id}}/connect", _control.connect, methods=["POST"])
     add("/sandboxes/{sandbox_id}/timeout", _control.set_timeout, methods=["POST"])
+    add("/sandboxes/{sandbox_id}/pause", _control.pause, methods=["POST"])
+    add("/sandboxes/{sandbox_id}/resume", _control.resume, methods=["POST"])
+    add("/sandboxes/{sandbox_id}/snapshots", _control.create_snapshot, methods=["POST"])
+    add("/sandboxes/{sandbox_id}/fork", _control.fork, methods=["POST"])
+    add("/snapshots", _control.list_snapshots, methods=["GET"])
+    # the SDK's Sandbox.delete_snapshot: a snapshot is a template in E2B's model
+    add("/templates/{template_id:path}", _control.delete_template, methods=["DELETE"])
     add("/sandboxes/{sandbox_id}", _control.get_info, methods=["GET"])
     add("/sandboxes/{sandbox_id}", _control.kill, methods=["DELETE"])
     add("/health", _envd.health, methods=["GET"])

@@ -13,7 +13,8 @@ sandbox's ``X-Access-Token`` (given out at create).  Here:
   ``packages/envd/spec/{process,filesystem}``.
 
 A sandbox that was killed or expired answers 502 "The sandbox … was not
-found", which the SDK turns into ``SandboxNotRunningException``.
+found", which the SDK turns into ``SandboxNotRunningException``; so does a
+paused one ("… was not found running: it is paused"), as E2B's proxy does.
 
 E2B's home is ``/home/user``; here it is a link to the sandbox's ``/workspace``
 (``plan.HOME_LINK``, on every tier).  File calls under it are done on
@@ -149,7 +150,10 @@ def shown_as(path: str, asked: str) -> str:
 
 
 def api_error_response(exc: ApiError) -> Response:
-    """envd-style error: ``{"code": status, "message": ...}`` (plain HTTP)."""
+    """envd-style error: ``{"code": status, "message": ...}`` (plain HTTP).  A
+    call that met a sandbox paused meanwhile is E2B's 502 for a paused one."""
+    if exc.rule == "snapshot.state" and exc.status == 409:
+        exc = ApiError(502, "not_found", f"The sandbox was not found running: {exc.message}")
     status, body, ctype = error_payload(Family.ENVD, exc)
     return Response(body, status_code=status, media_type=ctype)
 
@@ -433,6 +437,7 @@ def _entry_info(path: str, fe: FileEntry | None) -> dict[str, Any]:
         "file": "FILE_TYPE_FILE",
         "dir": "FILE_TYPE_DIRECTORY",
         "symlink": "FILE_TYPE_SYMLINK",
+        "other": "FILE_TYPE_UNSPECIFIED",  # a FIFO, socket or device, as envd says
     }.get(kind, "FILE_TYPE_UNSPECIFIED")
     mode = 0o755 if kind == "dir" else 0o644
     return {
@@ -688,6 +693,8 @@ async def rpc(request: Request) -> Response:
     except ApiError as exc:
         if exc.status == 404 and "sandbox" in exc.message and "was not found" in exc.message:
             return api_error_response(ApiError(502, "not_found", exc.message))
+        if exc.rule == "snapshot.state" and exc.status == 409:
+            return api_error_response(exc)  # paused meanwhile: E2B's 502
         err = _rpc_from(exc)
     except GlassroomError as exc:
         err = _rpc_from(translate(exc))

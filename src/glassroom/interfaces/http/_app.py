@@ -36,17 +36,22 @@ from ._models import (
     AuditRecord,
     CommandResult,
     CreateSandbox,
+    CreateSnapshot,
     Decide,
     ErrorResponse,
     FileEntryModel,
     FileWritten,
+    ForkSandbox,
     Health,
+    PauseSandbox,
     ReceiptModel,
+    ResumeSandbox,
     RunCommand,
     SandboxInfo,
     SetTimeout,
+    SnapshotModel,
 )
-from ._service import ApiError, SandboxService, translate
+from ._service import ApiError, Entry, SandboxService, snapshot_model, translate
 
 log = logging.getLogger("glassroom.serve")
 #: The interpreter's GIL switch interval while serving (see create_app).
@@ -111,6 +116,9 @@ def create_sandbox(body: CreateSandbox, tenant: TenantDep, svc: ServiceDep) -> S
         timeout_s=body.timeout_s,
         env=body.env,
         metadata=body.metadata,
+        snapshot=body.snapshot,
+        auto_pause=body.auto_pause,
+        auto_pause_memory=body.auto_pause_memory,
     )
     return svc.info(e)
 
@@ -140,6 +148,92 @@ def set_timeout(
     e = svc.get(tenant, sandbox_id)
     svc.set_timeout(e, body.timeout_s)
     return svc.info(e)
+
+
+@router.post("/sandboxes/{sandbox_id}/pause", response_model=SandboxInfo, tags=["snapshots"])
+def pause_sandbox(
+    sandbox_id: str, tenant: TenantDep, svc: ServiceDep, body: PauseSandbox | None = None
+) -> SandboxInfo:
+    """Pause: the deadline stops; ``memory: false`` keeps only the files.
+    409 (rule ``snapshot.state``) if it is paused already."""
+    e = svc.get(tenant, sandbox_id)
+    svc.pause(e, memory=(body or PauseSandbox()).memory)
+    return svc.info(e)
+
+
+@router.post("/sandboxes/{sandbox_id}/resume", response_model=SandboxInfo, tags=["snapshots"])
+def resume_sandbox(
+    sandbox_id: str, tenant: TenantDep, svc: ServiceDep, body: ResumeSandbox | None = None
+) -> SandboxInfo:
+    """Resume a paused sandbox, same id; 409 if it is not paused."""
+    e = svc.get(tenant, sandbox_id)
+    svc.resume(e, (body or ResumeSandbox()).timeout_s)
+    return svc.info(e)
+
+
+@router.post(
+    "/sandboxes/{sandbox_id}/snapshots",
+    response_model=SnapshotModel,
+    status_code=201,
+    tags=["snapshots"],
+)
+def create_snapshot(
+    sandbox_id: str, tenant: TenantDep, svc: ServiceDep, body: CreateSnapshot | None = None
+) -> SnapshotModel:
+    """Save the sandbox as a snapshot of the tenant; the sandbox keeps running."""
+    req = body or CreateSnapshot()
+    e = svc.get(tenant, sandbox_id)
+    info = svc.snapshot(e, name=req.name, memory=req.memory, include_tmp=req.include_tmp)
+    return snapshot_model(info)
+
+
+@router.post(
+    "/sandboxes/{sandbox_id}/fork",
+    response_model=list[SandboxInfo],
+    status_code=201,
+    tags=["snapshots"],
+)
+def fork_sandbox(
+    sandbox_id: str, tenant: TenantDep, svc: ServiceDep, body: ForkSandbox | None = None
+) -> list[SandboxInfo]:
+    """``count`` new sandboxes, each with the parent's files (and processes where
+    the tier can), its own id and trail.  All or none: if one fork fails, the
+    others are destroyed and the error is the answer."""
+    req = body or ForkSandbox()
+    results = svc.fork(svc.get(tenant, sandbox_id), req.count, timeout_s=req.timeout_s)
+    made = [r for r in results if isinstance(r, Entry)]
+    failed = [r for r in results if isinstance(r, ApiError)]
+    if failed:
+        for child in made:
+            svc.destroy(child, reason="fork failed")
+        raise failed[0]
+    return [svc.info(child) for child in made]
+
+
+@router.get("/snapshots", response_model=list[SnapshotModel], tags=["snapshots"])
+def list_snapshots(
+    tenant: TenantDep,
+    svc: ServiceDep,
+    sandbox_id: Annotated[str | None, Query(max_length=200)] = None,
+    name: Annotated[str | None, Query(max_length=200)] = None,
+) -> list[SnapshotModel]:
+    """The tenant's snapshots, newest first."""
+    found = svc.list_snapshots(tenant, sandbox_id=sandbox_id, name=name)
+    return [snapshot_model(i) for i in found]
+
+
+@router.get("/snapshots/{snapshot_id}", response_model=SnapshotModel, tags=["snapshots"])
+def get_snapshot(snapshot_id: str, tenant: TenantDep, svc: ServiceDep) -> SnapshotModel:
+    return snapshot_model(svc.get_snapshot(tenant, snapshot_id))
+
+
+@router.delete(
+    "/snapshots/{snapshot_id}", status_code=204, tags=["snapshots"], response_class=Response
+)
+def delete_snapshot(snapshot_id: str, tenant: TenantDep, svc: ServiceDep) -> Response:
+    if not svc.delete_snapshot(tenant, snapshot_id):
+        raise ApiError(404, "not_found", f"snapshot {snapshot_id} was not found")
+    return Response(status_code=204)
 
 
 @router.post("/sandboxes/{sandbox_id}/commands", response_model=CommandResult, tags=["commands"])

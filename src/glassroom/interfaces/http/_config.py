@@ -14,6 +14,10 @@ max_sandboxes = 20
 api_keys_sha256 = ["<sha256 hex of the key>"]   # keys are never stored in clear
 [templates.data-job]
 policy = "/etc/glassroom/data-job.toml"     # a template is a named policy
+[snapshots]                                 # per tenant (docs/snapshots.md)
+max_count = 20
+max_bytes = 8589934592
+max_age_s = 604800                          # also how long a paused sandbox is kept
 ```
 
 A key is any string of at least 16 characters; ``glassroom serve --new-key
@@ -27,6 +31,7 @@ import hashlib
 import hmac
 import math
 import secrets
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,7 @@ from typing import Any
 
 from ..._config import audit_log_path
 from ..._errors import PolicyError
+from ...lifecycle.snapshots import SnapshotLimits
 from ...policy import Policy, default_policy, load_policy, validate_policy
 
 DEFAULT_PORT = 8049
@@ -48,6 +54,9 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 DEFAULT_MAX_SANDBOXES_PER_SESSION = 10
 DEFAULT_MAX_HANDLE_SANDBOXES = 20
 MAX_MCP_CAP = 1000
+#: ``[snapshots]``: each key and the largest value it may take (a bound no
+#: host could mean is a typo, not a limit).
+SNAPSHOT_LIMIT_KEYS = {"max_count": 100_000, "max_bytes": 1 << 50, "max_age_s": 10 * 365 * 86400}
 
 
 def hash_key(key: str) -> str:
@@ -70,6 +79,11 @@ def builtin_templates() -> dict[str, Policy]:
     (bash, coreutils, python3; no network), with the cap E2B's timeouts need."""
     base = default_policy().model_dump()
     base["resources"]["max_runtime_s"] = TEMPLATE_MAX_RUNTIME_S
+    if shutil.which("git", path="/usr/bin:/bin"):
+        # E2B's base template has git, and clients use it (its SDK's git API).
+        # The host's own, read-only like the rest of /usr; where it is absent
+        # the template is the default policy, not a template that fails.
+        base["tools"]["allow"].append("git")
     ci = default_policy().model_dump()
     ci["resources"]["max_runtime_s"] = TEMPLATE_MAX_RUNTIME_S
     ci["resources"]["max_output_bytes"] = 64 << 20  # the kernel is long-lived
@@ -95,6 +109,12 @@ class ServeConfig:
     tenants: dict[str, Tenant] = field(default_factory=dict)
     templates: dict[str, Policy] = field(default_factory=builtin_templates)
     default_template: str = "base"
+    #: ``[snapshots]``: the per-tenant limits of the snapshot store.
+    snapshot_limits: SnapshotLimits = field(default_factory=SnapshotLimits)
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.data_dir / "snapshots"
 
     @property
     def audit_log(self) -> Path:
@@ -154,7 +174,46 @@ class ServeConfig:
                     field=f"templates.{name}.policy",
                 )
             cfg.templates[name] = load_policy(src if Path(src).is_absolute() else p.parent / src)
+        if "snapshots" in raw:
+            cfg.snapshot_limits = snapshot_limits(raw["snapshots"], str(p))
         return cfg
+
+
+def snapshot_limits(table: Any, source: str = "serve config") -> SnapshotLimits:
+    """The ``[snapshots]`` table as :class:`SnapshotLimits`.  An unknown key is
+    refused, naming it: a misspelt ``max_age`` would silently keep the default, and
+    a limit the operator believes is set but is not is worse than none."""
+    if not isinstance(table, dict):
+        raise PolicyError("must be a table", source=source, field="snapshots")
+    unknown = sorted(set(table) - set(SNAPSHOT_LIMIT_KEYS))
+    if unknown:
+        raise PolicyError(
+            f"unknown key {unknown[0]!r} (known: {', '.join(SNAPSHOT_LIMIT_KEYS)})",
+            source=source,
+            field=f"snapshots.{unknown[0]}",
+        )
+    got: dict[str, Any] = {}
+    for key, top in SNAPSHOT_LIMIT_KEYS.items():
+        if key in table:
+            got[key] = _limit(table[key], key, top, source)
+    return SnapshotLimits(**got)
+
+
+def _limit(value: Any, key: str, top: int, source: str) -> int | float:
+    """A limit from 1 to ``top``: a whole number, or (only ``max_age_s``) a finite
+    number of seconds.  ``true``, a string, 0 or NaN would mean "none" or "never"."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if key != "max_age_s" and not isinstance(value, int):
+        number = False
+    if not number or not (math.isfinite(value) and 1 <= value <= top):
+        what = "a number of seconds" if key == "max_age_s" else "a whole number"
+        raise PolicyError(
+            f"must be {what} from 1 to {top}, not {value!r}",
+            source=source,
+            field=f"snapshots.{key}",
+        )
+    out: int | float = value
+    return out
 
 
 def _shutdown_bound(value: Any, source: Path) -> float:

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 _STRICT = ConfigDict(extra="forbid")
 
 MAX_TIMEOUT_S = 86400.0
+
+#: A number of seconds: a number (not true, not "10"), more than 0, at most
+#: ``MAX_TIMEOUT_S``, finite.
+Seconds = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, strict=True, allow_inf_nan=False)]
 
 
 class ErrorBody(BaseModel):
@@ -31,16 +35,24 @@ class CreateSandbox(BaseModel):
         None, description="a policy: TOML text or the same as a JSON object; overrides template"
     )
     backend: str | None = Field(None, max_length=50)
-    timeout_s: float | None = Field(
-        None,
-        gt=0,
-        le=MAX_TIMEOUT_S,
-        strict=True,  # a number: not true, not "10"
-        allow_inf_nan=False,
-        description="deadline from now; at most the policy's resources.max_runtime_s",
+    timeout_s: Seconds | None = Field(
+        None, description="deadline from now; at most the policy's resources.max_runtime_s"
     )
     env: dict[str, str] = Field(default_factory=dict, description="added to every command")
     metadata: dict[str, str] = Field(default_factory=dict)
+    snapshot: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="make it from this snapshot (its files and policy); "
+        "not with template or policy",
+    )
+    auto_pause: bool = Field(
+        False, strict=True, description="at the deadline, pause instead of destroy"
+    )
+    auto_pause_memory: bool = Field(
+        True, strict=True, description="with auto_pause: keep the memory where the tier can"
+    )
 
 
 class SandboxInfo(BaseModel):
@@ -49,24 +61,75 @@ class SandboxInfo(BaseModel):
     template: str | None
     backend: str
     tier: str
-    state: Literal["running", "destroyed"]
+    state: Literal["running", "paused", "destroyed"]
     started_at: str = Field(description="RFC 3339 UTC")
-    end_at: str = Field(description="RFC 3339 UTC: the deadline; the sandbox is reaped then")
+    end_at: str = Field(
+        description="RFC 3339 UTC: the deadline; the sandbox is reaped then (paused: "
+        "the end of the time it is kept paused)"
+    )
     timeout_s: float = Field(description="seconds left until end_at")
-    max_runtime_s: float
+    max_runtime_s: float = Field(description="of running time: paused time does not count")
     metadata: dict[str, str]
     walls: dict[str, Any] = Field(default_factory=dict)
+    paused_at: str | None = Field(None, description="RFC 3339 UTC, while paused")
+    pause: dict[str, Any] | None = Field(
+        None, description="while paused: what the pause saved (tier, how, memory, bytes, ms)"
+    )
+    auto_pause: bool = Field(False, description="the deadline pauses it instead of destroying")
+    parent: str | None = Field(None, description="the sandbox it was forked or snapshotted from")
+    snapshot: str | None = Field(None, description="the snapshot it was made from")
 
 
 class SetTimeout(BaseModel):
     model_config = _STRICT
-    timeout_s: float = Field(
-        gt=0,
-        le=MAX_TIMEOUT_S,
+    timeout_s: Seconds = Field(description="new deadline, from now")
+
+
+class PauseSandbox(BaseModel):
+    model_config = _STRICT
+    memory: bool = Field(
+        True,
         strict=True,
-        allow_inf_nan=False,
-        description="new deadline, from now",
+        description="keep the processes and memory where the tier can; false: the files only",
     )
+
+
+class ResumeSandbox(BaseModel):
+    model_config = _STRICT
+    timeout_s: Seconds | None = Field(
+        None, description="new deadline, from now (default: the time it had left when paused)"
+    )
+
+
+class CreateSnapshot(BaseModel):
+    model_config = _STRICT
+    name: str | None = Field(None, min_length=1, max_length=200)
+    memory: bool | None = Field(
+        None,
+        strict=True,
+        description="save the processes too (refused, rule snapshot.memory, where the tier "
+        "cannot); default: the tier's best",
+    )
+    include_tmp: bool = Field(False, strict=True, description="also save /tmp")
+
+
+class ForkSandbox(BaseModel):
+    model_config = _STRICT
+    count: int = Field(1, ge=1, le=20, strict=True, description="how many forks")
+    timeout_s: Seconds | None = Field(
+        None, description="each fork's deadline, from now (default: the server's)"
+    )
+
+
+class SnapshotModel(BaseModel):
+    snapshot_id: str
+    names: list[str]
+    sandbox_id: str | None = Field(description="the sandbox it was taken from")
+    tier: str
+    memory: bool = Field(description="whether the processes and memory were saved")
+    memory_refused: str | None = Field(None, description="why not, when they were not")
+    size_bytes: int
+    created_at: str = Field(description="RFC 3339 UTC")
 
 
 class RunCommand(BaseModel):
@@ -76,7 +139,7 @@ class RunCommand(BaseModel):
     cwd: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     stdin: str | None = None
-    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, strict=True, allow_inf_nan=False)
+    timeout_s: Seconds | None = None
 
 
 class BlockedAction(BaseModel):

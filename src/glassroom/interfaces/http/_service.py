@@ -6,6 +6,16 @@ with an audit record), the per-tenant cap, background processes, and the
 teardown receipt.  The HTTP layers (own API, E2B) and the MCP server are
 thin translations onto this.
 
+**Pause, resume, snapshot, fork** (docs/snapshots.md).  The core does the
+work and writes the audit records; the service keeps the clock.  A paused
+sandbox has no running deadline: what was left of it is recorded and given
+back at resume (unless the client names a new one), the time spent paused
+does not count against the policy's max runtime, and the paused sandbox is
+kept at most ``[snapshots] max_age_s`` before it is destroyed.  With
+``auto_pause`` the deadline pauses the sandbox instead of destroying it.
+The snapshot store is one per service, under ``data_dir/snapshots``, with
+per-tenant limits.
+
 **Who owns a sandbox.**  bubblewrap runs with ``--die-with-parent``, whose
 PDEATHSIG fires when the *thread* that spawned it exits.  Request handlers
 run on short-lived worker threads, so sandboxes are created on this
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import hmac
 import logging
 import math
@@ -28,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ... import __version__
 from ..._errors import (
@@ -39,14 +50,18 @@ from ..._errors import (
     SandboxClosed,
     SandboxError,
     SandboxPathError,
+    SnapshotError,
+    SnapshotIntegrityError,
 )
 from ..._sandbox import RunResult, Sandbox
 from ...audit import AuditLog, read_records
 from ...backends.base import Process, Receipt
+from ...lifecycle import snapshots as _snapshots
+from ...lifecycle.snapshots import SnapshotInfo, SnapshotStore
 from ...lifecycle.supervisor import reap_orphans
 from ...policy import Policy, parse_policy, validate_policy
 from ._config import ServeConfig, Tenant
-from ._models import Approval, BlockedAction, CommandResult, SandboxInfo
+from ._models import Approval, BlockedAction, CommandResult, SandboxInfo, SnapshotModel
 
 log = logging.getLogger("glassroom.serve")
 
@@ -57,6 +72,19 @@ OWNER_THREADS = 32
 SANE_TIMEOUT_S = 10 * 365 * 86400.0
 #: At most this many entries in a create's ``env`` or ``metadata``.
 MAX_MAPPING_ITEMS = 1000
+#: At most this many sandboxes from one fork call (E2B's SDK allows 20).
+MAX_FORK_COUNT = 20
+#: How often the reaper prunes expired snapshots (they also go when the store is used).
+PRUNE_EVERY_S = 300.0
+#: What a snapshot error's rule means over HTTP: (status, code).
+SNAPSHOT_STATUS = {
+    "snapshot.not_found": (404, "not_found"),
+    "snapshot.state": (409, "conflict"),
+    "snapshot.limit": (429, "limit"),
+    "snapshot.memory": (400, "unsupported"),
+    "snapshot.integrity": (409, "integrity"),
+    "snapshot.name": (400, "invalid"),
+}
 
 
 class ApiError(Exception):
@@ -88,6 +116,11 @@ def translate(exc: GlassroomError) -> ApiError:
         )
     if isinstance(exc, SandboxClosed):
         return ApiError(404, "not_found", f"{msg} (the sandbox was not found)", rule)
+    if isinstance(exc, SnapshotError):
+        if isinstance(exc, SnapshotIntegrityError):
+            rule = rule or "snapshot.integrity"
+        status, code = SNAPSHOT_STATUS.get(rule or "", (400, "sandbox_error"))
+        return ApiError(status, code, msg, rule)
     if isinstance(exc, SandboxError):
         return ApiError(400, "sandbox_error", msg, rule)
     return ApiError(503, "unavailable", msg, rule)
@@ -161,8 +194,49 @@ def check_mapping(value: object, field: str, *, env: bool = False) -> dict[str, 
     return out
 
 
+def check_bool(value: object, field: str) -> bool:
+    """``value`` as a JSON boolean, or 400 naming ``field`` (``"false"`` and 0 are not)."""
+    if not isinstance(value, bool):
+        raise ApiError(400, "invalid", f"{field}: must be true or false", rule=field)
+    return value
+
+
+def check_count(value: object, field: str = "count", limit: int = MAX_FORK_COUNT) -> int:
+    """``value`` as a whole number from 1 to ``limit``, or 400 naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ApiError(
+            400, "invalid", f"{field}: must be a whole number from 1 to {limit}", rule=field
+        )
+    return value
+
+
+def check_name(value: object, field: str = "name") -> str:
+    """A snapshot's name as the store takes it (letters, digits and ``._:@/-``,
+    at most 128), or 400 naming ``field``: refused before the sandbox is touched."""
+    try:
+        return _snapshots.check_name(value)  # type: ignore[arg-type]
+    except SnapshotError as exc:
+        raise ApiError(400, "invalid", f"{field}: {exc}", rule=field) from None
+
+
 def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def snapshot_model(info: SnapshotInfo, shown_id: str | None = None) -> SnapshotModel:
+    """A core ``SnapshotInfo`` as the API (``/v1/snapshots``) and the MCP tools
+    show it; ``shown_id``: the id the client is to use, if not the snapshot's
+    own (an MCP handle for a session-less client)."""
+    return SnapshotModel(
+        snapshot_id=info.id if shown_id is None else shown_id,
+        names=list(info.names),
+        sandbox_id=info.sandbox_id,
+        tier=info.tier,
+        memory=info.memory,
+        memory_refused=info.memory_refused,
+        size_bytes=info.size_bytes,
+        created_at=rfc3339(info.created_at),
+    )
 
 
 @dataclass
@@ -183,10 +257,36 @@ class Entry:
     #: per-service extensions (the code interpreter's kernels live here)
     extra: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: At the deadline: pause (keeping memory when ``auto_pause_memory``) instead of destroy.
+    auto_pause: bool = False
+    auto_pause_memory: bool = True
+    #: The sandbox and snapshot it was made from (a fork or a create from a snapshot).
+    parent: str | None = None
+    snapshot: str | None = None
+    #: While paused: when it was paused, the running time it had left then
+    #: (given back at resume), and the facts of the pause.  ``end_at`` is then
+    #: the end of the time it is kept paused.
+    paused_at: float | None = None
+    left_s: float = 0.0
+    pause_facts: dict[str, Any] | None = None
+    #: Time spent paused so far: it does not count against ``max_runtime_s``.
+    paused_s: float = 0.0
+    #: A pause, resume, snapshot or fork is under way: the reaper waits for it.
+    busy: int = 0
+    #: Serializes pause, resume, snapshot and fork of this sandbox.
+    life: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def id(self) -> str:
         return self.sb.id
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
+    def hard_end(self) -> float:
+        """The policy's max runtime, counted in running time only."""
+        return self.created + self.max_runtime_s + self.paused_s
 
 
 class Approvals:
@@ -290,12 +390,16 @@ class SandboxService:
         self._entries: dict[str, Entry] = {}
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (tenant, why)
         self._reserved: dict[str, int] = {}
+        #: Per tenant: sandboxes being destroyed (still running until that ends).
+        self._dying: dict[str, int] = {}
         self._cond = threading.Condition()
         self._closed = False
         self._on_destroy: list[Callable[[Entry], None]] = []
         self._stopping: builtins.list[threading.Thread] = []
         self._stop_began: float | None = None
         self._destroying = 0
+        self.store = SnapshotStore(cfg.snapshot_dir, cfg.snapshot_limits)
+        self._pruned_at = time.monotonic()
         # A server killed by SIGKILL (or a power cut) left its sandboxes' cgroups,
         # mounts and records behind: clean them before serving anyone, not at the
         # first create, so a restarted server starts from a clean host.
@@ -351,15 +455,74 @@ class SandboxService:
         timeout_s: float | None = None,
         env: Mapping[str, str] | None = None,
         metadata: Mapping[str, str] | None = None,
+        snapshot: str | None = None,
+        auto_pause: bool = False,
+        auto_pause_memory: bool = True,
     ) -> Entry:
+        """A new sandbox: from a template or a policy, or (``snapshot``) from one of
+        the tenant's snapshots, whose files and policy it gets."""
         # Every argument is checked before anything is made: a create that fails
         # must leave nothing behind (no sandbox, no slot of the tenant's cap).
         if timeout_s is not None:
             timeout_s = check_timeout(timeout_s, "timeout_s")
         env = check_mapping(env, "env", env=True)
         metadata = check_mapping(metadata, "metadata")
-        pol = self._policy(template, policy)
-        cap = pol.resources.max_runtime_s
+        auto_pause = check_bool(auto_pause, "auto_pause")
+        auto_pause_memory = check_bool(auto_pause_memory, "auto_pause_memory")
+        if snapshot is not None:
+            if template is not None or policy is not None:
+                raise ApiError(
+                    400,
+                    "invalid",
+                    "snapshot: a sandbox made from a snapshot has the snapshot's policy; "
+                    "give snapshot, or template/policy, not both",
+                    rule="snapshot",
+                )
+            info = self.get_snapshot(tenant, snapshot)
+            # Its policy is in the snapshot: the timeout is checked against it
+            # once it is made (and the sandbox destroyed if it does not fit).
+            make: Callable[[], Sandbox] = functools.partial(
+                Sandbox.from_snapshot,
+                info.id,
+                store=self.store,
+                tenant=tenant.name,
+                audit_log=self.cfg.audit_log,
+                backend=backend,
+            )
+            label: str | None = info.id
+            snap_id: str | None = info.id
+            parent: str | None = info.sandbox_id
+        else:
+            pol = self._policy(template, policy)
+            self._timeout(timeout_s, pol.resources.max_runtime_s)
+            make = functools.partial(
+                Sandbox,
+                pol,
+                backend=backend,
+                audit_log=self.cfg.audit_log,
+                store=self.store,
+                tenant=tenant.name,
+            )
+            label = None if policy is not None else (template or self.cfg.default_template)
+            snap_id = parent = None
+        with self._slot(tenant):
+            sb = self._made(self._owner.submit(make).result)
+            return self._admit(
+                tenant,
+                sb,
+                template=label,
+                metadata=metadata,
+                env=env,
+                timeout_s=timeout_s,
+                snapshot=snap_id,
+                parent=parent,
+                auto_pause=auto_pause,
+                auto_pause_memory=auto_pause_memory,
+            )
+
+    def _timeout(self, timeout_s: float | None, cap: float) -> float:
+        """The deadline a new sandbox gets: ``timeout_s``, or the server's default,
+        never past the policy's max runtime (``cap``)."""
         timeout = timeout_s if timeout_s is not None else min(self.cfg.default_timeout_s, cap)
         if timeout > cap:
             raise ApiError(
@@ -368,11 +531,17 @@ class SandboxService:
                 f"timeout {timeout:g}s exceeds the policy's max runtime ({cap:g}s)",
                 rule="resources.max_runtime_s",
             )
+        return timeout
+
+    @contextlib.contextmanager
+    def _slot(self, tenant: Tenant) -> Iterator[None]:
+        """One place in the tenant's cap, held while a sandbox is being made
+        (paused sandboxes count: they keep their memory or their files)."""
         with self._cond:
             if self._closed:
                 raise ApiError(503, "unavailable", "the server is shutting down")
             live = sum(1 for e in self._entries.values() if e.tenant == tenant.name)
-            busy = live + self._reserved.get(tenant.name, 0)
+            busy = live + self._reserved.get(tenant.name, 0) + self._dying.get(tenant.name, 0)
             if busy >= tenant.max_sandboxes:
                 raise ApiError(
                     429,
@@ -383,59 +552,85 @@ class SandboxService:
                 )
             self._reserved[tenant.name] = self._reserved.get(tenant.name, 0) + 1
         try:
-            fut = self._owner.submit(Sandbox, pol, backend=backend, audit_log=self.cfg.audit_log)
-            try:
-                sb = fut.result()
-            except GlassroomError as exc:
-                raise translate(exc) from None
-            except OSError as exc:  # the host, not the input: say so, without a 500
-                log.exception("creating a sandbox failed")
-                raise ApiError(503, "unavailable", f"cannot create a sandbox: {exc}") from None
-            now = time.time()
-            entry = Entry(
-                sb=sb,
-                tenant=tenant.name,
-                template=None if policy is not None else (template or self.cfg.default_template),
-                metadata=dict(metadata or {}),
-                env=dict(env or {}),
-                created=now,
-                end_at=now + timeout,
-                max_runtime_s=cap,
-            )
-            try:
-                self.audit.append(
-                    sb.id,
-                    "service.created",
-                    {
-                        "tenant": tenant.name,
-                        "template": entry.template,
-                        "timeout_s": timeout,
-                        "metadata": entry.metadata,
-                    },
-                    decision="allow",
-                )
-            except BaseException as exc:
-                # Made but not listed: destroy it, or it would run outside the
-                # tenant's cap with no deadline.
-                with contextlib.suppress(Exception):
-                    sb.destroy()
-                if isinstance(exc, GlassroomError):
-                    raise translate(exc) from None
-                raise
-            with self._cond:
-                closed = self._closed
-                if not closed:
-                    self._entries[sb.id] = entry
-                    self._cond.notify_all()
-            if closed:  # stopping began while it was being made: it must not outlive us
-                with contextlib.suppress(Exception):
-                    sb.destroy()
-                raise ApiError(503, "unavailable", "the server is shutting down")
-            return entry
+            yield
         finally:
             with self._cond:
                 self._reserved[tenant.name] -= 1
                 self._cond.notify_all()
+
+    @staticmethod
+    def _made(wait: Callable[[], Sandbox]) -> Sandbox:
+        """The sandbox an owner thread made, or the error as an ApiError."""
+        try:
+            return wait()
+        except GlassroomError as exc:
+            raise translate(exc) from None
+        except OSError as exc:  # the host, not the input: say so, without a 500
+            log.exception("creating a sandbox failed")
+            raise ApiError(503, "unavailable", f"cannot create a sandbox: {exc}") from None
+
+    def _admit(
+        self,
+        tenant: Tenant,
+        sb: Sandbox,
+        *,
+        template: str | None,
+        metadata: Mapping[str, str],
+        env: Mapping[str, str],
+        timeout_s: float | None,
+        snapshot: str | None = None,
+        parent: str | None = None,
+        auto_pause: bool = False,
+        auto_pause_memory: bool = True,
+    ) -> Entry:
+        """List a sandbox that was just made, with its deadline, or destroy it: one
+        that is made but not listed would run outside the tenant's cap with no
+        deadline."""
+        try:
+            cap = sb.policy.resources.max_runtime_s
+            timeout = self._timeout(timeout_s, cap)
+            now = time.time()
+            entry = Entry(
+                sb=sb,
+                tenant=tenant.name,
+                template=template,
+                metadata=dict(metadata),
+                env=dict(env),
+                created=now,
+                end_at=now + timeout,
+                max_runtime_s=cap,
+                auto_pause=auto_pause,
+                auto_pause_memory=auto_pause_memory,
+                parent=parent,
+                snapshot=snapshot,
+            )
+            details: dict[str, Any] = {
+                "tenant": tenant.name,
+                "template": entry.template,
+                "timeout_s": timeout,
+                "metadata": entry.metadata,
+            }
+            if auto_pause:
+                details["on_timeout"] = "pause" if auto_pause_memory else "pause (files only)"
+            if snapshot or parent:
+                details.update(snapshot=snapshot, parent=parent)
+            self.audit.append(sb.id, "service.created", details, decision="allow")
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                sb.destroy()
+            if isinstance(exc, GlassroomError):
+                raise translate(exc) from None
+            raise
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                self._entries[sb.id] = entry
+                self._cond.notify_all()
+        if closed:  # stopping began while it was being made: it must not outlive us
+            with contextlib.suppress(Exception):
+                sb.destroy()
+            raise ApiError(503, "unavailable", "the server is shutting down")
+        return entry
 
     # -- lookup ----------------------------------------------------------------
 
@@ -454,6 +649,10 @@ class SandboxService:
             raise ApiError(502, "not_found", f"The sandbox {sandbox_id} was not found")
         if not token or not hmac.compare_digest(token, e.access_token):
             raise ApiError(401, "unauthenticated", "missing or wrong sandbox access token")
+        if e.paused:
+            # E2B's proxy answers so for a paused sandbox: the SDK's is_running()
+            # is False and a call raises SandboxNotRunningException.
+            raise paused_error(e.id)
         return e
 
     def list(self, tenant: Tenant) -> list[Entry]:
@@ -480,26 +679,41 @@ class SandboxService:
             ids |= {i for i, (t, _) in self._gone.items() if t == tenant.name}
         return ids
 
+    def state(self, e: Entry) -> str:
+        """``running``, ``paused`` or ``destroyed``: the core's word, and the
+        service's while a pause it began is being recorded."""
+        try:
+            state = str(e.sb.state)
+        except GlassroomError:
+            return "destroyed"
+        return "paused" if e.paused and state != "destroyed" else state
+
     def info(self, e: Entry) -> SandboxInfo:
         sb = e.sb
-        alive = True
-        try:
-            walls = sb.walls
-        except GlassroomError:
-            walls, alive = {}, False
+        state = self.state(e)
+        walls: dict[str, Any] = {}
+        if state == "running":
+            with contextlib.suppress(GlassroomError):
+                walls = sb.walls
+        paused_at = e.paused_at
         return SandboxInfo(
             sandbox_id=e.id,
             tenant=e.tenant,
             template=e.template,
             backend=sb.backend,
             tier=sb.policy.risk,
-            state="running" if alive else "destroyed",
+            state=_STATES.get(state, "destroyed"),
             started_at=rfc3339(e.created),
             end_at=rfc3339(e.end_at),
             timeout_s=max(0.0, round(e.end_at - time.time(), 3)),
             max_runtime_s=e.max_runtime_s,
             metadata=e.metadata,
             walls=walls,
+            paused_at=None if paused_at is None else rfc3339(paused_at),
+            pause=e.pause_facts if paused_at is not None else None,
+            auto_pause=e.auto_pause,
+            parent=e.parent,
+            snapshot=e.snapshot,
         )
 
     # -- lifecycle -------------------------------------------------------------
@@ -508,8 +722,15 @@ class SandboxService:
         """Move the deadline to now + ``timeout_s``; 0 (only if ``allow_zero``, for
         E2B's API) makes it now, so the reaper destroys the sandbox at once."""
         timeout_s = check_timeout(timeout_s, "timeout_s", allow_zero=allow_zero)
+        if e.paused:
+            raise ApiError(
+                409,
+                "conflict",
+                f"sandbox {e.id} is paused: it has no running deadline; resume it with a timeout",
+                rule="snapshot.state",
+            )
         now = time.time()
-        hard = e.created + e.max_runtime_s
+        hard = e.hard_end()
         if now + timeout_s > hard + 1e-3:
             raise ApiError(
                 400,
@@ -523,6 +744,207 @@ class SandboxService:
             self._cond.notify_all()
         self.audit.append(
             e.id, "service.timeout_set", {"timeout_s": timeout_s, "end_at": rfc3339(e.end_at)}
+        )
+
+    # -- pause, resume, snapshot, fork -------------------------------------------
+
+    @contextlib.contextmanager
+    def _busy(self, e: Entry) -> Iterator[None]:
+        """Hold ``e``'s lifecycle lock and keep the reaper off it meanwhile: a
+        deadline that passes during a pause is decided once the pause is done."""
+        with e.life:
+            with self._cond:
+                e.busy += 1
+            try:
+                yield
+            finally:
+                with self._cond:
+                    e.busy -= 1
+                    self._cond.notify_all()
+
+    def _on_owner(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """``fn`` on an owner thread (a resume or a fork may start a sandbox,
+        whose ``--die-with-parent`` follows the thread), its errors as ApiErrors.
+        Callers on the event loop wrap the whole call in ``anyio.to_thread``."""
+        try:
+            fut = self._owner.submit(fn, *args, **kw)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            raise ApiError(503, "unavailable", "the server is shutting down") from None
+        try:
+            return fut.result()
+        except GlassroomError as exc:
+            raise translate(exc) from None
+        except OSError as exc:
+            log.exception("%s failed", getattr(fn, "__name__", "a snapshot operation"))
+            raise ApiError(503, "unavailable", f"the host failed: {exc}") from None
+
+    def pause(self, e: Entry, *, memory: bool = True) -> dict[str, Any]:
+        """Pause ``e`` (memory kept where the tier can, or only its files): its
+        running deadline stops, and it is kept paused at most ``max_age_s``."""
+        memory = check_bool(memory, "memory")
+        with self._busy(e):
+            if e.paused:
+                raise already_paused(e.id)
+            facts: dict[str, Any] = self._on_owner(e.sb.pause, memory=memory)
+            self._paused(e, facts)
+        return facts
+
+    def _paused(self, e: Entry, facts: dict[str, Any]) -> None:
+        now = time.time()
+        with self._cond:
+            e.left_s = max(0.0, e.end_at - now)
+            e.paused_at = now
+            e.pause_facts = dict(facts)
+            e.end_at = now + self.cfg.snapshot_limits.max_age_s
+            self._cond.notify_all()
+
+    def resume(self, e: Entry, timeout_s: float | None = None) -> dict[str, Any]:
+        """Resume a paused ``e``, same id; its deadline is ``timeout_s`` from now,
+        or what it had left when it was paused (the server's default if that
+        was nothing, as after an auto-pause), never past the max runtime."""
+        if timeout_s is not None:
+            timeout_s = check_timeout(timeout_s, "timeout_s")
+        with self._busy(e):
+            if not e.paused:
+                raise ApiError(
+                    409, "conflict", f"sandbox {e.id} is not paused", rule="snapshot.state"
+                )
+            left = self._resume_timeout(e, timeout_s)
+            facts: dict[str, Any] = self._on_owner(e.sb.resume)
+            now = time.time()
+            with self._cond:
+                assert e.paused_at is not None
+                e.paused_s += now - e.paused_at
+                e.paused_at = None
+                e.pause_facts = None
+                e.end_at = min(now + left, e.hard_end())
+                self._cond.notify_all()
+        return facts
+
+    def _resume_timeout(self, e: Entry, timeout_s: float | None) -> float:
+        assert e.paused_at is not None
+        # running time left: the clock stopped when it was paused
+        hard_left = e.hard_end() - e.paused_at
+        if timeout_s is None:
+            timeout_s = e.left_s if e.left_s >= 1.0 else self.cfg.default_timeout_s
+            timeout_s = min(timeout_s, hard_left)
+        if timeout_s > hard_left + 1e-3 or hard_left <= 0:
+            raise ApiError(
+                400,
+                "limit",
+                f"a timeout of {timeout_s:g}s would pass the policy's max runtime "
+                f"({e.max_runtime_s:g}s of running time; {max(0.0, hard_left):.0f}s left)",
+                rule="resources.max_runtime_s",
+            )
+        return timeout_s
+
+    def snapshot(
+        self,
+        e: Entry,
+        *,
+        name: str | None = None,
+        memory: bool | None = None,
+        include_tmp: bool = False,
+    ) -> SnapshotInfo:
+        """Save ``e`` as a snapshot of its tenant; ``e`` keeps running.  ``memory``
+        None is the tier's best (files only on namespaces, said in the snapshot)."""
+        if name is not None:
+            name = check_name(name)
+        if memory is not None:
+            memory = check_bool(memory, "memory")
+        include_tmp = check_bool(include_tmp, "include_tmp")
+        with self._busy(e):
+            if e.paused:
+                raise already_paused(e.id, "snapshot")
+            info: SnapshotInfo = self._on_owner(
+                e.sb.snapshot, name=name, memory=memory, include_tmp=include_tmp
+            )
+        return info
+
+    def fork(
+        self, e: Entry, count: int = 1, *, timeout_s: float | None = None
+    ) -> builtins.list[Entry | ApiError]:
+        """``count`` new sandboxes, each a fork of ``e`` with its own id, audit
+        trail and slot of the tenant's cap.  Each succeeds or fails on its own:
+        the list holds the entry or the error, in order."""
+        count = check_count(count)
+        if timeout_s is not None:
+            timeout_s = check_timeout(timeout_s, "timeout_s")
+        tenant = self.tenant(e.tenant)
+        out: builtins.list[Entry | ApiError] = []
+        with self._busy(e):
+            if e.paused:
+                raise already_paused(e.id, "fork")
+            for _ in range(count):
+                try:
+                    out.append(self._fork_one(tenant, e, timeout_s))
+                except ApiError as exc:
+                    out.append(exc)
+        return out
+
+    def _fork_one(self, tenant: Tenant, e: Entry, timeout_s: float | None) -> Entry:
+        with self._slot(tenant):
+            child = self._made(lambda: self._on_owner(e.sb.fork))
+            return self._admit(
+                tenant,
+                child,
+                template=e.template,
+                metadata=e.metadata,
+                env=e.env,
+                timeout_s=timeout_s,
+                parent=e.id,
+                auto_pause=e.auto_pause,
+                auto_pause_memory=e.auto_pause_memory,
+            )
+
+    # -- the tenant's snapshots ------------------------------------------------------
+
+    def list_snapshots(
+        self, tenant: Tenant, *, sandbox_id: str | None = None, name: str | None = None
+    ) -> builtins.list[SnapshotInfo]:
+        """The tenant's snapshots, newest first (never a paused sandbox's image)."""
+        try:
+            return self.store.list(tenant=tenant.name, sandbox_id=sandbox_id, name=name)
+        except GlassroomError as exc:
+            raise translate(exc) from None
+
+    def get_snapshot(self, tenant: Tenant, snapshot_id: str) -> SnapshotInfo:
+        """One of the tenant's snapshots; another tenant's is "not found", as is a
+        paused sandbox's image (it is no snapshot to make sandboxes from)."""
+        if not isinstance(snapshot_id, str) or not 1 <= len(snapshot_id) <= 200:
+            raise ApiError(400, "invalid", "snapshot: must be a snapshot id", rule="snapshot")
+        try:
+            info = self.store.get(snapshot_id, tenant=tenant.name)
+        except GlassroomError as exc:
+            raise translate(exc) from None
+        if info.kind != "snapshot":
+            raise snapshot_not_found(snapshot_id)
+        return info
+
+    def delete_snapshot(self, tenant: Tenant, snapshot_id: str) -> bool:
+        """Delete one of the tenant's snapshots; False if it had none by that id.
+        The store keeps no log: the ``snapshot.deleted`` record is written here,
+        in the trail of the sandbox it was taken from."""
+        try:
+            info = self.get_snapshot(tenant, snapshot_id)
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        try:
+            gone = bool(self.store.delete(snapshot_id, tenant=tenant.name, why="client"))
+        except GlassroomError as exc:
+            raise translate(exc) from None
+        if gone:
+            self._deleted(info, "client")
+        return gone
+
+    def _deleted(self, info: SnapshotInfo, why: str) -> None:
+        self.audit.append(
+            info.sandbox_id,
+            "snapshot.deleted",
+            {"snapshot": info.id, "names": list(info.names), "tenant": info.tenant, "why": why},
+            decision="info",
         )
 
     def gone_reason(self, sandbox_id: str) -> str | None:
@@ -544,8 +966,11 @@ class SandboxService:
                     self._gone.popitem(last=False)
             # Counted until the teardown is done: close() must wait for a destroy
             # that another thread began (a session's end, a deadline), or the
-            # process exits half-way through it.
+            # process exits half-way through it.  The tenant's slot stays taken
+            # too: a sandbox whose teardown is slow is still running, and must
+            # not let its tenant start another in its place.
             self._destroying += 1
+            self._dying[e.tenant] = self._dying.get(e.tenant, 0) + 1
         try:
             for cb in self._on_destroy:
                 with contextlib.suppress(Exception):
@@ -554,6 +979,7 @@ class SandboxService:
         finally:
             with self._cond:
                 self._destroying -= 1
+                self._dying[e.tenant] -= 1
                 self._cond.notify_all()
 
     def _reap_loop(self) -> None:
@@ -562,22 +988,93 @@ class SandboxService:
                 if self._closed:
                     return
                 now = time.time()
-                due = [e for e in self._entries.values() if e.end_at <= now]
+                waiting = [e for e in self._entries.values() if not e.busy]
+                due = [e for e in waiting if e.end_at <= now]
                 if not due:
-                    nxt = min((e.end_at for e in self._entries.values()), default=now + 60)
+                    nxt = min((e.end_at for e in waiting), default=now + 60)
                     self._cond.wait(max(0.001, min(nxt - now, 60)))
-                    continue
+                    prune = time.monotonic() - self._pruned_at >= PRUNE_EVERY_S
+                    if prune:
+                        self._pruned_at = time.monotonic()
+                else:
+                    prune = False
+                for e in due:
+                    if e.auto_pause and not e.paused:
+                        e.busy += 1  # the pause runs on an owner thread, not here
+            if prune:
+                self._in_background(self._prune)
             for e in due:
-                with contextlib.suppress(Exception):
+                if not (e.auto_pause and not e.paused):
+                    self._expire(e)
+                elif not self._in_background(self._auto_pause, e):
+                    with self._cond:
+                        e.busy -= 1
+                    self._expire(e)
+
+    def _in_background(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """``fn`` on an owner thread, not the reaper's (a pause takes seconds and
+        other deadlines are due meanwhile); False once the pool is shut down."""
+        try:
+            self._owner.submit(fn, *args)
+        except RuntimeError:  # stopping: every sandbox is being destroyed anyway
+            return False
+        return True
+
+    def _expire(self, e: Entry) -> None:
+        """Destroy ``e`` at its deadline, or at the end of the time it may stay paused."""
+        paused = e.paused
+        with contextlib.suppress(Exception):
+            self.audit.append(
+                e.id,
+                "sandbox.expired",
+                {"end_at": rfc3339(e.end_at), "tenant": e.tenant, "paused": paused},
+                decision="deny",
+                rule="snapshots.max_age_s" if paused else "lifecycle.timeout",
+            )
+        with contextlib.suppress(Exception):
+            self.destroy(e, reason="kept paused too long" if paused else "timeout")
+
+    def _auto_pause(self, e: Entry) -> None:
+        """The deadline of an ``auto_pause`` sandbox: pause it (E2B's
+        ``onTimeout: pause``); if it cannot be paused, it is destroyed as any
+        sandbox at its deadline, and the record says why."""
+        try:
+            with e.life:
+                if not e.paused:  # a client may have paused it meanwhile
+                    facts = e.sb.pause(memory=e.auto_pause_memory)
+                    self._paused(e, facts)
                     self.audit.append(
                         e.id,
-                        "sandbox.expired",
-                        {"end_at": rfc3339(e.end_at), "tenant": e.tenant},
-                        decision="deny",
+                        "service.auto_paused",
+                        {"tenant": e.tenant, "memory": e.auto_pause_memory, **_brief(facts)},
+                        decision="allow",
                         rule="lifecycle.timeout",
                     )
-                with contextlib.suppress(Exception):
-                    self.destroy(e, reason="timeout")
+        except Exception as exc:
+            log.warning("auto-pause of %s failed, destroying it: %r", e.id, exc)
+            with contextlib.suppress(Exception):
+                self.audit.append(
+                    e.id,
+                    "service.auto_pause_failed",
+                    {"tenant": e.tenant, "error": str(exc)[:500]},
+                    decision="deny",
+                    rule=getattr(exc, "rule", None) or "lifecycle.timeout",
+                )
+            self._expire(e)
+        finally:
+            with self._cond:
+                e.busy -= 1
+                self._cond.notify_all()
+
+    def _prune(self) -> None:
+        """Remove expired snapshots, each with its ``snapshot.deleted`` record."""
+        try:
+            known = {i.id: i for i in self.store.list()}
+            for sid in self.store.prune():
+                if sid in known:
+                    self._deleted(known[sid], "expired")
+        except Exception as exc:
+            log.warning("pruning expired snapshots failed: %r", exc)
 
     def begin_shutdown(self) -> None:
         """Refuse new sandboxes and start destroying every live one, in parallel.
@@ -717,6 +1214,42 @@ class SandboxService:
             if blocked_only and r.get("decision") != "deny":
                 continue
             yield r
+
+
+_STATES: dict[str, Literal["running", "paused", "destroyed"]] = {
+    "running": "running",
+    "paused": "paused",
+}
+
+
+def paused_error(sandbox_id: str) -> ApiError:
+    """envd's answer for a paused sandbox: E2B's 502 "was not found", so the SDK
+    reports it not running, with what to do."""
+    return ApiError(
+        502,
+        "not_found",
+        f"The sandbox {sandbox_id} was not found running: it is paused "
+        "(connect() or resume() brings it back)",
+        rule="snapshot.state",
+    )
+
+
+def already_paused(sandbox_id: str, what: str = "") -> ApiError:
+    doing = f"; resume it before a {what}" if what else ""
+    return ApiError(
+        409, "conflict", f"sandbox {sandbox_id} is already paused{doing}", rule="snapshot.state"
+    )
+
+
+def snapshot_not_found(snapshot_id: str) -> ApiError:
+    return ApiError(
+        404, "not_found", f"snapshot {snapshot_id} was not found", rule="snapshot.not_found"
+    )
+
+
+def _brief(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain facts of a pause for the service's own record (the core's has all)."""
+    return {k: v for k, v in facts.items() if isinstance(v, str | int | float | bool | None)}
 
 
 def command_result(r: RunResult) -> CommandResult:

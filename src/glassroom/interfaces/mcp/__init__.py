@@ -10,8 +10,10 @@ rule.  When a session ends, every sandbox it created is destroyed; a
 ``_Sessions`` in ``_server.py`` and docs/service.md, "MCP: sandbox lifetime").
 Over HTTP, the tenant API keys of ``glassroom serve`` are required when
 configured (and without them only loopback is served); one session holds at
-most ``max_sandboxes_per_session`` sandboxes (docs/service.md, "MCP:
-authentication and caps").
+most ``max_sandboxes_per_session`` sandboxes, forks included (docs/service.md,
+"MCP: authentication and caps").  Snapshots (``sandbox_snapshot``) belong to
+the session that made them, like its sandboxes, and are deleted when it ends;
+a session-less client gets a snapshot handle (docs/snapshots.md).
 """
 
 from __future__ import annotations

@@ -32,8 +32,22 @@ from ..http._config import (
     ServeConfig,
     Tenant,
 )
-from ..http._models import Approval, AuditRecord, FileEntryModel, ReceiptModel, SandboxInfo
-from ..http._service import GONE_MEMORY, ApiError, Entry, SandboxService
+from ..http._models import (
+    Approval,
+    AuditRecord,
+    FileEntryModel,
+    ReceiptModel,
+    SandboxInfo,
+    SnapshotModel,
+)
+from ..http._service import (
+    GONE_MEMORY,
+    ApiError,
+    Entry,
+    SandboxService,
+    check_timeout,
+    snapshot_model,
+)
 
 log = logging.getLogger("glassroom.mcp")
 
@@ -111,6 +125,15 @@ class ApprovalList(BaseModel):
     approvals: list[Approval]
 
 
+class SnapshotList(BaseModel):
+    snapshots: list[SnapshotModel]
+
+
+class SnapshotDeleted(BaseModel):
+    snapshot_id: str
+    deleted: bool
+
+
 def _fail(
     message: str, rule: str | None = None, structured: dict[str, Any] | None = None
 ) -> CallToolResult:
@@ -153,6 +176,7 @@ class _Owner:
         self.pool = pool
         self.ids: set[str] = set()  # every id a session made (for its audit after a kill)
         self.live: set[str] = set()
+        self.snaps: set[str] = set()  # snapshot ids it made (deleted when a session ends)
         self.reserved = 0  # creates under way, counted against ``cap``
         self.ended = False
 
@@ -229,6 +253,7 @@ class _Sessions:
         self._pools: dict[str | None, _Owner] = {}  # authenticated tenant -> its handle pool
         self._lock = threading.Lock()
         self._handles: OrderedDict[str, tuple[str, _Owner]] = OrderedDict()  # id -> secret, pool
+        self._snap_handles: dict[str, tuple[str, _Owner]] = {}  # snapshot id -> secret, pool
         self._owner_of: dict[str, _Owner] = {}  # live sandbox id -> its owner
         self._used: dict[str, float] = {}  # live sandbox id -> monotonic time of last use
         self._busy: dict[str, int] = {}  # sandbox id -> tool calls working in it now
@@ -284,10 +309,27 @@ class _Sessions:
         with self._lock:
             owner.ended = True
             live = [i for i in owner.ids if i in self._used]
+            snaps = list(owner.snaps)
+            owner.snaps.clear()
         for sid in live:
             threading.Thread(
                 target=self._destroy, args=(sid, owner.tenant, "mcp session end"), daemon=True
             ).start()
+        if snaps:
+            # No other session can name them, so kept they would only use up the
+            # tenant's snapshot limits (snapshot.limit) until they expire.
+            threading.Thread(
+                target=self._delete_snapshots, args=(snaps, owner.tenant), daemon=True
+            ).start()
+
+    def _delete_snapshots(self, ids: list[str], tenant: Tenant) -> None:
+        for snap in ids:
+            try:
+                self.svc.delete_snapshot(tenant, snap)
+            except ApiError:
+                pass  # already gone (deleted, expired)
+            except Exception:
+                log.exception("deleting snapshot %s at the session's end failed", snap)
 
     def _destroy(self, sid: str, tenant: Tenant, why: str) -> None:
         with contextlib.suppress(ApiError):
@@ -299,15 +341,16 @@ class _Sessions:
 
     # -- caps ------------------------------------------------------------------
 
-    def reserve(self, ctx: Context) -> _Owner:
-        """A slot of the asking owner's cap, held until :meth:`release`.
+    def reserve(self, ctx: Context, n: int = 1) -> _Owner:
+        """``n`` slots of the asking owner's cap, held until :meth:`release`.
 
         Taken before the sandbox is made, under the lock: two creates racing
-        for the last slot must not both get it."""
+        for the last slot must not both get it (nor a fork of ``count`` more
+        sandboxes than the cap has left)."""
         owner = self.owner(ctx)
         with self._lock:
             held = len(owner.live) + owner.reserved
-            if held >= owner.cap:
+            if held + n > owner.cap:
                 if owner.pool:
                     who = f"tenant {owner.who!r}" if owner.who else "unauthenticated clients"
                     raise ApiError(
@@ -325,12 +368,12 @@ class _Sessions:
                     f"(max_sandboxes_per_session = {owner.cap}): kill one first",
                     rule="mcp.max_sandboxes_per_session",
                 )
-            owner.reserved += 1
+            owner.reserved += n
         return owner
 
-    def release(self, owner: _Owner) -> None:
+    def release(self, owner: _Owner, n: int = 1) -> None:
         with self._lock:
-            owner.reserved -= 1
+            owner.reserved -= n
 
     # -- ownership ---------------------------------------------------------------
 
@@ -441,6 +484,72 @@ class _Sessions:
         ids = self.visible(ctx)
         return [e for e in self.svc.list(owner.tenant) if e.id in ids]
 
+    # -- snapshots -------------------------------------------------------------------
+
+    def add_snapshot(self, owner: _Owner, snapshot_id: str) -> str:
+        """Record a snapshot ``owner`` made; return the id the client is to use.
+
+        The same rules as for sandboxes: a session's snapshots are its own (a
+        bare id), a handle pool's are reached by a handle only."""
+        with self._lock:
+            if not owner.pool:
+                owner.snaps.add(snapshot_id)
+                return snapshot_id
+            secret = secrets.token_urlsafe(18)
+            self._snap_handles[snapshot_id] = (secret, owner)
+            return f"{snapshot_id}.{secret}"
+
+    def snapshot_owned(self, ctx: Context, snapshot_id: str) -> tuple[str, Tenant, _Owner]:
+        """The stored snapshot id behind what the client passed, its service
+        tenant and its owner, if this request may use it; else 404."""
+        snap, dot, secret = snapshot_id.partition(".")
+        owner = self.owner(ctx)
+        with self._lock:
+            if dot:
+                known = self._snap_handles.get(snap)
+                given = secret.encode("utf-8", "surrogatepass")
+                if (
+                    known is not None
+                    and hmac.compare_digest(known[0].encode(), given)
+                    and known[1].who == owner.who  # a handle is no use to another tenant
+                ):
+                    return snap, known[1].tenant, known[1]
+            elif snap in owner.snaps:
+                return snap, owner.tenant, owner
+        where = (
+            "pass the snapshot id handle sandbox_snapshot returned"
+            if owner.pool
+            else "this MCP session did not make it"
+        )
+        raise ApiError(
+            404, "not_found", f"snapshot {snapshot_id[:80]!r} was not found: {where}",
+            rule="snapshot.not_found",
+        )  # fmt: skip
+
+    def forget_snapshot(self, snapshot_id: str, owner: _Owner) -> None:
+        with self._lock:
+            owner.snaps.discard(snapshot_id)
+            self._snap_handles.pop(snapshot_id, None)
+
+    def shown_snapshots(
+        self, ctx: Context, sandbox_id: str | None
+    ) -> tuple[_Owner, str | None, dict[str, str]]:
+        """The snapshots this request may list: (owner, the sandbox id to filter
+        on, {stored id: the id to show}).
+
+        A session sees its own; a session-less client only those of the
+        sandbox whose handle it passes, never a listing of the whole pool."""
+        owner = self.owner(ctx)
+        sid = self.resolve(ctx, sandbox_id)[0] if sandbox_id else None
+        with self._lock:
+            if not owner.pool:
+                return owner, sid, {i: i for i in owner.snaps}
+            if sid is None:
+                return owner, None, {}
+            return owner, sid, {
+                i: f"{i}.{secret}" for i, (secret, o) in self._snap_handles.items() if o is owner
+            }  # fmt: skip
+
     # -- the idle TTL --------------------------------------------------------------
 
     def _forget(self, e: Entry) -> None:
@@ -513,10 +622,12 @@ def build_server(
         "glassroom",
         version=__version__,
         instructions="Run code in disposable, policy-first, audited sandboxes. Create a "
-        "sandbox, run commands and files in it, read its audit trail, kill it. Every sandbox "
-        "of this session is destroyed when the session ends; without a session (the "
-        "2026-07-28 protocol over HTTP) create_sandbox returns a sandbox_id handle to pass "
-        "back, and the sandbox lives until kill_sandbox, its timeout or its idle TTL.",
+        "sandbox, run commands and files in it, read its audit trail, kill it; pause and "
+        "resume it, save it as a snapshot (create_sandbox with `snapshot` starts a new one "
+        "from it) or fork it. Every sandbox and snapshot of this session is gone when the "
+        "session ends; without a session (the 2026-07-28 protocol over HTTP) create_sandbox "
+        "and sandbox_snapshot return a handle to pass back, and the sandbox lives until "
+        "kill_sandbox, its timeout or its idle TTL.",
     )
 
     async def call(fn: Any, *args: Any, **kw: Any) -> Any:
@@ -531,8 +642,10 @@ def build_server(
 
     @mcp.tool(
         annotations=WRITE,
-        description="Create a sandbox from a template (default 'base') "
-        "or a policy (TOML text). Returns its id, tier, walls and deadline.",
+        description="Create a sandbox from a template (default 'base'), "
+        "a policy (TOML text), or a snapshot this session made (`snapshot`: the id "
+        "sandbox_snapshot returned; the snapshot brings its own policy). Returns its id, "
+        "tier, walls and deadline.",
     )
     async def create_sandbox(
         ctx: Context,
@@ -540,12 +653,20 @@ def build_server(
         backend: str | None = None,
         policy: str | None = None,
         timeout_s: float | None = None,
+        snapshot: str | None = None,
     ) -> Annotated[CallToolResult, SandboxInfo]:
-        from ..http._service import check_timeout
-
         try:
             if timeout_s is not None:  # NaN, Infinity, 1e300: refused before anything is made
                 timeout_s = check_timeout(timeout_s, "timeout_s")
+            snap: str | None = None
+            if snapshot is not None:
+                if template is not None or policy is not None:
+                    raise ApiError(
+                        400, "invalid", "snapshot: give a snapshot or a template/policy, not "
+                        "both (a snapshot is restored under the policy it was made with)",
+                        rule="snapshot",
+                    )  # fmt: skip
+                snap = sessions.snapshot_owned(ctx, snapshot)[0]
             owner = sessions.reserve(ctx)
             # Shielded: a sandbox made must be recorded (owned, idle TTL), even when
             # the request is cancelled meanwhile; add() destroys it if the session ended.
@@ -558,6 +679,7 @@ def build_server(
                             policy=policy,
                             backend=backend,
                             timeout_s=timeout_s,
+                            snapshot=snap,
                         )
                     )
                     handle = sessions.add(ctx, e, owner)
@@ -756,6 +878,155 @@ def build_server(
             return _ok(SandboxList(sandboxes=[svc.info(e) for e in sessions.list(ctx)]))
         except ApiError as exc:
             return _fail(exc.message, exc.rule)
+
+    def _shown_info(info: SandboxInfo, handle: str) -> SandboxInfo:
+        return info.model_copy(update={"sandbox_id": handle})
+
+    async def _act(ctx: Context, sandbox_id: str, fn: Any, **kw: Any) -> CallToolResult:
+        """``fn(e, **kw)`` on this session's sandbox ``sandbox_id`` (busy while it
+        runs); its info after, under the id the client used."""
+        try:
+            e = sessions.own(ctx, sandbox_id)
+            await work(e, fn, e, **kw)
+            info: SandboxInfo = await call(svc.info, e)
+        except ApiError as exc:
+            return _fail(exc.message, exc.rule)
+        return _ok(_shown_info(info, sandbox_id))
+
+    @mcp.tool(
+        annotations=DESTRUCTIVE,
+        description="Pause a sandbox. memory=true (default) keeps its processes where "
+        "the tier can (namespaces: frozen in place, memory kept; gvisor/microvm: saved "
+        "to disk); memory=false keeps the files only, and its processes end. A paused "
+        "sandbox runs nothing until sandbox_resume; its idle TTL still counts.",
+    )
+    async def sandbox_pause(
+        ctx: Context, sandbox_id: str, memory: bool = True
+    ) -> Annotated[CallToolResult, SandboxInfo]:
+        return await _act(ctx, sandbox_id, svc.pause, memory=memory)
+
+    @mcp.tool(
+        annotations=WRITE,
+        description="Resume a paused sandbox (same id); timeout_s sets its new deadline. "
+        "Its credentials are issued anew.",
+    )
+    async def sandbox_resume(
+        ctx: Context, sandbox_id: str, timeout_s: float | None = None
+    ) -> Annotated[CallToolResult, SandboxInfo]:
+        try:
+            if timeout_s is not None:
+                timeout_s = check_timeout(timeout_s, "timeout_s")
+        except ApiError as exc:
+            return _fail(exc.message, exc.rule)
+        return await _act(ctx, sandbox_id, svc.resume, timeout_s=timeout_s)
+
+    @mcp.tool(
+        annotations=WRITE,
+        description="Save a running sandbox as a snapshot (it goes on running): "
+        "/workspace, and /tmp with include_tmp. memory=true asks for its processes too, "
+        "which only gvisor and microvm can save (namespaces refuses, rule "
+        "snapshot.memory); the default saves what the tier can and says so in "
+        "`memory`/`memory_refused`. The snapshot is this session's: create_sandbox "
+        "with `snapshot` starts a new sandbox from it.",
+    )
+    async def sandbox_snapshot(
+        ctx: Context,
+        sandbox_id: str,
+        name: str | None = None,
+        memory: bool | None = None,
+        include_tmp: bool = False,
+    ) -> Annotated[CallToolResult, SnapshotModel]:
+        try:
+            e = sessions.own(ctx, sandbox_id)
+            owner = sessions.owner(ctx)
+            info = await work(e, svc.snapshot, e, name=name, memory=memory, include_tmp=include_tmp)
+            shown = sessions.add_snapshot(owner, info.id)
+        except ApiError as exc:
+            return _fail(exc.message, exc.rule)
+        return _ok(snapshot_model(info, shown))
+
+    @mcp.tool(
+        annotations=WRITE,
+        description="Fork a running sandbox into `count` (default 1) new running "
+        "sandboxes of this session, each with its own id, audit trail and credentials. "
+        "Each counts toward this session's sandbox cap.",
+    )
+    async def sandbox_fork(
+        ctx: Context,
+        sandbox_id: str,
+        # strict: true is not 1, nor "2" two (the service checks the upper bound)
+        count: Annotated[int, Field(ge=1, strict=True)] = 1,
+    ) -> Annotated[CallToolResult, SandboxList]:
+        try:
+            e = sessions.own(ctx, sandbox_id)
+            owner = sessions.reserve(ctx, count)
+            try:
+                # Shielded, like create_sandbox: forks made must be recorded (or destroyed).
+                with anyio.CancelScope(shield=True):
+                    results = await anyio.to_thread.run_sync(
+                        lambda: sessions.busy(e.id, svc.fork, e, count)
+                    )
+                    handles = _adopt_all(ctx, results, owner)
+            finally:
+                sessions.release(owner, count)
+            children = [r for r in results if isinstance(r, Entry)]
+            infos = [_shown_info(svc.info(c), h) for c, h in zip(children, handles, strict=True)]
+        except ApiError as exc:
+            return _fail(exc.message, exc.rule)
+        return _ok(SandboxList(sandboxes=infos))
+
+    def _adopt_all(ctx: Context, results: list[Entry | ApiError], owner: _Owner) -> list[str]:
+        """Record every fork, all or none (as ``POST /v1/.../fork``): if one fork
+        failed, the others are destroyed and its error is the answer; if the
+        session ended meanwhile, ``add`` destroys each of them."""
+        made = [r for r in results if isinstance(r, Entry)]
+        failed = [r for r in results if isinstance(r, ApiError)]
+        if failed:
+            for c in made:
+                sessions._destroy_entry(c, "fork failed")
+            raise failed[0]
+        handles, ended = [], None
+        for c in made:
+            try:
+                handles.append(sessions.add(ctx, c, owner))
+            except ApiError as exc:
+                ended = exc
+        if ended is not None:
+            raise ended
+        return handles
+
+    @mcp.tool(
+        annotations=READ,
+        description="This session's snapshots, newest first; filter by sandbox_id and "
+        "name. A session-less (2026-07-28) client passes the sandbox_id handle and sees "
+        "that sandbox's snapshots.",
+    )
+    async def snapshot_list(
+        ctx: Context, sandbox_id: str | None = None, name: str | None = None
+    ) -> Annotated[CallToolResult, SnapshotList]:
+        try:
+            owner, sid, shown = sessions.shown_snapshots(ctx, sandbox_id)
+            infos = await call(svc.list_snapshots, owner.tenant, sandbox_id=sid, name=name)
+        except ApiError as exc:
+            return _fail(exc.message, exc.rule)
+        return _ok(
+            SnapshotList(snapshots=[snapshot_model(i, shown[i.id]) for i in infos if i.id in shown])
+        )
+
+    @mcp.tool(
+        annotations=DESTRUCTIVE,
+        description="Delete one of this session's snapshots.",
+    )
+    async def snapshot_delete(
+        ctx: Context, snapshot_id: str
+    ) -> Annotated[CallToolResult, SnapshotDeleted]:
+        try:
+            snap, tenant, owner = sessions.snapshot_owned(ctx, snapshot_id)
+            deleted = bool(await call(svc.delete_snapshot, tenant, snap))
+            sessions.forget_snapshot(snap, owner)
+        except ApiError as exc:
+            return _fail(exc.message, exc.rule)
+        return _ok(SnapshotDeleted(snapshot_id=snapshot_id, deleted=deleted))
 
     @mcp.tool(
         annotations=WRITE,
