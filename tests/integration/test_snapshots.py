@@ -525,3 +525,57 @@ def test_proxy_credential_off_while_paused_back_after_resume(
             assert auth[-2:] == [f"Bearer {secret}"] * 2
     finally:
         ca.cleanup()
+
+
+# -- found by review: each state stays consistent ------------------------------------------
+
+
+def test_destroy_while_frozen_is_clean(ns_sandbox: Callable[..., Sandbox], store: SnapshotStore) -> None:
+    sb = ns_sandbox(store=store)
+    _start_counter(sb)
+    sb.pause()
+    t0 = time.monotonic()
+    receipt = sb.destroy()
+    assert receipt.clean, receipt.leftovers
+    assert time.monotonic() - t0 < 1.5  # a frozen task must not hold up its kill
+
+
+def test_resume_whose_credentials_fail_stays_paused(
+    ns_sandbox: Callable[..., Sandbox], store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GLASSROOM_TEST_RESUME_SECRET", "v1-secret-value")
+    pol = ('[[credentials]]\nname = "api"\nsource = "env:GLASSROOM_TEST_RESUME_SECRET"\n'
+           'inject = "file"\n')  # fmt: skip
+    sb = ns_sandbox(pol, store=store)
+    sb.pause()
+    monkeypatch.delenv("GLASSROOM_TEST_RESUME_SECRET")
+    with pytest.raises(Exception, match="GLASSROOM_TEST_RESUME_SECRET"):
+        sb.resume()
+    assert sb.state == "paused"  # still frozen, as it was: nothing half-done
+    monkeypatch.setenv("GLASSROOM_TEST_RESUME_SECRET", "v2-secret-value")
+    sb.resume()
+    assert sb.run(["cat", "/run/glassroom/secrets/api"]).stdout == "v2-secret-value"
+
+
+def test_frozen_time_is_not_running_time(ns_sandbox: Callable[..., Sandbox], store: SnapshotStore) -> None:
+    sb = ns_sandbox("[resources]\nmax_runtime_s = 30\n", store=store)
+    sb.pause()
+    time.sleep(1.0)
+    sb.resume()
+    sb.pause(memory=False)
+    sb.resume()
+    left = sb._sup.plan.limits.max_runtime_s
+    assert 28.0 < left < 30.0, left  # the second of freezing is not counted
+
+
+def test_files_snapshot_counts_what_it_skipped(
+    ns_sandbox: Callable[..., Sandbox], store: SnapshotStore, audit_log: Path
+) -> None:
+    sb = ns_sandbox(store=store)
+    sb.files.make_dir("/workspace/d")
+    sb.files.write("/workspace/d/a.txt", "a")
+    sb.run(["ln", "-s", "d/a.txt", "/workspace/link"])
+    sb.snapshot()
+    rec = next(r for r in records(audit_log, sb.id) if r["event"] == "snapshot.created")
+    files = rec["details"]["files"]
+    assert (files["dirs"], files["files"], files["skipped_symlinks"]) == (1, 1, 1), files

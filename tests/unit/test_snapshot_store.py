@@ -136,3 +136,29 @@ def test_sparse_digest_is_layout_independent(tmp_path: Path) -> None:
         f.seek(40 << 20)
         f.write(b"\x01")
     assert _sha256(sparse) != _sha256(dense)
+
+
+@pytest.mark.parametrize("size", [1, 65535, 65537, (1 << 20) + 4096])
+def test_digest_of_a_partial_last_chunk_is_layout_independent(tmp_path: Path, size: int) -> None:
+    hole, zeros = tmp_path / "hole", tmp_path / "zeros"
+    with open(hole, "wb") as f:
+        f.truncate(size)  # all hole
+    zeros.write_bytes(bytes(size))  # the same content, allocated
+    assert _sha256(hole) == _sha256(zeros)
+
+
+def test_failed_begin_gives_its_slot_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SnapshotStore(tmp_path / "s", SnapshotLimits(max_count=1))
+    real_mkdir = Path.mkdir
+
+    def fail_once(self: Path, *a: object, **kw: object) -> None:
+        if self.name.startswith(".tmp-"):
+            monkeypatch.setattr(Path, "mkdir", real_mkdir)
+            raise OSError(28, "No space left on device")
+        real_mkdir(self, *a, **kw)  # type: ignore[arg-type]
+
+    store._ensure_root()
+    monkeypatch.setattr(Path, "mkdir", fail_once)
+    with pytest.raises(OSError):
+        store.begin("snapshot", "t")
+    _save(store)  # the slot was given back

@@ -989,6 +989,12 @@ class NamespacesInstance(FileOps):
                 # Through a pidfd: a recycled pid can never be hit.
                 with contextlib.suppress(OSError):
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            if self._frozen_at is not None and self.cg is not None:
+                # A frozen task dies only once thawed (v1 freezer); the signal is
+                # already pending, so it wakes only to die.
+                with contextlib.suppress(OSError, WallError):
+                    self.cg.thaw()
+                self._frozen_at = None
             if self.proc is not None and self.proc.poll() is None:
                 try:
                     self.proc.wait(timeout=2.0 if self.child_pid else 0)

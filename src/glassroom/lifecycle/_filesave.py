@@ -83,13 +83,13 @@ def save(inst: Instance, dest: Path, roots: list[str], max_bytes: int) -> dict[s
                     tar.addfile(info, io.BytesIO(data))
                     counts["files"] += 1
                     counts["bytes"] += len(data)
-                if tar.offset > max_bytes:  # headers count too: names can be most of it
-                    raise SnapshotError(f"files snapshot: the archive passes {max_bytes} bytes",
-                                        rule="snapshot.limit")  # fmt: skip
                 elif e.type == "other":  # a FIFO, socket or device: never read
                     counts["skipped_special"] += 1
                 else:
                     counts["skipped_symlinks"] += 1
+                if tar.offset > max_bytes:  # headers count too: names can be most of it
+                    raise SnapshotError(f"files snapshot: the archive passes {max_bytes} bytes",
+                                        rule="snapshot.limit")  # fmt: skip
     counts["ms"] = round((time.monotonic() - t0) * 1000, 1)
     return counts
 

@@ -14,6 +14,7 @@ same everywhere and lives here:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -169,14 +170,23 @@ class Pausing:
         return {"revoked": n, "reissued": len(self._issued)}
 
     def _reissue(self, inst: Instance, why: str) -> None:
+        self._renew_credentials(why)
+        self._inject_credentials(inst, replace=True)
+
+    def _renew_credentials(self, why: str) -> None:
+        """Revoke what is held, issue anew (same placeholders where they fit) and point
+        the proxy at the new values; the sandbox itself is not touched here."""
         old = dict(self._kept_placeholders or {})
         old.update({c.name: c.placeholder for c in self._issued if c.placeholder})
         if self._issued:
             self._revoke_credentials(why=why)
-        self._issue_credentials()
+        try:
+            self._issue_credentials()
+        except BaseException:
+            self._revoke_credentials(log=False)  # the ones issued before the failure
+            raise
         self._apply_placeholders(old)
         self._arm_proxy_hook()
-        self._inject_credentials(inst, replace=True)
 
     def _apply_placeholders(self, old: dict[str, str]) -> None:
         """The same placeholder where the new value has the same length: a process
@@ -191,7 +201,11 @@ class Pausing:
         from dataclasses import replace
 
         cap = self.policy.resources.max_runtime_s
-        left = max(1.0, cap - used)
+        left = cap - used
+        if left <= 0:
+            raise SnapshotError(
+                f"sandbox {self.id} has used all of its {cap:g}s of running time: it cannot "
+                "resume", rule="resources.max_runtime_s")  # fmt: skip
         self._plan0 = replace(self._plan0, limits=replace(self._plan0.limits, max_runtime_s=left))
         self.plan = replace(self.plan, limits=replace(self.plan.limits, max_runtime_s=left))
 
@@ -232,6 +246,17 @@ class Pausing:
 
     # -- pause / resume ------------------------------------------------------------
 
+    def _ended_during_save(self, inst: Instance, why: str) -> None:
+        """A save that ended the sandbox (a checkpoint that failed half-way): it is
+        gone, so everything around it goes too, and the state says so."""
+        if inst.alive():
+            return
+        self._paused_receipt = inst.destroy()
+        self._instance = None
+        self.state = "destroyed"
+        self._stop_egress()
+        self._revoke_credentials(why=why)
+
     def pause(self, *, memory: bool = True) -> dict[str, Any]:
         """Stop the sandbox, keeping its processes (``memory``) or only its files.
 
@@ -242,34 +267,43 @@ class Pausing:
             self._require("running")
             inst = self.instance
             t0 = time.monotonic()
+            n = len(self._issued)
             if memory and self.backend in FREEZE_TIERS:
                 inst.freeze()
-                n = len(self._issued)
+                self._runtime_used += time.monotonic() - self._run_since
                 self._keep_placeholders()
                 self._revoke_credentials(why="pause")
                 self._frozen = True
                 facts: dict[str, Any] = {"how": "freeze", "memory": True, "bytes": 0,
                                          "kept": "in memory, frozen (not across a host restart)"}
             else:
-                n = len(self._issued)
+                if memory:  # the checkpoint stops it: a refusal must come before that
+                    lim = self.plan.limits
+                    self.store.check_room(self.tenant, lim.memory_bytes + lim.disk_bytes,
+                                          replacing=self.id)  # fmt: skip
+
+                def revoke() -> dict[str, Any]:
+                    # Before the image is stored: it never holds a live token.
+                    self._keep_placeholders()
+                    self._revoke_credentials(why="pause")
+                    return {}
+
                 try:
                     _, facts = self._save(inst, "pause", memory, False, self._files_roots(True),
                                           [], None if memory else "files only: asked for",
-                                          entry_id=self.id)  # fmt: skip
-                except GlassroomError:
-                    if not inst.alive():  # the attempt ended it: it is gone, say so
-                        self._paused_receipt = inst.destroy()
-                        self._instance = None
-                        self.state = "destroyed"
-                        self._stop_egress()
-                        self._revoke_credentials(why="pause failed: the sandbox ended")
+                                          entry_id=self.id, before_commit=revoke)  # fmt: skip
+                except BaseException:
+                    self._ended_during_save(inst, "pause failed: the sandbox ended")
+                    if self.state == "running" and self.policy.credentials and not self._issued:
+                        # Refused after its credentials went (a files-only save past a
+                        # limit): it goes on running, so it gets them back.
+                        with contextlib.suppress(GlassroomError):
+                            self._reissue(inst, "pause refused")
                     raise
                 self._paused_receipt = inst.destroy()
                 self._instance = None
                 self._runtime_used += time.monotonic() - self._run_since
                 self._stop_egress()
-                self._keep_placeholders()
-                self._revoke_credentials(why="pause")
                 facts.update(how="checkpoint" if memory else "files", memory=memory)
             self.state = "paused"
             facts.update(tier=self.backend, credentials_revoked=n,
@@ -282,41 +316,53 @@ class Pausing:
         with self._lock:
             self._require("paused")
             t0 = time.monotonic()
-            if self._frozen:
-                assert self._instance is not None
-                # Thawed first: the new credentials are written by its (frozen) init.
-                self._instance.thaw()
-                self._frozen = False
-                self._reissue(self._instance, "resume")
-                facts: dict[str, Any] = {"how": "thaw", "memory": True}
-            else:
-                info, manifest, d = open_entry(self.store, self.id, tenant=None, kind="pause",
-                                               audit=self.audit)  # fmt: skip
-                restore = RestoreFrom(info, manifest, d, "resume")
-                self._limit_runtime(self._runtime_used)
-                self._issue_credentials()
-                self._apply_placeholders(manifest.get("placeholders") or {})
-                self._start_egress()
-                try:
-                    inst = self._launch(restore)
-                except BaseException:
-                    self._revoke_credentials(log=False)
-                    self._stop_egress()
-                    raise
-                finally:
-                    discard(d)
-                self._instance = inst
-                self._run_since = time.monotonic()
-                self.state = "running"
-                self._inject_credentials(inst, replace=True)
-                self.store.delete(self.id, kind="pause")
-                facts = {"how": "restore" if info.memory else "files", "memory": info.memory,
-                         "files": restore.loaded}  # fmt: skip
+            facts = self._thaw() if self._frozen else self._restore_paused()
             self.state = "running"
             facts.update(tier=self.backend, credentials_reissued=len(self._issued),
                          ms=round((time.monotonic() - t0) * 1000, 1))  # fmt: skip
             self.audit.append(self.id, "sandbox.resumed", facts, decision="info")
             return facts
+
+    def _thaw(self) -> dict[str, Any]:
+        inst = self._instance
+        assert inst is not None
+        # Issued while still frozen (a source that fails leaves it paused, as it
+        # was); thawed before they are injected: its init writes the files.
+        self._renew_credentials("resume")
+        inst.thaw()
+        self._frozen = False
+        self._run_since = time.monotonic()
+        self.state = "running"
+        self._inject_credentials(inst, replace=True)
+        return {"how": "thaw", "memory": True}
+
+    def _restore_paused(self) -> dict[str, Any]:
+        info, manifest, d = open_entry(self.store, self.id, tenant=None, kind="pause",
+                                       audit=self.audit)  # fmt: skip
+        try:
+            restore = RestoreFrom(info, manifest, d, "resume")
+            self._limit_runtime(self._runtime_used)
+            self._issue_credentials()
+            self._apply_placeholders(manifest.get("placeholders") or {})
+            self._start_egress()
+            try:
+                inst = self._launch(restore)
+            except BaseException:
+                self._revoke_credentials(log=False)
+                self._stop_egress()
+                raise
+        except BaseException:
+            self._revoke_credentials(log=False)
+            raise
+        finally:
+            discard(d)
+        self._instance = inst
+        self._run_since = time.monotonic()
+        self.state = "running"
+        self.store.delete(self.id, kind="pause")  # running again: the image is spent
+        self._inject_credentials(inst, replace=True)
+        return {"how": "restore" if info.memory else "files", "memory": info.memory,
+                "files": restore.loaded}  # fmt: skip
 
     # -- snapshot / fork -------------------------------------------------------------
 
@@ -343,10 +389,15 @@ class Pausing:
             self._require("running")
             names = [check_name(name)] if name is not None else []
             mem, refused = self._memory_choice(memory)
-            info, facts = self._save(
-                self.instance, kind, mem, True, self._files_roots(include_tmp), names, refused,
-                before_commit=lambda: {"credentials": self._rotate_credentials(kind)},
-            )
+            inst = self.instance
+            try:
+                info, facts = self._save(
+                    inst, kind, mem, True, self._files_roots(include_tmp), names, refused,
+                    before_commit=lambda: {"credentials": self._rotate_credentials(kind)},
+                )
+            except BaseException:
+                self._ended_during_save(inst, f"{kind} failed: the sandbox ended")
+                raise
             self.audit.append(self.id, "snapshot.created",
                               {"snapshot": info.id, "names": info.names, "kind": kind,
                                "tier": self.backend, "memory": info.memory,

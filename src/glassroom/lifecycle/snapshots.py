@@ -127,7 +127,7 @@ def _digest_fd(fd: int, copy_to: int | None = None) -> str:
     depends only on the content, never on how the filesystem laid it out, so
     a copy of a snapshot verifies the same, and any changed byte changes it.
     """
-    h = hashlib.sha256(b"glassroom-sparse-v1\0")
+    h = hashlib.sha256(b"glassroom-sparse-v2\0")
     zero = bytes(_DIGEST_CHUNK)
     size = os.fstat(fd).st_size
     h.update(size.to_bytes(8, "big"))
@@ -139,10 +139,11 @@ def _digest_fd(fd: int, copy_to: int | None = None) -> str:
             if exc.errno != errno.ENXIO:
                 raise
             data = size  # nothing but hole to the end
+        if data >= size:  # hole to the end: every chunk left, the last partial one too
+            h.update(b"Z" * (-(-size // _DIGEST_CHUNK) - pos // _DIGEST_CHUNK))
+            break
         first_data_chunk = data // _DIGEST_CHUNK
         h.update(b"Z" * (first_data_chunk - pos // _DIGEST_CHUNK))
-        if data >= size:
-            break
         hole = os.lseek(fd, data, os.SEEK_HOLE)
         pos = first_data_chunk * _DIGEST_CHUNK
         end = min(size, -(-hole // _DIGEST_CHUNK) * _DIGEST_CHUNK)
@@ -196,7 +197,7 @@ class SnapshotStore:
         # object names it: the limits are checked and taken under it (two saves
         # at once must not both fit into the last slot).
         with _ROOTS_LOCK:
-            self._shared = _ROOTS.setdefault(str(self.root.absolute()), _Root())
+            self._shared = _ROOTS.setdefault(str(self.root.resolve()), _Root())
 
     # -- the key -----------------------------------------------------------------
 
@@ -266,10 +267,27 @@ class SnapshotStore:
                     )
             self._shared.inflight[sid] = (tenant, kind)
         tmp = self.root / f".tmp-{sid}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(mode=0o700)
-        (tmp / "data").mkdir(mode=0o700)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(mode=0o700)
+            (tmp / "data").mkdir(mode=0o700)
+        except BaseException:
+            with self._shared.lock:
+                self._shared.inflight.pop(sid, None)
+            raise
         return Staging(sid, kind, tenant, tmp)
+
+    def check_room(self, tenant: str, estimate: int, *, replacing: str | None = None) -> None:
+        """Refuse up front a save that cannot fit (a pause that would stop the sandbox
+        before the store could say no)."""
+        with self._shared.lock:
+            used = sum(i.size_bytes for i in self.list(tenant=tenant, kind=None)
+                       if i.id != replacing)  # fmt: skip
+        if used + estimate > self.limits.max_bytes:
+            raise SnapshotError(
+                f"tenant {tenant!r}: a pause may need up to {estimate} bytes and its snapshots "
+                f"and paused sandboxes hold {used} (max {self.limits.max_bytes}); it is still "
+                "running", rule="snapshot.limit")  # fmt: skip
 
     def abort(self, st: Staging) -> None:
         shutil.rmtree(st.dir, ignore_errors=True)
@@ -297,7 +315,8 @@ class SnapshotStore:
             files[rel] = {"size": lst.st_size, "sha256": _sha256(st.dir / rel)}
             total += lst.st_blocks * 512  # on disk: a sparse disk image counts what it holds
         with self._shared.lock:
-            used = self.used_bytes(st.tenant)
+            used = sum(i.size_bytes for i in self.list(tenant=st.tenant, kind=None)
+                       if i.id != st.id)  # an older image of the same id is replaced  # fmt: skip
             if used + total > self.limits.max_bytes:
                 self._shared.inflight.pop(st.id, None)
                 shutil.rmtree(st.dir, ignore_errors=True)
@@ -420,6 +439,8 @@ class SnapshotStore:
                               0o600)  # fmt: skip
                 try:
                     digest = _digest_fd(src, copy_to=dst)
+                except OSError as exc:
+                    raise bad(f"{rel} cannot be read whole ({exc.strerror})") from None
                 finally:
                     os.close(dst)
             finally:

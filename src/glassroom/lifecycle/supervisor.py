@@ -469,11 +469,12 @@ class Supervised(Pausing):
             # Its processes ended at the pause (or a failed one): what is left
             # is the saved image, if any.
             receipt = self._paused_receipt
-            if self._store is not None:
-                gone = self._store.delete(self.id, kind="pause")
-                receipt.removed["paused_image"] = "deleted" if gone else "none"
         else:
             receipt = self._instance.destroy()
+        if self._store is not None:  # a pause image of this sandbox never outlives it
+            gone = self._store.delete(self.id, kind="pause")
+            if gone or self._instance is None:
+                receipt.removed["paused_image"] = "deleted" if gone else "none"
         egress = self._stop_egress()  # after the sandbox: its open requests are logged
         if egress is not None:
             receipt.removed["egress"] = egress
