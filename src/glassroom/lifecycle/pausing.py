@@ -154,7 +154,8 @@ class Pausing:
             "files_only": {"roots": roots, **files} if files is not None else None,
             # Not secrets (what the sandbox sees instead of the value): kept so a
             # restored process's copy still works.
-            "placeholders": {c.name: c.placeholder for c in self._issued if c.placeholder},
+            "placeholders": {**(self._kept_placeholders or {}),
+                             **{c.name: c.placeholder for c in self._issued if c.placeholder}},
             "runtime_used_s": round(self._runtime_used + time.monotonic() - self._run_since, 3),
         }
 
@@ -343,7 +344,8 @@ class Pausing:
             restore = RestoreFrom(info, manifest, d, "resume")
             self._limit_runtime(self._runtime_used)
             self._issue_credentials()
-            self._apply_placeholders(manifest.get("placeholders") or {})
+            self._apply_placeholders({**(manifest.get("placeholders") or {}),
+                                      **(self._kept_placeholders or {})})  # fmt: skip
             self._start_egress()
             try:
                 inst = self._launch(restore)

@@ -31,7 +31,6 @@ import hashlib
 import hmac
 import math
 import secrets
-import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,11 +78,6 @@ def builtin_templates() -> dict[str, Policy]:
     (bash, coreutils, python3; no network), with the cap E2B's timeouts need."""
     base = default_policy().model_dump()
     base["resources"]["max_runtime_s"] = TEMPLATE_MAX_RUNTIME_S
-    if shutil.which("git", path="/usr/bin:/bin"):
-        # E2B's base template has git, and clients use it (its SDK's git API).
-        # The host's own, read-only like the rest of /usr; where it is absent
-        # the template is the default policy, not a template that fails.
-        base["tools"]["allow"].append("git")
     ci = default_policy().model_dump()
     ci["resources"]["max_runtime_s"] = TEMPLATE_MAX_RUNTIME_S
     ci["resources"]["max_output_bytes"] = 64 << 20  # the kernel is long-lived
