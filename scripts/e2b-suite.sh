@@ -39,6 +39,14 @@ if ! "$py" -c 'import pytest_timeout, pytest_asyncio' 2>/dev/null; then
   "$repo/.venv/bin/pip" install -q 'pytest-timeout>=2.4,<3' 'pytest-asyncio>=1.3,<2'
 fi
 
+# E2B_SUITE_NETNS=1 (root): serve and the suite run in a fresh network
+# namespace with no route out, where the network tests' hosts are local
+# (scripts/e2b-suite-netns.sh).
+if [[ ${E2B_SUITE_NETNS:-} == 1 && -z ${E2B_SUITE_IN_NETNS:-} ]]; then
+  exec unshare --net --mount --propagation private \
+    env E2B_SUITE_IN_NETNS=1 "$0" "$tests" "$@"
+fi
+
 # Fresh dirs, mode 0755: as root the sandbox uid must be able to search the
 # state dir and its parents, so they go straight under /tmp (1777), never
 # under a 0700 $TMPDIR.
@@ -49,6 +57,11 @@ chmod 0755 "$work"
 mkdir -m 0755 "$work/state" "$work/data"
 out=${E2B_SUITE_OUT:-$work/out}
 mkdir -p "$out"
+netns_pid=
+if [[ -n ${E2B_SUITE_IN_NETNS:-} ]]; then
+  # shellcheck source=scripts/e2b-suite-netns.sh
+  source "$repo/scripts/e2b-suite-netns.sh"
+fi
 
 port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 keyout=$("$repo/.venv/bin/glassroom" serve --new-key e2b-suite)
@@ -58,9 +71,18 @@ key=$(sed -n 's/^key: //p' <<<"$keyout")
   echo "port = $port"
   echo "data_dir = \"$work/data\""
   if [[ -n ${E2B_SUITE_RISK:-} ]]; then
-    printf 'risk = "%s"\n[resources]\nmax_runtime_s = 3600\n' "$E2B_SUITE_RISK" >"$work/tier.toml"
+    # The built-in base template's tools (git, where the host has it), on that tier.
+    tools=$("$py" -c 'import json; from glassroom.interfaces.http._config import builtin_templates
+print(json.dumps(builtin_templates()["base"].tools.allow))')
+    printf 'risk = "%s"\n[tools]\nallow = %s\n[resources]\nmax_runtime_s = 3600\n' \
+      "$E2B_SUITE_RISK" "$tools" >"$work/tier.toml"
     echo 'default_template = "tier"'
     printf '[templates.tier]\npolicy = "%s"\n' "$work/tier.toml"
+    # The SDK always names its template (Sandbox() asks for "base"): that one too.
+    [[ -n ${E2B_SUITE_IN_NETNS:-} ]] || printf '[templates.base]\npolicy = "%s"\n' "$work/tier.toml"
+  fi
+  if [[ -n ${E2B_SUITE_IN_NETNS:-} ]]; then
+    printf '[templates.base]\npolicy = "%s"\n' "$netns_dir/base.toml"
   fi
   # E2B's tests start several sandboxes per test and in fixtures.
   sed "s/^\[tenants.e2b-suite\]$/[tenants.e2b-suite]\nmax_sandboxes = 40/" <<<"$keyout" | grep -v '^key: '
@@ -71,6 +93,9 @@ cleanup() {
   if [[ -n $serve_pid ]] && kill -0 "$serve_pid" 2>/dev/null; then
     kill -TERM "$serve_pid" 2>/dev/null || true
     wait "$serve_pid" 2>/dev/null || true
+  fi
+  if [[ -n $netns_pid ]]; then
+    kill "$netns_pid" 2>/dev/null || true
   fi
   rm -rf "$work/state" "$work/data"
 }

@@ -20,6 +20,11 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 { command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } \
   || need+=(busybox-static)
 command -v mke2fs >/dev/null || need+=(e2fsprogs)
+# The guest image copies these from the host (E2B's base template has them):
+# git, curl, and ncurses' tput.
+for t in git:git curl:curl tput:ncurses-bin; do
+  command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
+done
 # The purpose-built guest kernel is compiled from Debian's linux-source (about
 # 3 minutes on 2 cores, once): a compiler and the kernel's build tools.
 for t in make:make flex:flex bison:bison bc:bc xz:xz-utils; do

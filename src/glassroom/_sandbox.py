@@ -247,6 +247,20 @@ class Sandbox:
     def walls(self) -> dict[str, Any]:
         return dict(self._sup.instance.walls)
 
+    def usage(self) -> dict[str, int]:
+        """What the sandbox uses now, read from the host, never from inside it:
+        ``cpu_usec``, ``memory_bytes``, ``memory_cache`` (its cgroups, on every
+        tier) and ``disk_used``/``disk_total`` (its workspace).  A figure the
+        tier cannot give is left out.  Raises as :attr:`walls` when paused or
+        destroyed."""
+        inst = self._sup.instance
+        cg = getattr(inst, "cg", None)
+        out: dict[str, int] = dict(cg.usage()) if cg is not None else {}
+        disk = getattr(inst, "workspace_usage", lambda: None)()
+        if disk:
+            out["disk_used"], out["disk_total"] = disk
+        return out
+
     def run(
         self,
         cmd: Sequence[str] | str,
@@ -284,13 +298,20 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         on_exit: Callable[[RunOutcome], None] | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> Process:
         """Start a command in the background: a handle that streams output, takes
-        stdin and signals (``glassroom.backends.base.Process``)."""
+        stdin and signals (``glassroom.backends.base.Process``).
+
+        ``pty=(rows, cols)`` runs it on a pseudo-terminal made inside the
+        sandbox, under the same walls: its output arrives as ``"pty"`` events,
+        ``write_stdin`` types into it and ``resize(rows, cols)`` changes its size."""
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         if not argv:
             raise SandboxError("spawn: empty command")
-        return self._sup.spawn(argv, cwd=cwd, env=env, timeout_s=timeout_s, on_exit=on_exit)
+        return self._sup.spawn(
+            argv, cwd=cwd, env=env, timeout_s=timeout_s, on_exit=on_exit, pty=pty
+        )
 
     def destroy(self) -> Receipt:
         return self._sup.destroy()

@@ -13,8 +13,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,6 +102,30 @@ def start_server(data_dir: Path, **cfg_kw: Any) -> tuple[Server, uvicorn.Server,
         assert th.is_alive(), "glassroom serve exited during start"
         time.sleep(0.02)
     return Server(f"http://127.0.0.1:{port}", keys, svc, cfg, logs), server, th
+
+
+@contextmanager
+def serving_e2b(data_dir: Path, **cfg_kw: Any) -> Iterator[Server]:
+    """:func:`start_server`, with the E2B SDKs pointed at it the documented way
+    (``E2B_API_URL`` / ``E2B_SANDBOX_URL`` / ``E2B_API_KEY``, tenant alice) until
+    the block ends; then the environment is put back and the server stopped."""
+    import os
+
+    srv, server, th = start_server(data_dir, **cfg_kw)
+    names = ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY", "E2B_DOMAIN")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.keys["alice"])
+    try:
+        yield srv
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.should_exit = True
+        th.join(20)
+        srv.service.close()
 
 
 def wait_listening(proc: Any, port: int, timeout_s: float = 30.0) -> None:

@@ -380,6 +380,33 @@ class CgroupSet:
                 )
         return out
 
+    def usage(self) -> dict[str, int]:
+        """What the sandbox uses now: ``cpu_usec`` (CPU time so far),
+        ``memory_bytes`` (charged memory) and ``memory_cache`` (its page cache),
+        for E2B's metrics.  A counter the kernel does not offer is left out."""
+        out: dict[str, int] = {}
+        for cg in self._cgs:
+            with contextlib.suppress(OSError, ValueError):
+                if cg.controller == "memory" and cg.version == "v2":
+                    out["memory_bytes"] = int(_read(os.path.join(cg.path, "memory.current")))
+                    stat = _counters(os.path.join(cg.path, "memory.stat"))
+                    out["memory_cache"] = stat.get("file", 0)
+                elif cg.controller == "memory":
+                    raw = _read(os.path.join(cg.path, "memory.usage_in_bytes"))
+                    out["memory_bytes"] = int(raw)
+                    stat = _counters(os.path.join(cg.path, "memory.stat"))
+                    out["memory_cache"] = stat.get("cache", 0)
+                elif cg.controller == "cpu" and cg.version == "v2":
+                    cpu = _counters(os.path.join(cg.path, "cpu.stat"))
+                    if "usage_usec" in cpu:
+                        out["cpu_usec"] = cpu["usage_usec"]
+                elif cg.controller in ("cpu", "cpuacct") and os.path.exists(
+                    os.path.join(cg.path, "cpuacct.usage")
+                ):
+                    ns = int(_read(os.path.join(cg.path, "cpuacct.usage")))
+                    out["cpu_usec"] = ns // 1000
+        return out
+
 
 def list_names(parent: str = "glassroom") -> list[str]:
     """Child cgroup names under ``parent`` in any hierarchy we use (for the reaper)."""

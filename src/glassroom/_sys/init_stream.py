@@ -13,6 +13,9 @@ bytes, big endian) | payload.
 
 * supervisor -> init (trusted): ``M`` a ``marshal`` dict (an op, as in
   ``sandbox_init``), ``I`` stdin bytes for a request, ``C`` close its stdin.
+  An ``exec`` with ``pty`` runs on a pseudo-terminal made here (the
+  container's own devpts): ``I`` is typed into it, ``O`` is what it shows,
+  and the ``resize`` op sets its size.
 * init -> supervisor (untrusted, bounded and validated by the host): ``J``
   a JSON reply, ``O`` / ``E`` stdout / stderr bytes of a request.
 
@@ -29,6 +32,7 @@ Only C modules are imported (start-up time is paid on every sandbox).
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]
+import fcntl
 import marshal
 import os
 import resource
@@ -70,6 +74,7 @@ class StreamInit:
         self.reqs: dict[int, _Req] = {}
         self.by_pid: dict[int, _Req] = {}
         self.by_fd: dict[int, _Req] = {}
+        self.ttys: dict[int, int] = {}  # request id -> its pty's master (resize)
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         _signal.set_wakeup_fd(wake_w)
         _signal.signal(_signal.SIGCHLD, _noop)
@@ -177,7 +182,24 @@ class StreamInit:
         op = msg["op"]
         parent_fds: list[tuple[int, int]] = []  # (fd, kind) kept here
         child_fds: list[int] = []
-        if op == "exec":
+        if op == "exec" and msg.get("pty"):
+            try:
+                master, slave = os.openpty()
+                rows, cols = (int(v) for v in msg["pty"])
+                fcntl.ioctl(master, base.TIOCSWINSZ, base.winsize(rows, cols))
+            except (OSError, ValueError) as exc:
+                self.send({"op": "error", "id": rid, "errno": getattr(exc, "errno", 0) or 22,
+                           "error": f"pty: {exc}"})  # fmt: skip
+                return
+            # A fork, not posix_spawn: the child needs the slave as its controlling tty.
+            child_fds = [slave]
+            parent_fds = [(os.dup(master), _K_IN), (master, _K_OUT)]
+            self.ttys[rid] = os.dup(master)
+            if self.preload:
+                env = msg["env"]
+                env["LD_PRELOAD"] = " ".join(filter(None, (self.preload, env.get("LD_PRELOAD"))))
+            body = _pty_exec_body(msg)
+        elif op == "exec":
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -239,10 +261,16 @@ class StreamInit:
             os.waitpid(pid, 0)
             for fd, _k in parent_fds:
                 os.close(fd)
+            self.drop_tty(rid)
             code, _, text = err.decode(errors="replace").partition(" ")
             self.send({"op": "error", "id": rid, "errno": int(code or 0), "error": text})
             return
         self.register(rid, pid, parent_fds, msg)
+
+    def drop_tty(self, rid: int) -> None:
+        tty = self.ttys.pop(rid, None)
+        if tty is not None:
+            os.close(tty)
 
     def spawn_exec(self, msg: dict[str, Any], child_fds: list[int]) -> int:
         """posix_spawn (vfork + exec): far cheaper than fork()ing this Python under gVisor.
@@ -355,6 +383,7 @@ class StreamInit:
                     pass
                 self.close_out(req, fd)
             self.close_stdin(req)
+            self.drop_tty(req.rid)
             self.reqs.pop(req.rid, None)
             if os.WIFSIGNALED(status):
                 self.send({"op": "exit", "id": req.rid, "code": None,
@@ -387,6 +416,14 @@ class StreamInit:
                 try:
                     os.killpg(target.pid, int(msg["sig"]))
                 except OSError:
+                    pass
+        elif op == "resize":
+            tty = self.ttys.get(msg.get("target", -1))
+            if tty is not None:
+                try:
+                    size = base.winsize(int(msg["rows"]), int(msg["cols"]))
+                    fcntl.ioctl(tty, base.TIOCSWINSZ, size)
+                except (OSError, ValueError):
                     pass
         elif op == "close_output":
             target = self.reqs.get(msg.get("target", -1))
@@ -423,6 +460,18 @@ class StreamInit:
                     elif ev & _POLLIN:
                         self.relay(fd)
             self.reap()
+
+
+def _pty_exec_body(msg: dict[str, Any]) -> Any:
+    """The command on the slave: its controlling tty (``login_tty``: ``TIOCSCTTY``,
+    the slave on 0/1/2), then the same exec as ``sandbox_init._exec_body``."""
+    run = base._exec_body(msg)
+
+    def body(errw: int, fds: list[int]) -> None:
+        os.login_tty(fds[0])  # its setsid fails (the fork made a session already)
+        run(errw, [0, 1, 2])
+
+    return body
 
 
 def _noop(_sig: int, _frame: object) -> None:

@@ -17,8 +17,9 @@ Protocol, over the SOCK_SEQPACKET socket on fd 3 (one message = one datagram):
 * init -> supervisor: JSON objects.  The supervisor treats them as untrusted
   (sandboxed code could have taken this process over): bounded, validated.
 
-Ops: ``config`` (first), ``exec`` (fds: stdin, stdout, stderr), ``file``
-(fd: a pipe end), ``signal``.  Replies: ``ready``, ``started``, ``exit``,
+Ops: ``config`` (first), ``exec`` (fds: stdin, stdout, stderr; with
+``pty``, see ``_pty_body``), ``file`` (fd: a pipe end), ``signal``,
+``resize`` (a pty's size).  Replies: ``ready``, ``started``, ``exit``,
 ``error``, ``fatal``.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import _json
 import _socket
+import fcntl  # built in: no file to read
 import marshal
 import os
 import resource
@@ -48,6 +50,10 @@ _json_str = _json.encode_basestring_ascii
 #: File types (``st_mode & S_IFMT``): no ``stat`` import (start-up time).
 S_IFMT, S_IFREG, S_IFDIR, S_IFLNK = 0o170000, 0o100000, 0o040000, 0o120000
 ENXIO, EISDIR = 6, 21
+EIO, EPIPE = 5, 32
+#: ioctls of a pty (asm-generic numbers, the same on x86-64 and arm64).
+TIOCSWINSZ, TIOCGSID = 0x5414, 0x5429
+SIGHUP = 1
 _SPECIAL = {0o010000: "a FIFO", 0o140000: "a socket", 0o020000: "a character device",
             0o060000: "a block device"}  # fmt: skip
 
@@ -79,6 +85,7 @@ class Init:
     def __init__(self) -> None:
         self.ctl = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, CTL_FD)
         self.children: dict[int, tuple[int, int]] = {}  # pidfd -> (request id, pid)
+        self.ptys: dict[int, int] = {}  # request id -> its pty's master (resize, signals)
         self.poll = select.poll()
         self.poll.register(self.ctl.fileno(), select.POLLIN)
 
@@ -155,8 +162,9 @@ class Init:
                 os._exit(125)
         self.send(ready)
 
-    def spawn(self, rid: int, fds: list[int], body: Callable[[int, list[int]], None]) -> None:
-        """Fork a child that runs ``body``; report its start and, later, its exit."""
+    def spawn(self, rid: int, fds: list[int], body: Callable[[int, list[int]], None]) -> bool:
+        """Fork a child that runs ``body``; report its start and, later, its exit.
+        False if it failed before its op started (reported as ``error``)."""
         errr, errw = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
@@ -184,16 +192,54 @@ class Init:
             os.waitpid(pid, 0)
             code, _, text = err.decode(errors="replace").partition(" ")
             self.send({"op": "error", "id": rid, "errno": int(code or 0), "error": text})
-            return
+            return False
         pidfd = os.pidfd_open(pid)
         self.children[pidfd] = (rid, pid)
         self.poll.register(pidfd, select.POLLIN)
         self.send({"op": "started", "id": rid, "pid": pid})
+        return True
+
+    def spawn_pty(self, rid: int, fds: list[int], msg: dict[str, Any]) -> None:
+        """``exec`` on a new pseudo-terminal, made here, inside every wall.
+
+        The pty comes from the sandbox's own devpts (bwrap's ``--dev``), opened
+        by this process under its Landlock (``/dev`` is a device path).  The
+        child (``_pty_body``) relays the host's pipes to and from the master;
+        this init keeps a copy of the master for ``resize`` and ``signal``."""
+        for fd in fds[2:]:
+            os.close(fd)  # stderr: a terminal has one output stream
+        try:
+            master, slave = os.openpty()
+            rows, cols = (int(v) for v in msg["pty"])
+            fcntl.ioctl(master, TIOCSWINSZ, winsize(rows, cols))
+        except (OSError, ValueError) as exc:
+            for fd in fds[:2]:
+                os.close(fd)
+            self.send({"op": "error", "id": rid, "errno": getattr(exc, "errno", 0) or 22,
+                       "error": f"pty: {exc}"})  # fmt: skip
+            return
+        if self.spawn(rid, [*fds[:2], os.dup(master), slave], _pty_body(msg)):
+            self.ptys[rid] = master
+        else:
+            os.close(master)
+
+    def pty_session(self, rid: int) -> int:
+        """The session (and process group) on request ``rid``'s pty, or 0."""
+        master = self.ptys.get(rid)
+        if master is None:
+            return 0
+        try:
+            return int.from_bytes(fcntl.ioctl(master, TIOCGSID, bytes(4)), sys.byteorder)
+        except OSError:
+            return 0
 
     def reap(self, pidfd: int) -> None:
         rid, pid = self.children.pop(pidfd)
         self.poll.unregister(pidfd)
         os.close(pidfd)
+        master = self.ptys.pop(rid, None)
+        if master is not None:
+            os.close(master)  # the last master: what is left on the tty gets SIGHUP
         _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
             self.send({"op": "exit", "id": rid, "code": None, "signal": os.WTERMSIG(status)})
@@ -218,16 +264,32 @@ class Init:
         if op == "config":
             self.configure(msg)
         elif op == "exec":
-            self.spawn(rid, fds, _exec_body(msg))
+            if msg.get("pty"):
+                self.spawn_pty(rid, fds, msg)
+            else:
+                self.spawn(rid, fds, _exec_body(msg))
         elif op == "file":
             self.spawn(rid, fds, _file_body(msg))
         elif op == "signal":
             for _pidfd, (crid, pid) in self.children.items():
                 if crid == msg.get("target"):
-                    try:
-                        os.killpg(pid, int(msg["sig"]))
-                    except OSError:
-                        pass
+                    # a pty's command is in a session of its own: signal that too
+                    for group in (pid, self.pty_session(crid)):
+                        try:
+                            if group > 0:
+                                os.killpg(group, int(msg["sig"]))
+                        except OSError:
+                            pass
+        elif op == "resize":
+            master = self.ptys.get(msg.get("target", -1))
+            err = 0
+            if master is not None:
+                try:
+                    fcntl.ioctl(master, TIOCSWINSZ, winsize(int(msg["rows"]), int(msg["cols"])))
+                except (OSError, ValueError) as exc:
+                    err = getattr(exc, "errno", 0) or 22
+            # the answer (errno 0: done) lets the host order the resize before later input
+            self.send({"op": "error", "id": rid, "errno": err, "error": "resize"})
         elif op == "netwatch-taken":  # the supervisor holds the listener now
             try:
                 os.close(int(msg["fd"]))
@@ -252,6 +314,147 @@ def _exec_body(msg: dict[str, Any]) -> Callable[[int, list[int]], None]:
         os.execve(exe, argv, env)
 
     return body
+
+
+def winsize(rows: int, cols: int) -> bytes:
+    """``struct winsize`` (rows, cols, two unused pixel sizes) without ``struct``."""
+    return rows.to_bytes(2, sys.byteorder) + cols.to_bytes(2, sys.byteorder) + bytes(4)
+
+
+def _pty_body(msg: dict[str, Any]) -> Callable[[int, list[int]], None]:
+    """The child of a pty ``exec``: it forks the command onto the pty, then relays.
+
+    fds: the host's stdin pipe, its stdout pipe, the master and the slave.
+    The command (the grandchild) gets the slave as its controlling terminal
+    (``login_tty``: a new session, ``TIOCSCTTY``, the slave on 0/1/2), then
+    runs exactly as ``_exec_body`` runs a command: this is a fork of the init,
+    so Landlock, seccomp and rlimits are the same.  A failed ``execve`` is
+    reported on ``errw`` as for any command.  This process copies stdin into
+    the master and the master's output into stdout until the command exits,
+    then exits with the command's status (or dies of its signal)."""
+    run = _exec_body(msg)
+
+    def body(errw: int, fds: list[int]) -> None:
+        in_r, out_w, master, slave = fds
+        _close_except({in_r, out_w, master, slave, errw})  # the init's other fds
+        pid = os.fork()
+        if pid == 0:
+            for fd in (in_r, out_w, master):
+                os.close(fd)
+            os.login_tty(slave)
+            run(errw, [0, 1, 2])
+        os.close(slave)
+        os.close(errw)
+        status = _relay_pty(pid, in_r, out_w, master)
+        if os.WIFSIGNALED(status):
+            import _signal  # type: ignore[import-not-found]  # built in
+
+            sig = os.WTERMSIG(status)
+            _signal.signal(sig, _signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+            os._exit(128 + sig)
+        os._exit(os.waitstatus_to_exitcode(status))
+
+    return body
+
+
+def _relay_pty(pid: int, in_r: int, out_w: int, master: int) -> int:
+    """Copy ``in_r`` -> master and master -> ``out_w`` until ``pid`` exits; its status.
+
+    Input waits in a bounded buffer while the terminal does not take it (the
+    master is non-blocking), so a command that does not read never blocks
+    its own output.  If the host stops reading (the output cap closed
+    ``out_w``: EPIPE) the terminal is hung up (SIGHUP), as a writer to a
+    closed pipe gets EPIPE."""
+    pidfd = os.pidfd_open(pid)
+    os.set_blocking(master, False)
+    poll = select.poll()
+    poll.register(pidfd, select.POLLIN)
+    poll.register(master, select.POLLIN)
+    poll.register(in_r, select.POLLIN)
+    pending = b""
+    reading_in = out_open = master_open = True
+    in_eof = False
+    while True:
+        for fd, ev in poll.poll():
+            if fd == pidfd:
+                _, status = os.waitpid(pid, 0)
+                if master_open and out_open:
+                    _drain(master, out_w)
+                return status
+            if fd == master:
+                if ev & select.POLLOUT and pending:
+                    try:
+                        pending = pending[os.write(master, pending[:4096]) :]
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        pending = b""
+                if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    try:
+                        chunk = os.read(master, 1 << 16)
+                    except BlockingIOError:
+                        chunk = None
+                    except OSError:  # EIO: no process has the slave open any more
+                        chunk = b""
+                    if chunk == b"":
+                        poll.unregister(master)
+                        master_open = False
+                    elif chunk and out_open:
+                        try:
+                            _write_all(out_w, chunk)
+                        except OSError:  # EPIPE: the host stopped reading
+                            out_open = False
+                            try:
+                                os.killpg(pid, SIGHUP)
+                            except OSError:
+                                pass
+            elif fd == in_r:
+                data = os.read(in_r, 1 << 16)
+                if not data:
+                    poll.unregister(in_r)
+                    reading_in, in_eof = False, True
+                pending += data
+                if len(pending) > 1 << 16 and reading_in:
+                    poll.unregister(in_r)  # full: read on once the terminal took some
+                    reading_in = False
+        if master_open:
+            poll.modify(master, select.POLLIN | (select.POLLOUT if pending else 0))
+        if not reading_in and not in_eof and len(pending) <= 1 << 15:
+            poll.register(in_r, select.POLLIN)
+            reading_in = True
+
+
+def _close_except(keep: set[int]) -> None:
+    """Close every fd from 3 up but those in ``keep``."""
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, 1 << 16)
+
+
+def _drain(master: int, out_w: int) -> None:
+    """What the command wrote before it exited (bounded: a background job of
+    the command that keeps writing does not hold its end)."""
+    for _ in range(64):
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # EAGAIN (nothing now) or EIO (the slave is closed)
+            return
+        if not chunk:
+            return
+        try:
+            _write_all(out_w, chunk)
+        except OSError:
+            return
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _which(name: str, path: str) -> str:

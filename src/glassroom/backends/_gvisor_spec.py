@@ -346,7 +346,7 @@ def _bind(source: str, target: str, *, rw: bool = False, exe: bool = False) -> d
 
 
 def spec_mounts(plan: LaunchPlan, init_dir: Path, scratch_dirs: dict[str, str] | None = None,
-                gates: dict[str, str] | None = None,
+                gates: dict[str, str] | None = None, boot_id: Path | None = None,
                 ) -> tuple[list[dict[str, Any]], list[Mount]]:  # fmt: skip
     """OCI mounts for the plan, plus the plan entries realised in the root dir itself.
 
@@ -378,6 +378,10 @@ def spec_mounts(plan: LaunchPlan, init_dir: Path, scratch_dirs: dict[str, str] |
         elif m.kind == "proc":
             mounts.append({"destination": m.target, "type": "proc", "source": "proc",
                            "options": ["nosuid", "nodev", "noexec"]})  # fmt: skip
+            if boot_id is not None:
+                # gVisor's /proc has no boot_id; the sandbox's own, as on the
+                # namespaces tier (a new one per boot, the same after a restore).
+                mounts.append(_bind(str(boot_id), f"{m.target}/sys/kernel/random/boot_id"))
         elif m.kind == "dev":
             continue  # runsc's own minimal /dev (null, zero, full, random, tty, pts, shm)
         elif m.kind in ("symlink", "dir", "file"):
@@ -436,7 +440,7 @@ def _make_root(root: Path, mounts: list[dict[str, Any]], in_root: list[Mount]) -
 def bundle(plan: LaunchPlan, state: Path, init_dir: Path, argv: list[str],
            own_dir: Path, extra_gids: tuple[int, ...] = (),
            scratch_dirs: dict[str, str] | None = None,
-           gates: dict[str, str] | None = None) -> Path:  # fmt: skip
+           gates: dict[str, str] | None = None, boot_id: str = "") -> Path:  # fmt: skip
     """The OCI bundle for ``plan``, built once per plan content and reused.
 
     The bundle holds nothing per sandbox (its root is read-only), so every
@@ -444,7 +448,14 @@ def bundle(plan: LaunchPlan, state: Path, init_dir: Path, argv: list[str],
     ``--root`` dir, which teardown removes.  A plan with a per-sandbox part
     (the egress dir) gets its bundle in ``own_dir``, removed with it.
     """
-    mounts, in_root = spec_mounts(plan, init_dir, scratch_dirs, gates)
+    own = bool(plan.network.host_dir or scratch_dirs or gates)  # a per-sandbox part: its own bundle
+    boot_file = None
+    if own and boot_id:  # only a bundle of its own can hold a per-sandbox boot_id
+        own_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        boot_file = own_dir / "boot_id"
+        boot_file.write_text(boot_id + "\n")
+        boot_file.chmod(0o444)
+    mounts, in_root = spec_mounts(plan, init_dir, scratch_dirs, gates, boot_file)
     lim = plan.limits
     spec: dict[str, Any] = {
         "ociVersion": "1.0.2",
@@ -475,7 +486,6 @@ def bundle(plan: LaunchPlan, state: Path, init_dir: Path, argv: list[str],
     }
     text = json.dumps(spec, indent=1, sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()[:20]
-    own = bool(plan.network.host_dir or scratch_dirs or gates)  # a per-sandbox part: its own bundle
     base = own_dir if own else state / "gvisor" / "bundles"
     dest = base / ("bundle" if own else digest)
     if (dest / "config.json").exists():

@@ -10,6 +10,11 @@ second client can attach to a running process and replay what it missed.
 The output cap (``max_output_bytes``) holds for the process's whole life:
 past it the pipes are closed (the writer gets ``EPIPE``) and ``truncated``
 is set, exactly as for ``exec()``.
+
+With ``req.pty`` the init makes a pseudo-terminal inside the sandbox
+(``sandbox_init._pty_body``); the same stdin/stdout pipes then carry what
+is typed into it and what it shows (``"pty"`` events; nothing on stderr),
+and :meth:`NamespacesProcess.resize` sets its size.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import SandboxClosed
 from ._channel import close_quietly
-from .base import ExecRequest, ExecResult
+from .base import ExecRequest, ExecResult, pty_size, resize_message
 
 if TYPE_CHECKING:
     from .namespaces import NamespacesInstance
 
+#: How long ``resize`` waits for the init to say it has set the size.
+RESIZE_TIMEOUT_S = 5.0
 #: (stream, data): stream is "stdout" or "stderr".
 Event = tuple[str, bytes]
 
@@ -60,12 +67,14 @@ class NamespacesProcess:
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        msg = {
+        msg: dict[str, Any] = {
             "op": "exec",
             "argv": list(self.req.argv),
             "env": dict(self.req.env),
             "cwd": self.req.cwd,
         }
+        if self.req.pty is not None:
+            msg["pty"] = list(pty_size(*self.req.pty))
         try:
             self._rid, self._q = self._inst._request(msg, [in_r, out_w, err_w])
         except SandboxClosed:
@@ -110,7 +119,7 @@ class NamespacesProcess:
 
     def _pump(self, out_r: int, err_r: int) -> None:
         assert self._q is not None
-        names = {out_r: "stdout", err_r: "stderr"}
+        names = {out_r: "stdout" if self.req.pty is None else "pty", err_r: "stderr"}
         bufs = {out_r: bytearray(), err_r: bytearray()}
         open_fds = {out_r, err_r}
         budget = self.req.max_output_bytes
@@ -250,6 +259,24 @@ class NamespacesProcess:
         with self._stdin_lock:
             close_quietly(self._in_w)
             self._in_w = -1
+
+    def resize(self, rows: int, cols: int) -> None:
+        msg = resize_message(
+            self.req.pty is not None, self.pid, self.result is None, self._rid, rows, cols
+        )
+        if msg is None:
+            return
+        try:
+            rid, q = self._inst._request(msg, [])
+        except SandboxClosed:
+            return
+        try:  # done before it returns: input typed next sees the new size
+            q.get(timeout=RESIZE_TIMEOUT_S)
+        except queue.Empty:
+            pass
+        finally:
+            if self._inst.channel is not None:
+                self._inst.channel.forget(rid)
 
 
 def spawn(inst: NamespacesInstance, req: ExecRequest) -> NamespacesProcess:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from .._errors import SandboxError
 from ..plan import LaunchPlan
 
 #: ``on_event(event, details, decision, rule)``: how a backend reports what it
@@ -28,6 +29,37 @@ class ExecRequest:
     stdin: bytes | None = None
     timeout_s: float | None = None
     max_output_bytes: int = 1 << 20
+    #: ``(rows, cols)``: run on a new pseudo-terminal made inside the sandbox
+    #: (its controlling tty; stdout and stderr both arrive as ``"pty"`` events,
+    #: stdin is typed into it).  Only :meth:`Instance.spawn` takes it.
+    pty: tuple[int, int] | None = None
+
+
+#: A terminal's rows and columns are ``unsigned short`` in ``struct winsize``.
+MAX_PTY_SIDE = 0xFFFF
+
+
+def pty_size(rows: object, cols: object) -> tuple[int, int]:
+    """``(rows, cols)`` checked: whole numbers from 1 to 65535, or ``SandboxError``."""
+    for name, v in (("rows", rows), ("cols", cols)):
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_PTY_SIDE:
+            raise SandboxError(f"pty: {name} must be a whole number from 1 to {MAX_PTY_SIDE}",
+                               rule="pty")  # fmt: skip
+    assert isinstance(rows, int) and isinstance(cols, int)
+    return rows, cols
+
+
+def resize_message(
+    has_pty: bool, pid: int, running: bool, rid: int, rows: object, cols: object
+) -> dict[str, Any] | None:
+    """The init's ``resize`` request for a process (the namespaces and gVisor
+    inits take the same one), or None once there is nothing to resize."""
+    if not has_pty:
+        raise SandboxError(f"process {pid} has no pty to resize", rule="pty")
+    r, c = pty_size(rows, cols)
+    if not running or not rid:
+        return None
+    return {"op": "resize", "target": rid, "rows": r, "cols": c}
 
 
 @dataclass
@@ -110,9 +142,10 @@ class Process(Protocol):
     """A command started with :meth:`Instance.spawn`, running in the background.
 
     Output is kept as a list of ``(stream, bytes)`` events ("stdout" or
-    "stderr"), bounded by the request's ``max_output_bytes`` over the whole
-    life of the process; consumers read it from an index, so several may
-    follow one process.  ``result`` is set once it has exited.
+    "stderr", or "pty" for a command on a pseudo-terminal), bounded by the
+    request's ``max_output_bytes`` over the whole life of the process;
+    consumers read it from an index, so several may follow one process.
+    ``result`` is set once it has exited.
     """
 
     pid: int
@@ -138,6 +171,11 @@ class Process(Protocol):
         ...
 
     def close_stdin(self) -> None: ...
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the size of its pseudo-terminal (``TIOCSWINSZ``, inside the sandbox;
+        the terminal's programs get ``SIGWINCH``).  ``SandboxError`` if it has none."""
+        ...
 
     def on_exit(self, callback: Callable[[ExecResult], None]) -> None:
         """Call ``callback(result)`` when it exits (at once if it already has)."""

@@ -54,6 +54,7 @@ import sys
 import termios
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,7 +69,15 @@ from ._channel import ProtocolViolation
 from ._channel import parse_reply as _parse_reply
 from ._files import FileOps, FileOpStalled
 from ._gates import Gates
-from .base import Checkpoint, EventSink, ExecRequest, ExecResult, Receipt
+from .base import (
+    Checkpoint,
+    EventSink,
+    ExecRequest,
+    ExecResult,
+    Receipt,
+    pty_size,
+    resize_message,
+)
 
 START_TIMEOUT_S = 15.0
 #: ``runsc checkpoint`` writes the sentry's whole memory: allow for a full one.
@@ -253,8 +262,11 @@ class GvisorInstance(FileOps):
         if self._gates.needed:  # writable host dirs: through their gates only
             self._write_record()
             self.walls["write_gate"] = self._gates.start()
+        # The same boot after a restore (its memory is that boot's), a new one otherwise.
+        self._boot_id = str(saved.details.get("boot_id", "")) if saved is not None else ""
+        self._boot_id = self._boot_id or str(uuid.uuid4())
         self._bundle = spec.bundle(self.plan, self.state, init_dir, argv, self.sbdir, extra_gids,
-                                   scratch_dirs, self._gates.staging)  # fmt: skip
+                                   scratch_dirs, self._gates.staging, self._boot_id)  # fmt: skip
         t0 = time.monotonic()
         if restore is None:
             self.proc = self._launch("run", "--bundle", str(self._bundle), self.sandbox_id)
@@ -838,7 +850,7 @@ class GvisorInstance(FileOps):
             "disk": f"e2image -Qa of the scratch disk ({self.plan.limits.disk_bytes} bytes), "
                     + flushed,
             "next_request_id": next_id, "egress_gid": self._egress_gid,
-            "leave_running": leave_running,
+            "leave_running": leave_running, "boot_id": self._boot_id,
         }  # fmt: skip
         if leave_running:
             for f in (old.stdin, old.stderr):
@@ -1128,8 +1140,11 @@ class GvisorProcess:
         self._on_exit: list[Callable[[ExecResult], None]] = []
 
     def start(self) -> None:
-        msg = {"op": "exec", "argv": list(self.req.argv), "env": dict(self.req.env),
-               "cwd": self.req.cwd, "max_output": self.req.max_output_bytes}  # fmt: skip
+        msg: dict[str, Any] = {"op": "exec", "argv": list(self.req.argv),
+                               "env": dict(self.req.env), "cwd": self.req.cwd,
+                               "max_output": self.req.max_output_bytes}  # fmt: skip
+        if self.req.pty is not None:  # made inside the container (init_stream.py)
+            msg["pty"] = list(pty_size(*self.req.pty))
         self._rid, req = self._inst._request(msg, self._on_data)
         first = req.q.get()
         if first["op"] == "closed":
@@ -1159,7 +1174,7 @@ class GvisorProcess:
         if len(chunk) > self._budget:
             chunk, self._truncated = chunk[: self._budget], True
         self._budget -= len(chunk)
-        name = "stdout" if kind == _K_OUT else "stderr"
+        name = "stderr" if kind != _K_OUT else "stdout" if self.req.pty is None else "pty"
         (self._out if kind == _K_OUT else self._err).extend(chunk)
         with self._cond:
             if chunk:
@@ -1252,6 +1267,15 @@ class GvisorProcess:
             self._stdin_open = False
             with contextlib.suppress(SandboxClosed):
                 self._inst._send(_K_CLOSE, self._rid, b"")
+
+    def resize(self, rows: int, cols: int) -> None:
+        msg = resize_message(
+            self.req.pty is not None, self.pid, self.result is None, self._rid, rows, cols
+        )
+        if msg is None:
+            return
+        with contextlib.suppress(SandboxClosed):
+            self._inst._send(_K_MSG, 0, marshal.dumps(msg))
 
 
 # -- runsc's strace -> audit events ---------------------------------------------

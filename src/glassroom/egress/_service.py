@@ -41,7 +41,7 @@ class NetworkOptions:
     resolver: Resolver | None = None
     upstream_ca: str | None = None
     on_approval: ApprovalCallback | None = None
-    decider: Decider | None = None  # replaces the plan's decisions (tests only)
+    decider: Decider | None = None  # replaces the plan's decisions (tests; E2B overlays)
     rewrite_headers: HeaderHook | None = None  # e.g. credential placeholders
     exchange_filter: FilterFactory | None = None  # credential placeholders and redaction
 

@@ -2,7 +2,9 @@
 
 It talks to the host supervisor over a virtio-serial port with the framed
 protocol in ``protocol.py`` and carries out: exec (stdout/stderr streamed,
-then the exit status), file get/put/list/remove/mkdir, signals.  Every
+then the exit status; with ``pty``, on a pseudo-terminal of the guest's
+devpts, streamed as ``pty``, resized by ``resize``), file
+get/put/list/remove/mkdir, signals.  Every
 command and every file operation runs in a child forked from here, inside
 the in-guest walls: its own cgroup (memory, pids), uid 1000, no new
 privileges, a Landlock allowlist (``landlock.py``, copied from the host
@@ -79,6 +81,10 @@ SYSCTLS = (("kernel/dmesg_restrict", "1"), ("kernel/kptr_restrict", "2"))
 SYSCTLS_OPTIONAL = (("kernel/perf_event_paranoid", "3"),
                     ("kernel/unprivileged_bpf_disabled", "1"))  # fmt: skip
 EXIT_GRACE_S = 0.1
+#: ioctl of a pty: set its size (asm-generic number).
+TIOCSWINSZ = 0x5414
+#: Input typed into a pty waits here while the terminal does not take it.
+PTY_PENDING_MAX = 1 << 20
 #: How long a tracer may take to seize a new child (TCG guests are slow).
 ATTACH_TIMEOUT_S = 20.0
 #: After the command ended, how long its tracer may go on following
@@ -363,6 +369,8 @@ class Proc:
         self.pid = pid
         self.fds = fds
         self.stdin_w = stdin_w
+        self.tty = -1  # a pty's master (resize), or -1
+        self.pending = bytearray()  # pty input not yet taken (stdin_w is non-blocking)
         self.status: int | None = None
         self.exited_at = 0.0
         self.trace: Trace | None = None
@@ -430,10 +438,13 @@ class Agent:
                 rlist.append(self.watch)
             pending = [p for p in self.procs.values() if p.status is not None]
             timeout = EXIT_GRACE_S / 2 if pending else None
+            typing = {p.stdin_w: p for p in self.procs.values() if p.pending and p.stdin_w >= 0}
             try:
-                ready, _, _ = select.select(rlist, [], [], timeout)
+                ready, writable, _ = select.select(rlist, list(typing), [], timeout)
             except InterruptedError:
                 continue
+            for fd in writable:
+                self._feed(typing[fd])
             for fd in ready:
                 if fd == self.port:
                     self._read_port()
@@ -544,7 +555,11 @@ class Agent:
             self.exec(m)
         elif op == "stdin":
             p = self.procs.get(m["id"])
-            if p is not None and p.stdin_w >= 0:
+            if p is not None and p.stdin_w >= 0 and p.tty >= 0:
+                if len(p.pending) + len(payload) <= PTY_PENDING_MAX:
+                    p.pending += payload
+                self._feed(p)
+            elif p is not None and p.stdin_w >= 0:
                 try:
                     if payload:
                         os.write(p.stdin_w, payload)
@@ -553,6 +568,16 @@ class Agent:
                 if m.get("eof"):
                     os.close(p.stdin_w)
                     p.stdin_w = -1
+        elif op == "resize":
+            p = self.procs.get(m["id"])
+            if p is not None and p.tty >= 0:
+                import fcntl
+
+                size = struct.pack("HHHH", int(m["rows"]), int(m["cols"]), 0, 0)
+                try:
+                    fcntl.ioctl(p.tty, TIOCSWINSZ, size)
+                except OSError:
+                    pass
         elif op == "signal":
             p = self.procs.get(m["id"])
             if p is not None and p.status is None:
@@ -659,15 +684,29 @@ class Agent:
             finally:
                 os._exit(0)
 
-    def _wall(self) -> None:
-        """In a freshly forked child: enter every in-guest wall, or die."""
+    def _feed(self, p: Proc) -> None:
+        """Type a pty's pending input as far as the terminal takes it now."""
+        try:
+            while p.pending:
+                del p.pending[: os.write(p.stdin_w, p.pending[: protocol.CHUNK])]
+        except BlockingIOError:
+            pass
+        except OSError:
+            p.pending.clear()
+
+    def _wall(self, tty: int = -1) -> None:
+        """In a freshly forked child: enter every in-guest wall, or die.
+        ``tty``: a pty's slave, made the controlling terminal and 0/1/2."""
         cfg = self.cfg
         if cfg is None:
             os._exit(125)
         signal.set_wakeup_fd(-1)
         for s in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_DFL)
-        os.setsid()
+        if tty >= 0:
+            os.login_tty(tty)  # a new session, TIOCSCTTY, the slave on 0/1/2
+        else:
+            os.setsid()
         with open(f"{CGROUP}/cgroup.procs", "w") as f:
             f.write(str(os.getpid()))
         os.setgroups([])
@@ -871,19 +910,40 @@ class Agent:
         if self.cfg is None:
             self.send({"op": "error", "id": rid, "errno": errno.EAGAIN, "error": "not configured"})
             return
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        master = slave = -1
+        if m.get("pty"):
+            import fcntl
+
+            try:
+                master, slave = os.openpty()
+                os.fchown(slave, UID, GID)  # the task's terminal, as login(1) does
+                rows, cols = (int(v) for v in m["pty"])
+                fcntl.ioctl(master, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            except (OSError, ValueError, struct.error) as exc:
+                for fd in (master, slave):
+                    if fd >= 0:
+                        os.close(fd)
+                self.send({"op": "error", "id": rid, "errno": getattr(exc, "errno", 0) or 22,
+                           "error": f"pty: {exc}"[:200]})  # fmt: skip
+                return
+            # the command reads and writes the slave; the agent keeps the master
+            in_r, in_w, out_r, out_w = slave, os.dup(master), master, os.dup(slave)
+            err_r, err_w = os.dup(master), os.dup(slave)
+        else:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
         st_r, st_w = os.pipe2(os.O_CLOEXEC)
         gate = self._gate()
         pid = os.fork()
         if pid == 0:
             try:
                 self._wait_gate(gate)
-                os.dup2(in_r, 0)
-                os.dup2(out_w, 1)
-                os.dup2(err_w, 2)
-                self._wall()
+                if slave < 0:
+                    os.dup2(in_r, 0)
+                    os.dup2(out_w, 1)
+                    os.dup2(err_w, 2)
+                self._wall(slave)
                 env = {str(k): str(v) for k, v in m["env"].items()}
                 argv = [str(a) for a in m["argv"]]
                 try:
@@ -929,7 +989,11 @@ class Agent:
             return
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
-        p = Proc(rid, pid, {out_r: "stdout", err_r: "stderr"}, in_w)
+        if slave >= 0:  # one output stream; err_r is a spare master, kept to resize
+            p = Proc(rid, pid, {out_r: "pty"}, in_w)
+            p.tty = err_r
+        else:
+            p = Proc(rid, pid, {out_r: "stdout", err_r: "stderr"}, in_w)
         p.trace = trace
         self.procs[rid] = p
         for fd in p.fds:
@@ -1022,6 +1086,8 @@ class Agent:
             self._close_fd(p, fd)
         if p.stdin_w >= 0:
             os.close(p.stdin_w)
+        if p.tty >= 0:
+            os.close(p.tty)
         del self.procs[p.rid]
         status = p.status or 0
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None

@@ -20,7 +20,15 @@ from typing import Any
 from .. import _config
 from .._errors import BackendUnavailable, GlassroomError, SandboxClosed, SnapshotError
 from ..audit import AuditLog
-from ..backends.base import EventSink, ExecRequest, ExecResult, Instance, Process, Receipt
+from ..backends.base import (
+    EventSink,
+    ExecRequest,
+    ExecResult,
+    Instance,
+    Process,
+    Receipt,
+    pty_size,
+)
 from ..credentials import Issued, env_name
 from ..credentials import issue as issue_credential
 from ..credentials._proxy_inject import header_hook
@@ -362,9 +370,12 @@ class Supervised(Pausing):
         env: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         on_exit: Callable[[RunOutcome], None] | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> Process:
-        """Start ``argv`` in the background; its end is judged and logged like ``run``'s."""
+        """Start ``argv`` in the background; its end is judged and logged like ``run``'s.
+        ``pty=(rows, cols)``: on a pseudo-terminal made inside the sandbox."""
         inst = self.instance
+        size = pty_size(*pty) if pty is not None else None
         if not inst.alive():
             raise SandboxClosed(f"sandbox {self.id} is no longer running")
         full_env = dict(self.plan.env)
@@ -372,11 +383,13 @@ class Supervised(Pausing):
         full_env.update(env or {})
         req = ExecRequest(
             argv=tuple(argv), env=full_env, cwd=cwd or self.plan.workspace, stdin=None,
-            timeout_s=timeout_s, max_output_bytes=self.plan.limits.max_output_bytes,
+            timeout_s=timeout_s, max_output_bytes=self.plan.limits.max_output_bytes, pty=size,
         )  # fmt: skip
-        self.audit.append(self.id, "command.started",
-                          {"argv": list(argv), "cwd": req.cwd, "env": sorted(full_env),
-                           "background": True})  # fmt: skip
+        started: dict[str, Any] = {"argv": list(argv), "cwd": req.cwd, "env": sorted(full_env),
+                                   "background": True}  # fmt: skip
+        if size is not None:
+            started["pty"] = list(size)
+        self.audit.append(self.id, "command.started", started)
         if getattr(inst, "spawn", None) is None:  # a tier that has not implemented it yet
             raise BackendUnavailable(
                 f"backend {self.backend!r} cannot run background processes yet", rule="backend"

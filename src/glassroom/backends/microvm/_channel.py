@@ -105,7 +105,7 @@ def check(header: dict[str, Any], payload: bytes) -> dict[str, Any]:
         _check_netdirect(header)
     if op == "error" and "wall" in header and header["wall"] not in WALLS:
         raise ProtocolViolation("error: unknown wall")
-    if op == "out" and header.get("stream") not in ("stdout", "stderr"):
+    if op == "out" and header.get("stream") not in ("stdout", "stderr", "pty"):
         raise ProtocolViolation("out: unknown stream")
     if op == "exit":
         ws = header.get("workspace")

@@ -3,8 +3,10 @@
 Construction order:
 
 1. The accel is chosen (KVM if real; TCG only when allowed: see ``qemu``),
-   the image is prepared (cached) and the reaper record is written, listing
-   the VM's directory, before any process exists.
+   the image is prepared (cached), the plan's tools are checked against what
+   the image holds (one it lacks: ``PlanError`` naming its ``tools.allow``
+   rule), and the reaper record is written, listing the VM's directory,
+   before any process exists.
 2. QEMU starts from the booted-idle snapshot of this VM shape
    (``-incoming fd:N``), or boots cold when snapshots are off.  It runs with
    no NIC, a read-only root disk, a fresh ext4 scratch disk of disk_mib for
@@ -78,6 +80,7 @@ from ..base import (
     Instance,
     Process,
     Receipt,
+    pty_size,
 )
 from . import image as _image
 from . import qemu
@@ -170,6 +173,10 @@ class MicrovmProcess:
                 return
             if self._truncated:
                 return
+            if (msg["stream"] == "pty") != (self.req.pty is not None):
+                # a pty's command has one output stream; any other has no pty
+                self._inst._anomaly(f"{msg['stream']} output for request {self.rid}")
+                return
             chunk = payload
             if len(chunk) > self._budget:
                 chunk, self._truncated = chunk[: self._budget], True
@@ -220,7 +227,7 @@ class MicrovmProcess:
                     limits.append("max_runtime")
                 self.result = ExecResult(
                     exit_code=128 + sig if sig else int(code or 0), signal=sig,
-                    stdout=b"".join(d for s, d in self.events if s == "stdout"),
+                    stdout=b"".join(d for s, d in self.events if s in ("stdout", "pty")),
                     stderr=b"".join(d for s, d in self.events if s == "stderr"),
                     duration_ms=dur, truncated=self._truncated,
                     timed_out=self._timed_out or by_deadline, limits_hit=limits,
@@ -266,6 +273,14 @@ class MicrovmProcess:
             self._stdin_open = False
             with contextlib.suppress(SandboxClosed):
                 self._inst._send({"op": "stdin", "id": self.rid, "eof": True})
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.req.pty is None:
+            raise SandboxError(f"process {self.pid} has no pty to resize", rule="pty")
+        rows, cols = pty_size(rows, cols)
+        if self.result is None and self.rid:
+            with contextlib.suppress(SandboxClosed):
+                self._inst._send({"op": "resize", "id": self.rid, "rows": rows, "cols": cols})
 
     def on_exit(self, callback: Callable[[ExecResult], None]) -> None:
         with self._cond:
@@ -333,6 +348,8 @@ class MicrovmInstance(FileOps):
         t0 = time.monotonic()
         accel = qemu.choose_accel()
         img = _image.prepare()
+        # Before any VM exists: a tool the guest image lacks is refused, naming its rule.
+        _image.check_tools(img, self.plan)
         lim = self.plan.limits
         ram, vcpus = qemu.vm_size(lim.memory_bytes, lim.disk_bytes, lim.cpus)
         proxy_sock = None
@@ -917,8 +934,11 @@ class MicrovmInstance(FileOps):
             p.rid = self.channel.register(p._frame)
         except SandboxClosed:
             raise self._closed_error() from None
-        self._send({"op": "exec", "id": p.rid, "argv": list(req.argv), "env": dict(req.env),
-                    "cwd": req.cwd})  # fmt: skip
+        msg: dict[str, Any] = {"op": "exec", "id": p.rid, "argv": list(req.argv),
+                               "env": dict(req.env), "cwd": req.cwd}  # fmt: skip
+        if req.pty is not None:  # made in the guest (guest/agent.py)
+            msg["pty"] = list(pty_size(*req.pty))
+        self._send(msg)
         if req.timeout_s:
             p._timer = threading.Timer(req.timeout_s, p._on_timeout)
             p._timer.daemon = True
@@ -933,14 +953,18 @@ class MicrovmInstance(FileOps):
                                       "error": text, "seen_by": TRACE_SOURCE},
                           "deny", wall)  # fmt: skip
             raise WallError(f"{wall}: {text} (in the guest); the command did not run", rule=wall)
-        if req.stdin is not None and p.result is None:
-            with contextlib.suppress(BrokenPipeError, SandboxClosed):
-                p.write_stdin(req.stdin)
-        p.close_stdin()
+        if req.stdin is not None:
+            # Given stdin is all of it; without, a spawned command's stdin stays
+            # open for write_stdin (as on the other tiers), and exec closes it.
+            if p.result is None:
+                with contextlib.suppress(BrokenPipeError, SandboxClosed):
+                    p.write_stdin(req.stdin)
+            p.close_stdin()
         return p
 
     def exec(self, req: ExecRequest) -> ExecResult:
         p = self.spawn(req)
+        p.close_stdin()
         res = p.wait()
         assert res is not None
         return res

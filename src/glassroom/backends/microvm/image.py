@@ -17,14 +17,21 @@
   ``switch_root``s to ``/.glassroom/init``.
 * **Root image** (ext4 via ``mke2fs -d``, no journal, read-only): the
   host's python3 and stdlib, coreutils, dash, bash, grep, sed, findutils,
-  diffutils and their shared libraries, ``/etc/ssl/certs``, and the agent
-  (with ``landlock.py`` and ``tracer.py``, copied from ``_sys``).
+  diffutils, git, curl, ncurses' tools and their shared libraries,
+  terminfo, ``/etc/ssl/certs``, and the agent (with ``landlock.py`` and
+  ``tracer.py``, copied from ``_sys``).
   Tools are copied from the host at the same paths, so the plan's tool
-  paths mean the same inside.
+  paths mean the same inside.  Next to it, ``rootfs-<id>.files.json``
+  lists what the image holds: a sandbox whose plan names a tool the image
+  lacks is refused before QEMU starts (:func:`check_tools`), never started
+  with a Landlock rule that cannot be built.
 
 The cache lives in ``GLASSROOM_MICROVM_CACHE``, or ``/var/cache/glassroom/
 microvm`` as root.  Everything is keyed by content: a changed agent or
-kernel gives a new image id, and snapshots are per image id.
+kernel gives a new image id, and snapshots are per image id.  The host's
+installed versions of :data:`TOOL_PACKAGES` are part of the root image's key
+too (the image copies the host's files): installing or upgrading one of them
+builds a new image rather than leaving the old one short of it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -40,7 +48,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..._errors import BackendUnavailable
+from ..._errors import BackendUnavailable, PlanError
+from ...plan import LaunchPlan
 
 #: Modules the cloud kernel needs, in load order (see issue 6).
 MODULES = (
@@ -58,9 +67,26 @@ KERNEL_PACKAGE = "linux-image-cloud-amd64"
 TOOL_PACKAGES = (
     "coreutils", "dash", "bash", "grep", "sed", "findutils", "diffutils", "gzip", "tar",
     "hostname", "python3.11-minimal", "python3-minimal",
+    # E2B's base template has these (its SDK's git API; curl in its examples;
+    # tput, which a terminal asks for its size).
+    "git", "curl", "ncurses-bin",
 )  # fmt: skip
-#: Copied without their package: the drill's "not allowed" tool, the OS identity.
-EXTRA_FILES = ("/usr/bin/perl", "/usr/lib/os-release", "/etc/os-release", "/etc/debian_version")
+#: Copied without their package: the drill's "not allowed" tool, the OS identity,
+#: and git's own copy of itself and its daemon (git runs its subcommands'
+#: helpers from /usr/lib/git-core: ``git clone`` starts ``git upload-pack``).
+EXTRA_FILES = ("/usr/bin/perl", "/usr/lib/os-release", "/etc/os-release", "/etc/debian_version",
+               "/usr/lib/git-core/git", "/usr/lib/git-core/git-daemon")  # fmt: skip
+#: Data trees copied whole where the host has them: ``git init``'s templates
+#: (without them it warns on every init), and the terminal descriptions of
+#: ncurses-base (``tput`` and every curses program read them).
+EXTRA_TREES = ("/usr/share/git-core/templates", "/lib/terminfo", "/usr/share/terminfo")
+#: Where dpkg records each installed package's file list (its mtime changes
+#: when the package is installed or upgraded).
+DPKG_INFO = "/var/lib/dpkg/info"
+#: The manifest's format; a manifest of another version is not trusted.
+MANIFEST_VERSION = 1
+#: Symlinks followed when resolving a path in the manifest (the kernel's own bound).
+MAX_LINK_HOPS = 40
 PYTHON_LIB = "/usr/lib/python3.11"
 PYTHON_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
                "unittest", "distutils", "config-3.11-x86_64-linux-gnu", "site-packages",
@@ -132,6 +158,11 @@ class Image:
     @property
     def direct(self) -> bool:
         return self.initrd is None
+
+    @property
+    def manifest(self) -> Path:
+        """What the root image holds (:func:`check_tools` reads it)."""
+        return _manifest_path(self.rootfs)
 
     def sizes(self) -> dict[str, int]:
         return {
@@ -357,6 +388,9 @@ def _build_rootfs(dest: Path) -> None:
         for pkg in TOOL_PACKAGES:
             files += [f for f in _pkg_files(pkg) if f.startswith(("/usr/bin/", "/bin/"))]
         files += [f for f in EXTRA_FILES if os.path.exists(f)]
+        for tree in EXTRA_TREES:
+            for dirpath, _dirs, names in os.walk(tree):
+                files += [os.path.join(dirpath, n) for n in names]
         for f in files:
             _copy_into(stage, f)
         for dirpath, dirnames, filenames in os.walk(PYTHON_LIB):
@@ -404,6 +438,11 @@ def _build_rootfs(dest: Path) -> None:
         tmp = dest.with_suffix(f".tmp{os.getpid()}")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        # The manifest first: an image in place always has its manifest.
+        listed = _manifest_path(dest)
+        listed_tmp = listed.with_suffix(f".tmp{os.getpid()}")
+        listed_tmp.write_text(json.dumps(_manifest_of(stage)))
+        os.replace(listed_tmp, listed)
         r = subprocess.run(
             [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L",
              "glassroom", "-E", "root_owner=0:0", "-d", str(stage), str(tmp), f"{size_mib}M"],
@@ -415,6 +454,114 @@ def _build_rootfs(dest: Path) -> None:
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _manifest_path(rootfs: Path) -> Path:
+    return rootfs.with_name(rootfs.name.removesuffix(".ext4") + ".files.json")
+
+
+def _manifest_of(stage: Path) -> dict[str, object]:
+    """Every regular file and symlink of the staged image, by its path inside."""
+    files: list[str] = []
+    links: dict[str, str] = {}
+    for p in stage.rglob("*"):
+        inside = "/" + str(p.relative_to(stage))
+        if p.is_symlink():
+            links[inside] = os.readlink(p)
+        elif p.is_file():
+            files.append(inside)
+    return {"version": MANIFEST_VERSION, "files": sorted(files), "links": links}
+
+
+#: Loaded manifests by path and mtime (read once per image, not per sandbox).
+_MANIFESTS: dict[tuple[str, int], tuple[frozenset[str], dict[str, str]]] = {}
+
+
+def _load_manifest(img: Image) -> tuple[frozenset[str], dict[str, str]]:
+    path = img.manifest
+    try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns)
+        held = _MANIFESTS.get(key)
+        if held is None:
+            data = json.loads(path.read_text())
+            if data.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"version {data.get('version')!r}")
+            files = frozenset(str(f) for f in data["files"])
+            links = {str(k): str(v) for k, v in dict(data["links"]).items()}
+            held = (files, links)
+            if len(_MANIFESTS) >= 4:  # images of older recipes
+                _MANIFESTS.clear()
+            _MANIFESTS[key] = held
+        return held
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # No list, no start: what the image holds cannot be checked.
+        raise _unavailable(f"{path.name} is unreadable ({exc}); run `glassroom microvm "
+                           "prepare`") from None  # fmt: skip
+
+
+def resolve_in_image(img: Image, path: str) -> str | None:
+    """``path`` resolved inside the root image as the guest kernel would (its
+    symlinks, not the host's), if it names a regular file there; else None."""
+    files, links = _load_manifest(img)
+    todo = [c for c in path.split("/") if c]
+    done: list[str] = []
+    hops = 0
+    while todo:
+        c = todo.pop(0)
+        if c == ".":
+            continue
+        if c == "..":
+            if done:
+                done.pop()
+            continue
+        target = links.get("/" + "/".join([*done, c]))
+        if target is None:
+            done.append(c)
+            continue
+        hops += 1
+        if hops > MAX_LINK_HOPS:
+            return None
+        if target.startswith("/"):
+            done = []
+        todo = [t for t in target.split("/") if t] + todo
+    final = "/" + "/".join(done)
+    return final if final in files else None
+
+
+def check_tools(img: Image, plan: LaunchPlan) -> None:
+    """Refuse a plan whose tools (or their loaders) the guest image does not hold.
+
+    The plan resolves tools on the host; the guest can only run what was
+    copied into its image.  A missing one would make the agent's Landlock
+    rule for it fail, so no command at all could start: the sandbox must not
+    start instead, with the rule that named the tool."""
+    for tool in plan.tools:
+        if resolve_in_image(img, tool.path) is None:
+            raise PlanError(
+                f"{tool.rule}: {tool.name} ({tool.path}) is not in the microvm guest image "
+                f"(it holds the host's {', '.join(TOOL_PACKAGES)}); use a lower risk, or "
+                "another tool",
+                rule=tool.rule,
+            )
+    for loader in plan.loaders:
+        if resolve_in_image(img, loader) is None:
+            raise PlanError(f"tools.allow: the loader {loader} is not in the microvm guest "
+                            "image", rule="tools.allow")  # fmt: skip
+
+
+def _host_packages() -> bytes:
+    """The installed state of :data:`TOOL_PACKAGES` (a few stats, no subprocess)."""
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, "")
+    out = []
+    for pkg in TOOL_PACKAGES:
+        for name in (f"{pkg}.list", f"{pkg}:{arch}.list"):
+            try:
+                st = os.stat(os.path.join(DPKG_INFO, name))
+            except OSError:
+                continue
+            out.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(out).encode()
 
 
 # -- entry point ---------------------------------------------------------------------
@@ -450,13 +597,18 @@ def _prepare(cache: Path, fetch: bool, choice: str | None = None) -> Image:
     supervisors of different versions never rebuild each other's images."""
     vmlinuz, mods, release, direct = _kernel(cache, fetch, choice)
     # The recipe (this file) is part of the key: a changed file list rebuilds.
-    guest = _digest(*(p.read_bytes() for p in [*_guest_sources(), Path(__file__)]))
+    recipe = [p.read_bytes() for p in [*_guest_sources(), Path(__file__)]]
+    guest = _digest(*recipe, _host_packages())
     kstat = vmlinuz.stat()
     kkey = _digest(f"{vmlinuz}:{kstat.st_size}:{kstat.st_mtime_ns}".encode(), INIT_SCRIPT.encode())
     initrd = None if direct else cache / f"initramfs-{kkey}.cpio"
     rootfs = cache / f"rootfs-{guest}.ext4"
     for path in (initrd, rootfs):
-        if path is not None and not path.exists():
+        # An image without its manifest (a build cut short) is built again.
+        built = path is not None and path.exists()
+        if path == rootfs and built:
+            built = _manifest_path(rootfs).exists()
+        if path is not None and not built:
             if not fetch:
                 raise _unavailable(f"{path.name} is not built; run `glassroom microvm prepare`")
             if path != rootfs:
@@ -469,8 +621,9 @@ def _prepare(cache: Path, fetch: bool, choice: str | None = None) -> Image:
 def prune(img: Image, keep: tuple[Path, ...] = ()) -> list[str]:
     """Remove images other than ``img``'s and ``keep`` (``microvm prepare`` only)."""
     gone = []
-    for old in [*cache_dir().glob("initramfs-*.cpio"), *cache_dir().glob("rootfs-*.ext4")]:
-        if old not in (img.initrd, img.rootfs, *keep):
+    kinds = ("initramfs-*.cpio", "rootfs-*.ext4", "rootfs-*.files.json")
+    for old in [p for kind in kinds for p in cache_dir().glob(kind)]:
+        if old not in (img.initrd, img.rootfs, img.manifest, *keep):
             with contextlib.suppress(OSError):
                 old.unlink()
                 gone.append(old.name)

@@ -26,6 +26,8 @@ def e2b_router() -> APIRouter:
     add("/sandboxes/{sandbox_id}/resume", _control.resume, methods=["POST"])
     add("/sandboxes/{sandbox_id}/snapshots", _control.create_snapshot, methods=["POST"])
     add("/sandboxes/{sandbox_id}/fork", _control.fork, methods=["POST"])
+    add("/sandboxes/{sandbox_id}/network", _control.update_network, methods=["PUT"])
+    add("/sandboxes/{sandbox_id}/metrics", _control.get_metrics, methods=["GET"])
     add("/snapshots", _control.list_snapshots, methods=["GET"])
     # the SDK's Sandbox.delete_snapshot: a snapshot is a template in E2B's model
     add("/templates/{template_id:path}", _control.delete_template, methods=["DELETE"])

@@ -39,10 +39,14 @@ from ..http._service import (
     check_timeout,
     rfc3339,
 )
+from . import _metrics, _network
 
 log = logging.getLogger("glassroom.serve")
 
-ENVD_VERSION = "0.5.7"
+#: The envd version the SDK is told: it gates client-side features (0.6.3: watch
+#: events with EntryInfo, 0.6.4: ``allow_network_mounts`` on a watch, both served
+#: by _watch; 0.6.2: file metadata, kept as user.e2b.* xattrs by _metadata).
+ENVD_VERSION = "0.6.4"
 CLIENT_ID = "glassroom"
 #: A listing's page size: E2B's default and largest.
 PAGE_DEFAULT = 100
@@ -104,6 +108,7 @@ def _detail(svc: SandboxService, e: Entry) -> dict[str, Any]:
         "metadata": e.metadata,
         "lifecycle": {"autoResume": False, "onTimeout": "pause" if e.auto_pause else "kill"},
     }
+    out.update(_network.detail(e))
     facts = e.pause_facts
     if paused and facts is not None:
         out["pauseMode"] = "full" if facts.get("memory") else "filesystem"
@@ -157,12 +162,10 @@ async def create(request: Request) -> Response:
         timeout = _timeout(body)
         env = check_mapping(body.get("envVars"), "envVars", env=True)
         meta = check_mapping(body.get("metadata"), "metadata")
-        if body.get("allow_internet_access") or body.get("allowInternetAccess"):
-            # E2B defaults to open internet; glassroom's network follows the policy.
-            pass
         auto_pause, auto_memory = _auto_pause(body)
         svc = _svc(request)
         snapshot = await anyio.to_thread.run_sync(_snapshot_for, svc, tenant, template)
+        network = _network.at_create(svc, body, template, snapshot)
         e = await anyio.to_thread.run_sync(
             lambda: svc.create(
                 tenant,
@@ -173,8 +176,10 @@ async def create(request: Request) -> Response:
                 metadata=meta,
                 auto_pause=auto_pause,
                 auto_pause_memory=auto_memory,
+                network=network,
             )
         )
+        _network.admitted(svc, e, network)
     except ApiError as exc:
         return _err(exc)
     return JSONResponse(_sandbox(e), status_code=201)
@@ -333,6 +338,7 @@ async def fork(request: Request) -> Response:
         count = body.get("count")
         count = 1 if count is None else check_count(count, "count", MAX_FORK_COUNT)
         secs = _timeout(body)
+        _network.check_fork(e)
         results = await anyio.to_thread.run_sync(lambda: svc.fork(e, count, timeout_s=secs))
     except ApiError as exc:
         return _err(exc)
@@ -457,6 +463,16 @@ def _started_after(raw: str | None) -> float | None:
     return ts.timestamp() - 1e-6
 
 
+async def update_network(request: Request) -> Response:
+    """``PUT /sandboxes/{id}/network``: 204; the rules apply to the next connection."""
+    try:
+        svc, e, body = await _entry_body(request)
+        _network.update(svc, e, body)
+    except ApiError as exc:
+        return _err(exc)
+    return Response(status_code=204)
+
+
 async def kill(request: Request) -> Response:
     try:
         svc, e = _entry(request)
@@ -464,3 +480,14 @@ async def kill(request: Request) -> Response:
     except ApiError as exc:
         return _err(exc)
     return Response(status_code=204)
+
+
+async def get_metrics(request: Request) -> Response:
+    """``GET /sandboxes/{id}/metrics``: CPU, memory and disk samples (_metrics)."""
+    try:
+        _, e = _entry(request)
+        q = request.query_params
+        out = await anyio.to_thread.run_sync(_metrics.metrics, e, q.get("start"), q.get("end"))
+    except ApiError as exc:
+        return _err(exc)
+    return JSONResponse(out)

@@ -8,9 +8,9 @@ sandbox's ``X-Access-Token`` (given out at create).  Here:
 * ``GET /health``; ``GET``/``POST /files`` (multipart and octet-stream);
 * Connect RPC with the JSON codec for ``process.Process`` (Start, Connect:
   server-streaming with the 5-byte envelope; List, SendInput, SendSignal,
-  CloseStdin: unary) and ``filesystem.Filesystem`` (Stat, ListDir, MakeDir,
-  Move, Remove).  Message shapes follow e2b-dev/infra
-  ``packages/envd/spec/{process,filesystem}``.
+  CloseStdin, Update: unary; PTYs in ``_pty``) and ``filesystem.Filesystem``
+  (Stat, ListDir, MakeDir, Move, Remove; WatchDir and the unary watcher calls are ``_watch``'s).
+  Message shapes follow e2b-dev/infra ``packages/envd/spec/{process,filesystem}``.
 
 A sandbox that was killed or expired answers 502 "The sandbox … was not
 found", which the SDK turns into ``SandboxNotRunningException``; so does a
@@ -42,6 +42,7 @@ from ..._errors import GlassroomError
 from ...backends.base import FileEntry, Process
 from ...plan import HOME_LINK
 from ..http._edge import (
+    CONNECT_STREAMING,
     Family,
     check_text,
     connect_message,
@@ -50,6 +51,7 @@ from ..http._edge import (
     strict_json,
 )
 from ..http._service import ApiError, Entry, SandboxService, check_mapping, translate
+from . import _metadata, _pty, _signing
 
 ENVD_PORT = 49983
 JUPYTER_PORT = 49999
@@ -171,10 +173,18 @@ async def health(request: Request) -> Response:
     return Response(status_code=204)
 
 
+def _file_entry(svc: SandboxService, request: Request, operation: str) -> Entry:
+    """The sandbox of a files call: by its access token, or by the signature of
+    a signed URL (``download_url``/``upload_url``, _signing)."""
+    if _signing.is_signed(request):
+        return _signing.entry_for_signed(svc, request, operation)
+    return entry_for(svc, request)
+
+
 async def get_file(request: Request) -> Response:
     svc: SandboxService = request.app.state.service
     try:
-        e = entry_for(svc, request)
+        e = _file_entry(svc, request, "read")
         path = resolve(request.query_params.get("path", ""))
         data = await anyio.to_thread.run_sync(svc.file_op, e, "read", path)
     except ApiError as exc:
@@ -185,7 +195,8 @@ async def get_file(request: Request) -> Response:
 async def post_file(request: Request) -> Response:
     svc: SandboxService = request.app.state.service
     try:
-        e = entry_for(svc, request)
+        e = _file_entry(svc, request, "write")
+        meta = _metadata.from_headers(request.headers)  # user.e2b.* xattrs (_metadata)
         ctype = request.headers.get("content-type", "")
         param = request.query_params.get("path")
         items: list[tuple[str, bytes]] = []
@@ -203,13 +214,43 @@ async def post_file(request: Request) -> Response:
             # A Content-Encoding (gzip) was decoded, bounded, by the edge (_edge.Edge).
             body = await request.body()
             items.append((client_path(param), body))
-        out = []
+        out: list[dict[str, Any]] = []
         for asked, data in items:
             await anyio.to_thread.run_sync(_write, svc, e, resolve(asked), data)
             out.append({"name": posixpath.basename(asked), "type": "file", "path": asked})
+            if meta:
+                out[-1]["metadata"] = meta
+        await anyio.to_thread.run_sync(_set_metadata, svc, e, [resolve(a) for a, _ in items], meta)
     except ApiError as exc:
         return api_error_response(exc)
+    finally:
+        _watched(svc, request)
     return JSONResponse(out)
+
+
+def _set_metadata(svc: SandboxService, e: Entry, paths: list[str], meta: dict[str, str]) -> None:
+    """The written files' metadata replaced by ``meta``; where the sandbox cannot
+    store it, the files are removed (never kept without it) and the 501 raised."""
+    try:
+        _metadata.apply(svc, e, paths, meta)
+    except ApiError:
+        for path in paths:
+            try:
+                svc.file_op(e, "remove", path)
+            except ApiError:
+                pass
+        raise
+
+
+def _watched(svc: SandboxService, request: Request) -> None:
+    """This server changed (or tried to change) the sandbox's files: its
+    directory watchers scan now instead of at their next poll (_watch)."""
+    from . import _watch  # _watch builds on this module
+
+    try:
+        _watch.touched(svc, entry_for(svc, request))
+    except ApiError:
+        pass
 
 
 def _write(svc: SandboxService, e: Entry, path: str, data: bytes) -> None:
@@ -530,6 +571,11 @@ def _infos(
         if path in targets:
             info["symlinkTarget"] = shown(shown_as(targets[path], asked))
         out.append(info)
+    files = [rec[8] for rec in recs if followed.get(rec[8], rec)[0] == "f"]
+    by_path = {rec[8]: info for rec, info in zip(recs, out, strict=True)}
+    for path, meta in _metadata.read(svc, e, files).items():  # user.e2b.* xattrs
+        if path in by_path:
+            by_path[path]["metadata"] = meta
     return out
 
 
@@ -601,7 +647,8 @@ def _unary_call(svc: SandboxService, e: Entry, method: str, msg: dict[str, Any])
         proc = _selector(msg, e)
         inp = _obj(msg, "input")
         if "pty" in inp:
-            raise RpcError("unimplemented", "pty is not supported by glassroom")
+            _pty.send_input(proc, inp["pty"])
+            return {}
         try:
             data = base64.b64decode(_str(inp, "stdin", "input."), validate=True)
         except ValueError:
@@ -621,6 +668,8 @@ def _unary_call(svc: SandboxService, e: Entry, method: str, msg: dict[str, Any])
             raise RpcError("invalid_argument", f"unsupported signal {ascii(sig)[:60]}")
         proc.signal(num)
         return {}
+    if method == "process.Process/Update":
+        return _pty.update(_selector(msg, e), msg)
     if method == "process.Process/CloseStdin":
         _selector(msg, e).close_stdin()
         return {}
@@ -667,6 +716,11 @@ def _unary_call(svc: SandboxService, e: Entry, method: str, msg: dict[str, Any])
                 r.stderr.strip() or f"move {src}: failed",
             )
         return {"entry": _stat(svc, e, dst, asked)}
+    if method.endswith("Watcher") or method.endswith("WatcherEvents"):
+        from . import _watch  # _watch builds on this module
+
+        if method in _watch.UNARY:
+            return _watch.unary(svc, e, method, msg)
     raise RpcError("unimplemented", f"{method} is not implemented by glassroom")
 
 
@@ -674,7 +728,7 @@ async def rpc(request: Request) -> Response:
     """``POST /{service}/{method}``: Connect protocol, JSON codec."""
     svc: SandboxService = request.app.state.service
     method = request.url.path.lstrip("/")
-    streaming = method in ("process.Process/Start", "process.Process/Connect")
+    streaming = method in CONNECT_STREAMING
     try:
         e = entry_for(svc, request)
     except ApiError as exc:
@@ -688,6 +742,9 @@ async def rpc(request: Request) -> Response:
         if streaming:
             return await _start_stream(svc, e, method, msg, _deadline(request))
         out = await anyio.to_thread.run_sync(_unary_call, svc, e, method, msg)
+        if method in ("filesystem.Filesystem/MakeDir", "filesystem.Filesystem/Remove",
+                      "filesystem.Filesystem/Move"):  # fmt: skip
+            _watched(svc, request)
         # ensure_ascii: a name from the sandbox may hold anything; escaped, it is still JSON
         return Response(json.dumps(out).encode(), media_type="application/json")
     except ApiError as exc:
@@ -711,13 +768,16 @@ async def _start_stream(
     def gone() -> str | None:
         return svc.gone_reason(e.id)
 
+    if method == "filesystem.Filesystem/WatchDir":
+        from . import _watch  # _watch builds on this module
+
+        return await _watch.stream(svc, e, msg, deadline)
     if method == "process.Process/Connect":
         proc = await anyio.to_thread.run_sync(_selector, msg, e)
         idx = len(getattr(proc, "events", []))
         gen = _stream_process(proc, idx, True, "event", deadline=deadline, gone=gone)
     else:
-        if msg.get("pty"):
-            raise RpcError("unimplemented", "pty is not supported by glassroom")
+        pty = _pty.pty_size(msg)
         cfg = _obj(msg, "process")
         cmd = _str(cfg, "cmd", "process.")
         if not cmd or "\0" in cmd:
@@ -736,9 +796,13 @@ async def _start_stream(
         envs = {**({} if "HOME" in e.env else {"HOME": HOME}), "PWD": asked, **envs}
         tag = _str(msg, "tag") or None
         proc = await anyio.to_thread.run_sync(
-            lambda: svc.spawn(e, argv, cwd=cwd, env=envs, tag=tag)
+            lambda: svc.spawn(e, argv, cwd=cwd, env=envs, tag=tag, pty=pty)
         )
-        if not msg.get("stdin"):
+        if not msg.get("stdin") and pty is None:  # a terminal is typed into while it runs
             proc.close_stdin()
+        from . import _watch  # _watch builds on this module
+
+        # what a command changed is seen when it ends, not at the watchers' next poll
+        proc.on_exit(lambda _res: _watch.touched(svc, e))
         gen = _stream_process(proc, 0, True, "event", deadline=deadline, owns=True, gone=gone)
     return StreamingResponse(gen, media_type="application/connect+json")

@@ -17,7 +17,12 @@ the server bounds and checks everything it reads from this process.
 import ast
 import json
 import os
+import re
+import selectors
+import shlex
+import subprocess
 import sys
+import time
 import traceback
 
 NONCE = sys.argv[1] if len(sys.argv) > 1 else ""
@@ -58,6 +63,8 @@ class Writer:
         return len(text)
 
     def emit(self, text: str) -> None:
+        if self.kind == "discard":  # %%capture
+            return
         for i in range(0, len(text), CHUNK):
             frame(self.kind, text=text[i : i + CHUNK])
 
@@ -70,8 +77,133 @@ class Writer:
         return False
 
 
+# IPython's shell escapes and magics, which notebook-trained agents send
+# (smolagents sends ``!pip install ...``).  IPython itself is not in a sandbox
+# image, and importing it would cost each context its start-up, so the few
+# that agents use are rewritten here: a cell that parses as Python is never
+# touched; otherwise each line that starts with ``!`` or ``%`` becomes a call
+# of ``_glassroom_magic`` (``x = !cmd`` gives the output's lines, as IPython's
+# does).  Commands run inside the sandbox under its policy like any other.
+MAGIC_LINE = re.compile(r"^(\s*)(?:([A-Za-z_][A-Za-z0-9_]*)\s*=\s*)?(!!?|%)(.*)$")
+CELL_MAGICS = ("bash", "sh", "writefile", "capture", "time")
+
+
+def shell(cmd: str, capture: bool = False) -> object:
+    """Run ``cmd`` with sh, its output streamed to the cell's stdout/stderr."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    got: list[bytes] = []
+    sel = selectors.DefaultSelector()
+    assert proc.stdout is not None and proc.stderr is not None
+    sel.register(proc.stdout, selectors.EVENT_READ, sys.stdout)
+    sel.register(proc.stderr, selectors.EVENT_READ, sys.stderr)
+    while sel.get_map():
+        for key, _ in sel.select():
+            data = os.read(key.fd, 65536)
+            if not data:
+                sel.unregister(key.fileobj)
+                continue
+            if capture and key.data is sys.stdout:
+                got.append(data)
+            else:
+                key.data.write(data.decode(errors="replace"))
+    proc.wait()  # like IPython: a failed command is its output, not an error
+    if capture:
+        return b"".join(got).decode(errors="replace").splitlines()
+    return None
+
+
+def line_magic(name: str, arg: str, ns: dict[str, object]) -> object:
+    if name == "pip":
+        return shell(shlex.join([sys.executable, "-m", "pip", *shlex.split(arg)]))
+    if name == "cd":
+        os.chdir(os.path.expanduser(arg.strip() or "~"))
+        print(os.getcwd())
+        return None
+    if name == "pwd":
+        return os.getcwd()
+    if name == "env":
+        if "=" in arg:
+            key, _, value = arg.partition("=")
+            os.environ[key.strip()] = value.strip()
+            return None
+        return os.environ.get(arg.strip()) if arg.strip() else dict(os.environ)
+    if name == "matplotlib":
+        return None  # inline output needs no set-up here: a figure is saved by the code
+    if name == "time":
+        t0 = time.perf_counter()
+        value = eval(compile(arg, "<magic>", "eval"), ns)
+        print(f"Wall time: {(time.perf_counter() - t0) * 1000:.2f} ms")
+        return value
+    raise NameError(f"UsageError: Line magic function `%{name}` not found.")
+
+
+def cell_magic(name: str, arg: str, body: str, ns: dict[str, object]) -> None:
+    if name in ("bash", "sh"):
+        shell(shlex.join([f"/bin/{name}", "-c", body]))
+    elif name == "writefile":
+        path = os.path.expanduser(arg.strip())
+        with open(path, "w") as f:
+            f.write(body)
+        print(f"Writing {path}")
+    elif name == "capture":
+        out, err = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = Writer("discard")
+        try:
+            run(body, ns)
+        finally:
+            sys.stdout, sys.stderr = out, err
+    elif name == "time":
+        t0 = time.perf_counter()
+        run(body, ns)
+        print(f"Wall time: {(time.perf_counter() - t0) * 1000:.2f} ms")
+    else:
+        raise NameError(f"UsageError: Cell magic `%%{name}` not found.")
+
+
+def magic(kind: str, text: str, ns: dict[str, object], capture: bool = False) -> object:
+    if kind.startswith("!"):
+        return shell(text, capture)
+    name, _, arg = text.strip().partition(" ")
+    if name.startswith("!"):  # `%!cmd`? not IPython: refuse plainly
+        raise NameError(f"UsageError: Line magic function `%{name}` not found.")
+    return line_magic(name, arg, ns)
+
+
+def rewrite(code: str) -> str:
+    """The cell with its magic lines made into calls; the cell itself if it is Python."""
+    try:
+        ast.parse(code, "<cell>", "exec")
+        return code
+    except SyntaxError:
+        pass
+    lines = code.split("\n")
+    out = []
+    for ln in lines:
+        m = MAGIC_LINE.match(ln)
+        if m is None:
+            out.append(ln)
+            continue
+        indent, var, kind, text = m.groups()
+        call = f"_glassroom_magic({kind!r}, {text!r}, globals(), {var is not None})"
+        out.append(f"{indent}{var} = {call}" if var else f"{indent}{call}")
+    return "\n".join(out)
+
+
 def run(code: str, ns: dict[str, object]) -> None:
-    tree = ast.parse(code, "<cell>", "exec")
+    ns.setdefault("_glassroom_magic", magic)
+    first, _, rest = code.lstrip("\n").partition("\n")
+    if first.startswith("%%"):
+        name, _, arg = first[2:].strip().partition(" ")
+        cell_magic(name, arg, rest, ns)
+        return
+    tree = ast.parse(rewrite(code), "<cell>", "exec")
     last = None
     tail = tree.body[-1] if tree.body else None
     if isinstance(tail, ast.Expr):

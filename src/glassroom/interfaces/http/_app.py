@@ -51,6 +51,7 @@ from ._models import (
     SetTimeout,
     SnapshotModel,
 )
+from ._ports import PortRelay
 from ._service import ApiError, Entry, SandboxService, snapshot_model, translate
 
 log = logging.getLogger("glassroom.serve")
@@ -511,6 +512,9 @@ def create_app(
             req, ApiError(500, "internal", "internal error; the server log has the details")
         )
 
+    # Inside the Edge (added first, so it runs after): port requests have a
+    # body the Edge bounded but did not parse, and never reach a route.
+    app.add_middleware(PortRelay)
     app.add_middleware(Edge, limit=cfg.max_request_bytes)
     return app
 

@@ -30,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import secrets
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,11 +75,27 @@ class Tenant:
     max_sandboxes: int = 20
 
 
+#: git's helpers the built-in ``base`` template allows with git (host paths).
+GIT_HELPERS = ("/usr/lib/git-core/git", "/usr/lib/git-core/git-daemon")
+
+
 def builtin_templates() -> dict[str, Policy]:
     """``base`` and ``code-interpreter-v1`` (E2B's names): the default policy
     (bash, coreutils, python3; no network), with the cap E2B's timeouts need."""
     base = default_policy().model_dump()
     base["resources"]["max_runtime_s"] = TEMPLATE_MAX_RUNTIME_S
+    # E2B's base image has ncurses: a terminal (``sandbox.pty``) asks ``tput``
+    # for its size.  Read-only, like every tool; terminfo is under /usr.
+    base["tools"]["allow"].append("tput")
+    if shutil.which("git", path="/usr/bin:/bin"):
+        # E2B's base template has git, and clients use it (its SDK's git API).
+        # The host's own, read-only like the rest of /usr (and in the microvm
+        # guest image); where it is absent the template is the default policy,
+        # not a template that fails.  With its helpers: git runs its own copy
+        # in git-core for subcommands (clone starts upload-pack), and E2B's
+        # tests serve a repository with git daemon (loopback in the sandbox).
+        base["tools"]["allow"].append("git")
+        base["tools"]["allow"] += [p for p in GIT_HELPERS if os.access(p, os.X_OK)]
     ci = default_policy().model_dump()
     ci["resources"]["max_runtime_s"] = TEMPLATE_MAX_RUNTIME_S
     ci["resources"]["max_output_bytes"] = 64 << 20  # the kernel is long-lived

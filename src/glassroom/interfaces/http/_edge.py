@@ -46,6 +46,7 @@ from typing import Any
 
 import anyio.to_thread
 
+from ._port_target import target_of
 from ._service import ApiError
 
 Scope = MutableMapping[str, Any]
@@ -66,7 +67,9 @@ _ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 _SCOPE_JSON = "glassroom.json"
 _SCOPE_FAMILY = "glassroom.family"
 _CONNECT_PATH = re.compile(r"^/[A-Za-z_][\w.]*\.[A-Za-z_]\w*/\w+$")
-CONNECT_STREAMING = frozenset({"process.Process/Start", "process.Process/Connect"})
+CONNECT_STREAMING = frozenset(
+    {"process.Process/Start", "process.Process/Connect", "filesystem.Filesystem/WatchDir"}
+)
 
 
 class Family(enum.StrEnum):
@@ -413,11 +416,16 @@ class Edge:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         scope[_SCOPE_FAMILY] = family_of(scope.get("path", ""), headers)
+        query = scope.get("query_string", b"").decode("latin-1")
+        relayed = target_of(scope.get("path", ""), query, headers) is not None
         try:
             body = await self._read(headers, receive)
-            encoding = self._encoding(headers)
+            # A body for a sandbox's own server is its data: bounded, never decoded.
+            encoding = None if relayed else self._encoding(headers)
             work = len(body) > INLINE_BYTES or encoding is not None
-            if work:
+            if relayed:
+                parsed = None
+            elif work:
                 body, parsed = await anyio.to_thread.run_sync(
                     self._decode, scope, headers, body, encoding
                 )

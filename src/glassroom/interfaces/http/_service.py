@@ -56,6 +56,7 @@ from ..._errors import (
 from ..._sandbox import RunResult, Sandbox
 from ...audit import AuditLog, read_records
 from ...backends.base import Process, Receipt
+from ...egress import NetworkOptions
 from ...lifecycle import snapshots as _snapshots
 from ...lifecycle.snapshots import SnapshotInfo, SnapshotStore
 from ...lifecycle.supervisor import reap_orphans
@@ -458,9 +459,11 @@ class SandboxService:
         snapshot: str | None = None,
         auto_pause: bool = False,
         auto_pause_memory: bool = True,
+        network: NetworkOptions | None = None,
     ) -> Entry:
         """A new sandbox: from a template or a policy, or (``snapshot``) from one of
-        the tenant's snapshots, whose files and policy it gets."""
+        the tenant's snapshots, whose files and policy it gets.  ``network``: the
+        egress proxy's host-side options (the E2B per-sandbox network overlay)."""
         # Every argument is checked before anything is made: a create that fails
         # must leave nothing behind (no sandbox, no slot of the tenant's cap).
         if timeout_s is not None:
@@ -502,6 +505,7 @@ class SandboxService:
                 audit_log=self.cfg.audit_log,
                 store=self.store,
                 tenant=tenant.name,
+                network=network,
             )
             label = None if policy is not None else (template or self.cfg.default_template)
             snap_id = parent = None
@@ -647,13 +651,21 @@ class SandboxService:
             e = self._entries.get(sandbox_id)
         if e is None:
             raise ApiError(502, "not_found", f"The sandbox {sandbox_id} was not found")
-        if not token or not hmac.compare_digest(token, e.access_token):
+        # Compared as bytes: a token with non-ASCII characters (headers are
+        # latin-1 text) is a wrong token, not a TypeError.
+        if not token or not hmac.compare_digest(token.encode(), e.access_token.encode()):
             raise ApiError(401, "unauthenticated", "missing or wrong sandbox access token")
         if e.paused:
             # E2B's proxy answers so for a paused sandbox: the SDK's is_running()
             # is False and a call raises SandboxNotRunningException.
             raise paused_error(e.id)
         return e
+
+    def live(self) -> builtins.list[Entry]:
+        """Every tenant's sandboxes: for a credential that names no sandbox
+        (an E2B signed file URL is matched against each sandbox's token)."""
+        with self._cond:
+            return list(self._entries.values())
 
     def list(self, tenant: Tenant) -> list[Entry]:
         with self._cond:
@@ -1176,10 +1188,11 @@ class SandboxService:
         env: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         tag: str | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> Process:
         full_env = {**e.env, **(env or {})}
         try:
-            p = e.sb.spawn(argv, cwd=cwd, env=full_env, timeout_s=timeout_s)
+            p = e.sb.spawn(argv, cwd=cwd, env=full_env, timeout_s=timeout_s, pty=pty)
         except GlassroomError as exc:
             raise translate(exc) from None
         if p.pid:
