@@ -329,3 +329,36 @@ def test_set_timeout_zero_ends_the_sandbox_now(serve: Server) -> None:
     while sb.is_running():
         assert time.monotonic() < end, "set_timeout(0) did not end the sandbox"
         time.sleep(0.1)
+
+
+def test_list_pages_order_and_filters(serve: Server) -> None:
+    """``Sandbox.list`` with ``limit`` and its paginator (``nextToken``) and a
+    metadata filter; ``startedAfter`` filters; a forged token and a bad
+    ``startedAfter`` are a 400 naming the field."""
+    import httpx
+    from e2b import SandboxQuery
+
+    made = [Sandbox.create(timeout=60, metadata={"job": "pages"}) for _ in range(3)]
+    try:
+        pages = Sandbox.list(query=SandboxQuery(metadata={"job": "pages"}), limit=2)
+        first = pages.next_items()
+        assert len(first) == 2 and pages.has_next
+        second = pages.next_items()
+        assert len(second) == 1 and not pages.has_next
+        assert {s.sandbox_id for s in first + second} == {s.sandbox_id for s in made}
+        h = {"X-API-Key": serve.keys["alice"]}
+        r = httpx.get(f"{serve.url}/v2/sandboxes", params={"nextToken": "forged"}, headers=h)
+        assert r.status_code == 400
+        assert r.json()["message"] == "nextToken: not a token this server gave"
+        r = httpx.get(f"{serve.url}/v2/sandboxes", params={"startedAfter": "yesterday"}, headers=h)
+        assert r.status_code == 400
+        assert r.json()["message"] == "startedAfter: must be an RFC 3339 time"
+        later = httpx.get(
+            f"{serve.url}/v2/sandboxes",
+            params={"startedAfter": "2999-01-01T00:00:00Z", "metadata": "job=pages"},
+            headers=h,
+        )
+        assert later.status_code == 200 and later.json() == []
+    finally:
+        for sb in made:
+            sb.kill()
