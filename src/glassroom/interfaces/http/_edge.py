@@ -46,7 +46,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from ._port_target import target_of
+from ._port_target import SCOPE_PORT, target_of
 from ._service import ApiError
 
 Scope = MutableMapping[str, Any]
@@ -417,7 +417,9 @@ class Edge:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         scope[_SCOPE_FAMILY] = family_of(scope.get("path", ""), headers)
         query = scope.get("query_string", b"").decode("latin-1")
-        relayed = target_of(scope.get("path", ""), query, headers) is not None
+        port = target_of(scope.get("path", ""), query, headers, scope.get("raw_path"))
+        scope[SCOPE_PORT] = port  # decided once, here: PortRelay acts on it
+        relayed = port is not None
         try:
             body = await self._read(headers, receive)
             # A body for a sandbox's own server is its data: bounded, never decoded.

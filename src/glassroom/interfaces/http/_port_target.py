@@ -10,6 +10,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+#: Where the edge leaves its decision in the ASGI scope: the Target, or None.
+SCOPE_PORT = "glassroom.port"
 #: envd and the code interpreter: never relayed, they have their own routes.
 RESERVED_PORTS = frozenset({49983, 49999})
 _OWN_PATH = re.compile(r"^/v1/sandboxes/([^/]{1,200})/ports/([0-9]{1,5})(/.*)?$", re.ASCII)

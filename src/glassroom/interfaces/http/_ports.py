@@ -40,7 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..._errors import GlassroomError
 from ._edge import send_error
-from ._port_target import Target, target_of
+from ._port_target import SCOPE_PORT, Target
 from ._service import ApiError, translate
 
 if TYPE_CHECKING:
@@ -293,16 +293,14 @@ class PortRelay:
                 del self.busy[key]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        # The Edge (outside this) decided whether this is a port request and
+        # read its body unparsed: one decision, so the two can never disagree.
+        t: Target | None = scope.get(SCOPE_PORT) if scope["type"] == "http" else None
+        if t is None:
             await self.app(scope, receive, send)
             return
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         headers = {k.lower(): v for k, v in raw}
-        query = scope.get("query_string", b"").decode("latin-1")
-        t = target_of(scope.get("path", ""), query, headers, scope.get("raw_path"))
-        if t is None:
-            await self.app(scope, receive, send)
-            return
         body = bytearray()
         while True:  # the Edge has read and bounded the body already
             msg = await receive()
