@@ -37,6 +37,9 @@ command -v runsc >/dev/null || need+=(runsc)
 command -v cc >/dev/null || need+=(gcc)
 # The audit sink tests send to a real syslog receiver (rsyslogd on 127.0.0.1).
 command -v rsyslogd >/dev/null || [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
+# The console's end-to-end tests: Debian's headless chromium and its driver.
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
