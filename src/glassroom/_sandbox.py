@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import GlassroomError, SandboxError
 from .backends.base import FileEntry, Process, Receipt
@@ -19,6 +19,9 @@ from .egress import NetworkOptions
 from .lifecycle.snapshots import SnapshotInfo, SnapshotStore, default_store
 from .lifecycle.supervisor import Blocked, RunOutcome, Supervised
 from .policy import Policy, default_policy, load_policy, parse_policy, validate_policy
+
+if TYPE_CHECKING:
+    from .lifecycle.workspace import CopyReport
 
 #: Largest file ``files.read`` returns unless told otherwise.
 DEFAULT_READ_MAX = 64 * 1024 * 1024
@@ -246,6 +249,22 @@ class Sandbox:
     @property
     def walls(self) -> dict[str, Any]:
         return dict(self._sup.instance.walls)
+
+    def copy_in(self, host_dir: str | Path, dest: str = "/workspace") -> CopyReport:
+        """Copy a host directory's tree into the sandbox (``glassroom run
+        --workspace``).  A symlink or special file in it refuses the whole copy:
+        see :mod:`glassroom.lifecycle.workspace`."""
+        from .lifecycle.workspace import copy_in
+
+        return copy_in(self, host_dir, dest)
+
+    def copy_out(self, host_dir: str | Path, paths: list[str] | None = None) -> CopyReport:
+        """Copy ``/workspace`` (or ``paths`` under it) to a new or empty host
+        directory (``glassroom run --out``).  Symlinks and special files the
+        sandbox made are left behind and listed in the report."""
+        from .lifecycle.workspace import copy_out
+
+        return copy_out(self, host_dir, paths)
 
     def usage(self) -> dict[str, int]:
         """What the sandbox uses now, read from the host, never from inside it:

@@ -102,3 +102,56 @@ def test_proxy_injects_only_for_listed_hosts(
     blocked = [r for r in recs if r["event"] == "credential.placeholder_blocked"]
     assert blocked and blocked[0]["details"]["host"] == "evil.test"
     assert blocked[0]["decision"] == "deny" and blocked[0]["rule"] == "credentials[0].hosts"
+
+
+AGENT = """\
+import os, ssl, urllib.request
+print("VARS", sorted(k for k in os.environ if "SECRET" in k or k.endswith("_API_KEY")))
+req = urllib.request.Request(f"https://api.test:{PORT}/v1/models")
+req.add_header("Authorization", "Bearer " + os.environ["OPENAI_API_KEY"])
+r = urllib.request.urlopen(req, timeout=15, context=ssl.create_default_context())
+print("STATUS", r.status)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_placeholder_goes_in_the_variable_the_agent_reads(
+    backend: str, ca: TestCA, server: LoopbackServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """``env = "OPENAI_API_KEY"``: an agent that reads its usual variable sends
+    the placeholder and the proxy swaps in the value; the default
+    GLASSROOM_SECRET_* variable is not set.  The ``inject = "env"`` twin gets
+    its value in the variable it names, and each ``credential.injected``
+    record names its own variable.  (The refusals -- reserved variables, two
+    credentials in one variable -- are in tests/unit/test_policy.py.)"""
+    monkeypatch.setenv("GLASSROOM_TEST_AI_TOKEN", SECRET)
+    monkeypatch.setenv("GLASSROOM_TEST_OTHER", "other-value-in-env")
+    log = tmp_path / "a.jsonl"
+    policy = {
+        "network": {"allow": ["api.test"], "rules": [{"host": "api.test", "inspect_tls": True}]},
+        "credentials": [
+            {"name": "ai", "source": "env:GLASSROOM_TEST_AI_TOKEN", "inject": "proxy",
+             "hosts": [f"api.test:{server.port}"], "env": "OPENAI_API_KEY"},
+            {"name": "other", "source": "env:GLASSROOM_TEST_OTHER", "inject": "env",
+             "env": "ANTHROPIC_API_KEY"},
+        ],
+    }  # fmt: skip
+    net = NetworkOptions(resolver=HostsResolver({"api.test": "127.0.0.1"}), upstream_ca=ca.ca_file)
+    before = len(server.seen_headers)
+    with Sandbox(policy, backend=backend, audit_log=log, network=net) as sb:
+        res = sb.run(["python3", "-c", AGENT.replace("PORT", str(server.port))], timeout_s=60)
+        other = sb.run(["sh", "-c", "echo $ANTHROPIC_API_KEY"]).stdout.strip()
+        sid = sb.id
+    assert res.exit_code == 0, res.stderr
+    assert "VARS ['ANTHROPIC_API_KEY', 'OPENAI_API_KEY']" in res.stdout  # no GLASSROOM_SECRET_*
+    assert "STATUS 200" in res.stdout and SECRET not in res.stdout
+    assert other == "other-value-in-env"
+    auth = [h.get("Authorization", h.get("authorization")) for h in server.seen_headers[before:]]
+    assert auth == [f"Bearer {SECRET}"]
+    recs = [json.loads(x) for x in log.read_text().splitlines() if json.loads(x)["sandbox"] == sid]
+    where = {r["details"]["name"]: r["details"]["where"]
+             for r in recs if r["event"] == "credential.injected"}  # fmt: skip
+    assert where == {"ai": "OPENAI_API_KEY (placeholder; the proxy adds the value)",
+                     "other": "ANTHROPIC_API_KEY"}  # fmt: skip
+    assert SECRET not in log.read_text()

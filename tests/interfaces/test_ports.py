@@ -300,3 +300,27 @@ def test_the_relay_caps_answers_below_a_large_output_cap(serve: Server, api: htt
         assert "the answer is larger than 8 MiB" in r.json()["error"]["message"]
     finally:
         api.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_a_policy_without_python3_has_no_relay_and_says_why(
+    serve: Server, api: httpx.Client
+) -> None:
+    """Harmless twin: the tests above, whose policies allow python3.  Here the
+    policy allows only sh, so the relay (a python3 program run under the
+    sandbox's policy) cannot run: a 403 naming ``tools.allow``, not a vague 502."""
+    pol = {"tools": {"allow": ["sh"]}}
+    r = api.post("/v1/sandboxes", json={"policy": pol, "timeout_s": 60})
+    assert r.status_code == 201, r.text
+    sid = r.json()["sandbox_id"]
+    try:
+        r = api.get(f"/v1/sandboxes/{sid}/ports/{PORT}/")
+        assert r.status_code == 403, r.text
+        err = r.json()["error"]
+        assert err["rule"] == "tools.allow"
+        assert "runs python3 inside the sandbox" in err["message"]
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+    recs = [r for r in read_records(serve.cfg.audit_log) if r.get("sandbox") == sid]
+    assert any(
+        r.get("event") == "port.request" and r["details"]["status"] == 403 for r in recs
+    ), recs

@@ -435,3 +435,50 @@ def test_docs_examples() -> None:
     for e in err.errors:
         comment = blocks[-1].splitlines()[e.line - 1 if e.line else 0].split("# ", 1)[1]
         assert comment.split(": ", 1)[1].rstrip("'") in str(e), (comment, str(e))
+
+
+# --- credentials: env (the variable a credential is put in) ----------------
+
+_CRED = '[[credentials]]\nname = "{name}"\nsource = "env:X"\ninject = "{inject}"\nenv = "{env}"\n'
+
+
+def test_credential_env_names_the_variable() -> None:
+    pol = parse_policy(_CRED.format(name="ai", inject="proxy", env="OPENAI_API_KEY")
+                       + 'hosts = ["api.openai.test"]\n', "p.toml")  # fmt: skip
+    assert pol.credentials[0].var == "OPENAI_API_KEY"
+    plain = parse_policy('[[credentials]]\nname = "gh"\nsource = "env:X"\ninject = "env"\n')
+    assert plain.credentials[0].var == "GLASSROOM_SECRET_GH"  # the default stays
+
+
+@pytest.mark.parametrize(
+    "env",
+    ["PATH", "LD_PRELOAD", "PYTHONPATH", "https_proxy", "SSL_CERT_FILE", "GLASSROOM_SECRET_X",
+     "NODE_OPTIONS", "BASH_ENV"],
+)  # fmt: skip
+def test_credential_env_refuses_variables_that_carry_walls(env: str) -> None:
+    err = refused(_CRED.format(name="ai", inject="env", env=env))
+    assert str(err) == (
+        f"p.toml:5: credentials[0].env: env {env!r} is reserved: it carries a wall, "
+        "decides what runs, or is glassroom's own; name another variable"
+    )
+
+
+def test_credential_env_bad_name_file_inject_and_twice() -> None:
+    err = refused(_CRED.format(name="ai", inject="env", env="1BAD-NAME"))
+    assert "p.toml:5: credentials[0].env: env '1BAD-NAME' must be a variable name" in str(err)
+    err = refused(_CRED.format(name="ai", inject="file", env="OPENAI_API_KEY"))
+    assert str(err) == (
+        "p.toml:5: credentials[0].env: env names a variable: it applies to inject = 'env' "
+        "or 'proxy', not 'file' (the file is /run/glassroom/secrets/ai)"
+    )
+    two = (_CRED.format(name="a", inject="env", env="OPENAI_API_KEY")
+           + _CRED.format(name="b", inject="env", env="OPENAI_API_KEY"))  # fmt: skip
+    err = refused(two)
+    assert str(err) == (
+        "p.toml:10: credentials[1].env: credentials[0] and credentials[1] both go in "
+        "$OPENAI_API_KEY: one variable holds one credential"
+    )
+    # a custom name cannot take another credential's default variable either
+    clash = (_CRED.format(name="a", inject="env", env="GH_TOKEN")
+             + '[[credentials]]\nname = "gh_token"\nsource = "env:X"\ninject = "env"\n')  # fmt: skip
+    parse_policy(clash)  # GLASSROOM_SECRET_GH_TOKEN and GH_TOKEN: two variables, fine

@@ -45,6 +45,8 @@ class Issued:
     revoke: Callable[[], None] | None = None
     #: inject = "proxy": what the sandbox sees instead of the value.
     placeholder: str | None = None
+    #: inject = "env"/"proxy": the variable it is put in (the policy's ``env``).
+    var: str = ""
 
     def audit_details(self) -> dict[str, Any]:
         return {"name": self.name, "inject": self.inject,
@@ -106,7 +108,8 @@ def issue(
             revoke()
         raise
     expires = time.time() + ttl
-    return Issued(cred.name, rule, value, cred.inject, expires, facts, revoke, placeholder)
+    var = cred.var or env_name(cred.name)
+    return Issued(cred.name, rule, value, cred.inject, expires, facts, revoke, placeholder, var)
 
 
 def _placeholder(value: str, rule: str) -> str:

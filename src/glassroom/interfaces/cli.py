@@ -67,12 +67,26 @@ def _run(ns: argparse.Namespace) -> int:
         # A restore must be built under exactly the walls it was saved with.
         return _fail("run: --policy and --from-snapshot cannot be used together (a snapshot "
                      "is restored under the policy it was made with)")  # fmt: skip
+    if ns.out_path and not ns.out:
+        return _fail("run: --out-path needs --out DIR (where to copy it)")
+    if ns.out:
+        # Checked before the task runs: its results must have somewhere to go.
+        out = Path(ns.out)
+        if out.exists() and (not out.is_dir() or out.is_symlink() or any(out.iterdir())):
+            return _fail(f"run: --out {out}: must be a new or empty directory "
+                         "(results are never written over host files)")  # fmt: skip
     try:
         made = _run_sandbox(ns)
     except SnapshotError as exc:
         return _snapshot_fail(f"run --from-snapshot {ns.from_snapshot}", exc)
     with made as sb:
+        if ns.workspace:
+            sb.copy_in(ns.workspace)
         res = sb.run(argv, timeout_s=ns.timeout)
+        copied = sb.copy_out(ns.out, ns.out_path) if ns.out else None
+        if copied is not None:
+            for path, why in copied.refused:
+                print(f"{PROG}: --out: left {path} behind: {why}", file=sys.stderr)
         if ns.json:
             print(json.dumps({
                 "sandbox_id": sb.id,
@@ -83,6 +97,7 @@ def _run(ns: argparse.Namespace) -> int:
                 "duration_ms": round(res.duration_ms, 3),
                 "truncated": res.truncated,
                 "blocked": [b.as_dict() for b in res.blocked],
+                **({"out": copied.as_dict()} if copied is not None else {}),
             }))  # fmt: skip
         else:
             sys.stdout.buffer.write(res.stdout_bytes)
@@ -409,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the snapshot store (default: $GLASSROOM_SNAPSHOT_DIR or the system one)",
     )
+    r.add_argument("--workspace", metavar="DIR",
+                   help="copy this host dir into /workspace first (no symlinks or special files)")
+    r.add_argument("--out", metavar="DIR",
+                   help="at the end, copy /workspace out to this new or empty host dir")
+    r.add_argument("--out-path", metavar="PATH", action="append", default=None,
+                   help="with --out: copy only this path under /workspace (repeatable)")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     r.set_defaults(func=cmd_run)
 

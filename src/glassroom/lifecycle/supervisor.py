@@ -29,7 +29,7 @@ from ..backends.base import (
     Receipt,
     pty_size,
 )
-from ..credentials import Issued, env_name
+from ..credentials import Issued
 from ..credentials import issue as issue_credential
 from ..credentials._proxy_inject import header_hook
 from ..egress import Egress, NetworkOptions
@@ -207,24 +207,26 @@ class Supervised(Pausing):
     def _inject_credentials(self, inst: Instance, *, replace: bool = False) -> None:
         """Put each credential where the policy says; ``replace`` for a restored or
         resumed sandbox, whose old 0400 files are unlinked first (not rewritable)."""
+        where: dict[str, str] = {}
         for cred in self._issued:
             if cred.inject == "file" and replace:
                 with contextlib.suppress(GlassroomError):
                     inst.remove(f"{SECRETS_DIR}/{cred.name}")
             if cred.inject == "file":
                 inst.write_file(f"{SECRETS_DIR}/{cred.name}", cred.value.encode(), 0o400)
-                where = f"{SECRETS_DIR}/{cred.name}"
+                where[cred.name] = f"{SECRETS_DIR}/{cred.name}"
             elif cred.inject == "env":
-                self._secret_env[env_name(cred.name)] = cred.value
-                where = env_name(cred.name)
+                self._secret_env[cred.var] = cred.value
+                where[cred.name] = cred.var
             else:
                 assert cred.placeholder is not None
-                self._secret_env[env_name(cred.name)] = cred.placeholder
-                where = f"{env_name(cred.name)} (placeholder; the proxy adds the value)"
+                self._secret_env[cred.var] = cred.placeholder
+                where[cred.name] = f"{cred.var} (placeholder; the proxy adds the value)"
         for cred in self._issued:
             self.audit.append(self.id, "credential.issued", cred.audit_details(),
                               decision="allow", rule=cred.rule)  # fmt: skip
-            details: dict[str, Any] = {"name": cred.name, "how": cred.inject, "where": where}
+            details: dict[str, Any] = {"name": cred.name, "how": cred.inject,
+                                       "where": where[cred.name]}  # fmt: skip
             if cred.inject == "env":
                 details["warning"] = "injected as env: every process in the sandbox can read it"
             self.audit.append(self.id, "credential.injected", details, decision="allow",

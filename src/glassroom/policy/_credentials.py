@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from glassroom.policy import _network
 
@@ -27,6 +28,19 @@ SCHEMES = ("vault", "vault-token", "env", "file", "broker")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 #: Header names a credential may not go in: they frame or route the request.
+#: ``env``: variables a credential may not take over.  Each one either carries a
+#: wall (the proxy variables and CA bundles point every client at the egress
+#: proxy), decides what runs (PATH, LD_*, PYTHON*, NODE_OPTIONS, BASH_ENV), or
+#: is glassroom's own (GLASSROOM_*).  A secret in one of them would break the
+#: sandbox's clients in ways that look like anything but a credential problem.
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_ENV_RESERVED = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "PWD", "TMPDIR", "TERM", "IFS", "ENV",
+    "BASH_ENV", "NODE_OPTIONS", "NODE_PATH", "NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE",
+    "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "PIP_CERT",
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "FTP_PROXY",
+})  # fmt: skip
+_ENV_RESERVED_PREFIX = ("LD_", "PYTHON", "GLASSROOM_")
 _FRAMING = frozenset({
     "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te",
     "trailer", "upgrade", "proxy-authorization", "proxy-connection", "expect",
@@ -80,6 +94,10 @@ class CredentialPolicy(BaseModel):
     #: inject = "proxy": the header the value may go in, with the shape the
     #: client sends (``{secret}`` where it puts the placeholder).
     header: str = "Authorization: Bearer {secret}"
+    #: inject = "env" or "proxy": the variable the value (or placeholder) is
+    #: put in, e.g. ``OPENAI_API_KEY``, so an agent finds it where it already
+    #: looks.  None: ``GLASSROOM_SECRET_NAME``.
+    env: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -104,6 +122,19 @@ class CredentialPolicy(BaseModel):
             raise ValueError(f"{scheme} takes no address")
         return v
 
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not _ENV_NAME.match(v):
+            raise ValueError(f"env {v!r} must be a variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        up = v.upper()
+        if up in _ENV_RESERVED or up.startswith(_ENV_RESERVED_PREFIX):
+            raise ValueError(f"env {v!r} is reserved: it carries a wall, decides what runs, "
+                             "or is glassroom's own; name another variable")  # fmt: skip
+        return v
+
     @field_validator("header")
     @classmethod
     def _header(cls, v: str) -> str:
@@ -125,7 +156,21 @@ class CredentialPolicy(BaseModel):
                 raise ValueError("inject = 'proxy' needs hosts (where the header may be sent)")
         elif self.hosts:
             raise ValueError("hosts only applies to inject = 'proxy'")
+        if self.env is not None and self.inject == "file":
+            raise PydanticCustomError(
+                "glassroom_policy", "{reason}",
+                {"reason": "env names a variable: it applies to inject = 'env' or 'proxy', not "
+                           f"'file' (the file is /run/glassroom/secrets/{self.name})",
+                 "at": ("env",)},
+            )  # fmt: skip
         return self
+
+    @property
+    def var(self) -> str | None:
+        """The variable the task sees it in (None for a file credential)."""
+        if self.inject == "file":
+            return None
+        return self.env or "GLASSROOM_SECRET_" + self.name.upper()
 
     @property
     def scheme(self) -> str:

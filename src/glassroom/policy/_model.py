@@ -209,6 +209,15 @@ class Policy(_Section):
                     ("credentials", i, "name"),
                 )
             seen[cred.name] = i
+            if cred.var is not None:
+                prior = seen.get("$" + cred.var)
+                if prior is not None:
+                    raise refuse(
+                        f"credentials[{prior}] and credentials[{i}] both go in "
+                        f"${cred.var}: one variable holds one credential",
+                        ("credentials", i, "env"),
+                    )
+                seen["$" + cred.var] = i
             if cred.ttl_s is not None and cred.ttl_s > self.resources.max_runtime_s:
                 raise refuse(
                     f"ttl_s {cred.ttl_s:g} is longer than resources.max_runtime_s "

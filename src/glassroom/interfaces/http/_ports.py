@@ -230,6 +230,18 @@ def relay(
         proc.signal(9)
         _audit(svc, e, rec, 504, "no answer in time")
         raise ApiError(504, "timeout", f"port {t.port}: no answer in {RELAY_TIMEOUT_S:.0f} s")
+    if res.exit_code == 126:
+        # The relay is a python3 program run inside the sandbox, under its
+        # policy: a policy that does not allow python3 has no port relay.
+        # Say so, naming the rule, rather than a vague "no answer".
+        why = b"".join(errs).decode(errors="replace").strip()[:200]
+        _audit(svc, e, rec, 403, why or "python3 is not allowed")
+        raise ApiError(
+            403, "forbidden",
+            f"port {t.port}: the port relay runs python3 inside the sandbox, and its policy "
+            f"does not allow it ({why or 'exit 126'})",
+            rule="tools.allow",
+        )  # fmt: skip
     if res.exit_code == 3:
         why = b"".join(errs).decode(errors="replace")[:200]
         _audit(svc, e, rec, 502, why)
