@@ -17,6 +17,7 @@ from ._errors import (
     SandboxPathError,
     SnapshotError,
     SnapshotIntegrityError,
+    TemplateError,
     WallError,
 )
 from ._sandbox import Files, RunResult, Sandbox, SandboxPool
@@ -52,6 +53,7 @@ __all__ = [
     "SnapshotIntegrityError",
     "SnapshotLimits",
     "SnapshotStore",
+    "TemplateError",
     "WallError",
     "__version__",
     "default_policy",

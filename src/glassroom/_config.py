@@ -55,6 +55,15 @@ def snapshot_dir() -> Path:
     return audit_log_path().parent / "snapshots"
 
 
+def template_dir() -> Path:
+    """Where templates (read-only root filesystems, ``docs/templates.md``) are
+    kept: ``$GLASSROOM_TEMPLATE_DIR``, else beside the audit log."""
+    env = os.environ.get("GLASSROOM_TEMPLATE_DIR")
+    if env:
+        return Path(env)
+    return audit_log_path().parent / "templates"
+
+
 def sandbox_ids() -> tuple[int, int]:
     """The host uid/gid sandboxed code runs as."""
     if not is_root():

@@ -11,6 +11,7 @@ has to interpret raw ``OSError`` values::
     ├── WallError                a wall could not be built at start (names the wall); exit 125
     │   └── BackendUnavailable   the backend or a tool it needs is missing on this host
     ├── CredentialError          a credential could not be issued, injected or verified
+    ├── TemplateError            a template could not be imported, built, found or verified
     ├── SandboxError             misuse or failure of a running sandbox
     │   ├── SandboxClosed        the sandbox was destroyed or hit its deadline
     │   ├── SandboxPathError     a path outside the sandbox's view
@@ -78,6 +79,10 @@ class BackendUnavailable(WallError):
 class CredentialError(GlassroomError):
     """A credential could not be issued or injected (the sandbox does not start),
     or a broker token failed verification."""
+
+
+class TemplateError(GlassroomError):
+    """A template could not be imported, built, found or verified (names the entry)."""
 
 
 class SandboxError(GlassroomError):

@@ -36,6 +36,7 @@ EXPECTED_ALL = [
     "SnapshotIntegrityError",
     "SnapshotLimits",
     "SnapshotStore",
+    "TemplateError",
     "WallError",
     "__version__",
     "default_policy",
@@ -57,6 +58,7 @@ EXPECTED_ERRORS = {
     "SandboxPathError",
     "SnapshotError",
     "SnapshotIntegrityError",
+    "TemplateError",
     "WallError",
 }
 

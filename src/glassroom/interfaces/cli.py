@@ -433,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     r.set_defaults(func=cmd_run)
 
+    from . import cli_templates
+
+    cli_templates.add_parser(sub)
+
     sn = sub.add_parser("snapshot", help="the local snapshot store (docs/snapshots.md)")
     sns = sn.add_subparsers(dest="snapshot_cmd", required=True)
     snl = sns.add_parser("list", help="every snapshot in the store")

@@ -43,7 +43,22 @@ def report() -> dict[str, Any]:
         "gvisor": _gvisor_status(rep),
         "microvm": _microvm_status(),
     }
+    rep["templates"] = _templates()
     return rep
+
+
+def _templates() -> dict[str, Any]:
+    """The local template store and what it holds (``glassroom template list``)."""
+    from .._errors import GlassroomError
+    from ..templates import TemplateStore
+
+    store = TemplateStore()
+    try:
+        items = [{"name": t.name, "digest": t.digest, "files": t.meta.files,
+                  "size_bytes": t.meta.size_bytes} for t in store.list()]  # fmt: skip
+    except (OSError, GlassroomError) as exc:
+        return {"dir": str(store.root), "error": str(exc), "items": []}
+    return {"dir": str(store.root), "items": items}
 
 
 def _state_dir_reach() -> dict[str, Any]:
@@ -125,5 +140,8 @@ def render(rep: dict[str, Any]) -> str:
         "backends:",
     ]
     lines += [f"  {k:<11} {v}" for k, v in rep["backends"].items()]
+    tpl = rep.get("templates") or {"dir": "?", "items": []}
+    names = ", ".join(f"{t['name']} ({t['digest'][7:19]})" for t in tpl["items"]) or "none"
+    lines += [f"templates       {names}  in {tpl['dir']}"]
     lines += [f"state dir       {rep['state_dir']}", f"audit log       {rep['audit_log']}"]
     return "\n".join(lines)
