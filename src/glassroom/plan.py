@@ -143,6 +143,10 @@ class LaunchPlan:
     #: and the paths (as seen inside) where ``filesystem.unprotect`` lifts that.
     protected: tuple[Protected, ...] = field(default=())
     unprotect: tuple[str, ...] = field(default=())
+    #: ``template = NAME``: the host path of its read-only tree, the sandbox's
+    #: ``/`` (policy/_template.py), and ``NAME@sha256:...`` for the record.
+    root: str | None = None
+    template: str = ""
 
     def walls(self) -> list[str]:
         """Human-readable names of the walls this plan asks for."""
@@ -155,4 +159,5 @@ class LaunchPlan:
             "rlimits",
             "no_new_privs",
             "capabilities:none",
+            *([f"template:{self.template}"] if self.template else []),
         ]

@@ -578,3 +578,59 @@ def test_memory_cap_is_memory_mib_when_glassroom_is_not_root(nonroot: Setup) -> 
     assert out["80"] == [0, None, "held", []]
     assert out["192"][1] == 9 and out["192"][2] == ""
     assert "resources.memory_mib" in out["192"][3]
+
+
+def test_a_template_when_glassroom_is_not_root(nonroot: Setup) -> None:
+    """A template as ``/`` with glassroom as nobody: the task runs the
+    template's shell, writes /workspace, cannot write the template, and cannot
+    read the host's /usr bound in for the init (tests/security/test_templates.py
+    has the full set as root)."""
+    import tarfile as _tar
+
+    from glassroom.templates import TemplateStore, import_oci
+
+    s = nonroot
+    layer = s.root / "layer"
+    (layer / "bin").mkdir(parents=True)
+    (layer / "etc").mkdir()
+    shutil.copy(shutil.which("busybox") or "/bin/busybox", layer / "bin" / "busybox")
+    for a in ("sh", "cat", "echo"):
+        (layer / "bin" / a).symlink_to("busybox")
+    (layer / "etc" / "os-release").write_text("ID=busy\n")
+    # An OCI layout made with tarfile: one uncompressed layer, no digests to fake.
+    import hashlib as _h
+    import io as _io
+
+    buf = _io.BytesIO()
+    with _tar.open(fileobj=buf, mode="w") as tf:
+        for p in sorted(layer.rglob("*")):
+            tf.add(p, arcname=p.relative_to(layer).as_posix(), recursive=False)
+    raw = buf.getvalue()
+    cfg = json.dumps({"os": "linux", "rootfs": {"diff_ids": ["sha256:" + _h.sha256(raw).hexdigest()]},
+                      "config": {"Env": ["PATH=/bin"]}}).encode()  # fmt: skip
+    with _tar.open(s.root / "img.tar", "w") as tf:
+        for name, b in (("c.json", cfg), ("l.tar", raw),
+                        ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["l.tar"]}]).encode())):  # fmt: skip
+            ti = _tar.TarInfo(name)
+            ti.size = len(b)
+            tf.addfile(ti, _io.BytesIO(b))
+    store = TemplateStore(s.root / "templates")
+    import_oci(s.root / "img.tar", store, "busy")  # as root; the tree is 0555/0444
+    env = {**_env(s), "GLASSROOM_TEMPLATE_DIR": str(store.root)}
+
+    def body() -> dict[str, Any]:
+        out: dict[str, Any] = {"euid": os.geteuid()}
+        policy = {"template": "busy", "tools": {"allow": ["sh", "cat", "echo"]}}
+        with Sandbox(policy) as sb:
+            for key, cmd in (("ok", "cat /etc/os-release; echo w > /workspace/w; cat /workspace/w"),
+                             ("ro", "echo x > /etc/os-release"),
+                             ("host", "cat /.glassroom-host/usr/lib/os-release")):  # fmt: skip
+                r = sb.run(["sh", "-c", cmd], timeout_s=30)
+                out[key] = [r.exit_code, r.stdout, r.stderr]
+        return out
+
+    out = _as_nobody(env, body)
+    assert out["euid"] == NOBODY
+    assert out["ok"] == [0, "ID=busy\nw\n", ""]
+    assert out["ro"][0] != 0 and "Read-only file system" in out["ro"][2]
+    assert out["host"][0] != 0 and "Permission denied" in out["host"][2]

@@ -116,7 +116,7 @@ def test_unknown_nested_field() -> None:
 
 
 def test_unknown_top_level_field_and_section() -> None:
-    allowed = "(allowed: risk, filesystem, tools, network, resources, credentials, audit)"
+    allowed = "(allowed: risk, template, filesystem, tools, network, resources, credentials, audit)"
     assert str(refused("# x\nrisks = 'low'\n")) == f"p.toml:2: risks: unknown field {allowed}"
     assert str(refused("\n[networking]\n")) == f"p.toml:2: networking: unknown field {allowed}"
 

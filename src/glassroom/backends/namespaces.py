@@ -47,6 +47,7 @@ from .._errors import (
 )
 from .._sys import cgroups, netwatch, proc, scratch, seccomp, tracewatch
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan, Mount
+from ..policy._template import HOST_USR_INSIDE
 from ._channel import Channel, ProtocolViolation, close_quietly, release_quietly
 from ._files import FileOps, FileOpStalled
 from ._gates import Gates
@@ -190,6 +191,8 @@ def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int],
             # own; a new sandbox from a files-only snapshot gets a new one.
             argv += ["--ro-bind-data", str(fds["boot_id"]), f"{m.target}/sys/kernel/random/boot_id"]
     argv += ["--ro-bind", str(init_dir), INIT_DIR_INSIDE]
+    if plan.root is not None:
+        return argv + _template_tail(plan, init_dir)
     if not Path("/etc/passwd").exists() or not any(
         r.path in ("/etc", "/etc/passwd") for r in plan.fs_rules
     ):
@@ -214,8 +217,66 @@ def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int],
     return argv
 
 
+def _template_tail(plan: LaunchPlan, init_dir: Path) -> list[str]:
+    """The rest of bwrap's argv when a template is the sandbox's ``/``.
+
+    The init is the host's Python, but the template's ``/usr`` and libc are
+    not the host's: so the host's /usr is bound at a hidden path with no
+    Landlock rule (the task can neither read nor run it, as with a hidden
+    /usr above), and the init is started through the host's own dynamic
+    loader with the host's library dir, so it needs nothing of the template.
+    ``--library-path`` is the loader's option, not an env variable: the
+    commands the init starts do not inherit it."""
+    assert plan.root is not None
+    root = Path(plan.root)
+    argv: list[str] = []
+    etc = root / "etc"
+    if (etc / "passwd").is_file() or not os.path.lexists(etc):
+        # The sandbox's user, uid 1000 "agent", is named by glassroom, not the image.
+        argv += ["--ro-bind", str(init_dir / "passwd"), "/etc/passwd"]
+        if (etc / "group").is_file() or not os.path.lexists(etc):
+            argv += ["--ro-bind", str(init_dir / "group"), "/etc/group"]
+    host_usr = HOST_USR_INSIDE
+    argv += ["--ro-bind", "/usr", host_usr]
+    if plan.network.host_dir:
+        argv += ["--ro-bind", plan.network.host_dir, EGRESS_DIR_INSIDE]
+    argv += ["--remount-ro", "/", "--chdir", plan.workspace]
+    real = os.path.realpath(PYTHON_FOR_INIT)
+    if not real.startswith("/usr/"):
+        raise WallError(f"template: the init's interpreter {real} is not under /usr",
+                        rule="template")  # fmt: skip
+    libdir, loader = _host_loader()
+    launch = f"import sys;sys.path.insert(0,{INIT_DIR_INSIDE!r});import sandbox_init as m;m.main()"
+    return [
+        *argv, "--", host_usr + loader.removeprefix("/usr"), "--library-path",
+        host_usr + libdir.removeprefix("/usr"), host_usr + real.removeprefix("/usr"),
+        "-I", "-S", "-c", launch,
+    ]  # fmt: skip
+
+
+def _host_loader() -> tuple[str, str]:
+    """(the host's library dir, its dynamic loader), both under /usr."""
+    from ..policy._compile import _elf_interpreter
+
+    loader = _elf_interpreter(os.path.realpath(PYTHON_FOR_INIT))
+    if not loader or not loader.startswith("/usr/"):
+        raise WallError(f"template: the host's loader ({loader}) is not under /usr",
+                        rule="template")  # fmt: skip
+    return os.path.dirname(loader), loader
+
+
+def _identity_inside(plan: LaunchPlan) -> list[str]:
+    """The identity files the sandbox has: always without a template; with one,
+    those it has or that glassroom binds (see _template_tail)."""
+    if plan.root is None:
+        return ["/etc/passwd", "/etc/group"]
+    etc = Path(plan.root) / "etc"
+    return [f"/etc/{n}" for n in ("passwd", "group")
+            if (etc / n).is_file() or not os.path.lexists(etc)]  # fmt: skip
+
+
 def init_config(plan: LaunchPlan) -> dict[str, Any]:
-    read = [r.path for r in plan.fs_rules if r.access == "read"] + ["/etc/passwd", "/etc/group"]
+    read = [r.path for r in plan.fs_rules if r.access == "read"] + _identity_inside(plan)
     write = [r.path for r in plan.fs_rules if r.access == "write"]
     execute = sorted({t.path for t in plan.tools} | set(plan.loaders))
     lim = plan.limits

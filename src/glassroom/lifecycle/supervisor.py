@@ -168,6 +168,8 @@ class Supervised(Pausing):
             "walls": inst.walls,
             "limits": self.plan.limits.__dict__,
         }
+        if self.plan.template:  # NAME@sha256:...: exactly which tree was the sandbox's /
+            details["template"] = self.plan.template
         if restore is not None:
             details.update(restore.audit_details())
         self.audit.append(self.id, "sandbox.created", details, decision="allow")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .._errors import PlanError
+from .._errors import PlanError, TemplateError
 from ..plan import (
     HOME_LINK,
     SECRETS_DIR,
@@ -23,10 +24,14 @@ from ..plan import (
     Protected,
     Tool,
 )
+from . import _template
 from ._model import Policy
 from ._network import EGRESS_DIR_INSIDE, proxy_env
 from ._network import network_plan as _network_plan
 from ._protected import PROTECTED
+
+if TYPE_CHECKING:
+    from ..templates import Template
 
 MIB = 1024 * 1024
 #: Strength order of the tiers; a weaker backend never serves a higher risk.
@@ -64,25 +69,47 @@ def backend_for(policy: Policy, backend: str | None) -> str:
 #: Plans by (policy digest, backend).  Compiling resolves every tool on the
 #: host (stat + realpath + ELF parse): milliseconds that every sandbox start
 #: would otherwise pay again for the same policy.
-_PLANS: dict[tuple[str, str | None], LaunchPlan] = {}
+_PLANS: dict[tuple[str, str | None, str], LaunchPlan] = {}
+
+
+def _template_of(policy: Policy) -> Template | None:
+    """The template the policy names, from the local store (by name: its digest
+    is part of the plan cache's key, so a re-imported template is seen)."""
+    if policy.template is None:
+        return None
+    from ..templates import TemplateStore
+
+    try:
+        return TemplateStore().get(policy.template)
+    except TemplateError as exc:
+        raise PlanError(f"template: {exc}", rule="template") from None
 
 
 def compile(policy: Policy, backend: str | None = None) -> LaunchPlan:
     """Compile (or reuse) the plan for ``policy`` on ``backend``."""
-    key = (policy.digest(), backend)
+    tpl = _template_of(policy)
+    key = (policy.digest(), backend, tpl.digest if tpl is not None else "")
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _compile(policy, backend)
+        plan = _compile(policy, backend, tpl)
         if len(_PLANS) >= 64:
             _PLANS.clear()
         _PLANS[key] = plan
     return plan
 
 
-def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
+def _compile(policy: Policy, backend: str | None, tpl: Template | None = None) -> LaunchPlan:
     name = backend_for(policy, backend)
     if name not in ("namespaces", "gvisor", "microvm"):
         raise PlanError(f"backend {name!r} has no compiler yet", rule="backend")
+    if tpl is not None and name != "namespaces":
+        # Fail closed: the other tiers do not build a template root yet, and
+        # running there on the host's /usr instead would be a different sandbox.
+        raise PlanError(
+            f"template: the {name} tier cannot run a template yet (only namespaces can; "
+            "docs/templates.md)", rule="template",
+        )  # fmt: skip
+    root = tpl.rootfs if tpl is not None else None
     if name == "microvm":
         from ._microvm import check as _microvm_check
 
@@ -90,7 +117,11 @@ def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
     network = _network_plan(policy)
     mounts: list[Mount] = []
     rules: list[FsRule] = []
-    for i, path in enumerate(policy.filesystem.read):
+    if root is not None:  # the template is /; read paths are the template's
+        mounts += _template.mounts(root, policy.filesystem.write)
+        for path, rule in _template.read_rules(root, policy.filesystem.read):
+            rules.append(FsRule(path, "read", rule))
+    for i, path in enumerate(policy.filesystem.read if root is None else ()):
         rule = f"filesystem.read[{i}]"
         mounts.append(Mount("ro-bind", path, rule, source=_existing(path, rule)))
         rules.append(FsRule(path, "read", rule))
@@ -98,7 +129,8 @@ def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
         rule = f"filesystem.write[{i}]"
         mounts.append(Mount("bind", path, rule, source=_existing(path, rule)))
         rules.append(FsRule(path, "write", rule))
-    mounts += _usr_merge_links(policy.filesystem.read)
+    if root is None:
+        mounts += _usr_merge_links(policy.filesystem.read)
     lim = policy.resources
     mounts += [
         Mount("proc", "/proc", "sandbox.proc"),
@@ -134,8 +166,21 @@ def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
                 "credential's hosts in network.allow",
                 rule=f"credentials[{i}].inject",
             )
-    tools = tuple(_resolve_tool(t, i, policy) for i, t in enumerate(policy.tools.allow))
-    loaders = sorted({ld for t in tools if (ld := _elf_interpreter(t.path))})
+    env = BASE_ENV + proxy_env(network)
+    if root is None or tpl is None:
+        tools = tuple(_resolve_tool(t, i, policy) for i, t in enumerate(policy.tools.allow))
+        loaders = sorted({ld for t in tools if (ld := _elf_interpreter(t.path))})
+    else:
+        own = dict(env)
+        extra = _template.env(tpl.meta.env, set(own) - {"PATH", "LANG"})
+        merged = {**own, **dict(extra)}
+        env = tuple(merged.items())
+        search = tuple(dict.fromkeys([*merged["PATH"].split(":"), *TOOL_PATH]))
+        search = tuple(d for d in search if d.startswith("/"))
+        readable = [r.path for r in rules if r.rule == "template"]
+        tools = tuple(_template.tool(root, t, i, readable, search)
+                      for i, t in enumerate(policy.tools.allow))  # fmt: skip
+        loaders = sorted({ld for t in tools if (ld := _template.interpreter(root, t.path))})
     return LaunchPlan(
         backend=name,
         risk=policy.risk,
@@ -152,7 +197,9 @@ def _compile(policy: Policy, backend: str | None) -> LaunchPlan:
             max_output_bytes=lim.max_output_bytes,
         ),
         network=network,
-        env=BASE_ENV + proxy_env(network),
+        env=env,
+        root=str(root) if root is not None else None,
+        template=f"{policy.template}@{tpl.digest}" if tpl is not None else "",
         policy_digest=policy.digest(),
         audit_level=policy.audit.level,
         protected=tuple(Protected(p, tree, why) for p, tree, why in PROTECTED)
@@ -216,8 +263,14 @@ def _resolve_tool(name: str, i: int, policy: Policy) -> Tool:
 
 def _elf_interpreter(path: str) -> str | None:
     """PT_INTERP of an ELF executable: the loader the kernel must also execute."""
+    raw = elf_interp_raw(Path(path))
+    return os.path.realpath(raw) if raw else None
+
+
+def elf_interp_raw(path: Path) -> str | None:
+    """PT_INTERP as written in the file (not resolved), or None."""
     try:
-        with Path(path).open("rb") as f:
+        with path.open("rb") as f:
             head = f.read(64)
             if head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit only (x86_64/aarch64)
                 return None
@@ -231,8 +284,7 @@ def _elf_interpreter(path: str) -> str | None:
                     f.seek(phoff + n * phentsize + 32)
                     (p_filesz,) = struct.unpack("<Q", f.read(8))
                     f.seek(p_offset)
-                    interp = f.read(p_filesz).rstrip(b"\0").decode()
-                    return os.path.realpath(interp)
+                    return f.read(p_filesz).rstrip(b"\0").decode()
     except (OSError, struct.error, UnicodeDecodeError):
         return None
     return None

@@ -190,6 +190,9 @@ class Policy(_Section):
     """A whole, validated policy; build it with ``parse_policy``/``load_policy``."""
 
     risk: d.Risk = d.DEFAULT_RISK
+    #: A template from the template store (docs/templates.md): the sandbox's
+    #: read-only ``/``.  None: the host's /usr and the paths filesystem.read lists.
+    template: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     filesystem: FilesystemPolicy = Field(default_factory=FilesystemPolicy)
     tools: ToolsPolicy = Field(default_factory=ToolsPolicy)
     network: NetworkPolicy = Field(default_factory=NetworkPolicy)
@@ -257,6 +260,8 @@ class Policy(_Section):
     def to_toml(self) -> str:
         """The policy as a complete TOML file (every field explicit)."""
         out = [f"risk = {_toml_value(self.risk)}"]
+        if self.template is not None:
+            out.append(f"template = {_toml_value(self.template)}")
         for name in ("filesystem", "tools", "network", "resources", "audit"):
             section: BaseModel = getattr(self, name)
             out.append(f"\n[{name}]")

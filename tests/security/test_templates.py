@@ -1,0 +1,185 @@
+"""A template as the sandbox's ``/`` never weakens a wall (issue 15).
+
+The template is made here from an OCI image the test builds (a static
+busybox, a script, an os-release; no registry is reachable).  Harmless: the
+task runs the template's tools under its env, reads its files, writes
+/workspace.  Malicious, each checked with its exact error: writing into the
+template (read-only), running a template file that tools.allow does not
+list (Landlock, exit 126), reading or running the host's /usr that the init
+needs (hidden: no Landlock rule), a setuid bit planted in the store (no
+effect, and verify names the change), the network (still none), and a tier
+that cannot build a template root yet (refused, never run on the host's /usr).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import records
+from glassroom import PlanError, Sandbox, TemplateError
+from glassroom.templates import TemplateStore, import_oci
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+APPLETS = ("sh", "ls", "cat", "echo", "id", "touch", "wget")
+POLICY = {"template": "busy", "tools": {"allow": ["sh", "ls", "cat", "echo", "id", "touch"]}}
+
+
+def _image(dest: Path) -> Path:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        def add(name: str, data: bytes | None = None, mode: int = 0o644, link: str = "") -> None:
+            ti = tarfile.TarInfo(name)
+            if link:
+                ti.type, ti.linkname = tarfile.SYMTYPE, link
+                tf.addfile(ti)
+            elif data is None:
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(ti)
+            else:
+                ti.size, ti.mode = len(data), mode
+                tf.addfile(ti, io.BytesIO(data))
+
+        for d in ("bin", "etc", "usr", "usr/bin", "opt"):
+            add(d)
+        add("bin/busybox", Path(BUSYBOX).read_bytes(), 0o755)
+        for a in APPLETS:
+            add(f"bin/{a}", link="busybox")
+        add("etc/os-release", b"ID=busy\n")
+        add("usr/bin/evil", b"#!/bin/sh\necho evil ran\n", 0o755)
+        add("opt/suid", b"x", 0o4755)
+    layer = buf.getvalue()
+    cfg = json.dumps({"os": "linux", "architecture": "amd64",
+                      "config": {"Env": ["PATH=/bin:/usr/bin", "FROM_IMAGE=yes", "HOME=/root"]},
+                      "rootfs": {"type": "layers",
+                                 "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]}}).encode()  # fmt: skip
+    with tarfile.open(dest, "w") as tf:
+        for name, b in (("c.json", cfg), ("l/layer.tar", layer),
+                        ("manifest.json", json.dumps([{"Config": "c.json",
+                                                       "Layers": ["l/layer.tar"]}]).encode())):  # fmt: skip
+            ti = tarfile.TarInfo(name)
+            ti.size = len(b)
+            tf.addfile(ti, io.BytesIO(b))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemplateStore]:
+    # Under a dir the sandbox uid can search (as root, bwrap runs as 65534).
+    base = tmp_path_factory.mktemp("tpl")
+    for p in (base, *base.parents):
+        if str(p) in ("/", "/tmp"):
+            break
+        os.chmod(p, os.stat(p).st_mode | 0o011)
+    s = TemplateStore(base / "store")
+    t = import_oci(_image(base / "img.tar"), s, "busy")
+    assert t.meta.dropped == {"setuid/setgid bits": 1}
+    saved = os.environ.get("GLASSROOM_TEMPLATE_DIR")
+    os.environ["GLASSROOM_TEMPLATE_DIR"] = str(s.root)
+    try:
+        yield s
+    finally:
+        if saved is None:
+            os.environ.pop("GLASSROOM_TEMPLATE_DIR", None)
+        else:
+            os.environ["GLASSROOM_TEMPLATE_DIR"] = saved
+
+
+def test_the_task_runs_in_the_template(store: TemplateStore, audit_log: Path) -> None:
+    with Sandbox(POLICY, audit_log=audit_log) as sb:
+        r = sb.run(["sh", "-c", "cat /etc/os-release; echo $PATH $FROM_IMAGE $HOME; id -u; "
+                    "sh /usr/bin/evil; echo out > /workspace/o; cat /workspace/o; ls /"])  # fmt: skip
+        sid = sb.id
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    # the image's PATH and variables apply; HOME stays glassroom's
+    assert lines[:4] == ["ID=busy", "/bin:/usr/bin yes /workspace", "1000", "evil ran"]
+    assert lines[4] == "out"
+    assert "usr" in lines and "workspace" in lines and "opt" in lines
+    created = next(x for x in records(audit_log, sid) if x["event"] == "sandbox.created")
+    t = store.get("busy")
+    assert created["details"]["template"] == f"busy@{t.digest}"
+
+
+def test_the_template_is_read_only(store: TemplateStore) -> None:
+    t = store.get("busy")
+    with Sandbox(POLICY) as sb:
+        r = sb.run(["sh", "-c", "echo x > /etc/os-release"])
+        assert r.exit_code != 0 and "Read-only file system" in r.stderr
+        r = sb.run(["touch", "/bin/new"])
+        assert r.exit_code != 0 and "Read-only file system" in r.stderr
+    assert (t.rootfs / "etc" / "os-release").read_text() == "ID=busy\n"
+    store.verify("busy")
+
+
+def test_a_template_file_not_in_tools_allow_does_not_run(
+    store: TemplateStore, audit_log: Path
+) -> None:
+    with Sandbox(POLICY, audit_log=audit_log) as sb:
+        ok = sb.run(["sh", "/usr/bin/evil"])  # reading it is fine
+        r = sb.run(["sh", "-c", "/usr/bin/evil"])
+    assert ok.exit_code == 0 and ok.stdout == "evil ran\n"
+    assert r.exit_code == 126 and "Permission denied" in r.stderr
+
+
+def test_the_hosts_usr_for_the_init_is_hidden(store: TemplateStore) -> None:
+    with Sandbox(POLICY) as sb:
+        r = sb.run(["sh", "-c", "cat /.glassroom-host/usr/lib/os-release"])
+        assert r.exit_code != 0 and "Permission denied" in r.stderr
+        r = sb.run(["sh", "-c", "/.glassroom-host/usr/bin/python3 -c 1"])
+        assert r.exit_code == 126 and "Permission denied" in r.stderr
+        r = sb.run(["python3", "-c", "1"])  # the template has none: the host's is not used
+        assert r.exit_code == 127 and r.stderr == "glassroom: python3: command not found\n"
+
+
+def test_a_planted_setuid_bit_has_no_effect(store: TemplateStore) -> None:
+    t = store.get("busy")
+    assert stat.S_IMODE((t.rootfs / "opt" / "suid").stat().st_mode) & 0o6000 == 0  # dropped
+    bb = t.rootfs / "bin" / "busybox"
+    mode = stat.S_IMODE(bb.stat().st_mode)
+    os.chmod(bb, mode | 0o4000)  # a host root tampers with the store
+    try:
+        with Sandbox(POLICY) as sb:
+            r = sb.run(["id"])
+        assert r.exit_code == 0 and r.stdout.startswith("uid=1000 gid=1000"), r.stdout
+        assert "euid" not in r.stdout
+        with pytest.raises(TemplateError) as info:
+            store.verify("busy")
+        assert info.value.rule == "template.integrity"
+    finally:
+        os.chmod(bb, mode)
+    store.verify("busy")
+
+
+def test_the_network_is_still_none(store: TemplateStore) -> None:
+    pol = {**POLICY, "tools": {"allow": [*POLICY["tools"]["allow"], "wget"]}}  # type: ignore[dict-item]
+    with Sandbox(pol) as sb:
+        r = sb.run(["wget", "-q", "-T", "3", "-O", "-", "http://127.0.0.1:9/"])
+    assert r.exit_code != 0  # loopback of its own net namespace: nothing there
+
+
+@pytest.mark.parametrize("tier", ["gvisor", "microvm"])
+def test_other_tiers_refuse_a_template(store: TemplateStore, tier: str) -> None:
+    with pytest.raises(PlanError) as info:
+        Sandbox(POLICY, backend=tier)
+    assert info.value.rule == "template"
+    assert str(info.value) == (
+        f"template: the {tier} tier cannot run a template yet (only namespaces can; "
+        "docs/templates.md)"
+    )
+
+
+def test_an_unknown_template_is_refused(store: TemplateStore) -> None:
+    with pytest.raises(PlanError) as info:
+        Sandbox({**POLICY, "template": "nope"})
+    assert info.value.rule == "template"
+    assert str(info.value) == "template: template 'nope' was not found (known: busy)"
