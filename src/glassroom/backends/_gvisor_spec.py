@@ -49,6 +49,7 @@ from .. import _config
 from .._errors import BackendUnavailable, PlanError
 from ..audit._events import syscalls_for
 from ..plan import EGRESS_DIR_INSIDE, LaunchPlan, Mount
+from ..policy._template import HOST_USR_INSIDE
 
 INIT_DIR_INSIDE = "/.glassroom"
 PYTHON_FOR_INIT = "/usr/bin/python3"
@@ -260,6 +261,8 @@ def _build_shim(dest: Path) -> bool:
 
 def check_plan(plan: LaunchPlan) -> None:
     """Rules this tier cannot honour are refused at compile time, by name."""
+    if plan.root is not None:  # a template: the init's interpreter is the host's, hidden
+        return
     if not any(
         r.access == "read" and (r.path == "/usr" or PYTHON_FOR_INIT.startswith(r.path + "/"))
         for r in plan.fs_rules
@@ -291,12 +294,28 @@ def init_loader() -> str:
     return _init_exe()[1]
 
 
-def init_argv(launch: str) -> list[str]:
+def init_argv(launch: str, template: bool = False) -> list[str]:
+    """How the init starts.  With a template as ``/`` the host's /usr is bound
+    at HOST_USR_INSIDE (no exec but its loader): the init's python3 is mapped by
+    the host's loader with the host's library dir, so it needs nothing of the
+    template's libc (as on the namespaces tier)."""
     real, loader = _init_exe()
     if not loader:
         raise BackendUnavailable(f"gvisor: cannot find the ELF loader of {real}",
                                  rule="backend.gvisor")  # fmt: skip
+    if template:
+        if not (real.startswith("/usr/") and loader.startswith("/usr/")):
+            raise BackendUnavailable(f"gvisor: the init's {real} and {loader} must be under "
+                                     "/usr to run a template", rule="template")  # fmt: skip
+        libdir = os.path.dirname(loader)
+        return [_hidden(loader), "--library-path", _hidden(libdir), _hidden(real),
+                "-I", "-S", "-c", launch]  # fmt: skip
     return [loader, real, "-I", "-S", "-c", launch]
+
+
+def _hidden(host_usr_path: str) -> str:
+    """A host /usr path as the sandbox sees it under a template."""
+    return HOST_USR_INSIDE + host_usr_path.removeprefix("/usr")
 
 
 def install_init(state: Path) -> Path:
@@ -391,8 +410,14 @@ def spec_mounts(plan: LaunchPlan, init_dir: Path, scratch_dirs: dict[str, str] |
                             rule=m.rule)  # fmt: skip
     # Executable: exactly the allowed tools and their loader (see the module docstring),
     # plus the loader that starts the init (``init_argv``).
-    for path in sorted({t.path for t in plan.tools} | set(plan.loaders) | {init_loader()}):
-        mounts.append(_bind(path, path, exe=True))
+    if plan.root is None:
+        for path in sorted({t.path for t in plan.tools} | set(plan.loaders) | {init_loader()}):
+            mounts.append(_bind(path, path, exe=True))
+    else:  # the tools are the template's; the init's loader is the host's, hidden
+        for path in sorted({t.path for t in plan.tools} | set(plan.loaders)):
+            mounts.append(_bind(os.path.join(plan.root, path.lstrip("/")), path, exe=True))
+        mounts.append(_bind("/usr", HOST_USR_INSIDE))
+        mounts.append(_bind(init_loader(), _hidden(init_loader()), exe=True))
     if plan.network.host_dir:  # the egress proxy's socket and CA (runsc --host-uds=open)
         mounts.append(_bind(plan.network.host_dir, EGRESS_DIR_INSIDE))
     mounts.append(_tmpfs("/sys", 4096, 0o555, ro=True))
@@ -400,7 +425,12 @@ def spec_mounts(plan: LaunchPlan, init_dir: Path, scratch_dirs: dict[str, str] |
     # same minimal /dev as on the other tiers (docs/backends.md).
     mounts.append(_tmpfs("/dev/net", 4096, 0o555, ro=True))
     mounts.append(_bind(str(init_dir), INIT_DIR_INSIDE))
-    if not any(r.path in ("/etc", "/etc/passwd") for r in plan.fs_rules):
+    if plan.root is not None:
+        etc = Path(plan.root) / "etc"
+        for name in ("passwd", "group"):  # the sandbox's uid 1000 is named by glassroom
+            if (etc / name).is_file() or not os.path.lexists(etc):
+                mounts.append(_bind(str(init_dir / name), f"/etc/{name}"))
+    elif not any(r.path in ("/etc", "/etc/passwd") for r in plan.fs_rules):
         mounts.append(_bind(str(init_dir / "passwd"), "/etc/passwd"))
         mounts.append(_bind(str(init_dir / "group"), "/etc/group"))
     return mounts, in_root

@@ -244,7 +244,7 @@ class GvisorInstance(FileOps):
             "paths": list(self.cg.paths), "memory_bytes": mem, "cpus": lim.cpus,
             "host_pids_backstop": HOST_PIDS_BACKSTOP,
         }  # fmt: skip
-        argv = spec.init_argv(_LAUNCH)
+        argv = spec.init_argv(_LAUNCH, template=self.plan.root is not None)
         net = self.plan.network
         self._proxied = net.mode == "proxy" and bool(net.host_dir)
         extra_gids: tuple[int, ...] = ()
