@@ -102,13 +102,6 @@ def _compile(policy: Policy, backend: str | None, tpl: Template | None = None) -
     name = backend_for(policy, backend)
     if name not in ("namespaces", "gvisor", "microvm"):
         raise PlanError(f"backend {name!r} has no compiler yet", rule="backend")
-    if tpl is not None and name == "microvm":
-        # Fail closed: the other tiers do not build a template root yet, and
-        # running there on the host's /usr instead would be a different sandbox.
-        raise PlanError(
-            f"template: the {name} tier cannot run a template yet (namespaces and gvisor "
-            "can; docs/templates.md)", rule="template",
-        )  # fmt: skip
     root = tpl.rootfs if tpl is not None else None
     if name == "microvm":
         from ._microvm import check as _microvm_check

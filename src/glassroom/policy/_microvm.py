@@ -23,7 +23,8 @@ def check(policy: Policy) -> None:
             "(move files with sb.files)",
             rule=f"filesystem.write[{i}]",
         )
-    for i, path in enumerate(policy.filesystem.read):
+    for i, path in enumerate(policy.filesystem.read if policy.template is None else ()):
+        # (with a template the guest's root is the template: read paths bind nothing)
         if not any(path == r or path.startswith(r + "/") for r in IMAGE_ROOTS):
             raise PlanError(
                 f"filesystem.read[{i}]: {path} is not in the microvm guest image "

@@ -348,6 +348,11 @@ class MicrovmInstance(FileOps):
         t0 = time.monotonic()
         accel = qemu.choose_accel()
         img = _image.prepare()
+        if self.plan.root is not None:  # a template: its own root image (_template_image.py)
+            from . import _template_image
+
+            img = _template_image.build(img, Path(self.plan.root),
+                                        self.plan.template.rpartition("@")[2])  # fmt: skip
         # Before any VM exists: a tool the guest image lacks is refused, naming its rule.
         _image.check_tools(img, self.plan)
         lim = self.plan.limits
