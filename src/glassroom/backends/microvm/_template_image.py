@@ -139,8 +139,14 @@ def build(base: _image.Image, tree: Path, digest: str) -> _image.Image:
     with _image.lock_file(cache / ".lock"):
         if not (dest.exists() and _image._manifest_path(dest).exists()):
             _build(tree, dest)
+    # The id names this very file: a booted-idle snapshot is only ever paired
+    # with the image it booted.  (An image rebuilt under the same key -- after a
+    # prune -- differs in its block layout, and a guest restored from the old
+    # snapshot would read the new disk with the old page cache: EBADMSG.)
+    st = dest.stat()
+    built = f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}".encode()
     return _image.Image(base.kernel, base.initrd, dest,
-                        _image._digest(base.image_id.encode(), key.encode()),
+                        _image._digest(base.image_id.encode(), key.encode(), built),
                         base.kernel_release)  # fmt: skip
 
 
