@@ -16,86 +16,48 @@ namespaces.  Medians and p95 in ms, plus ratios; prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import os
 import shutil
 import statistics
 import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 from glassroom import Sandbox
 from glassroom.templates import TemplateStore, import_oci
+from glassroom.templates.testing import Entry, busybox_entries, docker_save_tar
 
 PY_LIB = "/usr/lib/python3.11"
 PY_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data"}
 
 
-def _layer(files: dict[str, str], links: dict[str, str]) -> bytes:
-    """A layer of host ``files`` (inside path -> host path) and ``links``."""
-    buf = io.BytesIO()
-    dirs: set[str] = set()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for inside in sorted({**files, **links}):
-            parts = inside.split("/")[:-1]
-            for i in range(1, len(parts) + 1):
-                d = "/".join(parts[:i])
-                if d and d not in dirs:
-                    dirs.add(d)
-                    ti = tarfile.TarInfo(d)
-                    ti.type, ti.mode = tarfile.DIRTYPE, 0o755
-                    tf.addfile(ti)
-            if inside in links:
-                ti = tarfile.TarInfo(inside)
-                ti.type, ti.linkname = tarfile.SYMTYPE, links[inside]
-                tf.addfile(ti)
-            else:
-                tf.add(files[inside], arcname=inside, recursive=False)
-    return buf.getvalue()
+def busy_entries() -> dict[str, Entry]:
+    return busybox_entries(("sh", "true"))
 
 
-def _image(dest: Path, layer: bytes) -> Path:
-    cfg = json.dumps({"os": "linux", "config": {"Env": ["PATH=/bin:/usr/bin"]},
-                      "rootfs": {"diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]}}
-                     ).encode()  # fmt: skip
-    manifest = json.dumps([{"Config": "c.json", "Layers": ["l.tar"]}]).encode()
-    with tarfile.open(dest, "w") as tf:
-        for name, b in (("c.json", cfg), ("l.tar", layer), ("manifest.json", manifest)):
-            ti = tarfile.TarInfo(name)
-            ti.size = len(b)
-            tf.addfile(ti, io.BytesIO(b))
-    return dest
-
-
-def busy_files() -> tuple[dict[str, str], dict[str, str]]:
-    bb = shutil.which("busybox") or "/bin/busybox"
-    return {"bin/busybox": bb}, {"bin/sh": "busybox", "bin/true": "busybox"}
-
-
-def py_files() -> tuple[dict[str, str], dict[str, str]]:
-    files, links = busy_files()
+def py_entries() -> dict[str, Entry]:
+    """busybox, plus the host's python3 with its standard library and libraries."""
+    out = busy_entries()
     real = os.path.realpath("/usr/bin/python3")
-    files["usr/bin/" + os.path.basename(real)] = real
-    links["usr/bin/python3"] = os.path.basename(real)
+    out["usr/bin/" + os.path.basename(real)] = (Path(real).read_bytes(), 0o755)
+    out["usr/bin/python3"] = ("link", os.path.basename(real))
     for dirpath, dirnames, names in os.walk(PY_LIB):
         if dirpath == PY_LIB:
             dirnames[:] = [d for d in dirnames if d not in PY_SKIP]
         for n in names:
             p = os.path.join(dirpath, n)
             if os.path.isfile(p) and not os.path.islink(p):
-                files[p.lstrip("/")] = p
-    out = subprocess.run(["ldd", real], capture_output=True, text=True, check=False).stdout
-    for tok in out.split():
+                out[p.lstrip("/")] = Path(p).read_bytes()
+    ldd = subprocess.run(["ldd", real], capture_output=True, text=True, check=False).stdout
+    for tok in ldd.split():
         if tok.startswith("/") and os.path.exists(tok):
             r = os.path.realpath(tok)
-            files[r.lstrip("/")] = r
+            out[r.lstrip("/")] = (Path(r).read_bytes(), 0o755)
             if tok != r:
-                links[tok.lstrip("/")] = r
-    return files, links
+                out[tok.lstrip("/")] = ("link", r)
+    return out
 
 
 def stats(xs: list[float]) -> dict[str, float]:
@@ -117,9 +79,8 @@ def main() -> None:
     log = work / "audit.jsonl"
     store = TemplateStore(work / "store")
     out: dict[str, object] = {"templates": {}}
-    for name, make in (("busy", busy_files), ("py", py_files)):
-        files, links = make()
-        img = _image(work / f"{name}.tar", _layer(files, links))
+    for name, make in (("busy", busy_entries), ("py", py_entries)):
+        img = docker_save_tar(work / f"{name}.tar", make())
         t0 = time.perf_counter()
         t = import_oci(img, store, name)
         out["templates"][name] = {  # type: ignore[index]

@@ -585,35 +585,13 @@ def test_a_template_when_glassroom_is_not_root(nonroot: Setup) -> None:
     template's shell, writes /workspace, cannot write the template, and cannot
     read the host's /usr bound in for the init (tests/security/test_templates.py
     has the full set as root)."""
-    import tarfile as _tar
-
     from glassroom.templates import TemplateStore, import_oci
+    from glassroom.templates.testing import busybox_entries, docker_save_tar
 
     s = nonroot
-    layer = s.root / "layer"
-    (layer / "bin").mkdir(parents=True)
-    (layer / "etc").mkdir()
-    shutil.copy(shutil.which("busybox") or "/bin/busybox", layer / "bin" / "busybox")
-    for a in ("sh", "cat", "echo"):
-        (layer / "bin" / a).symlink_to("busybox")
-    (layer / "etc" / "os-release").write_text("ID=busy\n")
-    # An OCI layout made with tarfile: one uncompressed layer, no digests to fake.
-    import hashlib as _h
-    import io as _io
-
-    buf = _io.BytesIO()
-    with _tar.open(fileobj=buf, mode="w") as tf:
-        for p in sorted(layer.rglob("*")):
-            tf.add(p, arcname=p.relative_to(layer).as_posix(), recursive=False)
-    raw = buf.getvalue()
-    cfg = json.dumps({"os": "linux", "rootfs": {"diff_ids": ["sha256:" + _h.sha256(raw).hexdigest()]},
-                      "config": {"Env": ["PATH=/bin"]}}).encode()  # fmt: skip
-    with _tar.open(s.root / "img.tar", "w") as tf:
-        for name, b in (("c.json", cfg), ("l.tar", raw),
-                        ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["l.tar"]}]).encode())):  # fmt: skip
-            ti = _tar.TarInfo(name)
-            ti.size = len(b)
-            tf.addfile(ti, _io.BytesIO(b))
+    entries = busybox_entries(("sh", "cat", "echo"))
+    entries["etc/os-release"] = b"ID=busy\n"
+    docker_save_tar(s.root / "img.tar", entries, env={"PATH": "/bin"})
     store = TemplateStore(s.root / "templates")
     import_oci(s.root / "img.tar", store, "busy")  # as root; the tree is 0555/0444
     env = {**_env(s), "GLASSROOM_TEMPLATE_DIR": str(store.root)}

@@ -13,14 +13,9 @@ tier (the microVM boots a root image made from the template).
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
 import re
-import shutil
 import stat
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,48 +24,21 @@ import pytest
 from conftest import records
 from glassroom import PlanError, Sandbox, TemplateError
 from glassroom.templates import TemplateStore, import_oci
+from glassroom.templates.testing import busybox_entries, docker_save_tar
 
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 APPLETS = ("sh", "ls", "cat", "echo", "id", "touch", "wget")
 POLICY = {"template": "busy", "tools": {"allow": ["sh", "ls", "cat", "echo", "id", "touch"]}}
 
 
 def _image(dest: Path) -> Path:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        def add(name: str, data: bytes | None = None, mode: int = 0o644, link: str = "") -> None:
-            ti = tarfile.TarInfo(name)
-            if link:
-                ti.type, ti.linkname = tarfile.SYMTYPE, link
-                tf.addfile(ti)
-            elif data is None:
-                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
-                tf.addfile(ti)
-            else:
-                ti.size, ti.mode = len(data), mode
-                tf.addfile(ti, io.BytesIO(data))
-
-        for d in ("bin", "etc", "usr", "usr/bin", "opt"):
-            add(d)
-        add("bin/busybox", Path(BUSYBOX).read_bytes(), 0o755)
-        for a in APPLETS:
-            add(f"bin/{a}", link="busybox")
-        add("etc/os-release", b"ID=busy\n")
-        add("usr/bin/evil", b"#!/bin/sh\necho evil ran\n", 0o755)
-        add("opt/suid", b"x", 0o4755)
-    layer = buf.getvalue()
-    cfg = json.dumps({"os": "linux", "architecture": "amd64",
-                      "config": {"Env": ["PATH=/bin:/usr/bin", "FROM_IMAGE=yes", "HOME=/root"]},
-                      "rootfs": {"type": "layers",
-                                 "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]}}).encode()  # fmt: skip
-    with tarfile.open(dest, "w") as tf:
-        for name, b in (("c.json", cfg), ("l/layer.tar", layer),
-                        ("manifest.json", json.dumps([{"Config": "c.json",
-                                                       "Layers": ["l/layer.tar"]}]).encode())):  # fmt: skip
-            ti = tarfile.TarInfo(name)
-            ti.size = len(b)
-            tf.addfile(ti, io.BytesIO(b))
-    return dest
+    entries = busybox_entries(APPLETS)
+    entries.update({
+        "etc/os-release": b"ID=busy\n",
+        "usr/bin/evil": (b"#!/bin/sh\necho evil ran\n", 0o755),
+        "opt/suid": (b"x", 0o4755),
+    })  # fmt: skip
+    return docker_save_tar(dest, entries,
+                           env={"PATH": "/bin:/usr/bin", "FROM_IMAGE": "yes", "HOME": "/root"})
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,77 @@
+"""A serve template whose policy names a store template (docs/templates.md).
+
+Harmless: a sandbox of the serve template runs in the store template's tree.
+Malicious: writing into it is refused, and a tool the template lacks is a
+clear 400 at create naming ``tools.allow[i]``, never a sandbox on the host's
+/usr.  The own API, on every tier.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from glassroom.policy import validate_policy
+from glassroom.templates import TemplateStore, import_oci
+from glassroom.templates.testing import busybox_entries, docker_save_tar
+
+from .serve_helpers import Server, serving_e2b
+
+RISK = {"namespaces": "low", "gvisor": "medium", "microvm": "high"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("tplserve")
+    for p in (base, *base.parents):  # the sandbox uid (as root) reads the store
+        if str(p) in ("/", "/tmp"):
+            break
+        os.chmod(p, os.stat(p).st_mode | 0o011)
+    entries = busybox_entries(("sh", "cat", "echo"))
+    entries["etc/os-release"] = b"ID=busy\n"
+    store = TemplateStore(base / "store")
+    import_oci(docker_save_tar(base / "img.tar", entries), store, "busy")
+    saved = os.environ.get("GLASSROOM_TEMPLATE_DIR")
+    os.environ["GLASSROOM_TEMPLATE_DIR"] = str(store.root)
+    try:
+        with serving_e2b(base / "data") as srv:
+            for tier, risk in RISK.items():
+                srv.cfg.templates[f"busy-{tier}"] = validate_policy(
+                    {"risk": risk, "template": "busy", "tools": {"allow": ["sh", "cat", "echo"]}})
+            srv.cfg.templates["busy-python"] = validate_policy(
+                {"template": "busy", "tools": {"allow": ["sh", "python3"]}})
+            yield srv
+    finally:
+        if saved is None:
+            os.environ.pop("GLASSROOM_TEMPLATE_DIR", None)
+        else:
+            os.environ["GLASSROOM_TEMPLATE_DIR"] = saved
+
+
+def test_a_serve_template_runs_in_the_store_template(served: Server, backend: str) -> None:
+    with httpx.Client(base_url=served.url, headers=served.headers(), timeout=120) as c:
+        r = c.post("/v1/sandboxes", json={"template": f"busy-{backend}", "timeout_s": 60})
+        assert r.status_code == 201, r.text
+        sid = r.json()["sandbox_id"]
+        try:
+            r = c.post(f"/v1/sandboxes/{sid}/commands",
+                       json={"argv": ["sh", "-c", "cat /etc/os-release; echo x > /etc/f"]})  # fmt: skip
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["stdout"] == "ID=busy\n"
+            assert out["exit_code"] != 0 and out["stderr"]  # read-only: refused
+        finally:
+            c.delete(f"/v1/sandboxes/{sid}")
+    assert not served.errors(), served.errors()
+
+
+def test_a_tool_the_template_lacks_is_a_clear_refusal(served: Server) -> None:
+    with httpx.Client(base_url=served.url, headers=served.headers(), timeout=60) as c:
+        r = c.post("/v1/sandboxes", json={"template": "busy-python"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["rule"] == "tools.allow[1]"
+    assert "'python3' not found in the template" in err["message"]
