@@ -19,8 +19,6 @@ image; a new template digest is a new image, never an edit of an old one.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -98,9 +96,9 @@ def _stage(tree: Path, stage: Path) -> None:
     for dirpath, _dirs, filenames in os.walk(stage):  # the store's copy is read-only
         os.chmod(dirpath, 0o755)
         for name in filenames:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                os.chmod(p, os.stat(p).st_mode | 0o200)
+            f = os.path.join(dirpath, name)
+            if not os.path.islink(f):
+                os.chmod(f, os.stat(f).st_mode | 0o200)
     for name in ("home", "run", "tmp", "workspace", "proc", "sys", "dev", ".glassroom",
                  ".glassroom-net", ".glassroom-host"):  # fmt: skip
         p = stage / name
@@ -167,23 +165,6 @@ def _build(tree: Path, dest: Path) -> None:
         subprocess.run(["/usr/bin/python3", "-I", "-m", "compileall", "-q",
                         str(stage / ".glassroom")], check=False,
                        stdout=subprocess.DEVNULL)  # fmt: skip
-        used = sum(p.lstat().st_size for p in stage.rglob("*"))
-        size_mib = used * 12 // 10 // (1 << 20) + 16
-        tmp = dest.with_suffix(f".tmp{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        listed = _image._manifest_path(dest)
-        listed_tmp = listed.with_suffix(f".tmp{os.getpid()}")
-        listed_tmp.write_text(json.dumps(_image._manifest_of(stage)))
-        os.replace(listed_tmp, listed)
-        r = subprocess.run(
-            [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L",
-             "glassroom", "-E", "root_owner=0:0", "-d", str(stage), str(tmp), f"{size_mib}M"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if r.returncode != 0:
-            raise _image._unavailable(f"mke2fs failed: {r.stderr.strip()[-200:]}")
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, dest)
+        _image.seal(stage, dest, mke2fs)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -433,27 +433,33 @@ def _build_rootfs(dest: Path) -> None:
         subprocess.run(["/usr/bin/python3", "-I", "-m", "compileall", "-q",
                         str(stage / ".glassroom")], check=False,
                        stdout=subprocess.DEVNULL)  # fmt: skip
-        used = sum(p.lstat().st_size for p in stage.rglob("*"))
-        size_mib = used * 12 // 10 // (1 << 20) + 16
-        tmp = dest.with_suffix(f".tmp{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        # The manifest first: an image in place always has its manifest.
-        listed = _manifest_path(dest)
-        listed_tmp = listed.with_suffix(f".tmp{os.getpid()}")
-        listed_tmp.write_text(json.dumps(_manifest_of(stage)))
-        os.replace(listed_tmp, listed)
-        r = subprocess.run(
-            [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L",
-             "glassroom", "-E", "root_owner=0:0", "-d", str(stage), str(tmp), f"{size_mib}M"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if r.returncode != 0:
-            raise _unavailable(f"mke2fs failed: {r.stderr.strip()[-200:]}")
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, dest)
+        seal(stage, dest, mke2fs)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def seal(stage: Path, dest: Path, mke2fs: str) -> None:
+    """``stage`` as a read-only ext4 image at ``dest``, with its manifest.
+
+    The manifest goes first, so an image in place always has one."""
+    used = sum(p.lstat().st_size for p in stage.rglob("*"))
+    size_mib = used * 12 // 10 // (1 << 20) + 16
+    tmp = dest.with_suffix(f".tmp{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    listed = _manifest_path(dest)
+    listed_tmp = listed.with_suffix(f".tmp{os.getpid()}")
+    listed_tmp.write_text(json.dumps(_manifest_of(stage)))
+    os.replace(listed_tmp, listed)
+    r = subprocess.run(
+        [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L",
+         "glassroom", "-E", "root_owner=0:0", "-d", str(stage), str(tmp), f"{size_mib}M"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if r.returncode != 0:
+        raise _unavailable(f"mke2fs failed: {r.stderr.strip()[-200:]}")
+    os.chmod(tmp, 0o444)
+    os.replace(tmp, dest)
 
 
 def _manifest_path(rootfs: Path) -> Path:
