@@ -13,7 +13,9 @@ from typing import Literal
 
 #: ``scratch``: the sandbox's files (/workspace, /tmp) on one disk of
 #: ``size_bytes`` accounted apart from its memory (``_sys/scratch.py``).
-MountKind = Literal["ro-bind", "bind", "tmpfs", "scratch", "proc", "dev", "symlink", "dir", "file"]
+#: "tree-bind": a read-write bind of a template build's private tree (namespaces only).
+MountKind = Literal["ro-bind", "bind", "tree-bind", "tmpfs", "scratch", "proc", "dev", "symlink",
+                    "dir", "file"]
 Access = Literal["read", "write"]
 
 WORKSPACE = "/workspace"

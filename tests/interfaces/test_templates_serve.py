@@ -9,7 +9,10 @@ clear 400 at create naming ``tools.allow[i]``, never a sandbox on the host's
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,12 +27,11 @@ RISK = {"namespaces": "low", "gvisor": "medium", "microvm": "high"}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    base = tmp_path_factory.mktemp("tplserve")
-    for p in (base, *base.parents):  # the sandbox uid (as root) reads the store
-        if str(p) in ("/", "/tmp"):
-            break
-        os.chmod(p, os.stat(p).st_mode | 0o011)
+def served() -> Iterator[Server]:
+    # Not under pytest's own tmp dirs: a pytest starting meanwhile makes those
+    # 0700 again, and as root bwrap runs as the sandbox uid, which reads the store.
+    base = Path(tempfile.mkdtemp(prefix="glassroom-test-tpl-"))
+    os.chmod(base, 0o755)
     entries = busybox_entries(("sh", "cat", "echo"))
     entries["etc/os-release"] = b"ID=busy\n"
     store = TemplateStore(base / "store")
@@ -49,6 +51,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             os.environ.pop("GLASSROOM_TEMPLATE_DIR", None)
         else:
             os.environ["GLASSROOM_TEMPLATE_DIR"] = saved
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_serve_template_runs_in_the_store_template(served: Server, backend: str) -> None:

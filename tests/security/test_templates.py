@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +25,19 @@ import pytest
 
 from conftest import records
 from glassroom import PlanError, Sandbox, TemplateError
-from glassroom.templates import TemplateStore, import_oci
+from glassroom.templates import TemplateStore, build, import_oci, load_recipe
 from glassroom.templates.testing import busybox_entries, docker_save_tar
 
 APPLETS = ("sh", "ls", "cat", "echo", "id", "touch", "wget")
-POLICY = {"template": "busy", "tools": {"allow": ["sh", "ls", "cat", "echo", "id", "touch"]}}
+TOOLS = ["sh", "ls", "cat", "echo", "id", "touch"]
+#: A Dockerfile-subset recipe on top of the imported image: a COPY, an ENV
+#: and a RUN (in a build sandbox); the same pairs run on what it makes.
+RECIPE = """\
+FROM busy
+COPY note.txt /opt/note.txt
+ENV BUILT=yes
+RUN echo made-by-run > /opt/run.txt
+"""
 
 
 def _image(dest: Path) -> Path:
@@ -42,28 +52,42 @@ def _image(dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemplateStore]:
-    # Under a dir the sandbox uid can search (as root, bwrap runs as 65534).
-    base = tmp_path_factory.mktemp("tpl")
-    for p in (base, *base.parents):
-        if str(p) in ("/", "/tmp"):
-            break
-        os.chmod(p, os.stat(p).st_mode | 0o011)
+def store() -> Iterator[TemplateStore]:
+    # Not under pytest's own tmp dirs: a pytest starting meanwhile makes those
+    # 0700 again, and as root bwrap runs as the sandbox uid, which reads the store.
+    base = Path(tempfile.mkdtemp(prefix="glassroom-test-tpl-"))
+    os.chmod(base, 0o755)
     s = TemplateStore(base / "store")
     t = import_oci(_image(base / "img.tar"), s, "busy")
     assert t.meta.dropped == {"setuid/setgid bits": 1}
+    (base / "recipe").mkdir()
+    (base / "recipe" / "note.txt").write_text("copied\n")
+    (base / "recipe" / "Dockerfile").write_text(RECIPE)
     saved = os.environ.get("GLASSROOM_TEMPLATE_DIR")
     os.environ["GLASSROOM_TEMPLATE_DIR"] = str(s.root)
     try:
+        build(load_recipe(base / "recipe" / "Dockerfile"), s, "built",
+              audit_log=base / "build.jsonl")  # fmt: skip
         yield s
     finally:
         if saved is None:
             os.environ.pop("GLASSROOM_TEMPLATE_DIR", None)
         else:
             os.environ["GLASSROOM_TEMPLATE_DIR"] = saved
+        shutil.rmtree(base, ignore_errors=True)
 
 
 TIERS = ["namespaces", "gvisor", "microvm"]
+
+
+@pytest.fixture(params=["busy", "built"])
+def name(request: pytest.FixtureRequest) -> str:
+    """The imported template, and the one the recipe built from it."""
+    return str(request.param)
+
+
+def policy(name: str, *extra: str) -> dict[str, object]:
+    return {"template": name, "tools": {"allow": [*TOOLS, *extra]}}
 HOST_PY = "/.glassroom-host" + os.path.realpath("/usr/bin/python3")  # as the sandbox sees it
 
 
@@ -72,8 +96,10 @@ def tier(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def test_the_task_runs_in_the_template(store: TemplateStore, audit_log: Path, tier: str) -> None:
-    with Sandbox(POLICY, audit_log=audit_log, backend=tier) as sb:
+def test_the_task_runs_in_the_template(
+    store: TemplateStore, name: str, audit_log: Path, tier: str
+) -> None:
+    with Sandbox(policy(name), audit_log=audit_log, backend=tier) as sb:
         r = sb.run(["sh", "-c", "cat /etc/os-release; echo $PATH $FROM_IMAGE $HOME; id -u; "
                     "sh /usr/bin/evil; echo out > /workspace/o; cat /workspace/o; ls /"])  # fmt: skip
         sid = sb.id
@@ -84,8 +110,12 @@ def test_the_task_runs_in_the_template(store: TemplateStore, audit_log: Path, ti
     assert lines[4] == "out"
     assert "usr" in lines and "workspace" in lines and "opt" in lines
     created = next(x for x in records(audit_log, sid) if x["event"] == "sandbox.created")
-    t = store.get("busy")
-    assert created["details"]["template"] == f"busy@{t.digest}"
+    t = store.get(name)
+    assert created["details"]["template"] == f"{name}@{t.digest}"
+    if name == "built":  # what the recipe's COPY, ENV and RUN made
+        with Sandbox(policy(name), backend=tier) as sb:
+            r = sb.run(["sh", "-c", "cat /opt/note.txt /opt/run.txt; echo $BUILT"])
+        assert r.stdout == "copied\nmade-by-run\nyes\n", r.stderr
 
 
 # namespaces: a read-only bind; gVisor: its gofer refuses the write to a ro mount;
@@ -94,34 +124,34 @@ RO_ERROR = {"namespaces": "Read-only file system", "gvisor": "Permission denied"
             "microvm": "Read-only file system"}  # fmt: skip
 
 
-def test_the_template_is_read_only(store: TemplateStore, tier: str) -> None:
-    t = store.get("busy")
-    with Sandbox(POLICY, backend=tier) as sb:
+def test_the_template_is_read_only(store: TemplateStore, name: str, tier: str) -> None:
+    t = store.get(name)
+    with Sandbox(policy(name), backend=tier) as sb:
         r = sb.run(["sh", "-c", "echo x > /etc/os-release"])
         assert r.exit_code != 0 and RO_ERROR[tier] in r.stderr, r.stderr
         r = sb.run(["touch", "/bin/new"])
         assert r.exit_code != 0 and RO_ERROR[tier] in r.stderr, r.stderr
     assert (t.rootfs / "etc" / "os-release").read_text() == "ID=busy\n"
-    store.verify("busy")
+    store.verify(name)
 
 
 def test_a_template_file_not_in_tools_allow_does_not_run(
-    store: TemplateStore, audit_log: Path, tier: str
+    store: TemplateStore, name: str, audit_log: Path, tier: str
 ) -> None:
-    with Sandbox(POLICY, audit_log=audit_log, backend=tier) as sb:
+    with Sandbox(policy(name), audit_log=audit_log, backend=tier) as sb:
         ok = sb.run(["sh", "/usr/bin/evil"])  # reading it is fine
         r = sb.run(["sh", "-c", "/usr/bin/evil"])
     assert ok.exit_code == 0 and ok.stdout == "evil ran\n"
     assert r.exit_code == 126 and "Permission denied" in r.stderr
 
 
-def test_the_hosts_usr_for_the_init_is_hidden(store: TemplateStore, tier: str) -> None:
+def test_the_hosts_usr_for_the_init_is_hidden(store: TemplateStore, name: str, tier: str) -> None:
     """namespaces and microVM: neither readable nor runnable (no Landlock rule;
     on the microVM it is the copy of the host's python3 runtime in its image).
     gVisor has no Landlock: the host's installed software there is readable, as
     it is on that tier without a template (/usr is required), but nothing in it
     runs."""
-    with Sandbox(POLICY, backend=tier) as sb:
+    with Sandbox(policy(name), backend=tier) as sb:
         r = sb.run(["sh", "-c", "cat /.glassroom-host/usr/lib/python3.11/os.py"])
         if tier == "gvisor":
             assert r.exit_code == 0 and "OS routines" in r.stdout
@@ -133,35 +163,34 @@ def test_the_hosts_usr_for_the_init_is_hidden(store: TemplateStore, tier: str) -
         assert r.exit_code == 127 and r.stderr == "glassroom: python3: command not found\n"
 
 
-def test_a_planted_setuid_bit_has_no_effect(store: TemplateStore, tier: str) -> None:
-    t = store.get("busy")
+def test_a_planted_setuid_bit_has_no_effect(store: TemplateStore, name: str, tier: str) -> None:
+    t = store.get(name)
     assert stat.S_IMODE((t.rootfs / "opt" / "suid").stat().st_mode) & 0o6000 == 0  # dropped
     bb = t.rootfs / "bin" / "busybox"
     mode = stat.S_IMODE(bb.stat().st_mode)
     os.chmod(bb, mode | 0o4000)  # a host root tampers with the store
     try:
-        with Sandbox(POLICY, backend=tier) as sb:
+        with Sandbox(policy(name), backend=tier) as sb:
             r = sb.run(["id"])
         # (named "agent" where glassroom could name it: this template has no /etc/passwd)
         assert r.exit_code == 0 and re.match(r"uid=1000(\(agent\))? gid=1000", r.stdout), r.stdout
         assert "euid" not in r.stdout
         with pytest.raises(TemplateError) as info:
-            store.verify("busy")
+            store.verify(name)
         assert info.value.rule == "template.integrity"
     finally:
         os.chmod(bb, mode)
-    store.verify("busy")
+    store.verify(name)
 
 
-def test_the_network_is_still_none(store: TemplateStore, tier: str) -> None:
-    pol = {**POLICY, "tools": {"allow": [*POLICY["tools"]["allow"], "wget"]}}  # type: ignore[dict-item]
-    with Sandbox(pol, backend=tier) as sb:
+def test_the_network_is_still_none(store: TemplateStore, name: str, tier: str) -> None:
+    with Sandbox(policy(name, "wget"), backend=tier) as sb:
         r = sb.run(["wget", "-q", "-T", "3", "-O", "-", "http://127.0.0.1:9/"])
     assert r.exit_code != 0  # loopback of its own net namespace: nothing there
 
 
 def test_an_unknown_template_is_refused(store: TemplateStore) -> None:
     with pytest.raises(PlanError) as info:
-        Sandbox({**POLICY, "template": "nope"})
+        Sandbox(policy("nope"))
     assert info.value.rule == "template"
-    assert str(info.value) == "template: template 'nope' was not found (known: busy)"
+    assert str(info.value) == "template: template 'nope' was not found (known: built, busy)"

@@ -144,6 +144,8 @@ def _mount_args(m: Mount, scratch_dirs: dict[str, str] | None = None,
         m = Mount("tmpfs", m.target, m.rule, size_bytes=m.size_bytes, mode=m.mode)
     if m.kind == "ro-bind":
         return ["--ro-bind", str(m.source), m.target]
+    if m.kind == "tree-bind":  # a template build's own copy (templates/_build.py): no gate
+        return ["--bind", str(m.source), m.target]
     if m.kind == "bind":
         # A writable host dir is only ever bound through its write gate (_gates.py).
         if gates is None or m.target not in gates:

@@ -27,6 +27,10 @@ def add_parser(sub: Any) -> None:
     ti.add_argument("image")
     ti.add_argument("--name", required=True, help="the template's name")
     ti.add_argument("--ref", help="which image in it: a ref name (OCI) or REPO:TAG (docker save)")
+    tb = ts.add_parser("build", parents=[common],
+                       help="from a recipe: *.toml or a Dockerfile subset (RUN in a sandbox)")
+    tb.add_argument("recipe")
+    tb.add_argument("--name", required=True, help="the template's name")
     ts.add_parser("list", parents=[common], help="every named template")
     for verb, text in (("show", "one template's metadata"),
                        ("verify", "recompute the tree's digest"),
@@ -63,6 +67,17 @@ def cmd_template(ns: argparse.Namespace) -> int:
                 print(f"{PROG}: template {ns.name}: unpacking {label}", file=sys.stderr)
 
         t = import_oci(ns.image, store, ns.name, ref=ns.ref, progress=progress)
+        print(json.dumps(_facts(t), indent=2) if ns.json else _line(t))
+        return 0
+    if verb == "build":
+        from ..templates import build, load_recipe
+
+        def said(msg: str) -> None:
+            if not ns.json:
+                for line in msg.splitlines()[-20:]:
+                    print(f"{PROG}: template {ns.name}: {line}", file=sys.stderr)
+
+        t = build(load_recipe(ns.recipe), store, ns.name, progress=said)
         print(json.dumps(_facts(t), indent=2) if ns.json else _line(t))
         return 0
     if verb == "list":

@@ -106,7 +106,10 @@ class Supervised(Pausing):
         tenant: str = "local",
         restore: RestoreFrom | None = None,
         sandbox_id: str | None = None,
+        plan: LaunchPlan | None = None,
     ) -> None:
+        """``plan``: a plan compiled already (a template build step's,
+        ``policy.compile_build``); otherwise the policy is compiled here."""
         self.policy = policy
         self.audit = AuditLog(audit_log or _config.audit_log_path())
         self.audit_path = Path(audit_log or _config.audit_log_path())
@@ -132,7 +135,7 @@ class Supervised(Pausing):
         self._secret_env: dict[str, str] = {}
         try:
             reap_orphans(self.audit)
-            self._plan0: LaunchPlan = compile_policy(policy, backend)
+            self._plan0: LaunchPlan = plan or compile_policy(policy, backend)
             self.plan: LaunchPlan = self._plan0
             self.backend = self.plan.backend
             if restore is not None and restore.how == "resume":

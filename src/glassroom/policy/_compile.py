@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .._errors import PlanError, TemplateError
 from ..plan import (
@@ -98,11 +99,22 @@ def compile(policy: Policy, backend: str | None = None) -> LaunchPlan:
     return plan
 
 
-def _compile(policy: Policy, backend: str | None, tpl: Template | None = None) -> LaunchPlan:
+def compile_build(policy: Policy, tree: Path, env: dict[str, str], label: str) -> LaunchPlan:
+    """The plan of a template *build* step (templates/_build.py): ``tree``, a
+    private copy being built, is the sandbox's ``/`` and is writable.  Only on
+    the namespaces tier; never cached (the tree changes with every step).
+    ``label`` names the build in the sandbox's record (``template``)."""
+    return replace(_compile(policy, "namespaces", None, build=(tree, env)), template=label)
+
+
+def _compile(policy: Policy, backend: str | None, tpl: Template | None = None,
+             build: tuple[Path, dict[str, str]] | None = None) -> LaunchPlan:  # fmt: skip
     name = backend_for(policy, backend)
     if name not in ("namespaces", "gvisor", "microvm"):
         raise PlanError(f"backend {name!r} has no compiler yet", rule="backend")
-    root = tpl.rootfs if tpl is not None else None
+    root = tpl.rootfs if tpl is not None else build[0] if build is not None else None
+    root_env = tpl.meta.env if tpl is not None else build[1] if build is not None else {}
+    tree_access: Literal["read", "write"] = "write" if build is not None else "read"
     if name == "microvm":
         from ._microvm import check as _microvm_check
 
@@ -111,9 +123,9 @@ def _compile(policy: Policy, backend: str | None, tpl: Template | None = None) -
     mounts: list[Mount] = []
     rules: list[FsRule] = []
     if root is not None:  # the template is /; read paths are the template's
-        mounts += _template.mounts(root, policy.filesystem.write)
+        mounts += _template.mounts(root, policy.filesystem.write, writable=build is not None)
         for path, rule in _template.read_rules(root, policy.filesystem.read):
-            rules.append(FsRule(path, "read", rule))
+            rules.append(FsRule(path, tree_access, rule))
     for i, path in enumerate(policy.filesystem.read if root is None else ()):
         rule = f"filesystem.read[{i}]"
         mounts.append(Mount("ro-bind", path, rule, source=_existing(path, rule)))
@@ -160,12 +172,12 @@ def _compile(policy: Policy, backend: str | None, tpl: Template | None = None) -
                 rule=f"credentials[{i}].inject",
             )
     env = BASE_ENV + proxy_env(network)
-    if root is None or tpl is None:
+    if root is None:
         tools = tuple(_resolve_tool(t, i, policy) for i, t in enumerate(policy.tools.allow))
         loaders = sorted({ld for t in tools if (ld := _elf_interpreter(t.path))})
     else:
         own = dict(env)
-        extra = _template.env(tpl.meta.env, set(own) - {"PATH", "LANG"})
+        extra = _template.env(root_env, set(own) - {"PATH", "LANG"})
         merged = {**own, **dict(extra)}
         env = tuple(merged.items())
         search = tuple(dict.fromkeys([*merged["PATH"].split(":"), *TOOL_PATH]))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Literal
 
 from .._errors import PlanError
 from ..plan import Mount, Tool
@@ -73,8 +74,10 @@ def resolve(root: Path, path: str, *, follow_last: bool = True) -> str | None:
     return "/" + "/".join(done)
 
 
-def mounts(root: Path, write: list[str] | tuple[str, ...]) -> list[Mount]:
-    """The template's top-level entries as read-only binds and links."""
+def mounts(root: Path, write: list[str] | tuple[str, ...], *,
+           writable: bool = False) -> list[Mount]:  # fmt: skip
+    """The template's top-level entries as read-only binds and links
+    (``writable``: a build step's private tree, bound read-write)."""
     out: list[Mount] = []
     for name in sorted(os.listdir(root)):
         if name in OWN_NAMES:
@@ -84,7 +87,8 @@ def mounts(root: Path, write: list[str] | tuple[str, ...]) -> list[Mount]:
         if stat.S_ISLNK(st.st_mode):
             out.append(Mount("symlink", f"/{name}", "template", source=os.readlink(host)))
         elif stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
-            out.append(Mount("ro-bind", f"/{name}", "template", source=str(host)))
+            kind: Literal["ro-bind", "tree-bind"] = "tree-bind" if writable else "ro-bind"
+            out.append(Mount(kind, f"/{name}", "template", source=str(host)))
     for i, path in enumerate(write):
         top = path.strip("/").split("/")[0]
         if top and top not in OWN_NAMES and os.path.lexists(root / top):

@@ -150,7 +150,9 @@ class TemplateStore:
         """A fresh directory on the store's file system for an import to fill
         (so the final move is a rename)."""
         base = self.root / "staging"
-        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        base.mkdir(parents=True, exist_ok=True)
+        # 0711: a build step's sandbox uid must reach its tree here (not list others)
+        os.chmod(base, 0o711)
         return Path(tempfile.mkdtemp(dir=base))
 
     # -- write --------------------------------------------------------------------
