@@ -241,6 +241,10 @@ def cmd_audit_verify(ns: argparse.Namespace) -> int:
     from .. import _config
     from ..audit import verify
 
+    if ns.fleet:
+        from ..fleet._cli import audit_verify
+
+        return audit_verify(ns)
     path = Path(ns.log or _config.audit_log_path())
     res = verify(path, pubkey=ns.pubkey)
     if ns.json:
@@ -263,6 +267,10 @@ def cmd_audit_show(ns: argparse.Namespace) -> int:
     from ..audit import format_table, format_timeline, read_records, select
     from ..audit._log import canonical_json
 
+    if ns.fleet:
+        from ..fleet._cli import audit_show
+
+        return audit_show(ns)
     path = Path(ns.log or _config.audit_log_path())
     recs = select(read_records(path), sandbox=ns.sandbox, blocked=ns.blocked, types=ns.type)
     if ns.json:
@@ -351,6 +359,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if not cfg.key_hashes:
         return _fail("serve: no API keys (add [tenants.NAME] api_keys_sha256 to --config, "
                      "or set GLASSROOM_API_KEY)")  # fmt: skip
+    if ns.ray:  # the front door of a fleet (docs/operations.md, "The fleet")
+        from ..fleet._serve import run as run_fleet
+
+        run_fleet(cfg, ns.ray)
+        return 0
     serve(cfg)
     return 0
 
@@ -472,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="anchor public key (PEM or raw; default: audit-anchor.pub "
                          "beside the anchor key)")  # fmt: skip
     av.set_defaults(func=cmd_audit_verify)
+    av.add_argument("--anchor-log", metavar="FILE",
+                    help="--fleet: the front door's audit log: check the heads it anchored, "
+                         "anchor the new ones")  # fmt: skip
     ash = au.add_parser("show", help="print records")
     ash.add_argument("log", nargs="?")
     ash.add_argument("--sandbox", help="a sandbox id or a prefix of it")
@@ -483,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--timeline", action="store_true",
                      help="per sandbox: time offset, allowed/denied, op, path, result")  # fmt: skip
     ash.set_defaults(func=cmd_audit_show)
+    for sp in (av, ash):
+        sp.add_argument("--fleet", action="store_true",
+                        help="every node of the fleet (with --ray ADDRESS)")  # fmt: skip
+        sp.add_argument("--ray", metavar="ADDRESS", help="the Ray cluster of the fleet")
 
     d = sub.add_parser("doctor", help="what this host supports")
     d.add_argument("--json", action="store_true")
@@ -529,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="TENANT",
                 help="print a new API key and its config line, then exit",
             )
+            sp.add_argument("--ray", metavar="ADDRESS",
+                            help="be the front door of the fleet on this Ray cluster")  # fmt: skip
         else:
             sp.add_argument("--http", action="store_true", help="streamable HTTP, not stdio")
             sp.add_argument("--idle-ttl", type=float, default=600.0, metavar="SECONDS",
