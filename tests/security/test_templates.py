@@ -194,3 +194,46 @@ def test_an_unknown_template_is_refused(store: TemplateStore) -> None:
         Sandbox(policy("nope"))
     assert info.value.rule == "template"
     assert str(info.value) == "template: template 'nope' was not found (known: built, busy)"
+
+
+def test_a_tree_given_ld_so_preload_after_import_is_refused(
+    store: TemplateStore, name: str, tier: str
+) -> None:
+    """The host's loader that starts the init would read it before any wall
+    is up; the store strips it at every commit (test_templates_oci.py), and a
+    tree changed on disk since is refused at compile time on every tier."""
+    t = store.get(name)
+    etc = t.rootfs / "etc"
+    os.chmod(etc, 0o755)
+    (etc / "ld.so.preload").write_text("/opt/suid\n")
+    try:
+        with pytest.raises(PlanError) as info:
+            Sandbox({**policy(name), "risk": {"namespaces": "low", "gvisor": "medium",
+                                             "microvm": "high"}[tier]}, backend=tier)  # fmt: skip
+        assert info.value.rule == "template"
+        assert "holds /etc/ld.so.preload" in str(info.value)
+    finally:
+        (etc / "ld.so.preload").unlink()
+        os.chmod(etc, 0o555)
+
+
+def test_a_loader_path_that_leads_out_of_the_template_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tool whose PT_INTERP, resolved in the tree, is ``/`` (or a name of
+    glassroom's own) would have Landlock grant execute on all of it."""
+    base = Path(tempfile.mkdtemp(prefix="glassroom-test-tpl-interp-"))
+    try:
+        os.chmod(base, 0o755)
+        s = TemplateStore(base / "store")
+        true = os.path.realpath("/usr/bin/true")  # dynamic: PT_INTERP /lib64/ld-linux-x86-64.so.2
+        entries = {"bin/true": (Path(true).read_bytes(), 0o755),
+                   "lib64/ld-linux-x86-64.so.2": ("link", "/")}  # fmt: skip
+        import_oci(docker_save_tar(base / "i.tar", entries), s, "interp")  # type: ignore[arg-type]
+        monkeypatch.setenv("GLASSROOM_TEMPLATE_DIR", str(s.root))
+        with pytest.raises(PlanError) as info:
+            Sandbox({"template": "interp", "tools": {"allow": ["true"]}})
+        assert info.value.rule == "tools.allow[0]"
+        assert "which is not a regular file of the template" in str(info.value)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

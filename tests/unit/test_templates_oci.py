@@ -262,3 +262,68 @@ def test_the_cli(tmp_path: Path) -> None:
     assert r.returncode == 125 and "neither an OCI image layout" in r.stderr
     assert cli("rm", "demo").returncode == 0
     assert "no templates in" in cli("list").stdout
+
+
+# --- found by the attack review (docs/templates.md lists each outcome) -------
+
+
+def test_whiteouts_of_nothing_are_refused(store: TemplateStore, tmp_path: Path) -> None:
+    for i, bad in enumerate((".wh.", ".wh..", ".wh...")):
+        image = oci_layout(tmp_path / f"img{i}", [BASE, _layer([("file", f"opt/{bad}", "")])])
+        with pytest.raises(TemplateError, match="is not a whiteout of an entry"):
+            import_oci(image, store, "bad")
+    assert not any((store.root / "staging").iterdir())
+
+
+def test_an_opaque_dir_hides_lower_content_at_any_depth(store: TemplateStore, tmp_path: Path) -> None:
+    lower = _layer([("dir", "d"), ("dir", "d/sub"), ("file", "d/sub/secret", "s"), ("file", "d/x", "x")])
+    upper = _layer([("file", "d/.wh..wh..opq", ""), ("dir", "d/sub"), ("file", "d/sub/new", "n")])
+    t = import_oci(oci_layout(tmp_path / "img", [lower, upper]), store, "opq")
+    assert _tree(t.rootfs) == {"d", "d/sub", "d/sub/new"}
+
+
+def test_deep_paths_and_malformed_metadata_are_refused(store: TemplateStore, tmp_path: Path) -> None:
+    deep = _layer([("file", "d/" * 200 + "f", "x")])
+    with pytest.raises(TemplateError, match="is deeper than 128 levels"):
+        import_oci(oci_layout(tmp_path / "deep", [deep]), store, "deep")
+    image = docker_save(tmp_path / "m.tar", [BASE])
+    with tarfile.open(image) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    members["manifest.json"] = b'[{"Layers": []}]'  # no Config
+    with tarfile.open(tmp_path / "m2.tar", "w") as tf:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    with pytest.raises(TemplateError, match=r"malformed image metadata \(KeyError: 'Config'\)"):
+        import_oci(tmp_path / "m2.tar", store, "m")
+
+
+def test_a_link_target_cannot_spell_other_entries(tmp_path: Path) -> None:
+    from glassroom.templates import tree_digest
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").symlink_to('y"]\n["l", "7a", "77')  # text that looks like more listing
+    (b / "x").symlink_to("y")
+    (b / "z").symlink_to("w")
+    assert tree_digest(a)[0] != tree_digest(b)[0]
+
+
+def test_bytes_past_the_tars_end_count_against_the_bound(store: TemplateStore, tmp_path: Path) -> None:
+    tar = _layer([("file", "f", "x")]) + b"\0" * (70 << 20)  # a tar, then 70 MiB more
+    with pytest.raises(TemplateError, match="unpacks to more than"):
+        import_oci(oci_layout(tmp_path / "img", [tar]), store, "bomb", max_bytes=1 << 20)
+
+
+def test_ld_so_preload_never_reaches_the_store(store: TemplateStore, tmp_path: Path) -> None:
+    """The host's loader starts the init in the template's root and reads this
+    file by fixed path, before any wall is up (tests/security/test_templates.py
+    checks a tree changed on disk afterwards is refused)."""
+    layer = _layer([("dir", "etc"), ("file", "etc/ld.so.preload", "/opt/evil.so\n"),
+                    ("dir", "usr"), ("dir", "usr/etc"), ("sym", "usr/etc/ld.so.preload",
+                                                         "/etc/ld.so.preload")])  # fmt: skip
+    t = import_oci(oci_layout(tmp_path / "img", [layer]), store, "preload")
+    assert not os.path.lexists(t.rootfs / "etc" / "ld.so.preload")
+    assert t.meta.dropped == {"/etc/ld.so.preload": 1}

@@ -49,7 +49,7 @@ from .. import _config
 from .._errors import BackendUnavailable, PlanError
 from ..audit._events import syscalls_for
 from ..plan import EGRESS_DIR_INSIDE, LaunchPlan, Mount
-from ..policy._template import HOST_USR_INSIDE
+from ..policy._template import HOST_USR_INSIDE, INIT_ENV_UNDER_TEMPLATE
 
 INIT_DIR_INSIDE = "/.glassroom"
 PYTHON_FOR_INIT = "/usr/bin/python3"
@@ -497,7 +497,8 @@ def bundle(plan: LaunchPlan, state: Path, init_dir: Path, argv: list[str],
                 "additionalGids": list(extra_gids),
             },
             "args": argv,
-            "env": [],
+            # under a template: the init's own C locale and TZ rule (policy/_template.py)
+            "env": [f"{k}={v}" for k, v in INIT_ENV_UNDER_TEMPLATE] if plan.root else [],
             "cwd": plan.workspace,
             "capabilities": {},
             "noNewPrivileges": True,

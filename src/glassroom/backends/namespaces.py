@@ -47,7 +47,7 @@ from .._errors import (
 )
 from .._sys import cgroups, netwatch, proc, scratch, seccomp, tracewatch
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan, Mount
-from ..policy._template import HOST_USR_INSIDE
+from ..policy._template import HOST_USR_INSIDE, INIT_ENV_UNDER_TEMPLATE
 from ._channel import Channel, ProtocolViolation, close_quietly, release_quietly
 from ._files import FileOps, FileOpStalled
 from ._gates import Gates
@@ -240,6 +240,12 @@ def _template_tail(plan: LaunchPlan, init_dir: Path) -> list[str]:
             argv += ["--ro-bind", str(init_dir / "group"), "/etc/group"]
     host_usr = HOST_USR_INSIDE
     argv += ["--ro-bind", "/usr", host_usr]
+    # glibc and Python would read the template's locale files and
+    # /etc/localtime (binary formats the image controls) while the init starts,
+    # before any wall is up: the C locale and a TZ rule need no file.  The
+    # commands the init starts get the plan's env, not these.
+    for k, v in INIT_ENV_UNDER_TEMPLATE:
+        argv += ["--setenv", k, v]
     if plan.network.host_dir:
         argv += ["--ro-bind", plan.network.host_dir, EGRESS_DIR_INSIDE]
     argv += ["--remount-ro", "/", "--chdir", plan.workspace]

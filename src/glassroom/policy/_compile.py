@@ -89,6 +89,8 @@ def _template_of(policy: Policy) -> Template | None:
 def compile(policy: Policy, backend: str | None = None) -> LaunchPlan:
     """Compile (or reuse) the plan for ``policy`` on ``backend``."""
     tpl = _template_of(policy)
+    if tpl is not None:  # at every start, cached plan or not: a few lstat calls
+        _template.check_tree(tpl.rootfs)
     key = (policy.digest(), backend, tpl.digest if tpl is not None else "")
     plan = _PLANS.get(key)
     if plan is None:
@@ -123,6 +125,7 @@ def _compile(policy: Policy, backend: str | None, tpl: Template | None = None,
     mounts: list[Mount] = []
     rules: list[FsRule] = []
     if root is not None:  # the template is /; read paths are the template's
+        _template.check_tree(root)  # (a build step's tree: compile() checks the others)
         mounts += _template.mounts(root, policy.filesystem.write, writable=build is not None)
         for path, rule in _template.read_rules(root, policy.filesystem.read):
             rules.append(FsRule(path, tree_access, rule))
@@ -185,7 +188,7 @@ def _compile(policy: Policy, backend: str | None, tpl: Template | None = None,
         readable = [r.path for r in rules if r.rule == "template"]
         tools = tuple(_template.tool(root, t, i, readable, search)
                       for i, t in enumerate(policy.tools.allow))  # fmt: skip
-        loaders = sorted({ld for t in tools if (ld := _template.interpreter(root, t.path))})
+        loaders = sorted({ld for t in tools if (ld := _template.interpreter(root, t.path, t.rule))})
     return LaunchPlan(
         backend=name,
         risk=policy.risk,

@@ -39,6 +39,10 @@ OWN_NAMES = frozenset({"proc", "dev", "sys", "tmp", "workspace", "run", "home", 
 #: Where the host's /usr is bound for the in-sandbox init's interpreter only
 #: (no Landlock rule: the task cannot read it); see backends/namespaces.py.
 HOST_USR_INSIDE = "/.glassroom-host/usr"
+#: The in-sandbox init's own env under a template (never the commands'): the C
+#: locale and a full POSIX TZ rule, so neither glibc nor Python opens the
+#: template's locale or zoneinfo files before the walls are up.
+INIT_ENV_UNDER_TEMPLATE = (("LC_ALL", "C"), ("TZ", "UTC0"))
 #: Env variables a template may not set: glassroom's own, for the walls.
 PROTECTED_ENV = frozenset({"HOME", "TMPDIR", "USER", "LOGNAME", "SHELL"})
 
@@ -147,6 +151,9 @@ def tool(root: Path, name: str, i: int, read: list[str] | tuple[str, ...],
         if inside is None:
             continue
         host = root / inside.lstrip("/")
+        top = inside.strip("/").split("/")[0]
+        if top in OWN_NAMES or host.is_symlink():
+            continue
         if host.is_file() and os.stat(host).st_mode & 0o111:
             if not covered(inside, read, root):
                 raise PlanError(
@@ -160,12 +167,44 @@ def tool(root: Path, name: str, i: int, read: list[str] | tuple[str, ...],
     )
 
 
-def interpreter(root: Path, inside: str) -> str | None:
-    """PT_INTERP of a template executable, resolved in the template."""
+def interpreter(root: Path, inside: str, rule: str) -> str | None:
+    """PT_INTERP of a template executable, resolved in the template: a
+    regular file under one of the template's own entries, or refused.  (An
+    image could name a loader path that, in the tree, is a link to ``/`` or
+    into glassroom's own names: Landlock would then grant execute on it.)"""
     from ._compile import elf_interp_raw
 
     raw = elf_interp_raw(root / inside.lstrip("/"))
-    return resolve(root, raw) if raw else None
+    if not raw:
+        return None
+    real = resolve(root, raw)
+    top = (real or "/").strip("/").split("/")[0]
+    host = root / (real or "/").lstrip("/")
+    if real is None or not top or top in OWN_NAMES or host.is_symlink() or not host.is_file():
+        raise PlanError(
+            f"{rule}: {inside} names the loader {raw!r}, which is not a regular file of "
+            "the template", rule=rule,
+        )  # fmt: skip
+    return real
+
+
+def check_tree(root: Path) -> None:
+    """What a template must never hold at run time (the store strips it at
+    every commit; a tree changed on disk since is refused here)."""
+    from ..templates._store import LOADER_FILES
+
+    for path in LOADER_FILES:
+        for follow in (False, True):
+            inside = resolve(root, path, follow_last=follow)
+            if inside is not None and os.path.lexists(root / inside.lstrip("/")):
+                raise PlanError(
+                    f"template: the tree holds {path}, which the host's loader would read "
+                    "inside the sandbox before its walls are up; refused", rule="template",
+                )  # fmt: skip
+    etc = root / "etc"
+    if etc.is_symlink():
+        raise PlanError("template: its /etc is a symlink; refused (glassroom binds its "
+                        "identity files there)", rule="template")  # fmt: skip
 
 
 def env(template_env: dict[str, str], proxied: set[str]) -> tuple[tuple[str, str], ...]:

@@ -35,7 +35,7 @@ from .. import _config
 from .._errors import GlassroomError, TemplateError
 from ..policy._template import resolve
 from ._recipe import Recipe, Step
-from ._store import Template, TemplateMeta, TemplateStore
+from ._store import Template, TemplateMeta, TemplateStore, strip_loader_files
 
 #: What RUN steps may run when the recipe names no ``tools``: those the tree has.
 DEFAULT_BUILD_TOOLS = (
@@ -170,6 +170,11 @@ def _run(recipe: Recipe, step: Step, tree: Path, meta: TemplateMeta, audit_log: 
     ]  # fmt: skip
     policy_raw: dict[str, Any] = {"tools": {"allow": tools}, "resources": BUILD_RESOURCES,
                                   "network": {"allow": list(recipe.network)}}  # fmt: skip
+    # What an earlier step left for the host's loader is gone before this
+    # step's init starts on it (see _store.LOADER_FILES).
+    gone = strip_loader_files(tree)
+    if gone:
+        meta.dropped["/etc/ld.so.preload"] = meta.dropped.get("/etc/ld.so.preload", 0) + gone
     try:
         policy = validate_policy(policy_raw)
         plan = compile_build(policy, tree, meta.env, f"build:{name} {step.where}")

@@ -50,6 +50,8 @@ from ._store import Template, TemplateMeta, TemplateStore
 
 MAX_BYTES = 16 << 30
 MAX_ENTRIES = 2_000_000
+#: Deeper paths are refused: removal and copies of the tree stay bounded.
+MAX_DEPTH = 128
 _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                 "application/vnd.docker.distribution.manifest.list.v2+json")  # fmt: skip
 
@@ -205,34 +207,41 @@ def _layers(src: _Source, ref: str | None) -> tuple[list[_Layer], Any, str]:
 
 
 class _Hashing(io.RawIOBase):
-    """Counts and hashes what a reader pulls through it (a blob, or a layer's tar)."""
+    """Counts and hashes what a reader pulls through it (a blob, or a layer's
+    tar), up to ``cap`` bytes: past it the import stops (a layer whose tar
+    ends early and then inflates on and on is a bomb too)."""
 
-    def __init__(self, inner: IO[bytes]) -> None:
-        self.inner, self.h, self.n = inner, hashlib.sha256(), 0
+    def __init__(self, inner: IO[bytes], cap: int = 1 << 62) -> None:
+        self.inner, self.h, self.n, self.cap = inner, hashlib.sha256(), 0, cap
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: Any) -> int:
         data = self.inner.read(len(b))
-        self.h.update(data)
-        self.n += len(data)
+        self._count(data)
         b[: len(data)] = data
         return len(data)
+
+    def _count(self, data: bytes) -> None:
+        self.h.update(data)
+        self.n += len(data)
+        if self.n > self.cap:
+            raise _err(f"a layer unpacks to more than {self.cap >> 20} MiB")
 
     def digest(self) -> str:
         while True:  # whatever tarfile did not read (padding at the end) counts too
             data = self.inner.read(1 << 20)
             if not data:
                 break
-            self.h.update(data)
+            self._count(data)
         return "sha256:" + self.h.hexdigest()
 
 
 @contextmanager
-def _layer_tar(layer: _Layer) -> Iterator[tuple[tarfile.TarFile, _Hashing, _Hashing]]:
+def _layer_tar(layer: _Layer, cap: int) -> Iterator[tuple[tarfile.TarFile, _Hashing, _Hashing]]:
     raw = layer.open()
-    blob = _Hashing(raw)
+    blob = _Hashing(raw, cap)
     buffered = io.BufferedReader(blob, 1 << 16)
     head = buffered.peek(4)[:4]
     if head[:2] == b"\x1f\x8b":
@@ -242,7 +251,7 @@ def _layer_tar(layer: _Layer) -> Iterator[tuple[tarfile.TarFile, _Hashing, _Hash
                    "re-save the image with gzip layers")  # fmt: skip
     else:
         plain = buffered
-    tarred = _Hashing(plain)
+    tarred = _Hashing(plain, cap)
     try:
         with tarfile.open(fileobj=io.BufferedReader(tarred, 1 << 16), mode="r|") as tf:
             yield tf, blob, tarred
@@ -262,6 +271,9 @@ def _clean(name: str, label: str) -> str:
     parts = rel.split("/") if rel else []
     if any(p in ("..",) for p in parts) or "\0" in rel:
         raise _err(f"{label}: entry {name!r} leaves the image's root")
+    if len(parts) > MAX_DEPTH or len(rel) > 4096:
+        raise _err(f"{label}: entry {name[:80]!r}... is deeper than {MAX_DEPTH} levels "
+                   "or longer than 4096 bytes")  # fmt: skip
     return "/".join(p for p in parts if p not in ("", "."))
 
 
@@ -306,6 +318,20 @@ class _Applier:
     def _drop(self, why: str) -> None:
         self.dropped[why] = self.dropped.get(why, 0) + 1
 
+    def _hide_lower(self, dpath: Path, d: str, kept: set[str]) -> None:
+        """Everything under the opaque dir ``d`` that this layer did not put
+        there goes, at any depth (a kept subdir keeps only this layer's part)."""
+        todo = [(dpath, d)]
+        while todo:  # iterative: depth is bounded, recursion need not be
+            cur, rel = todo.pop()
+            for name in os.listdir(cur):
+                sub = f"{rel}/{name}" if rel else name
+                p = cur / name
+                if sub not in kept:
+                    _remove(p)
+                elif p.is_dir() and not p.is_symlink():
+                    todo.append((p, sub))
+
     def apply(self, tf: tarfile.TarFile, label: str) -> None:
         added: set[str] = set()
         opaque: list[str] = []
@@ -321,6 +347,8 @@ class _Applier:
                 opaque.append(rel.rpartition("/")[0])
                 continue
             if base.startswith(".wh."):
+                if base[4:] in ("", ".", "..") or base[4:].startswith(".wh."):
+                    raise _err(f"{label}: {rel!r} is not a whiteout of an entry")
                 gone = rel[: -len(base)] + base[4:]
                 if gone in added:
                     raise _err(f"{label}: {rel!r} whites out an entry of its own layer")
@@ -376,13 +404,20 @@ class _Applier:
                     kept.add(a)
             for d in opaque:
                 dpath = _parent_ok(self.root, f"{d}/x", label) if d else self.root
-                for name in os.listdir(dpath):
-                    if (f"{d}/{name}" if d else name) not in kept:
-                        _remove(dpath / name)
+                self._hide_lower(dpath, d, kept)
 
 
 def _config_meta(config: Any) -> TemplateMeta:
+    if not isinstance(config, dict) or not isinstance(config.get("config") or {}, dict):
+        raise _err("the image config is not a JSON object")
     c = config.get("config") or {}
+    for key, kind in (("Env", list), ("Entrypoint", list), ("Cmd", list),
+                      ("WorkingDir", str), ("User", str)):  # fmt: skip
+        v = c.get(key)
+        bad = not isinstance(v, kind) or (kind is list and not all(isinstance(x, str) for x in v))
+        if v is not None and bad:
+            shape = "list of strings" if kind is list else "string"
+            raise _err(f"the image config's {key} is not a {shape}")
     env: dict[str, str] = {}
     for item in c.get("Env") or []:
         k, sep, v = str(item).partition("=")
@@ -403,14 +438,18 @@ def import_oci(
     src = _Source(Path(path))
     staged = store.staging()
     try:
-        layers, config, cfg_digest = _layers(src, ref)
+        try:
+            layers, config, cfg_digest = _layers(src, ref)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+            raise _err(f"{path}: malformed image metadata ({type(exc).__name__}: {exc})") from None
         if (config.get("os") or "linux") != "linux":
             raise _err(f"the image is for {config.get('os')!r}, not linux")
         applier = _Applier(staged, max_bytes, max_entries)
         for layer in layers:
             if progress is not None:
                 progress(layer.label)
-            with _layer_tar(layer) as (tf, blob, tarred):
+            # the tar's own bytes: its files, plus headers and padding (bounded)
+            with _layer_tar(layer, max_bytes + (64 << 20)) as (tf, blob, tarred):
                 applier.apply(tf, layer.label)
                 diff = tarred.digest()
                 got = blob.digest()
@@ -420,7 +459,10 @@ def import_oci(
             if layer.diff_id is not None and diff != layer.diff_id:
                 raise _err(f"{layer.label}: layer does not match the config's diff_id "
                            f"{layer.diff_id} ({diff})")  # fmt: skip
-        meta = _config_meta(config)
+        try:
+            meta = _config_meta(config)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise _err(f"{path}: malformed image config ({type(exc).__name__}: {exc})") from None
         meta.source = {"kind": "oci", "image": str(path), "config_digest": cfg_digest,
                        "layers": len(layers)}  # fmt: skip
         meta.dropped = applier.dropped

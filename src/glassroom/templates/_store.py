@@ -92,28 +92,60 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
 
 
 def tree_digest(root: Path) -> tuple[str, int, int]:
-    """(``sha256:...``, file count, bytes) of the tree's canonical listing."""
-    h = hashlib.sha256(b"glassroom-template-v1\n")
+    """(``sha256:...``, file count, bytes) of the tree's canonical listing.
+
+    One JSON array per entry: names and link targets may hold any byte but
+    NUL and "/", newlines and " -> " included, so a listing made of plain
+    separators could be spelt by a link's target (two trees, one digest)."""
+    h = hashlib.sha256(b"glassroom-template-v2\n")
     files = size = 0
-    for rel, st in sorted(_walk(root)):
-        mode = stat.S_IMODE(st.st_mode) & ~0o222  # the store drops write bits (_read_only)
-        if stat.S_ISDIR(st.st_mode):
-            line = f"d {mode:o} {rel}"
-        elif stat.S_ISLNK(st.st_mode):
-            line = f"l {rel} -> {os.readlink(root / rel)}"
-        elif stat.S_ISREG(st.st_mode):
-            fh = hashlib.sha256()
-            with open(root / rel, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    fh.update(chunk)
-            line = f"f {mode:o} {st.st_size} {fh.hexdigest()} {rel}"
-            files += 1
-            size += st.st_size
-        else:  # importers never make one; a tree that holds one is not a template
-            raise TemplateError(f"{rel}: a special file has no place in a template",
-                                rule="template")  # fmt: skip
-        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    try:
+        for rel, st in sorted(_walk(root)):
+            mode = stat.S_IMODE(st.st_mode) & ~0o222  # the store drops write bits
+            name = os.fsencode(rel).hex()
+            entry: list[object]
+            if stat.S_ISDIR(st.st_mode):
+                entry = ["d", mode, name]
+            elif stat.S_ISLNK(st.st_mode):
+                entry = ["l", name, os.fsencode(os.readlink(root / rel)).hex()]
+            elif stat.S_ISREG(st.st_mode):
+                fh = hashlib.sha256()
+                with open(root / rel, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        fh.update(chunk)
+                entry = ["f", mode, st.st_size, fh.hexdigest(), name]
+                files += 1
+                size += st.st_size
+            else:  # importers never make one; a tree that holds one is not a template
+                raise TemplateError(f"{rel}: a special file has no place in a template",
+                                    rule="template")  # fmt: skip
+            h.update(json.dumps(entry).encode() + b"\n")
+    except OSError as exc:
+        raise TemplateError(f"template tree {root}: {exc.strerror}: {exc.filename}",
+                            rule="template") from None  # fmt: skip
     return "sha256:" + h.hexdigest(), files, size
+
+
+#: Files the host's dynamic loader reads by fixed path whatever the root: the
+#: in-sandbox init (the host's python, started by the host's loader) would
+#: load a template's ``/etc/ld.so.preload`` before any wall is up.  No
+#: template keeps one (counted in ``dropped``).
+LOADER_FILES = ("/etc/ld.so.preload",)
+
+
+def strip_loader_files(root: Path) -> int:
+    """Remove LOADER_FILES from the tree, found through its own links."""
+    from ..policy._template import resolve
+
+    gone = 0
+    for path in LOADER_FILES:
+        for follow in (False, True):  # the link itself, and what it names
+            inside = resolve(root, path, follow_last=follow)
+            host = root / inside.lstrip("/") if inside else None
+            if host is not None and os.path.lexists(host) and not host.is_dir():
+                os.unlink(host)
+                gone += 1
+    return gone
 
 
 def _read_only(root: Path) -> None:
@@ -163,6 +195,9 @@ class TemplateStore:
         if name is not None:
             check_name(name)
         try:
+            stripped = strip_loader_files(staged)
+            if stripped:
+                meta.dropped["/etc/ld.so.preload"] = stripped
             digest, files, size = tree_digest(staged)
         except BaseException:
             self._discard(staged)

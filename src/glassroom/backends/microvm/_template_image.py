@@ -32,6 +32,7 @@ BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 
 #: pid 1: busybox sh, which starts the agent on the host's hidden python.
 LAUNCH = """#!/.glassroom/busybox sh
+export LC_ALL=C TZ=UTC0
 exec {loader} --library-path {libdir} {python} -I -S -B -c \\
  'import sys;sys.path.insert(0,"/.glassroom")
 try:
@@ -92,6 +93,9 @@ def _host_python(stage: Path) -> tuple[str, str, str]:
 
 
 def _stage(tree: Path, stage: Path) -> None:
+    from ...policy._template import check_tree
+
+    check_tree(tree)  # no /etc/ld.so.preload: pid 1 runs as guest root on the host's loader
     shutil.copytree(tree, stage, symlinks=True, dirs_exist_ok=True)
     for dirpath, _dirs, filenames in os.walk(stage):  # the store's copy is read-only
         os.chmod(dirpath, 0o755)
