@@ -8,18 +8,14 @@ clear 400 at create naming ``tools.allow[i]``, never a sandbox on the host's
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from glassroom.policy import validate_policy
-from glassroom.templates import TemplateStore, import_oci
-from glassroom.templates.testing import busybox_entries, docker_save_tar
+from glassroom.templates import import_oci
+from glassroom.templates.testing import busybox_entries, docker_save_tar, scratch_store
 
 from .serve_helpers import Server, serving_e2b
 
@@ -28,17 +24,10 @@ RISK = {"namespaces": "low", "gvisor": "medium", "microvm": "high"}
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Server]:
-    # Not under pytest's own tmp dirs: a pytest starting meanwhile makes those
-    # 0700 again, and as root bwrap runs as the sandbox uid, which reads the store.
-    base = Path(tempfile.mkdtemp(prefix="glassroom-test-tpl-"))
-    os.chmod(base, 0o755)
     entries = busybox_entries(("sh", "cat", "echo"))
     entries["etc/os-release"] = b"ID=busy\n"
-    store = TemplateStore(base / "store")
-    import_oci(docker_save_tar(base / "img.tar", entries), store, "busy")
-    saved = os.environ.get("GLASSROOM_TEMPLATE_DIR")
-    os.environ["GLASSROOM_TEMPLATE_DIR"] = str(store.root)
-    try:
+    with scratch_store() as (store, base):
+        import_oci(docker_save_tar(base / "img.tar", entries), store, "busy")
         with serving_e2b(base / "data") as srv:
             for tier, risk in RISK.items():
                 srv.cfg.templates[f"busy-{tier}"] = validate_policy(
@@ -46,12 +35,6 @@ def served() -> Iterator[Server]:
             srv.cfg.templates["busy-python"] = validate_policy(
                 {"template": "busy", "tools": {"allow": ["sh", "python3"]}})
             yield srv
-    finally:
-        if saved is None:
-            os.environ.pop("GLASSROOM_TEMPLATE_DIR", None)
-        else:
-            os.environ["GLASSROOM_TEMPLATE_DIR"] = saved
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_serve_template_runs_in_the_store_template(served: Server, backend: str) -> None:

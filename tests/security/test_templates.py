@@ -26,7 +26,7 @@ import pytest
 from conftest import records
 from glassroom import PlanError, Sandbox, TemplateError
 from glassroom.templates import TemplateStore, build, import_oci, load_recipe
-from glassroom.templates.testing import busybox_entries, docker_save_tar
+from glassroom.templates.testing import busybox_entries, docker_save_tar, scratch_store
 
 APPLETS = ("sh", "ls", "cat", "echo", "id", "touch", "wget")
 TOOLS = ["sh", "ls", "cat", "echo", "id", "touch"]
@@ -53,28 +53,15 @@ def _image(dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def store() -> Iterator[TemplateStore]:
-    # Not under pytest's own tmp dirs: a pytest starting meanwhile makes those
-    # 0700 again, and as root bwrap runs as the sandbox uid, which reads the store.
-    base = Path(tempfile.mkdtemp(prefix="glassroom-test-tpl-"))
-    os.chmod(base, 0o755)
-    s = TemplateStore(base / "store")
-    t = import_oci(_image(base / "img.tar"), s, "busy")
-    assert t.meta.dropped == {"setuid/setgid bits": 1}
-    (base / "recipe").mkdir()
-    (base / "recipe" / "note.txt").write_text("copied\n")
-    (base / "recipe" / "Dockerfile").write_text(RECIPE)
-    saved = os.environ.get("GLASSROOM_TEMPLATE_DIR")
-    os.environ["GLASSROOM_TEMPLATE_DIR"] = str(s.root)
-    try:
+    with scratch_store() as (s, base):
+        t = import_oci(_image(base / "img.tar"), s, "busy")
+        assert t.meta.dropped == {"setuid/setgid bits": 1}
+        (base / "recipe").mkdir()
+        (base / "recipe" / "note.txt").write_text("copied\n")
+        (base / "recipe" / "Dockerfile").write_text(RECIPE)
         build(load_recipe(base / "recipe" / "Dockerfile"), s, "built",
               audit_log=base / "build.jsonl")  # fmt: skip
         yield s
-    finally:
-        if saved is None:
-            os.environ.pop("GLASSROOM_TEMPLATE_DIR", None)
-        else:
-            os.environ["GLASSROOM_TEMPLATE_DIR"] = saved
-        shutil.rmtree(base, ignore_errors=True)
 
 
 TIERS = ["namespaces", "gvisor", "microvm"]

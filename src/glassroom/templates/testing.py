@@ -8,13 +8,18 @@ a template without a network.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from ._store import TemplateStore
 
 #: An entry: bytes (a file, 0644), (bytes, mode), ("link", target), or None (a dir).
 Entry = bytes | tuple[bytes, int] | tuple[str, str] | None
@@ -83,3 +88,24 @@ def busybox_entries(applets: tuple[str, ...] = ("sh", "ls", "cat", "echo", "true
     for a in applets:
         out[f"bin/{a}"] = ("link", "busybox")
     return out
+
+
+@contextlib.contextmanager
+def scratch_store(prefix: str = "glassroom-test-tpl-") -> Iterator[tuple[TemplateStore, Path]]:
+    """A fresh store in a new 0755 dir, made the default (``GLASSROOM_TEMPLATE_DIR``)
+    while the block runs; (store, its dir) removed after.  Not under pytest's
+    own tmp dirs: a pytest starting meanwhile makes those 0700 again, and as
+    root bwrap runs as the sandbox uid, which must read the store."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, 0o755)
+    store = TemplateStore(base / "store")
+    saved = os.environ.get("GLASSROOM_TEMPLATE_DIR")
+    os.environ["GLASSROOM_TEMPLATE_DIR"] = str(store.root)
+    try:
+        yield store, base
+    finally:
+        if saved is None:
+            os.environ.pop("GLASSROOM_TEMPLATE_DIR", None)
+        else:
+            os.environ["GLASSROOM_TEMPLATE_DIR"] = saved
+        shutil.rmtree(base, ignore_errors=True)
