@@ -34,6 +34,7 @@ from ._edge import HTTP_CODES, Edge, Family, error_payload, is_streaming, scope_
 from ._models import (
     Approval,
     AuditRecord,
+    AuditVerify,
     CommandResult,
     CreateSandbox,
     CreateSnapshot,
@@ -44,12 +45,14 @@ from ._models import (
     ForkSandbox,
     Health,
     PauseSandbox,
+    PolicyView,
     ReceiptModel,
     ResumeSandbox,
     RunCommand,
     SandboxInfo,
     SetTimeout,
     SnapshotModel,
+    Usage,
 )
 from ._ports import PortRelay
 from ._service import ApiError, Entry, SandboxService, snapshot_model, translate
@@ -82,7 +85,17 @@ def tenant_dep(
     key: Annotated[str | None, Depends(_key_header)] = None,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
 ) -> Tenant:
-    return _svc(request).authenticate(key or (bearer.credentials if bearer else None))
+    svc = _svc(request)
+    given = key or (bearer.credentials if bearer else None)
+    if given is None:
+        # The console's session cookie (checked for CSRF there).  Only here:
+        # the port relay authenticates on its own and never looks at cookies.
+        from ..console import session_tenant
+
+        found = session_tenant(request, svc)
+        if found is not None:
+            return found
+    return svc.authenticate(given)
 
 
 TenantDep = Annotated[Tenant, Depends(tenant_dep)]
@@ -404,6 +417,24 @@ def get_audit(
     return [r for r in svc.audit_records(tenant, sandbox_id, blocked_only) if "_error" not in r]
 
 
+@router.get("/sandboxes/{sandbox_id}/policy", response_model=PolicyView, tags=["sandboxes"])
+def get_policy(sandbox_id: str, tenant: TenantDep, svc: ServiceDep) -> PolicyView:
+    """The sandbox's policy as written (TOML) and as compiled to walls."""
+    return svc.policy_view(svc.get(tenant, sandbox_id))
+
+
+@router.get("/sandboxes/{sandbox_id}/usage", response_model=Usage, tags=["sandboxes"])
+def get_usage(sandbox_id: str, tenant: TenantDep, svc: ServiceDep) -> Usage:
+    """What the sandbox uses now (CPU, memory, pids, disk), read from the host."""
+    return svc.usage(svc.get(tenant, sandbox_id))
+
+
+@router.get("/audit/verify", response_model=AuditVerify, tags=["audit"])
+def verify_audit(tenant: TenantDep, svc: ServiceDep) -> AuditVerify:
+    """``glassroom audit verify`` of the server's log: the chain and its anchor."""
+    return svc.verify_audit()
+
+
 @router.get("/approvals", response_model=list[Approval], tags=["approvals"])
 def list_approvals(tenant: TenantDep, svc: ServiceDep) -> list[Approval]:
     return svc.approvals.list(svc.owned_ids(tenant))
@@ -483,6 +514,9 @@ def create_app(
     from ..e2b import e2b_router
 
     app.include_router(e2b_router())
+    from ..console import mount
+
+    mount(app)
 
     @app.exception_handler(ApiError)
     async def api_error(req: Request, exc: ApiError) -> Response:

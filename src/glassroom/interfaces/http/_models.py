@@ -198,6 +198,30 @@ class Approval(BaseModel):
     rule: str
     requested_at: str
     state: Literal["pending", "approved", "denied"]
+    expires_at: str | None = Field(None, description="RFC 3339 UTC: when an unanswered hold ends")
+
+
+class PolicyView(BaseModel):
+    sandbox_id: str
+    written: str = Field(description="the policy as TOML, as the sandbox was created with it")
+    walls: dict[str, Any] = Field(description="the policy compiled to the tier's walls")
+
+
+class Usage(BaseModel):
+    sandbox_id: str
+    cpu_usec: int | None = None
+    memory_bytes: int | None = None
+    pids: int | None = None
+    disk_used: int | None = None
+    disk_total: int | None = None
+
+
+class AuditVerify(BaseModel):
+    ok: bool
+    records: int
+    problems: list[str]
+    last_seq: int | None = None
+    anchor: str | None = Field(None, description="one line about the anchor, for display")
 
 
 class Decide(BaseModel):

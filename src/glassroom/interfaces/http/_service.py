@@ -62,7 +62,16 @@ from ...lifecycle.snapshots import SnapshotInfo, SnapshotStore
 from ...lifecycle.supervisor import reap_orphans
 from ...policy import Policy, parse_policy, validate_policy
 from ._config import ServeConfig, Tenant
-from ._models import Approval, BlockedAction, CommandResult, SandboxInfo, SnapshotModel
+from ._models import (
+    Approval,
+    AuditVerify,
+    BlockedAction,
+    CommandResult,
+    PolicyView,
+    SandboxInfo,
+    SnapshotModel,
+    Usage,
+)
 
 log = logging.getLogger("glassroom.serve")
 
@@ -334,6 +343,7 @@ class Approvals:
                     rule=a.rule,
                     requested_at=rfc3339(a.created),
                     state="pending",
+                    expires_at=rfc3339(a.expires),
                 )
             )
         return out
@@ -1214,6 +1224,42 @@ class SandboxService:
             return getattr(e.sb.files, op)(*args)
         except GlassroomError as exc:
             raise translate(exc) from None
+
+    def policy_view(self, e: Entry) -> PolicyView:
+        """The console's policy page: as written and as compiled (walls)."""
+        walls: dict[str, Any] = {}
+        if self.state(e) == "running":
+            with contextlib.suppress(GlassroomError):
+                walls = e.sb.walls
+        return PolicyView(sandbox_id=e.id, written=e.sb.policy.to_toml(), walls=walls)
+
+    def usage(self, e: Entry) -> Usage:
+        """CPU/memory/pids/disk now; nothing while paused (there is no cgroup)."""
+        got: dict[str, int] = {}
+        if self.state(e) == "running":
+            with contextlib.suppress(GlassroomError, OSError):
+                got = e.sb.usage()
+        keep = {k: v for k, v in got.items() if k in Usage.model_fields}
+        return Usage(sandbox_id=e.id, **keep)
+
+    def verify_audit(self) -> AuditVerify:
+        """``audit verify`` of the log; the same for every tenant (one log, one chain)."""
+        from ...audit._verify import verify
+
+        path = Path(self.cfg.audit_log)
+        if not path.exists():
+            return AuditVerify(ok=True, records=0, problems=[])
+        try:
+            r = verify(path)
+        except (GlassroomError, OSError) as exc:
+            return AuditVerify(ok=False, records=0, problems=[str(exc)])
+        return AuditVerify(
+            ok=r.ok,
+            records=r.records,
+            problems=r.problems[:20],
+            last_seq=r.last_seq,
+            anchor=r.anchor_status,
+        )
 
     def audit_records(
         self, tenant: Tenant, sandbox_id: str, blocked_only: bool = False
