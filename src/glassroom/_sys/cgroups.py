@@ -383,11 +383,14 @@ class CgroupSet:
     def usage(self) -> dict[str, int]:
         """What the sandbox uses now: ``cpu_usec`` (CPU time so far),
         ``memory_bytes`` (charged memory) and ``memory_cache`` (its page cache),
-        for E2B's metrics.  A counter the kernel does not offer is left out."""
+        for E2B's metrics, and ``pids`` (its tasks now, for the console).  A
+        counter the kernel does not offer is left out."""
         out: dict[str, int] = {}
         for cg in self._cgs:
             with contextlib.suppress(OSError, ValueError):
-                if cg.controller == "memory" and cg.version == "v2":
+                if cg.controller == "pids":  # the same file on v1 and v2
+                    out["pids"] = int(_read(os.path.join(cg.path, "pids.current")))
+                elif cg.controller == "memory" and cg.version == "v2":
                     out["memory_bytes"] = int(_read(os.path.join(cg.path, "memory.current")))
                     stat = _counters(os.path.join(cg.path, "memory.stat"))
                     out["memory_cache"] = stat.get("file", 0)
