@@ -15,6 +15,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from glassroom.audit import read_records
 from glassroom.egress import HostsResolver, NetworkOptions
 from glassroom.egress.testing import LoopbackServer
 
@@ -217,3 +218,47 @@ def test_console_end_to_end(srv: Server, browser: webdriver.Chrome) -> None:
         api.delete(f"/v1/sandboxes/{sid}")
         api.close()
     assert not srv.errors(), srv.errors()
+
+
+def test_login_takes_json_only_and_bad_bodies_are_4xx(srv: Server) -> None:
+    """Found by the attack review: login CSRF with a text/plain or form body (no
+    preflight), 500s with tracebacks from malformed bodies, unaudited failures,
+    an unbounded session map, a cross-origin logout."""
+    url = f"{srv.url}/console/login"
+    key = srv.keys["alice"]
+    for headers, body in (({"Content-Type": "text/plain"}, f'{{"key": "{key}"}}'),
+                          ({"Content-Type": "application/x-www-form-urlencoded"}, f"key={key}")):  # fmt: skip
+        r = httpx.post(url, content=body, headers=headers)
+        assert r.status_code == 415 and r.json()["error"]["rule"] == "csrf", r.text
+    for bad in ("x", "[]", '{"key": 5}', "{"):
+        r = httpx.post(url, content=bad, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, (bad, r.text)
+        assert "JSON" in r.json()["error"]["message"], r.text
+    before = sum(1 for x in read_records(srv.cfg.audit_log) if x["event"] == "console.login_failed")
+    assert httpx.post(url, json={"key": "e2b_" + "0" * 40}).status_code == 401
+    failed = [x for x in read_records(srv.cfg.audit_log) if x["event"] == "console.login_failed"]
+    assert len(failed) == before + 1 and failed[-1]["decision"] == "deny"
+    tokens = [session(srv, "carol")[0] for _ in range(25)]  # at most 20 per tenant
+    alive = [c for c in tokens if c.get("/v1/sandboxes").status_code == 200]
+    assert len(alive) == 20, len(alive)
+    assert all(c.get("/v1/sandboxes").status_code == 401 for c in tokens[:5])  # oldest went
+    c, _ = session(srv)
+    r = c.post("/console/logout", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403
+    assert c.get("/v1/sandboxes").status_code == 200  # still logged in
+
+
+def test_file_bytes_are_never_the_services_page(srv: Server) -> None:
+    api = httpx.Client(base_url=srv.url, headers=srv.headers("alice"), timeout=60)
+    sid = api.post("/v1/sandboxes", json={}).json()["sandbox_id"]
+    try:
+        api.put(f"/v1/sandboxes/{sid}/files", params={"path": "/workspace/p.html"},
+                content=b"<script>alert(1)</script>")  # fmt: skip
+        r = api.get(f"/v1/sandboxes/{sid}/files", params={"path": "/workspace/p.html"})
+        assert r.status_code == 200 and r.content == b"<script>alert(1)</script>"
+        for k, v in (("x-content-type-options", "nosniff"), ("content-security-policy", "sandbox"),
+                     ("content-disposition", "attachment"), ("cache-control", "private, no-store")):  # fmt: skip
+            assert r.headers[k] == v, k
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+        api.close()

@@ -47,12 +47,15 @@ class H(BaseHTTPRequestHandler):
             return
         if self.path.startswith("/evil"):
             self.send_response(302)
-            for k, v in (("Location", self.path[5:] or "http://evil.example/"),
+            where = self.path[5:].replace("DOT", ".").replace("PCT", "%")
+            for k, v in (("Location", where or "http://evil.example/"),
                          ("Refresh", "0; url=http://evil.example/"),
                          ("Clear-Site-Data", '"cookies", "storage"'),
                          ("Access-Control-Allow-Origin", "*"), ("SET-COOKIE", "a=1"),
                          ("Link", "<http://evil.example/x.css>; rel=stylesheet"),
                          ("Content-Security-Policy", "default-src *"),
+                         ("X-Content-Type-Options", "nope"), ("NEL", '{"report_to":"x"}'),
+                         ("Cache-Control", "public, max-age=31536000"),
                          ("content-length", "0")):
                 self.send_header(k, v)
             self.end_headers()
@@ -276,11 +279,20 @@ def test_review_fixes_hold(serve: Server, echo_sbx: Any) -> None:
         r = c.get(f"{base}/evil")
         assert r.status_code == 302
         for gone in ("location", "refresh", "clear-site-data", "access-control-allow-origin",
-                     "set-cookie", "link"):  # fmt: skip
+                     "set-cookie", "link", "nel"):  # fmt: skip
             assert gone not in r.headers, gone
         assert r.headers["content-security-policy"] == "sandbox"
         r = c.get(f"{base}/evil/inside/the/port")
-        assert r.headers["location"] == "/inside/the/port"  # a relative one stays
+        # a relative one stays on the port: on the path form, under its prefix
+        assert r.headers["location"] == f"/v1/sandboxes/{sid}/ports/{PORT}/inside/the/port"
+        # ... so a sandbox cannot send its user's client, key and all, to the API
+        r = c.get(f"{base}/evil/v1/sandboxes")
+        assert r.headers["location"] == f"/v1/sandboxes/{sid}/ports/{PORT}/v1/sandboxes"
+        for sneaky in ("/evil/a/DOTDOT/DOTDOT/DOTDOT/DOTDOT/v1/sandboxes", "/evil/a/PCT2ePCT2e/b"):
+            r = c.get(f"{base}{sneaky}")
+            assert "location" not in r.headers, sneaky  # dot segments: dropped
+        assert r.headers["cache-control"] == "private, no-store"
+        assert r.headers.get_list("x-content-type-options") == ["nosniff"]
         r = c.get(f"{base}/big")  # past this template's output cap (1 MiB)
         assert r.status_code == 502
         assert r.json()["error"]["rule"] == "resources.max_output_bytes"

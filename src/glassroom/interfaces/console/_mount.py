@@ -21,7 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from ..http._config import Tenant
 from ..http._service import ApiError, SandboxService
@@ -48,6 +48,10 @@ _TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css", ".js": "text/
 _FILES = ("index.html", "console.css", "console.js")
 
 
+#: Live console sessions per tenant (a login past it ends the oldest).
+MAX_PER_TENANT = 20
+
+
 @dataclass
 class Session:
     tenant: str
@@ -64,11 +68,16 @@ class Sessions:
         self._lock = threading.Lock()
 
     def open(self, tenant: str) -> tuple[str, Session]:
+        """A new session; a tenant keeps at most MAX_PER_TENANT, the oldest go."""
         token = secrets.token_urlsafe(32)
         s = Session(tenant, secrets.token_urlsafe(24), time.time() + self.ttl_s)
         with self._lock:
             now = time.time()
-            self._items = {k: v for k, v in self._items.items() if v.expires > now}
+            for k in [k for k, v in self._items.items() if v.expires <= now]:
+                del self._items[k]
+            mine = [k for k, v in self._items.items() if v.tenant == tenant]  # oldest first
+            for k in mine[: max(0, len(mine) - MAX_PER_TENANT + 1)]:
+                del self._items[k]
             self._items[token] = s
         return token, s
 
@@ -146,9 +155,24 @@ def mount(app: FastAPI) -> None:
     async def login(request: Request) -> Response:
         if not _same_origin(request):
             raise ApiError(403, "forbidden", "cross-origin login refused", rule="csrf")
-        body = Login.model_validate(await request.json())
+        # JSON only: a cross-site form or text/plain post (login CSRF) would need
+        # a CORS preflight for this content type, which is never granted.
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, "invalid", "login takes a JSON body {\"key\": ...}",
+                           rule="csrf")  # fmt: skip
+        try:
+            body = Login.model_validate_json(await request.body())
+        except ValidationError:
+            raise ApiError(400, "invalid", "login takes a JSON body {\"key\": \"...\"}") from None
         svc: SandboxService = request.app.state.service
-        tenant = svc.authenticate(body.key)
+        try:
+            tenant = svc.authenticate(body.key)
+        except ApiError:
+            client = request.client.host if request.client else "?"
+            svc.audit.append("console", "console.login_failed", {"client": client},
+                             decision="deny", rule="auth")  # fmt: skip
+            raise
         token, s = app.state.sessions.open(tenant.name)
         resp = JSONResponse({"tenant": tenant.name, "csrf": s.csrf}, headers=SECURITY_HEADERS)
         secure = request.url.scheme == "https"
@@ -160,6 +184,8 @@ def mount(app: FastAPI) -> None:
 
     @app.post("/console/logout", include_in_schema=False)
     def logout(request: Request) -> Response:
+        if not _same_origin(request):
+            raise ApiError(403, "forbidden", "cross-origin logout refused", rule="csrf")
         app.state.sessions.close(request.cookies.get(SESSION_COOKIE))
         resp = JSONResponse({"ok": True}, headers=SECURITY_HEADERS)
         resp.delete_cookie(SESSION_COOKIE, path="/", samesite="strict", httponly=True)

@@ -50,7 +50,14 @@ from ..http._edge import (
     shown,
     strict_json,
 )
-from ..http._service import ApiError, Entry, SandboxService, check_mapping, translate
+from ..http._service import (
+    FILE_HEADERS,
+    ApiError,
+    Entry,
+    SandboxService,
+    check_mapping,
+    translate,
+)
 from . import _metadata, _pty, _signing
 
 ENVD_PORT = 49983
@@ -189,7 +196,7 @@ async def get_file(request: Request) -> Response:
         data = await anyio.to_thread.run_sync(svc.file_op, e, "read", path)
     except ApiError as exc:
         return api_error_response(exc)
-    return Response(data, media_type="application/octet-stream")
+    return Response(data, media_type="application/octet-stream", headers=FILE_HEADERS)
 
 
 async def post_file(request: Request) -> Response:

@@ -55,7 +55,7 @@ from ._models import (
     Usage,
 )
 from ._ports import PortRelay
-from ._service import ApiError, Entry, SandboxService, snapshot_model, translate
+from ._service import FILE_HEADERS, ApiError, Entry, SandboxService, snapshot_model, translate
 
 log = logging.getLogger("glassroom.serve")
 #: The interpreter's GIL switch interval while serving (see create_app).
@@ -349,7 +349,7 @@ def read_file(
     sandbox_id: str, tenant: TenantDep, svc: ServiceDep, path: Annotated[str, _PATH_Q]
 ) -> Response:
     data = svc.file_op(svc.get(tenant, sandbox_id), "read", path)
-    return Response(content=data, media_type="application/octet-stream")
+    return Response(content=data, media_type="application/octet-stream", headers=FILE_HEADERS)
 
 
 @router.put(

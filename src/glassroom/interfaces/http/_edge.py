@@ -86,7 +86,7 @@ def family_of(path: str, headers: MutableMapping[str, str] | None = None) -> Fam
     """Which API a request is for, from its path (and the E2B routing headers
     for paths no route has).  An unknown path outside ``/v1`` answers in the
     E2B shape, since E2B's SDKs are the clients that call paths without a prefix."""
-    if path == "/v1" or path.startswith("/v1/"):
+    if path == "/v1" or path.startswith(("/v1/", "/console")):  # the console is ours too
         return Family.OWN
     if path.startswith(("/sandboxes", "/v2/sandboxes")):
         return Family.CONTROL

@@ -81,6 +81,11 @@ _DROP_OUT = frozenset(
         "x-frame-options", "permissions-policy", "strict-transport-security",
         "alt-svc", "origin-agent-cluster", "cross-origin-opener-policy",
         "cross-origin-embedder-policy", "cross-origin-resource-policy",
+        # ours are added (nosniff, no-store); the sandbox's could undo them,
+        # or have browsers report the service's URLs to where it says
+        "x-content-type-options", "cache-control", "expires", "pragma", "nel", "report-to",
+        "reporting-endpoints", "service-worker-allowed", "speculation-rules",
+        "document-policy", "accept-ch", "critical-ch", "timing-allow-origin",
     }
 )  # fmt: skip
 
@@ -144,7 +149,7 @@ def _request_bytes(
     return wire or b""
 
 
-def _parse(conn: h11.Connection, raw: bytes, method: str) -> Answer:
+def _parse(conn: h11.Connection, raw: bytes, method: str, t: Target) -> Answer:
     conn.receive_data(raw)
     conn.receive_data(b"")
     status, out, body = 0, [], bytearray()
@@ -155,7 +160,8 @@ def _parse(conn: h11.Connection, raw: bytes, method: str) -> Answer:
                 continue
             if isinstance(ev, h11.Response):
                 status = ev.status_code
-                out = [(k, v) for k, v in ev.headers if _passed(k.decode().lower(), v)]
+                out = [(k, _relocated(v, t) if k.lower() == b"location" else v)
+                       for k, v in ev.headers if _passed(k.decode().lower(), v)]  # fmt: skip
             elif isinstance(ev, h11.Data):
                 body += ev.data
             elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
@@ -171,6 +177,7 @@ def _parse(conn: h11.Connection, raw: bytes, method: str) -> Answer:
     out += [
         (b"content-security-policy", b"sandbox"),
         (b"x-content-type-options", b"nosniff"),
+        (b"cache-control", b"private, no-store"),
         (b"content-length", str(0 if method == "HEAD" else len(body)).encode()),
     ]
     return Answer(status, out, bytes(body))
@@ -181,8 +188,23 @@ def _passed(name: str, value: bytes) -> bool:
         return False
     if name == "location":  # a redirect stays on this sandbox's port: relative only
         v = value.decode("latin-1")
-        return v.startswith("/") and not v.startswith("//") and "\\" not in v
+        if not v.startswith("/") or v.startswith("//") or "\\" in v or "%2e" in v.lower():
+            return False
+        # no dot segment: a client would resolve it out of the port's prefix
+        return not any(seg in (".", "..") for seg in v.split("?")[0].split("#")[0].split("/"))
     return True
+
+
+def _relocated(value: bytes, t: Target) -> bytes:
+    """A relative redirect of the sandbox's server, where the client will land.
+
+    On the path form the sandbox's ``/`` is ``/v1/sandboxes/{id}/ports/{port}/``:
+    a bare ``/v1/...`` would send the client, with its API key, to the service's
+    own API (a sandbox making its user delete or create things).  On the host
+    and header forms the sandbox's ``/`` is the client's ``/`` already."""
+    if not t.own_api:
+        return value
+    return f"/v1/sandboxes/{t.sandbox_id}/ports/{t.port}".encode() + value
 
 
 def relay(
@@ -255,7 +277,7 @@ def relay(
             f"port {t.port}: the answer is larger than the sandbox's output cap",
             rule="resources.max_output_bytes",
         )  # fmt: skip
-    answer = _parse(conn, b"".join(chunks), method)
+    answer = _parse(conn, b"".join(chunks), method, t)
     rec["bytes_out"] = len(answer.body)
     _audit(svc, e, rec, answer.status, "")
     if method == "HEAD":

@@ -97,6 +97,17 @@ SNAPSHOT_STATUS = {
 }
 
 
+#: On every answer that carries a sandbox's file bytes: they are the sandbox's
+#: data, served from the service's (and the console's) origin, so a browser
+#: must never sniff, render or cache them as the service's own page.
+FILE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "sandbox",
+    "Content-Disposition": "attachment",
+    "Cache-Control": "private, no-store",
+}
+
+
 class ApiError(Exception):
     """An error with its HTTP status, a short code and (when one decided) the rule."""
 
