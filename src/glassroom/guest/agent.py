@@ -36,6 +36,7 @@ import _signal as signal  # type: ignore[import-not-found,unused-ignore]
 import _socket
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import resource
@@ -100,6 +101,28 @@ TRACE_PATH_CHARS = 1024
 TRACE_ARGV_BYTES = 12 * 1024
 TRACE_LINE_BYTES = 32 * 1024
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+#: ioctl(RNDRESEEDCRNG): reseed the kernel's CRNG from the input pool now.
+_RNDRESEEDCRNG = 0x5207
+
+
+def _reseed(seed: object) -> None:
+    """Mix the host's fresh bytes into the kernel's pool and reseed the CRNG at
+    once (this agent is still root).  Every guest starts from one snapshot with
+    one RNG state: without this, sandboxes would share their random numbers."""
+    if not isinstance(seed, str) or len(seed) < 32:
+        return
+    try:
+        data = bytes.fromhex(seed)
+        fd = os.open("/dev/urandom", os.O_WRONLY)
+        try:
+            os.write(fd, data)
+            fcntl.ioctl(fd, _RNDRESEEDCRNG)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as exc:
+        _log(f"reseed failed: {exc}")
 
 
 def _log(msg: str) -> None:
@@ -535,7 +558,9 @@ class Agent:
                 _log(f"dropped {str(header.get('op'))[:20]!r} while quiesced")
 
     def _resume(self, m: "dict[str, Any]") -> None:
-        """The clock first: a restored guest's wall time is the checkpoint's."""
+        """The clock first: a restored guest's wall time is the checkpoint's;
+        and fresh entropy: its RNG state is the checkpoint's too."""
+        _reseed(m.get("seed"))
         if m.get("time"):
             try:
                 time.clock_settime(time.CLOCK_REALTIME, float(m["time"]))
@@ -611,6 +636,7 @@ class Agent:
 
     def configure(self, m: "dict[str, Any]", bpf: bytes) -> None:
         cfg = m
+        _reseed(cfg.get("seed"))
         if cfg.get("time"):
             time.clock_settime(time.CLOCK_REALTIME, float(cfg["time"]))
         try:

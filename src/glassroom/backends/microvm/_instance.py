@@ -53,6 +53,7 @@ import json
 import os
 import queue
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -527,7 +528,8 @@ class MicrovmInstance(FileOps):
         chan = ckpt.details.get("channel") or {}
         self.attach(conn, first_id=int(chan.get("next_id", 1)),
                     orphans=frozenset(int(i) for i in chan.get("open", ())))  # fmt: skip
-        self._send({"op": "resume", "time": time.time()})
+        # a restored (or forked) guest gets its own entropy, like a fresh one
+        self._send({"op": "resume", "time": time.time(), "seed": secrets.token_hex(32)})
         reply = self._await_untagged(("resumed",), "resume")
         if reply.get("version") != protocol.VERSION:
             raise WallError("microvm: the restored guest agent speaks another protocol version",
@@ -659,6 +661,10 @@ class MicrovmInstance(FileOps):
         return {
             "op": "config",
             "time": time.time(),
+            # Every VM starts from one booted-idle snapshot, RNG state and all:
+            # without fresh entropy two sandboxes would draw the same "random"
+            # bytes (keys, uuids, boot_id).  The agent mixes this in and reseeds.
+            "seed": secrets.token_hex(32),
             "read": sorted(set(read)),
             "write": write,
             "execute": sorted({t.path for t in plan.tools} | set(plan.loaders)),
@@ -1300,7 +1306,9 @@ def _path_error(kind: str, path: str, err: int) -> SandboxError:
 def _walls_digest(cfg: dict[str, Any], payload: bytes) -> str:
     """The guest's walls as sent at first boot (the clock aside): a restore checks
     that its plan asks for the very walls the restored guest holds."""
-    body = json.dumps({k: v for k, v in cfg.items() if k != "time"}, sort_keys=True)
+    # (the clock and the entropy seed differ at every boot: they are no wall)
+    body = json.dumps({k: v for k, v in cfg.items() if k not in ("time", "seed")},
+                      sort_keys=True)  # fmt: skip
     return hashlib.sha256(body.encode() + b"\0" + payload).hexdigest()
 
 
