@@ -107,12 +107,13 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _RNDRESEEDCRNG = 0x5207
 
 
-def _reseed(seed: object) -> None:
+def _reseed(seed: object) -> bool:
     """Mix the host's fresh bytes into the kernel's pool and reseed the CRNG at
     once (this agent is still root).  Every guest starts from one snapshot with
-    one RNG state: without this, sandboxes would share their random numbers."""
+    one RNG state: without this, sandboxes would share their random numbers.
+    False when it could not be done: the caller refuses to go on (fail closed)."""
     if not isinstance(seed, str) or len(seed) < 32:
-        return
+        return False
     try:
         data = bytes.fromhex(seed)
         fd = os.open("/dev/urandom", os.O_WRONLY)
@@ -123,6 +124,8 @@ def _reseed(seed: object) -> None:
             os.close(fd)
     except (OSError, ValueError) as exc:
         _log(f"reseed failed: {exc}")
+        return False
+    return True
 
 
 def _log(msg: str) -> None:
@@ -560,13 +563,13 @@ class Agent:
     def _resume(self, m: "dict[str, Any]") -> None:
         """The clock first: a restored guest's wall time is the checkpoint's;
         and fresh entropy: its RNG state is the checkpoint's too."""
-        _reseed(m.get("seed"))
+        reseeded = _reseed(m.get("seed"))
         if m.get("time"):
             try:
                 time.clock_settime(time.CLOCK_REALTIME, float(m["time"]))
             except (OSError, ValueError, TypeError):
                 pass
-        self.send({"op": "resumed", "version": protocol.VERSION})
+        self.send({"op": "resumed", "version": protocol.VERSION, "reseeded": int(reseeded)})
 
     # -- requests -------------------------------------------------------------
 
@@ -636,7 +639,10 @@ class Agent:
 
     def configure(self, m: "dict[str, Any]", bpf: bytes) -> None:
         cfg = m
-        _reseed(cfg.get("seed"))
+        if not _reseed(cfg.get("seed")):
+            self.send({"op": "fatal", "wall": "rng",
+                       "error": "cannot reseed the RNG from the host's entropy"})  # fmt: skip
+            return
         if cfg.get("time"):
             time.clock_settime(time.CLOCK_REALTIME, float(cfg["time"]))
         try:

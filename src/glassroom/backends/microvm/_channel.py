@@ -63,7 +63,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "trace": {"events": (list,), "error": (str,)},
     # A checkpoint: the agent holds still (``quiesced``) until ``resume``.
     "quiesced": {},
-    "resumed": {"version": _INT},
+    "resumed": {"version": _INT, "reseeded": _INT},  # 1: the RNG was reseeded
 }
 #: Walls a guest may name in an ``error`` frame.
 WALLS = frozenset({"audit.level"})

@@ -534,6 +534,9 @@ class MicrovmInstance(FileOps):
         if reply.get("version") != protocol.VERSION:
             raise WallError("microvm: the restored guest agent speaks another protocol version",
                             rule="init")  # fmt: skip
+        if reply.get("reseeded") != 1:  # else it would share its RNG with its twins
+            raise WallError("microvm: the restored guest could not reseed its RNG from the "
+                            "host's entropy", rule="rng")  # fmt: skip
         guest = ckpt.details.get("guest") or {}
         # What the guest said at its first boot (its claim then, recorded by the host).
         return {"kernel": str(guest.get("kernel", ""))[:80],
