@@ -37,6 +37,9 @@ command -v runsc >/dev/null || need+=(runsc)
 command -v cc >/dev/null || need+=(gcc)
 # The audit sink tests send to a real syslog receiver (rsyslogd on 127.0.0.1).
 command -v rsyslogd >/dev/null || [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
+# The built-in templates (base, code-interpreter) are Debian trees made by
+# mmdebstrap in an unprivileged user namespace (templates/_debian.py).
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 # The console's end-to-end tests: Debian's headless chromium and its driver.
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
@@ -59,4 +62,7 @@ PY=${PYTHON:-python3}
 # cached, so a no-op when done.
 if [ "$tiers" = 1 ]; then
   GLASSROOM_MICROVM_ALLOW_TCG=1 .venv/bin/glassroom microvm prepare >/dev/null
+  # The built-in templates, from Debian's packages through glassroom's egress
+  # proxy (about 5.5 minutes on 2 cores the first time; a no-op while current).
+  .venv/bin/glassroom template builtin
 fi

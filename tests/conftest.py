@@ -36,7 +36,8 @@ TEST_CGROUP_PARENT = "glassroom-test"
 
 _ISOLATED_VARS = ("GLASSROOM_STATE_DIR", "GLASSROOM_CGROUP_PARENT", "GLASSROOM_AUDIT_LOG",
                   "GLASSROOM_MICROVM_ALLOW_TCG", "GLASSROOM_AUDIT_ANCHOR_KEY",
-                  "GLASSROOM_AUDIT_SINKS", "GLASSROOM_SNAPSHOT_DIR")  # fmt: skip
+                  "GLASSROOM_AUDIT_SINKS", "GLASSROOM_SNAPSHOT_DIR",
+                  "GLASSROOM_TEMPLATE_DIR")  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,6 +51,12 @@ def glassroom_state_dir() -> Iterator[Path]:
     default log; tests still pass their own ``audit_log``.
     """
     saved = {name: os.environ.get(name) for name in _ISOLATED_VARS}
+    # The built-in templates (base, code-interpreter) are where setup.sh built
+    # them, the store of the caller's environment: read-only objects, shared by
+    # the session (a test that imports its own uses a scratch_store).
+    from glassroom._config import template_dir
+
+    os.environ["GLASSROOM_TEMPLATE_DIR"] = str(template_dir())
     state = Path(tempfile.mkdtemp(prefix="glassroom-state-", dir="/tmp"))
     os.chmod(state, 0o755)
     os.environ["GLASSROOM_STATE_DIR"] = str(state)

@@ -1,4 +1,4 @@
-"""``glassroom template import|list|show|verify|rm``: the local template store.
+"""``glassroom template import|build|builtin|list|show|verify|rm``: the local template store.
 
 Kept apart from cli.py so the store's commands (and their imports) cost
 nothing to the commands that do not use them.
@@ -31,6 +31,10 @@ def add_parser(sub: Any) -> None:
                        help="from a recipe: *.toml or a Dockerfile subset (RUN in a sandbox)")
     tb.add_argument("recipe")
     tb.add_argument("--name", required=True, help="the template's name")
+    tbi = ts.add_parser("builtin", parents=[common],
+                        help="build the built-in templates (base, code-interpreter) unless current")
+    tbi.add_argument("names", nargs="*", help="which (default: all)")
+    tbi.add_argument("--rebuild", action="store_true", help="even when current")
     ts.add_parser("list", parents=[common], help="every named template")
     for verb, text in (("show", "one template's metadata"),
                        ("verify", "recompute the tree's digest"),
@@ -79,6 +83,27 @@ def cmd_template(ns: argparse.Namespace) -> int:
 
         t = build(load_recipe(ns.recipe), store, ns.name, progress=said)
         print(json.dumps(_facts(t), indent=2) if ns.json else _line(t))
+        return 0
+    if verb == "builtin":
+        import time
+
+        from ..templates import BUILTINS, ensure
+
+        def told(msg: str) -> None:
+            if not ns.json:
+                for line in msg.splitlines()[-20:]:
+                    print(f"{PROG}: template builtin: {line}", file=sys.stderr)
+
+        t0 = time.monotonic()
+        done = ensure(store, tuple(ns.names) or BUILTINS, rebuild=ns.rebuild, progress=told)
+        took = round(time.monotonic() - t0, 1)
+        if ns.json:
+            print(json.dumps({"templates": [{**_facts(t), "built": b} for t, b in done],
+                              "seconds": took}, indent=2))  # fmt: skip
+        else:
+            for t, b in done:
+                print(_line(t) + ("  (built)" if b else "  (current)"))
+            print(f"{took} s")
         return 0
     if verb == "list":
         items = store.list()

@@ -7,9 +7,10 @@ See docs/templates.md for what is built so far and what is not.
 """
 
 from ._build import build
+from ._builtin import BUILTINS, ensure
 from ._oci import import_oci
 from ._recipe import Recipe, load_recipe
 from ._store import Template, TemplateMeta, TemplateStore, tree_digest
 
-__all__ = ["Recipe", "Template", "TemplateMeta", "TemplateStore", "build", "import_oci",
-           "load_recipe", "tree_digest"]
+__all__ = ["BUILTINS", "Recipe", "Template", "TemplateMeta", "TemplateStore", "build", "ensure",
+           "import_oci", "load_recipe", "tree_digest"]

@@ -34,6 +34,7 @@ from typing import Any
 from .. import _config
 from .._errors import GlassroomError, TemplateError
 from ..policy._template import resolve
+from ._debian import bootstrap
 from ._recipe import Recipe, Step
 from ._store import Template, TemplateMeta, TemplateStore, strip_loader_files
 
@@ -71,9 +72,24 @@ def _walk_fix(root: Path, uid: int | None, gid: int | None) -> int:
     return dropped
 
 
-def _base(recipe: Recipe, store: TemplateStore, staged: Path,
+def _debian_base(recipe: Recipe, suite: str, store: TemplateStore, staged: Path,
+                 log: Path | None, progress: Callable[[str], None]) -> TemplateMeta:  # fmt: skip
+    """Debian ``suite`` with the recipe's packages, bootstrapped into ``staged``
+    (downloads are kept in the store's ``apt-cache``: a second bootstrap
+    fetches only what the first did not)."""
+    meta = bootstrap(suite, recipe.packages, staged, cache=store.root / "apt-cache",
+                     audit_log=log, progress=progress)  # fmt: skip
+    _walk_fix(staged, None, None)
+    meta.source = {"kind": "recipe", "from": f"debian:{suite}",
+                   "packages": list(recipe.packages)}  # fmt: skip
+    return meta
+
+
+def _base(recipe: Recipe, store: TemplateStore, staged: Path, log: Path | None,
           progress: Callable[[str], None]) -> TemplateMeta:  # fmt: skip
     kind, _, ref = recipe.base.partition(":")
+    if kind == "debian":
+        return _debian_base(recipe, ref, store, staged, log, progress)
     if kind == "oci":
         from ._oci import import_oci
 
@@ -209,7 +225,7 @@ def build(
     log = Path(audit_log) if audit_log is not None else None
     staged = store.staging()
     try:
-        meta = _base(recipe, store, staged, say)
+        meta = _base(recipe, store, staged, log, say)
         for i, step in enumerate(recipe.steps):
             say(f"step {i + 1}/{len(recipe.steps)}: {step.kind} ({step.where})")
             if step.kind == "copy":
@@ -226,7 +242,8 @@ def build(
         dropped = _walk_fix(staged, None, None)
         if dropped:
             meta.dropped["setuid/setgid bits"] = dropped
-        meta.source.update({"recipe": recipe.source, "steps": len(recipe.steps)})
+        meta.source.update({"recipe": recipe.source, "steps": len(recipe.steps),
+                            "recipe_digest": recipe.digest})
     except BaseException:
         store._discard(staged)
         raise

@@ -2,7 +2,7 @@
 
 TOML::
 
-    from = "template:busy"        # template:NAME, or oci:PATH (relative to the recipe)
+    from = "template:busy"        # template:NAME, oci:PATH (relative to the recipe), debian:SUITE
     network = ["pypi.org"]        # what RUN steps may reach ([network] entry syntax)
     tools = ["sh", "python3"]     # what RUN steps may run (default: a shell's usual set)
     [[steps]]
@@ -16,8 +16,14 @@ TOML::
     [[steps]]
     user = "1000"
 
+A recipe ``from = "debian:bookworm"`` may start with ``apt`` steps
+(``[[steps]] apt = ["git", "curl"]``; in a Dockerfile, ``RUN apt-get
+install -y git curl``, optionally after ``apt-get update &&``): they are
+installed when the Debian base is bootstrapped (``_debian``), so they must
+come before every other step, and only a Debian base may have them.
+
 Dockerfile subset: ``FROM`` (a template name, ``template:NAME`` or
-``oci:PATH``), ``RUN`` (shell or JSON exec form), ``COPY SRC... DEST``,
+``oci:PATH`` or ``debian:SUITE``), ``RUN`` (shell or JSON exec form), ``COPY SRC... DEST``,
 ``ENV K=V ...`` (or ``ENV K V``), ``WORKDIR``, ``USER``; ``#`` comments and
 ``\\`` continuations.  Anything else is refused with its line, since a
 builder that skipped an instruction would build something else than asked.
@@ -25,6 +31,7 @@ builder that skipped an instruction would build something else than asked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -34,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import TemplateError
+from ._debian import check
 
 INSTRUCTIONS = ("FROM", "RUN", "COPY", "ENV", "WORKDIR", "USER")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -52,12 +60,16 @@ class Step:
 
 @dataclass
 class Recipe:
-    base: str  # "template:NAME" | "oci:PATH"
+    base: str  # "template:NAME" | "oci:PATH" | "debian:SUITE"
     steps: list[Step]
     context: Path  # COPY sources are relative to it
     network: list[str] = field(default_factory=list)
     tools: list[str] | None = None
     source: str = ""
+    #: Debian packages of a ``debian:SUITE`` base (its ``apt`` steps).
+    packages: list[str] = field(default_factory=list)
+    #: sha256 of the recipe's text (kept in the template's metadata: a rebuild check).
+    digest: str = ""
 
 
 def _err(where: str, msg: str) -> TemplateError:
@@ -73,11 +85,11 @@ def _base(text: str, where: str, context: Path) -> str:
     if kind == "oci" and rest:
         p = Path(rest)
         return f"oci:{p if p.is_absolute() else context / p}"
-    if kind in ("debian", "ubuntu"):
-        raise _err(where, f"FROM {text}: building from a distribution needs debootstrap, "
-                          "which this builder does not run yet (docs/templates.md); start "
-                          "from an imported image (oci:PATH) or a template")  # fmt: skip
-    raise _err(where, f"FROM {text!r}: expected a template name, template:NAME or oci:PATH")
+    if kind == "debian" and rest:
+        check(rest, [], where)
+        return text
+    raise _err(where, f"FROM {text!r}: expected a template name, template:NAME, oci:PATH "
+                      "or debian:SUITE")
 
 
 def _abs(value: str, where: str, what: str) -> str:
@@ -99,7 +111,12 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 _TOML_KEYS = {"from", "network", "tools", "steps"}
-_STEP_KEYS = {"run", "copy", "env", "workdir", "user"}
+_STEP_KEYS = {"run", "copy", "env", "workdir", "user", "apt"}
+#: ``RUN apt-get install ...`` in a Dockerfile (after an optional ``apt-get update &&``).
+_APT_RUN = re.compile(
+    r"^(?:apt(?:-get)?\s+update(?:\s+-\S+)*\s*&&\s*)?"
+    r"(?:DEBIAN_FRONTEND=noninteractive\s+)?apt(?:-get)?\s+install((?:\s+\S+)+?)"
+    r"(?:\s*&&\s*rm\s+-rf\s+/var/lib/apt/lists/\*)?\s*$")
 
 
 def parse_toml(text: str, source: str, context: Path) -> Recipe:
@@ -111,7 +128,8 @@ def parse_toml(text: str, source: str, context: Path) -> Recipe:
     if unknown:
         raise _err(source, f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_TOML_KEYS))})")
     if not isinstance(raw.get("from"), str):
-        raise _err(source, "from: a template name, template:NAME or oci:PATH is required")
+        raise _err(source, "from: a template name, template:NAME, oci:PATH or debian:SUITE "
+                           "is required")
     steps = []
     for i, s in enumerate(raw.get("steps") or []):
         where = f"{source}: steps[{i}]"
@@ -125,11 +143,41 @@ def parse_toml(text: str, source: str, context: Path) -> Recipe:
     if tools is not None and not (isinstance(tools, list)
                                   and all(isinstance(x, str) for x in tools)):  # fmt: skip
         raise _err(source, "tools: a list of tool names")
-    return Recipe(_base(raw["from"], f"{source}: from", context), steps, context, list(net),
-                  list(tools) if tools is not None else None, source)  # fmt: skip
+    base = _base(raw["from"], f"{source}: from", context)
+    return _hoist_apt(Recipe(base, steps, context, list(net),
+                             list(tools) if tools is not None else None, source,
+                             digest=_sha(text)))  # fmt: skip
+
+
+def _sha(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _hoist_apt(recipe: Recipe) -> Recipe:
+    """Move the leading ``apt`` steps into the Debian bootstrap (see above)."""
+    lead = 0
+    while lead < len(recipe.steps) and recipe.steps[lead].kind == "apt":
+        lead += 1
+    for step in recipe.steps[lead:]:
+        if step.kind == "apt":
+            raise _err(step.where, "apt steps come first: their packages are installed "
+                                   "when the Debian base is bootstrapped")  # fmt: skip
+    if lead and not recipe.base.startswith("debian:"):
+        raise _err(recipe.steps[0].where,
+                   f"apt packages need a Debian base (FROM debian:SUITE), not {recipe.base}: "
+                   "a RUN step cannot run apt (docs/templates.md)")  # fmt: skip
+    for step in recipe.steps[:lead]:
+        recipe.packages += [p for p in step.sources if p not in recipe.packages]
+    recipe.steps = recipe.steps[lead:]
+    return recipe
 
 
 def _step(kind: str, v: Any, where: str) -> Step:
+    if kind == "apt":
+        if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            check(None, list(v), where)
+            return Step("apt", where, sources=list(v))
+        raise _err(where, "apt: a list of Debian package names")
     if kind == "run":
         if isinstance(v, str) and v.strip():
             return Step("run", where, argv=["/bin/sh", "-c", v])
@@ -194,7 +242,12 @@ def parse_dockerfile(text: str, source: str, context: Path) -> Recipe:
         if base is None:
             raise _err(where, f"{instr} before FROM")
         if instr == "RUN":
-            steps.append(_step("run", _exec_form(rest, where) or rest, where))
+            apt = _APT_RUN.match(rest) if not rest.startswith("[") else None
+            if apt:
+                pkgs = [w for w in apt.group(1).split() if not w.startswith("-")]
+                steps.append(_step("apt", pkgs, where))
+            else:
+                steps.append(_step("run", _exec_form(rest, where) or rest, where))
         elif instr == "COPY":
             parts = _exec_form(rest, where) or shlex.split(rest)
             if any(p.startswith("--") for p in parts):
@@ -206,7 +259,7 @@ def parse_dockerfile(text: str, source: str, context: Path) -> Recipe:
             steps.append(_step(instr.lower(), rest, where))
     if base is None:
         raise _err(source, "no FROM")
-    return Recipe(base, steps, context, [], None, source)
+    return _hoist_apt(Recipe(base, steps, context, [], None, source, digest=_sha(text)))
 
 
 def _exec_form(rest: str, where: str) -> list[str] | None:

@@ -55,6 +55,19 @@ class TemplateMeta:
     #: What the import left out or changed, and how often (e.g. setuid bits, devices).
     dropped: dict[str, int] = field(default_factory=dict)
     created: float = 0.0
+    #: The tree's own digest (:func:`tree_digest`); ``digest`` also covers the
+    #: runtime metadata, so two templates of one tree and another env are two.
+    tree: str = ""
+
+
+def object_digest(tree: str, meta: TemplateMeta) -> str:
+    """The template's id: its tree's digest and what a sandbox starts with
+    (env, workdir, user, entrypoint, cmd), canonically."""
+    run = {"env": meta.env, "workdir": meta.workdir, "user": meta.user,
+           "entrypoint": meta.entrypoint, "cmd": meta.cmd}  # fmt: skip
+    h = hashlib.sha256(b"glassroom-template-object-v1\n" + tree.encode() + b"\n")
+    h.update(json.dumps(run, sort_keys=True).encode())
+    return "sha256:" + h.hexdigest()
 
 
 @dataclass
@@ -164,6 +177,29 @@ def _writable(root: Path) -> None:
             os.chmod(root / rel, stat.S_IMODE(st.st_mode) | 0o700)
 
 
+def _traversable(root: Path) -> None:
+    """Let every uid *search* (not list) the store's own dir and each of its
+    ancestors that this process owns: a sandbox's uid (bwrap, the build step,
+    gVisor's gofer) must reach the trees.  The default store sits in the audit
+    log's dir, which is 0700: it becomes 0711, and the log and its anchor stay
+    0600 files that no other uid can open.  Not run unprivileged: there the
+    sandbox's uid is this user's own, and a home dir stays as it is."""
+    if os.geteuid() != 0:
+        return
+    cur = root.resolve()
+    me = os.geteuid()
+    while True:
+        try:
+            st = os.stat(cur)
+        except FileNotFoundError:
+            st = None
+        if st is not None and st.st_uid == me and not st.st_mode & 0o001:
+            os.chmod(cur, stat.S_IMODE(st.st_mode) | 0o011)
+        if cur.parent == cur:
+            return
+        cur = cur.parent
+
+
 class TemplateStore:
     """Templates on disk under ``root`` (default: :func:`glassroom._config.template_dir`)."""
 
@@ -183,6 +219,7 @@ class TemplateStore:
         (so the final move is a rename)."""
         base = self.root / "staging"
         base.mkdir(parents=True, exist_ok=True)
+        _traversable(self.root)
         # 0711: a build step's sandbox uid must reach its tree here (not list others)
         os.chmod(base, 0o711)
         return Path(tempfile.mkdtemp(dir=base))
@@ -198,11 +235,12 @@ class TemplateStore:
             stripped = strip_loader_files(staged)
             if stripped:
                 meta.dropped["/etc/ld.so.preload"] = stripped
-            digest, files, size = tree_digest(staged)
+            tree, files, size = tree_digest(staged)
         except BaseException:
             self._discard(staged)
             raise
-        meta.digest, meta.files, meta.size_bytes = digest, files, size
+        meta.tree, meta.files, meta.size_bytes = tree, files, size
+        digest = meta.digest = object_digest(tree, meta)
         meta.created = meta.created or time.time()
         obj = self._objects() / digest.split(":", 1)[1]
         if obj.exists():  # the same content again: one object
@@ -296,10 +334,14 @@ class TemplateStore:
     def verify(self, ref: str) -> Template:
         """Recompute the tree's digest; TemplateIntegrity... as TemplateError if it changed."""
         t = self.get(ref)
-        digest, _, _ = tree_digest(t.rootfs)
-        if digest != t.digest:
+        tree, _, _ = tree_digest(t.rootfs)
+        if tree != t.meta.tree:
             raise TemplateError(
-                f"template {ref!r} changed on disk: its tree hashes to {digest}, "
-                f"not {t.digest}", rule="template.integrity",
+                f"template {ref!r} changed on disk: its tree hashes to {tree}, "
+                f"not {t.meta.tree}", rule="template.integrity",
             )  # fmt: skip
+        obj = object_digest(tree, t.meta)
+        if obj != t.digest or t.rootfs.parent.name != obj.split(":", 1)[1]:
+            raise TemplateError(f"template {ref!r}: its metadata does not match its id "
+                                f"{t.digest}", rule="template.integrity")  # fmt: skip
         return t

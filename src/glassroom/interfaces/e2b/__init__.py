@@ -2,8 +2,9 @@
 SDKs work against ``glassroom serve`` with ``E2B_API_URL`` and
 ``E2B_SANDBOX_URL`` both set to the server's URL.
 
-Three parts: the control plane (``_control``), envd (``_envd``: files,
-process and filesystem RPC) and the code interpreter (``_interpreter``).
+Four parts: the control plane (``_control``), envd (``_envd``: files,
+process and filesystem RPC), the code interpreter (``_interpreter``) and the
+template build API (``_template_build``).
 None of them is in the own API's OpenAPI spec.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import _control, _envd, _interpreter
+from . import _control, _envd, _interpreter, _template_build
 
 
 def e2b_router() -> APIRouter:
@@ -29,8 +30,9 @@ def e2b_router() -> APIRouter:
     add("/sandboxes/{sandbox_id}/network", _control.update_network, methods=["PUT"])
     add("/sandboxes/{sandbox_id}/metrics", _control.get_metrics, methods=["GET"])
     add("/snapshots", _control.list_snapshots, methods=["GET"])
+    # E2B's template build API (``e2b.Template``); its DELETE /templates/{id} is also
     # the SDK's Sandbox.delete_snapshot: a snapshot is a template in E2B's model
-    add("/templates/{template_id:path}", _control.delete_template, methods=["DELETE"])
+    _template_build.add_routes(add)
     add("/sandboxes/{sandbox_id}", _control.get_info, methods=["GET"])
     add("/sandboxes/{sandbox_id}", _control.kill, methods=["DELETE"])
     add("/health", _envd.health, methods=["GET"])

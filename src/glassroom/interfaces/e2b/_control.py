@@ -164,12 +164,20 @@ async def create(request: Request) -> Response:
         meta = check_mapping(body.get("metadata"), "metadata")
         auto_pause, auto_memory = _auto_pause(body)
         svc = _svc(request)
-        snapshot = await anyio.to_thread.run_sync(_snapshot_for, svc, tenant, template)
-        network = _network.at_create(svc, body, template, snapshot)
+        from ._template_build import for_create  # a template the tenant built
+
+        built = await anyio.to_thread.run_sync(for_create, svc, tenant, template)
+        snapshot = None
+        if built is None:
+            snapshot = await anyio.to_thread.run_sync(_snapshot_for, svc, tenant, template)
+        network = (
+            built.network(body) if built else _network.at_create(svc, body, template, snapshot)
+        )
         e = await anyio.to_thread.run_sync(
             lambda: svc.create(
                 tenant,
-                template=None if snapshot else template,
+                template=None if snapshot or built else template,
+                policy=built.policy if built else None,
                 snapshot=snapshot,
                 timeout_s=timeout,
                 env=env,
@@ -179,6 +187,8 @@ async def create(request: Request) -> Response:
                 network=network,
             )
         )
+        if built:
+            e.template = built.label
         _network.admitted(svc, e, network)
     except ApiError as exc:
         return _err(exc)

@@ -447,14 +447,30 @@ class SandboxService:
 
     # -- create ----------------------------------------------------------------
 
-    def _policy(self, template: str | None, policy: str | Mapping[str, Any] | None) -> Policy:
+    def _policy(
+        self, template: str | None, policy: str | Mapping[str, Any] | Policy | None
+    ) -> Policy:
+        if isinstance(policy, Policy):  # made by the server itself, never a request's
+            return policy
         if policy is not None:
             try:
                 if isinstance(policy, str):
-                    return parse_policy(policy, source="request.policy")
-                return validate_policy(dict(policy))
+                    given = parse_policy(policy, source="request.policy")
+                else:
+                    given = validate_policy(dict(policy))
             except PolicyError as exc:
                 raise translate(exc) from None
+            if not (given.template or "").startswith("e2b-"):
+                return given
+            # A tenant's template of E2B's build API is used by its E2B name, by
+            # that tenant only (interfaces/e2b/_template_build.py), never by store name.
+            raise ApiError(
+                403,
+                "forbidden",
+                "template: the store's e2b-* templates are tenants' own; use yours by its "
+                "E2B name (Sandbox.create)",
+                rule="template",
+            )
         name = template or self.cfg.default_template
         tpl = self.cfg.templates.get(name)
         if tpl is None:
@@ -472,7 +488,7 @@ class SandboxService:
         tenant: Tenant,
         *,
         template: str | None = None,
-        policy: str | Mapping[str, Any] | None = None,
+        policy: str | Mapping[str, Any] | Policy | None = None,
         backend: str | None = None,
         timeout_s: float | None = None,
         env: Mapping[str, str] | None = None,
