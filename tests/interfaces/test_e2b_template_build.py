@@ -333,14 +333,15 @@ def test_a_failing_run_is_an_error_naming_its_step(served: Server) -> None:
 
 @pytest.mark.parametrize("make, want", [
     (lambda: Template().from_image("python:3"), "pulls from no registry"),
-    (lambda: Template().from_debian_image("bookworm"), "debian:SUITE"),
+    (lambda: Template().from_debian_image("bookworm").run_cmd("true").apt_install("vim"),
+     "apt and dpkg cannot run"),
     (lambda: Template().from_base_image(), "no 'base'"),
     (lambda: Template().from_template("busy").run_cmd("apt-get install -y vim", user="root"),
      "apt and dpkg cannot run"),
     (lambda: Template().from_template("busy").set_start_cmd("sleep 1", "true"),
      "no start or ready command"),
     (lambda: Template().from_template("e2b-nope"), "neither a template of yours"),
-], ids=["registry-image", "debian", "base-missing", "apt", "start-cmd", "e2b-store-name"])  # fmt: skip
+], ids=["registry-image", "debian-apt-late", "base-missing", "apt", "start-cmd", "e2b-store-name"])  # fmt: skip
 def test_what_cannot_be_built_here_is_a_clear_error(served: Server, make: Any, want: str) -> None:
     with pytest.raises(BuildException) as ei:
         Template.build(make(), "refused")

@@ -167,6 +167,32 @@ def tool(root: Path, name: str, i: int, read: list[str] | tuple[str, ...],
     )
 
 
+def programs(root: Path, search: tuple[str, ...], limit: int = 4096) -> list[str]:
+    """Every program of the template's ``search`` dirs, by name, that
+    :func:`tool` would accept: for a template whose author chose its programs
+    (E2B's template build API) and wants them runnable, each still one
+    Landlock rule on its own file.  First one of a name wins, as on PATH."""
+    from ._paths import tool_problem
+
+    read = [p for p, _ in read_rules(root, [])]
+    found: dict[str, None] = {}
+    for d in search:
+        inside = resolve(root, d)
+        if inside is None or not (root / inside.lstrip("/")).is_dir():
+            continue
+        for name in sorted(os.listdir(root / inside.lstrip("/"))):
+            if name in found or tool_problem(name) is not None:
+                continue
+            try:
+                tool(root, name, 0, read, (d,))
+            except PlanError:
+                continue
+            found[name] = None
+            if len(found) >= limit:
+                return list(found)
+    return list(found)
+
+
 def interpreter(root: Path, inside: str, rule: str) -> str | None:
     """PT_INTERP of a template executable, resolved in the template: a
     regular file under one of the template's own entries, or refused.  (An

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import stat
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,13 @@ def _run(recipe: Recipe, step: Step, tree: Path, meta: TemplateMeta, audit_log: 
     from ..policy import validate_policy
     from ..policy._compile import compile_build
 
+    if recipe.tools == ["*"]:  # every program of the tree as the step starts
+        from ..policy._compile import SANDBOX_PATH
+        from ..policy._template import programs
+
+        path = meta.env.get("PATH") or SANDBOX_PATH
+        recipe = replace(recipe, tools=programs(tree, tuple(d for d in path.split(":")
+                                                             if d.startswith("/"))))  # fmt: skip
     tools = recipe.tools if recipe.tools is not None else [
         t for t in DEFAULT_BUILD_TOOLS
         if any(resolve(tree, f"{d}/{t}") for d in ("/usr/local/bin", "/usr/bin", "/bin"))

@@ -121,6 +121,18 @@ def sources_for(suite: str, host: list[Source] | None = None) -> list[Source]:
     """The apt sources a ``suite`` bootstrap uses (see the module's docstring)."""
     override = os.environ.get("GLASSROOM_DEBIAN_MIRROR")
     if override:
+        # One http(s) URL: it becomes one line of apt's sources, so a space, a
+        # newline or a "[...]" would add options (trusted=yes) or whole entries.
+        try:
+            u = urlsplit(override)
+            hostname = u.hostname
+        except ValueError:
+            hostname = None
+        if (hostname is None or u.scheme not in ("http", "https") or re.search(r"\s", override)
+                or re.search(r"[\[\]]", u.path + u.query + u.fragment)
+                or "@" in u.netloc):  # fmt: skip
+            raise _err(f"GLASSROOM_DEBIAN_MIRROR {override[:80]!r}: an http:// or https:// "
+                       "URL (no spaces or options)")  # fmt: skip
         return [Source(override.rstrip("/"), suite, ("main",))]
     entries = _host_sources() if host is None else host
     family = {suite, f"{suite}-updates", f"{suite}-security"}

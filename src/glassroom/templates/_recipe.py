@@ -115,7 +115,7 @@ _STEP_KEYS = {"run", "copy", "env", "workdir", "user", "apt"}
 #: ``RUN apt-get install ...`` in a Dockerfile (after an optional ``apt-get update &&``).
 _APT_RUN = re.compile(
     r"^(?:apt(?:-get)?\s+update(?:\s+-\S+)*\s*&&\s*)?"
-    r"(?:DEBIAN_FRONTEND=noninteractive\s+)?apt(?:-get)?\s+install((?:\s+\S+)+?)"
+    r"(?:[A-Z_]+=\S*\s+)*apt(?:-get)?\s+install((?:\s+\S+)+?)"
     r"(?:\s*&&\s*rm\s+-rf\s+/var/lib/apt/lists/\*)?\s*$")
 
 
@@ -151,6 +151,14 @@ def parse_toml(text: str, source: str, context: Path) -> Recipe:
 
 def _sha(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def apt_packages(command: str) -> list[str] | None:
+    """The packages of a shell ``apt-get install`` line (as a Dockerfile RUN or
+    E2B's ``apt_install`` writes it), or None when it is not one.  Every word
+    that is not an option must then be a package name (``check``)."""
+    m = _APT_RUN.match(command.strip())
+    return None if m is None else [w for w in m.group(1).split() if not w.startswith("-")]
 
 
 def _hoist_apt(recipe: Recipe) -> Recipe:
@@ -242,9 +250,8 @@ def parse_dockerfile(text: str, source: str, context: Path) -> Recipe:
         if base is None:
             raise _err(where, f"{instr} before FROM")
         if instr == "RUN":
-            apt = _APT_RUN.match(rest) if not rest.startswith("[") else None
-            if apt:
-                pkgs = [w for w in apt.group(1).split() if not w.startswith("-")]
+            pkgs = apt_packages(rest) if not rest.startswith("[") else None
+            if pkgs is not None:
                 steps.append(_step("apt", pkgs, where))
             else:
                 steps.append(_step("run", _exec_form(rest, where) or rest, where))

@@ -38,6 +38,8 @@ MAX_FRAME_BYTES = 4 << 20
 #: A partial line of plain output is sent on once this much is waiting.
 FLUSH_BYTES = 64 * 1024
 MAX_EVENTS_PER_STEP = 256
+#: The display formats a ``result`` may carry besides text (the kernel's FORMATS).
+RESULT_FORMATS = frozenset({"html", "markdown", "svg", "png", "jpeg", "latex"})
 
 
 @dataclass
@@ -214,7 +216,7 @@ class _Reader:
         if kind in ("stdout", "stderr"):
             return _line({"type": kind, "text": t["text"], "timestamp": _ts()})
         if kind == "result":
-            return _line({"type": "result", "text": t["text"], "is_main_result": True})
+            return self._result(f, t["text"])
         if kind == "error":
             return _line(
                 {
@@ -229,6 +231,22 @@ class _Reader:
             self.finished = True
             return _line({"type": "number_of_executions", "execution_count": count})
         return None
+
+    @staticmethod
+    def _result(f: dict[str, Any], text: str) -> bytes | None:
+        """A ``result`` event: its text, and the display formats the kernel
+        made (``formats``: png/jpeg base64, html, svg, ... as E2B's Result has
+        them), each a string; ``is_main_result`` false for ``display()``."""
+        rich = f.get("formats", {})
+        main = f.get("is_main_result", True)
+        if not isinstance(rich, dict) or type(main) is not bool:
+            return None
+        if not all(k in RESULT_FORMATS and isinstance(v, str) for k, v in rich.items()):
+            return None
+        event: dict[str, Any] = {"type": "result", "text": text}
+        event.update({k: _clean(v) for k, v in rich.items()})
+        event["is_main_result"] = main
+        return _line(event)
 
     def step(self, proc: Process, index: int) -> tuple[list[bytes], int, bool]:
         """Read and translate up to MAX_EVENTS_PER_STEP chunks (on a worker thread)."""

@@ -5,8 +5,11 @@ Standard library only.  It reads one JSON request per line on stdin
 state is kept across calls.  Everything it reports is a frame on stdout: a
 line starting with ``\\x1e`` + the nonce given in ``argv[1]``, then JSON
 (``stdout``/``stderr`` text, ``result`` for the value of a final
-expression, ``error``, ``end``).  Output a subprocess writes straight to
-fd 1 has no frame prefix, and the server reports it as stdout.
+expression, of ``display()`` or of a matplotlib figure, with its display
+``formats``, ``error``, ``end``).  Output a subprocess writes straight to
+fd 1 has no frame prefix, and the server reports it as stdout.  What the
+cell's code imported it uses as it finds it (matplotlib's pyplot, an object's
+``_repr_png_``): that comes from the template's python3, never the host's.
 
 Frames are kept small (stream text in pieces of CHUNK characters, a result
 or error cut at FIELD_MAX characters) because the server treats any line
@@ -15,7 +18,10 @@ the server bounds and checks everything it reads from this process.
 """
 
 import ast
+import base64
+import io
 import json
+import linecache
 import os
 import re
 import selectors
@@ -198,11 +204,14 @@ def rewrite(code: str) -> str:
 
 def run(code: str, ns: dict[str, object]) -> None:
     ns.setdefault("_glassroom_magic", magic)
+    ns.setdefault("display", display)
     first, _, rest = code.lstrip("\n").partition("\n")
     if first.startswith("%%"):
         name, _, arg = first[2:].strip().partition(" ")
         cell_magic(name, arg, rest, ns)
         return
+    # The cell's source, for its tracebacks (a notebook shows the failing line).
+    linecache.cache["<cell>"] = (len(code), None, code.splitlines(True), "<cell>")
     tree = ast.parse(rewrite(code), "<cell>", "exec")
     last = None
     tail = tree.body[-1] if tree.body else None
@@ -213,7 +222,89 @@ def run(code: str, ns: dict[str, object]) -> None:
     if last is not None:
         value = eval(compile(last, "<cell>", "eval"), ns)
         if value is not None:
-            frame("result", text=cut(repr(value)), is_main_result=True)
+            show(value, main=True)
+
+
+# What E2B's Result carries besides text, made the way IPython makes them: by
+# the value's ``_repr_*_`` methods (a PIL image's PNG, a DataFrame's HTML).
+# smolagents hands a PNG/JPEG result to its model as an image.  Each method is
+# looked up on the type, so an object whose __getattr__ answers anything is not
+# asked for it.  A format that would take the frame past FORMATS_BUDGET bytes
+# is left out, never cut (a cut PNG is no PNG): the frame stays far below the
+# server's frame bound.
+FORMATS = (("html", "_repr_html_"), ("markdown", "_repr_markdown_"), ("svg", "_repr_svg_"),
+           ("png", "_repr_png_"), ("jpeg", "_repr_jpeg_"), ("latex", "_repr_latex_"))  # fmt: skip
+FORMATS_BUDGET = 3 << 20
+
+
+def formats(value: object) -> dict[str, str]:
+    out: dict[str, str] = {}
+    budget = FORMATS_BUDGET
+    for key, name in FORMATS:
+        method = getattr(type(value), name, None)
+        if not callable(method):
+            continue
+        try:
+            data = method(value)
+        except Exception:
+            continue  # as IPython: a failing formatter is no format
+        if isinstance(data, tuple) and data:  # (data, metadata)
+            data = data[0]
+        if isinstance(data, bytes) and key in ("png", "jpeg"):
+            data = base64.b64encode(data).decode("ascii")
+        if not isinstance(data, str):
+            continue
+        size = len(json.dumps(data))
+        if size <= budget:
+            budget -= size
+            out[key] = data
+    return out
+
+
+def show(value: object, main: bool) -> None:
+    kw: dict[str, object] = {"text": cut(repr(value)), "is_main_result": main}
+    rich = formats(value)
+    if rich:
+        kw["formats"] = rich
+    frame("result", **kw)
+
+
+def flush_figures() -> None:
+    """As IPython's inline backend does after each cell: every matplotlib
+    figure the cell left open is shown (a PNG result that is not the cell's
+    value) and closed.  ``plt.show()`` does nothing under a non-interactive
+    backend (the code-interpreter template sets Agg), so this is what shows a
+    plot, as on E2B.  Nothing happens unless the cell's code imported pyplot."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return
+    try:
+        for num in plt.get_fignums():
+            fig = plt.figure(num)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", bbox_inches="tight")
+            png = base64.b64encode(buf.getvalue()).decode("ascii")
+            rich = {"png": png} if len(png) <= FORMATS_BUDGET else {}
+            frame("result", text=cut(repr(fig)), is_main_result=False, formats=rich)
+    finally:
+        plt.close("all")
+
+
+def display(*objs: object, **_: object) -> None:
+    """IPython's ``display()``: each object a result that is not the cell's value."""
+    for obj in objs:
+        show(obj, main=False)
+
+
+def cell_traceback(exc: BaseException) -> str:
+    """The traceback as a notebook shows it: from the cell on.  The kernel's own
+    frames (it runs as ``python3 -c``, so its file is ``<string>``) are left
+    out: an agent reads this (smolagents hands it to its model), and its code's
+    frames are what it can act on."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == "<string>":
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def main() -> None:
@@ -237,10 +328,11 @@ def main() -> None:
         sys.stdout, sys.stderr = out, err
         try:
             run(str(req.get("code", "")), ns)
+            flush_figures()
         except BaseException as exc:
             out.flush()
             err.flush()
-            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            tb = cell_traceback(exc)
             frame("error", name=type(exc).__name__, value=cut(str(exc)), traceback=cut(tb))
         finally:
             out.flush()

@@ -48,12 +48,20 @@ from ...egress import NetworkOptions
 from ...policy import Policy, validate_policy
 from ...templates import Recipe, TemplateStore
 from ...templates import build as build_recipe
-from ...templates._recipe import Step
+from ...templates._debian import SUITE, check
+from ...templates._recipe import Step, apt_packages
 from ..http._config import Tenant, builtin_templates
 from ..http._service import ApiError, SandboxService
 from . import _network
 from ._control import _err, _json, _svc, _tenant
-from ._template_files import UPLOAD_HEADERS, Uploads, check_hash, unpack
+from ._template_files import (
+    MAX_ENTRIES,
+    MAX_UNPACKED_BYTES,
+    UPLOAD_HEADERS,
+    Uploads,
+    check_hash,
+    unpack,
+)
 from ._template_registry import (
     Build,
     Registry,
@@ -96,14 +104,18 @@ class _Copy:
     files_hash: str
     src: str
     mode: int | None
+    number: int  # the SDK's step number (1-based)
 
 
 @dataclass
 class _Plan:
-    base: str  # a store template name
+    base: str  # a store template name, or debian:SUITE
     steps: list[Step]
-    copies: dict[int, _Copy] = field(default_factory=dict)
+    copies: dict[int, _Copy] = field(default_factory=dict)  # by index in steps
     notes: list[str] = field(default_factory=list)
+    #: A debian:SUITE base's packages (the SDK's leading apt_install steps)
+    packages: list[str] = field(default_factory=list)
+    apt_steps: int = 0
 
 
 class Builds:
@@ -135,6 +147,8 @@ class Builds:
 
     def enqueue(self, t: Tpl, b: Build, plan: _Plan) -> None:
         with self._lock:
+            if b.status != "waiting":  # two concurrent starts of one build: one is queued
+                raise ApiError(409, "conflict", f"build {b.id} was started already ({b.status})")
             mine = self._pending.get(t.tenant, 0)
             if mine >= MAX_PENDING_PER_TENANT or sum(self._pending.values()) >= MAX_PENDING:
                 raise ApiError(
@@ -177,8 +191,8 @@ class Builds:
 
         def say(msg: str) -> None:
             m = re.match(r"^step (\d+)/\d+:", msg)
-            if m:
-                current[0] = m.group(1)
+            if m:  # the builder's numbering, less the apt steps it took in its base
+                current[0] = str(int(m.group(1)) + plan.apt_steps)
             for line in msg.splitlines()[-200:] or [""]:
                 reg.log(b, line, step=current[0])
 
@@ -189,11 +203,16 @@ class Builds:
         name = store_name(t.tenant, t.name, b.id)
         store = TemplateStore()
         try:
+            budget = [MAX_UNPACKED_BYTES, MAX_ENTRIES]  # all COPY steps together
             for i, c in plan.copies.items():
-                current[0] = str(i + 1)
-                self._context(t, i, c, ctx, plan.steps[i])
+                current[0] = str(c.number)
+                self._context(t, c.number - 1, c, ctx, plan.steps[i], budget)
             current[0] = None  # the base, then the builder's own "step N/M" lines
-            recipe = Recipe(f"template:{plan.base}", plan.steps, ctx, [], None, f"e2b:{t.name}")
+            base = plan.base if plan.base.startswith("debian:") else f"template:{plan.base}"
+            # RUN steps may run every program the tree has (the tenant's own
+            # choice of software, as in E2B), each step in a walled sandbox.
+            recipe = Recipe(base, plan.steps, ctx, list(self.svc.cfg.template_build_network),
+                            ["*"], f"e2b:{t.name}", packages=list(plan.packages))  # fmt: skip
             tpl = build_recipe(recipe, store, name, audit_log=self.svc.cfg.audit_log,
                                progress=say)  # fmt: skip
             current[0] = "finalize"
@@ -232,7 +251,8 @@ class Builds:
             decision="allow",
         )  # fmt: skip
 
-    def _context(self, t: Tpl, i: int, c: _Copy, ctx: Path, step: Step) -> None:
+    def _context(self, t: Tpl, i: int, c: _Copy, ctx: Path, step: Step,
+                 budget: list[int]) -> None:  # fmt: skip
         """Unpack step ``i``'s upload into ``ctx/i`` and point the step at it."""
         label = f"step {i + 1}: COPY {c.src}"
         tar = self.uploads.path(t.tenant, t.id, c.files_hash)
@@ -240,12 +260,14 @@ class Builds:
             raise TemplateError(f"{label}: its files (hash {c.files_hash}) were not uploaded",
                                 rule="template.upload")  # fmt: skip
         here = ctx / str(i)
-        unpack(tar, here, label)
+        used, n = unpack(tar, here, label, max_bytes=budget[0], max_entries=budget[1])
+        budget[0] -= used  # a build's COPY steps share one budget (one small upload,
+        budget[1] -= n  # unpacked by 256 steps, would be 256 GiB)
         src = posixpath.normpath(c.src).lstrip("/")
         if any(ch in src for ch in "*?["):
             import glob
 
-            found = sorted(glob.glob(src, root_dir=here, recursive=True, include_hidden=True))
+            found = sorted(set(glob.glob(src, root_dir=here, recursive=True, include_hidden=True)))
         else:
             found = [src] if (here / src).exists() else []
         if not found:
@@ -262,25 +284,19 @@ class Builds:
                     q.chmod(c.mode & 0o777)
 
     def _tools(self, rootfs: Path, env: dict[str, str]) -> list[str]:
-        """Those of the ``base`` policy's tools the template has."""
-        from ..._errors import PlanError
+        """Every program on the template's PATH: what its author installed
+        (apt_install, npm_install -g ...) is what its sandboxes are for.  Each
+        is still its own Landlock rule, and nothing outside the tree runs."""
         from ...policy import _template as pt
         from ...policy._compile import SANDBOX_PATH, TOOL_PATH
 
         path = env.get("PATH") or SANDBOX_PATH
         search = tuple(d for d in dict.fromkeys([*path.split(":"), *TOOL_PATH])
                        if d.startswith("/"))  # fmt: skip
-        readable = [p for p, _ in pt.read_rules(rootfs, [])]
-        found = []
-        for name in self.base_policy["tools"]["allow"]:
-            try:
-                pt.tool(rootfs, name, 0, readable, search)
-            except PlanError:
-                continue
-            found.append(name)
+        found = pt.programs(rootfs, search)
         if not found:
-            raise TemplateError("finalize: the template has none of the base policy's tools "
-                                "(sh, bash, python3 ...)", rule="template.build")  # fmt: skip
+            raise TemplateError("finalize: the template has no program on its PATH",
+                                rule="template.build")  # fmt: skip
         return found
 
     def policy(self, b: Build) -> Policy:
@@ -414,16 +430,30 @@ def _base(m: Builds, tenant: Tenant, body: dict[str, Any], store: TemplateStore)
     name = _store_template(store, plain)
     if name is not None:
         return name
+    repo, _, tag = plain.partition(":")
+    if repo == "debian":  # from_debian_image(): a bootstrap, with apt_install's packages
+        suite = tag or "stable"
+        if not SUITE.match(suite):
+            raise _bad(f"fromImage {image[:80]!r}: {suite[:40]!r} is not a Debian suite name")
+        return f"debian:{suite}"
     hint = ""
-    if image.split(":")[0].split("/")[-1] in ("debian", "ubuntu"):
-        hint = ("; a Debian base with packages is built from a recipe with "
-                "from = \"debian:SUITE\" (docs/templates.md), then named here")  # fmt: skip
+    if repo == "ubuntu":
+        hint = ("; a Debian base is from_debian_image(SUITE) (its packages with "
+                "apt_install before any other step)")  # fmt: skip
     raise _bad(
         f"fromImage {image[:80]!r}: the template store has no {plain[:80]!r} (it has: {known}), "
         "and glassroom pulls from no registry (none is reachable from here); import the image "
         "with `glassroom template import` (a docker save tar or an OCI layout) and use "
         f"from_template(NAME) or from_image(NAME){hint}"
     )  # fmt: skip
+
+
+def _path(value: str, where: str, what: str) -> str:
+    """A path the file system can take (ENAMETOOLONG would be a 500 later)."""
+    if len(value.encode()) > 4096 or any(len(p.encode()) > 255 for p in value.split("/")):
+        raise _bad(f"{where}: {what} {value[:80]!r}...: a path is at most 4096 bytes, "
+                   "each of its names at most 255")  # fmt: skip
+    return value
 
 
 def _args(s: dict[str, Any], where: str, lo: int, hi: int) -> list[str]:
@@ -447,12 +477,14 @@ def plan(m: Builds, tenant: Tenant, t: Tpl, body: dict[str, Any]) -> _Plan:
                        "service from your code after Sandbox.create")  # fmt: skip
     store = TemplateStore()
     base = _base(m, tenant, body, store)
-    rootfs = store.get(base).rootfs
-    workdir = store.get(base).meta.workdir or "/"
+    debian = base.startswith("debian:")
+    rootfs = None if debian else store.get(base).rootfs
+    workdir = "/" if debian else store.get(base).meta.workdir or "/"
     raw = body.get("steps") or []
     if not isinstance(raw, list) or len(raw) > MAX_STEPS:
         raise _bad(f"steps: a list of at most {MAX_STEPS} steps")
     out = _Plan(base, [])
+    envs: dict[str, str] = {}
     for i, s in enumerate(raw):
         where = f"step {i + 1}"
         if not isinstance(s, dict) or not isinstance(s.get("type"), str):
@@ -467,12 +499,15 @@ def plan(m: Builds, tenant: Tenant, t: Tpl, body: dict[str, Any]) -> _Plan:
             if m.uploads.path(tenant.name, t.id, h) is None:
                 raise _bad(f"{where}: COPY {src[:80]}: its files (hash {h}) were not uploaded",
                            rule="template.upload")  # fmt: skip
-            if not src or posixpath.normpath(src).startswith(("../", "/")) or src == "..":
+            norm = posixpath.normpath(_path(src, where, "COPY source"))
+            if not src or norm == ".." or norm.startswith(("../", "/")):
                 raise _bad(f"{where}: COPY {src[:80]!r}: a path inside the context")
+            if src.count("**") > 1:  # each more '**' multiplies the matches (and the time)
+                raise _bad(f"{where}: COPY {src[:80]!r}: at most one '**' in a pattern")
             if not dest:
                 raise _bad(f"{where}: COPY needs a destination")
-            dest = posixpath.join(workdir, dest)
-            if not dest.endswith("/"):
+            dest = _path(posixpath.join(workdir, dest), where, "COPY destination")
+            if not dest.endswith("/") and rootfs is not None:
                 inside = resolve(rootfs, dest)
                 if inside is not None and (rootfs / inside.lstrip("/")).is_dir():
                     dest += "/"  # Docker's COPY: into an existing directory
@@ -485,12 +520,21 @@ def plan(m: Builds, tenant: Tenant, t: Tpl, body: dict[str, Any]) -> _Plan:
             if user:
                 out.notes.append(f"{where}: COPY owner {user!r} is not kept: a template's "
                                  "files belong to the sandbox's user")  # fmt: skip
-            out.copies[i] = _Copy(h, src, perm)
+            out.copies[len(out.steps)] = _Copy(h, src, perm, i + 1)
             out.steps.append(Step("copy", where, sources=[], dest=dest))
         elif kind == "RUN":
             args = _args(s, where, 1, 2)
             if not args[0].strip():
                 raise _bad(f"{where}: RUN needs a command")
+            pkgs = apt_packages(args[0]) if debian and not out.steps else None
+            if pkgs is not None:  # E2B's apt_install on a Debian base: the bootstrap's
+                try:
+                    check(None, pkgs, where)
+                except TemplateError as exc:
+                    raise _bad(str(exc)) from None
+                out.packages += [p for p in pkgs if p not in out.packages]
+                out.apt_steps += 1
+                continue
             if _APT.search(args[0]):
                 raise _bad(f"{where}: RUN {args[0][:80]!r}: apt and dpkg cannot run in a build "
                            "step (it runs as uid 1000 with no capabilities); build a Debian base "
@@ -508,10 +552,13 @@ def plan(m: Builds, tenant: Tenant, t: Tpl, body: dict[str, Any]) -> _Plan:
             for k in env:
                 if not _ENV_NAME.match(k):
                     raise _bad(f"{where}: ENV {k[:80]!r} is not a variable name")
+            envs.update(env)  # every command gets them all: too many and no exec works
+            if sum(len(k) + len(v) + 2 for k, v in envs.items()) > MAX_ARG_BYTES:
+                raise _bad(f"{where}: the template's ENV would be over {MAX_ARG_BYTES} bytes")
             out.steps.append(Step("env", where, env=env))
         elif kind == "WORKDIR":
             (wd,) = _args(s, where, 1, 1)
-            workdir = posixpath.normpath(posixpath.join(workdir, wd))
+            workdir = _path(posixpath.normpath(posixpath.join(workdir, wd)), where, "WORKDIR")
             out.steps.append(Step("workdir", where, value=workdir))
         elif kind == "USER":
             (user,) = _args(s, where, 1, 1)
@@ -624,7 +671,8 @@ async def start_build(request: Request) -> Response:
             recipe = await anyio.to_thread.run_sync(plan, m, tenant, t, body)
         except ApiError as exc:
             at = _STEP_OF.match(exc.message)
-            m._fail(t, b, exc.message, at.group(1) if at else "base")
+            if b.status == "waiting":  # not one that a concurrent start queued
+                m._fail(t, b, exc.message, at.group(1) if at else "base")
             raise
         m.enqueue(t, b, recipe)
     except ApiError as exc:

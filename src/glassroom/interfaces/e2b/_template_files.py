@@ -185,8 +185,9 @@ def _parent(root: Path, rel: str, label: str) -> Path:
 
 
 def unpack(tar_path: Path, dest: Path, label: str, *, max_bytes: int = MAX_UNPACKED_BYTES,
-           max_entries: int = MAX_ENTRIES) -> None:  # fmt: skip
-    """Unpack the upload at ``tar_path`` into ``dest`` (made here), or refuse it."""
+           max_entries: int = MAX_ENTRIES) -> tuple[int, int]:  # fmt: skip
+    """Unpack the upload at ``tar_path`` into ``dest`` (made here), or refuse it.
+    Returns (bytes, entries) unpacked: a build's COPY steps share one budget."""
     dest.mkdir(mode=0o755)
     total = entries = 0
     try:
@@ -236,3 +237,4 @@ def unpack(tar_path: Path, dest: Path, label: str, *, max_bytes: int = MAX_UNPAC
         raise _refuse(label, f"not a readable tar or tar.gz ({exc})") from None
     except OSError as exc:
         raise _refuse(label, f"not a readable tar or tar.gz ({exc.strerror or exc})") from None
+    return total, entries

@@ -18,6 +18,8 @@ policy = "/etc/glassroom/data-job.toml"     # a template is a named policy
 max_count = 20
 max_bytes = 8589934592
 max_age_s = 604800                          # also how long a paused sandbox is kept
+[e2b]
+template_build_network = ["pypi.org"]      # what RUN steps of E2B template builds reach
 ```
 
 A key is any string of at least 16 characters; ``glassroom serve --new-key
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..._config import audit_log_path
-from ..._errors import PolicyError
+from ..._errors import GlassroomError, PolicyError
 from ...lifecycle.snapshots import SnapshotLimits
 from ...policy import Policy, default_policy, load_policy, validate_policy
 
@@ -79,6 +81,20 @@ class Tenant:
 GIT_HELPERS = ("/usr/lib/git-core/git", "/usr/lib/git-core/git-daemon")
 
 
+#: The store template serve's ``code-interpreter-v1`` runs in, when the store has it.
+CODE_INTERPRETER_TEMPLATE = "code-interpreter"
+
+
+def _store_has(name: str) -> bool:
+    from ...templates import TemplateStore
+
+    try:
+        TemplateStore().get(name)
+    except GlassroomError:
+        return False
+    return True
+
+
 def builtin_templates() -> dict[str, Policy]:
     """``base`` and ``code-interpreter-v1`` (E2B's names): the default policy
     (bash, coreutils, python3; no network), with the cap E2B's timeouts need."""
@@ -87,6 +103,12 @@ def builtin_templates() -> dict[str, Policy]:
     # E2B's base image has ncurses: a terminal (``sandbox.pty``) asks ``tput``
     # for its size.  Read-only, like every tool; terminfo is under /usr.
     base["tools"]["allow"].append("tput")
+    # E2B's base image has tar and base64, and clients archive the workspace
+    # with them: the openai-agents E2B session saves it at the end of every run
+    # as ``tar -C /workspace -cf - . | base64 -w0`` and restores it with
+    # ``tar -xf`` (tests/clients/test_openai_agents.py).  Both are in the
+    # microvm guest image (coreutils, tar).
+    base["tools"]["allow"] += ["tar", "base64"]
     if shutil.which("git", path="/usr/bin:/bin"):
         # E2B's base template has git, and clients use it (its SDK's git API).
         # The host's own, read-only like the rest of /usr (and in the microvm
@@ -97,6 +119,12 @@ def builtin_templates() -> dict[str, Policy]:
         base["tools"]["allow"].append("git")
         base["tools"]["allow"] += [p for p in GIT_HELPERS if os.access(p, os.X_OK)]
     ci = default_policy().model_dump()
+    if _store_has(CODE_INTERPRETER_TEMPLATE):
+        # numpy, pandas, matplotlib and Pillow, as E2B's code interpreter has
+        # them (clients such as smolagents' E2B executor import them): the
+        # built-in Debian template, where `glassroom template builtin` made it.
+        # Without it the tier's own python3 runs, with its standard library only.
+        ci["template"] = CODE_INTERPRETER_TEMPLATE
     ci["resources"]["max_runtime_s"] = TEMPLATE_MAX_RUNTIME_S
     ci["resources"]["max_output_bytes"] = 64 << 20  # the kernel is long-lived
     ci["resources"]["memory_mib"] = 1024
@@ -121,6 +149,9 @@ class ServeConfig:
     tenants: dict[str, Tenant] = field(default_factory=dict)
     templates: dict[str, Policy] = field(default_factory=builtin_templates)
     default_template: str = "base"
+    #: ``[e2b] template_build_network``: what the RUN steps of E2B's template
+    #: build API may reach ([network] entries; e.g. the package registries).
+    template_build_network: list[str] = field(default_factory=list)
     #: ``[snapshots]``: the per-tenant limits of the snapshot store.
     snapshot_limits: SnapshotLimits = field(default_factory=SnapshotLimits)
 
@@ -188,7 +219,27 @@ class ServeConfig:
             cfg.templates[name] = load_policy(src if Path(src).is_absolute() else p.parent / src)
         if "snapshots" in raw:
             cfg.snapshot_limits = snapshot_limits(raw["snapshots"], str(p))
+        if "e2b" in raw:
+            cfg.template_build_network = _build_network(raw["e2b"], str(p))
         return cfg
+
+
+def _build_network(table: Any, source: str) -> list[str]:
+    """``[e2b]``: its one key, a list of [network] entries, each checked."""
+    from ...policy import validate_policy
+
+    if not isinstance(table, dict) or set(table) - {"template_build_network"}:
+        raise PolicyError("must be a table with only template_build_network", source=source,
+                          field="e2b")  # fmt: skip
+    net = table.get("template_build_network", [])
+    if not isinstance(net, list) or not all(isinstance(x, str) for x in net):
+        raise PolicyError("a list of [network] entries", source=source,
+                          field="e2b.template_build_network")  # fmt: skip
+    try:
+        validate_policy({"network": {"allow": net}})
+    except PolicyError as exc:
+        raise PolicyError(str(exc), source=source, field="e2b.template_build_network") from None
+    return list(net)
 
 
 def snapshot_limits(table: Any, source: str = "serve config") -> SnapshotLimits:
