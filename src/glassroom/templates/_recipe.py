@@ -4,7 +4,8 @@ TOML::
 
     from = "template:busy"        # template:NAME, oci:PATH (relative to the recipe), debian:SUITE
     network = ["pypi.org"]        # what RUN steps may reach ([network] entry syntax)
-    tools = ["sh", "python3"]     # what RUN steps may run (default: a shell's usual set)
+    tools = ["sh", "python3"]     # what RUN steps may run (default: a shell's usual set;
+                                  # ["*"]: every program of the tree as the step starts)
     [[steps]]
     copy = ["app/", "/opt/app"]   # from the recipe's dir into the tree
     [[steps]]
