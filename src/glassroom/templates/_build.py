@@ -23,10 +23,13 @@ import: content-addressed, read-only, one rename.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -174,8 +177,52 @@ def _copy(recipe: Recipe, step: Step, tree: Path) -> None:
             os.chmod(out, stat.S_IMODE(st.st_mode) & 0o755)
 
 
+def _tree_bytes(root: Path) -> int:
+    """Bytes the tree's files take on disk (allocated blocks, as du counts)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in [*dirnames, *filenames]:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
+    return total
+
+
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _watch(proc: Any, tree: Path, limit: int) -> tuple[Any, bytes, bytes, bool]:
+    """Follow a RUN step to its end: (result, stdout, stderr, over the disk).
+
+    Why a watch and not a quota: the tree is a directory of the store's own
+    file system (so the commit is a rename), which has no per-directory
+    quota.  The file system's free space is read twice a second; only when
+    it fell by more than ``limit`` is the tree itself measured, and a tree
+    grown by more than ``limit`` has its step killed (RLIMIT_FSIZE bounds
+    each file meanwhile).  At the end the tree is measured once more."""
+    start_free, start_tree = _free(tree), _tree_bytes(tree)
+    out: list[bytes] = []
+    err: list[bytes] = []
+    idx, over = 0, False
+    while True:
+        events, idx, done = proc.events_since(idx, 0.5)
+        for stream, data in events:
+            (err if stream == "stderr" else out).append(data)
+        if done:
+            break
+        if (not over and start_free - _free(tree) > limit
+                and _tree_bytes(tree) - start_tree > limit):  # fmt: skip
+            over = True
+            proc.signal(signal.SIGKILL)
+    res = proc.wait(30)
+    # a step quicker than the watch: the tree as it ended, the same bound
+    over = over or _tree_bytes(tree) - start_tree > limit
+    return res, b"".join(out), b"".join(err), over
+
+
 def _run(recipe: Recipe, step: Step, tree: Path, meta: TemplateMeta, audit_log: Path | None,
-         progress: Callable[[str], None], name: str) -> None:  # fmt: skip
+         progress: Callable[[str], None], name: str, end: float) -> None:  # fmt: skip
     from .._sandbox import Sandbox
     from ..lifecycle.supervisor import Supervised
     from ..policy import validate_policy
@@ -210,25 +257,38 @@ def _run(recipe: Recipe, step: Step, tree: Path, meta: TemplateMeta, audit_log: 
         _walk_fix(tree, uid, gid)
     try:
         sup = Supervised(policy, backend="namespaces", audit_log=audit_log, plan=plan)
+        left = end - time.monotonic()
+        if left <= 0:
+            raise _err(step, "the build's deadline has passed")
+        limit = int(BUILD_RESOURCES["disk_mib"]) << 20
         with Sandbox._wrap(sup) as sb:
             progress(f"{step.where}: RUN {' '.join(step.argv)[:120]} (in {sb.id})")
-            r = sb.run(step.argv, cwd=meta.workdir or "/",
-                       timeout_s=float(BUILD_RESOURCES["max_runtime_s"]))  # fmt: skip
+            cap = min(float(BUILD_RESOURCES["max_runtime_s"]), left)
+            proc = sb.spawn(step.argv, cwd=meta.workdir or "/", timeout_s=cap)
+            r, out, err, over = _watch(proc, tree, limit)
     finally:
         if as_root:
             _walk_fix(tree, 0, 0)
-    if r.stdout:
-        progress(r.stdout.rstrip()[-2000:])
-    if r.exit_code != 0:
-        tail = (r.stderr or r.stdout).strip()[-400:]
-        raise _err(step, f"RUN exited {r.exit_code}: {tail}")
+    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+    if stdout:
+        progress(stdout.rstrip()[-2000:])
+    if over:
+        raise _err(step, f"RUN wrote more than the build's disk ({limit >> 20} MiB, "
+                         "resources.disk_mib) into the tree: killed")  # fmt: skip
+    if r is None or r.exit_code != 0:
+        tail = (stderr or stdout).strip()[-400:]
+        code = "no exit" if r is None else r.exit_code
+        why = " (timed out)" if r is not None and r.timed_out else ""
+        raise _err(step, f"RUN exited {code}{why}: {tail}")
 
 
 def build(
     recipe: Recipe, store: TemplateStore, name: str, *, audit_log: str | Path | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, deadline_s: float | None = None,
 ) -> Template:  # fmt: skip
-    """Build ``recipe`` into ``store`` as ``name``; every RUN step in a sandbox."""
+    """Build ``recipe`` into ``store`` as ``name``; every RUN step in a sandbox.
+    ``deadline_s``: the whole build's bound, which its RUN steps share."""
+    end = time.monotonic() + (deadline_s if deadline_s is not None else float("inf"))
     say = progress or (lambda _m: None)
     log = Path(audit_log) if audit_log is not None else None
     staged = store.staging()
@@ -239,7 +299,7 @@ def build(
             if step.kind == "copy":
                 _copy(recipe, step, staged)
             elif step.kind == "run":
-                _run(recipe, step, staged, meta, log, say, name)
+                _run(recipe, step, staged, meta, log, say, name, end)
             elif step.kind == "env":
                 meta.env.update(step.env)
             elif step.kind == "workdir":

@@ -249,7 +249,8 @@ def bootstrap(
         if packages:
             argv.append("--include=" + ",".join(sorted(set(packages))))
         if cache is not None:  # mmdebstrap's documented way to keep downloads
-            cache.mkdir(parents=True, exist_ok=True, mode=0o755)
+            cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(cache, 0o700)
             argv += ["--skip=essential/unlink",
                      '--setup-hook=mkdir -p "$1"/var/cache/apt/archives/',
                      f"--setup-hook=sync-in {cache} /var/cache/apt/archives/",

@@ -247,8 +247,10 @@ class TemplateStore:
             self._discard(staged)
         else:
             _read_only(staged)
+            self._objects().mkdir(parents=True, exist_ok=True)
+            os.chmod(self._objects(), 0o711)  # sandboxes reach a tree, list none
             tmp = self._objects() / f".tmp-{os.getpid()}-{obj.name}"
-            tmp.mkdir(parents=True, mode=0o755)
+            tmp.mkdir(mode=0o755)
             os.rename(staged, tmp / "rootfs")
             (tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=1, sort_keys=True))
             os.chmod(tmp, 0o755)
@@ -259,7 +261,8 @@ class TemplateStore:
 
     def _point(self, name: str, digest: str) -> None:
         d = self._names()
-        d.mkdir(parents=True, exist_ok=True, mode=0o755)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(d, 0o700)  # names (tenants' among them) are the host's business
         tmp = d / f".{name}.{os.getpid()}"
         tmp.write_text(digest + "\n")
         os.replace(tmp, d / name)

@@ -76,7 +76,10 @@ log = logging.getLogger("glassroom.serve")
 
 WORKERS = 2
 MAX_PENDING = 8
-MAX_PENDING_PER_TENANT = 2
+#: One per tenant: a tenant never holds every worker (the review's finding).
+MAX_PENDING_PER_TENANT = 1
+#: A build's whole wall-clock bound: its steps share it (templates.build).
+BUILD_DEADLINE_S = 3600.0
 MAX_STEPS = 256
 MAX_ARG_BYTES = 64 << 10
 #: After a sandbox in a deleted template ends, how long before its tree is removed.
@@ -128,7 +131,6 @@ class Builds:
         self.uploads = Uploads(root / "files")
         self.contexts = root / "contexts"
         shutil.rmtree(self.contexts, ignore_errors=True)  # a crashed build's
-        self.base_policy = builtin_templates()["base"].model_dump()
         self._queue: queue.Queue[tuple[Tpl, Build, _Plan]] = queue.Queue()
         self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -166,6 +168,14 @@ class Builds:
                 w.start()
         self.registry.save()
         self._queue.put((t, b, plan))
+
+    @property
+    def base_policy(self) -> dict[str, Any]:
+        """The operator's ``[templates.base]`` as it is now (the built-in one
+        where unset): a tenant's template never runs on a weaker tier, or with
+        more than that base gives."""
+        base = self.svc.cfg.templates.get("base") or builtin_templates()["base"]
+        return base.model_dump()
 
     def _work(self) -> None:
         while True:
@@ -214,7 +224,7 @@ class Builds:
             recipe = Recipe(base, plan.steps, ctx, list(self.svc.cfg.template_build_network),
                             ["*"], f"e2b:{t.name}", packages=list(plan.packages))  # fmt: skip
             tpl = build_recipe(recipe, store, name, audit_log=self.svc.cfg.audit_log,
-                               progress=say)  # fmt: skip
+                               progress=say, deadline_s=BUILD_DEADLINE_S)  # fmt: skip
             current[0] = "finalize"
             tools = self._tools(tpl.rootfs, tpl.meta.env)
             b.tools = tools
@@ -572,13 +582,15 @@ def plan(m: Builds, tenant: Tenant, t: Tpl, body: dict[str, Any]) -> _Plan:
 
 
 def _resources(body: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The build's asked resources, each at most the operator's ``base`` gives."""
     out: dict[str, Any] = {}
-    for key, lo, hi, to in (("cpuCount", 1, MAX_CPUS, "cpus"),
-                            ("memoryMB", 128, MAX_MEMORY_MB, "memory_mib"),
-                            ("minFreeDiskMB", 0, MAX_DISK_MB, "disk_mib")):  # fmt: skip
+    for key, lo, cap, to in (("cpuCount", 1, MAX_CPUS, "cpus"),
+                             ("memoryMB", 128, MAX_MEMORY_MB, "memory_mib"),
+                             ("minFreeDiskMB", 0, MAX_DISK_MB, "disk_mib")):  # fmt: skip
         v = body.get(key)
         if v is None:
             continue
+        hi = min(cap, int(base[to]))
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise ApiError(400, "invalid", f"{key}: a whole number from {lo} to {hi}",
                            rule=f"template.{key}")  # fmt: skip
