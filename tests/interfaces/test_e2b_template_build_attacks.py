@@ -295,7 +295,7 @@ def test_a_run_step_cannot_write_more_than_the_build_disk(
 
 
 def test_one_tenant_cannot_hold_every_build_worker(served: Server) -> None:
-    slow = [{"type": "RUN", "args": ["sleep 30"]}]
+    slow = [{"type": "RUN", "args": ["sleep 20"]}]
     r1, a1 = _start(served, "slow1", [dict(s) for s in slow])
     r2, _ = _start(served, "slow2", [dict(s) for s in slow])
     assert r1.status_code == 202, r1.text

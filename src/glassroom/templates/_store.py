@@ -261,8 +261,10 @@ class TemplateStore:
 
     def _point(self, name: str, digest: str) -> None:
         d = self._names()
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(d, 0o700)  # names (tenants' among them) are the host's business
+        d.mkdir(parents=True, exist_ok=True, mode=0o711)
+        # Listed by nobody else (tenants' names are among them), read by a
+        # glassroom that runs unprivileged on a store root made.
+        os.chmod(d, 0o711)
         tmp = d / f".{name}.{os.getpid()}"
         tmp.write_text(digest + "\n")
         os.replace(tmp, d / name)
