@@ -168,7 +168,7 @@ def _proxy(hosts: list[tuple[str, int]], build_id: str, audit_log: Path | None) 
     from ..egress._decide import PlanDecider
     from ..egress._proxy import EgressProxy, ProxyConfig
     from ..policy import validate_policy
-    from ..policy._compile import compile as compile_plan
+    from ..policy._network import network_plan
 
     allow = {f"{h}:{p}" for h, p in hosts}
     # The mirrors are the host's own apt sources, which the host itself trusts
@@ -184,7 +184,7 @@ def _proxy(hosts: list[tuple[str, int]], build_id: str, audit_log: Path | None) 
             ip = str(info[4][0])
             allow.add(f"[{ip}]:{p}" if ":" in ip else f"{ip}:{p}")
     policy = validate_policy({"network": {"allow": sorted(allow)}})
-    plan = compile_plan(policy, "namespaces").network
+    plan = network_plan(policy)  # the network part alone: no sandbox is planned
     log = AuditLog(audit_log or _config.audit_log_path())
 
     def emit(details: dict[str, Any], decision: str, rule: str | None) -> None:

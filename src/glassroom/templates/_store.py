@@ -187,13 +187,12 @@ def _traversable(root: Path) -> None:
     if os.geteuid() != 0:
         return
     cur = root.resolve()
-    me = os.geteuid()
     while True:
         try:
             st = os.stat(cur)
         except FileNotFoundError:
             st = None
-        if st is not None and st.st_uid == me and not st.st_mode & 0o001:
+        if st is not None and st.st_uid == 0 and not st.st_mode & 0o001:
             os.chmod(cur, stat.S_IMODE(st.st_mode) | 0o011)
         if cur.parent == cur:
             return
