@@ -3,6 +3,8 @@
 The public surface is exactly ``__all__`` (pinned by tests/unit/test_public_api.py).
 """
 
+from typing import TYPE_CHECKING
+
 from ._errors import (
     AuditError,
     AuditIntegrityError,
@@ -20,11 +22,24 @@ from ._errors import (
     TemplateError,
     WallError,
 )
-from ._sandbox import Files, RunResult, Sandbox, SandboxPool
-from .backends.base import FileEntry, Receipt
-from .lifecycle.snapshots import SnapshotInfo, SnapshotLimits, SnapshotStore
-from .lifecycle.supervisor import Blocked
-from .policy import Policy, default_policy, load_policy, parse_policy
+from ._lazy import exports
+
+if TYPE_CHECKING:
+    from ._sandbox import Files, RunResult, Sandbox, SandboxPool
+    from .backends.base import FileEntry, Receipt
+    from .lifecycle.snapshots import SnapshotInfo, SnapshotLimits, SnapshotStore
+    from .lifecycle.supervisor import Blocked
+    from .policy import Policy, default_policy, load_policy, parse_policy
+
+# Imported on first use (see _lazy.py): the CLI and the in-sandbox helpers
+# should not pay for pydantic and the proxy before they need them.
+__getattr__, __dir__ = exports(__name__, {
+    **dict.fromkeys(("Files", "RunResult", "Sandbox", "SandboxPool"), "._sandbox"),
+    **dict.fromkeys(("FileEntry", "Receipt"), ".backends.base"),
+    **dict.fromkeys(("SnapshotInfo", "SnapshotLimits", "SnapshotStore"), ".lifecycle.snapshots"),
+    "Blocked": ".lifecycle.supervisor",
+    **dict.fromkeys(("Policy", "default_policy", "load_policy", "parse_policy"), ".policy"),
+})  # fmt: skip
 
 __version__ = "0.1.0"
 

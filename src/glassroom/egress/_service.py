@@ -17,14 +17,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _config
 from ..plan import NetworkPlan
-from ._decide import Decider, PlanDecider
-from ._proxy import ApprovalCallback, EgressProxy, Emit, FilterFactory, HeaderHook, ProxyConfig
-from ._resolve import Resolver
-from ._tls import SandboxCA
+
+if TYPE_CHECKING:  # the proxy (asyncio, h11, cryptography) loads when one starts
+    from ._decide import Decider
+    from ._proxy import ApprovalCallback, Emit, FilterFactory, HeaderHook
+    from ._resolve import Resolver
+    from ._tls import SandboxCA
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class NetworkOptions:
 class Egress:
     def __init__(self, plan: NetworkPlan, sandbox_id: str, emit: Emit,
                  options: NetworkOptions | None = None) -> None:  # fmt: skip
+        from ._decide import PlanDecider
+        from ._proxy import EgressProxy, ProxyConfig
+        from ._tls import SandboxCA
+
         opts = options or NetworkOptions()
         self.dir = _config.state_dir() / "egress" / sandbox_id
         self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o755)

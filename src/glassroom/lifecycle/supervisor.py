@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _config
 from .._errors import BackendUnavailable, GlassroomError, SandboxClosed, SnapshotError
@@ -29,9 +29,6 @@ from ..backends.base import (
     Receipt,
     pty_size,
 )
-from ..credentials import Issued
-from ..credentials import issue as issue_credential
-from ..credentials._proxy_inject import header_hook
 from ..egress import Egress, NetworkOptions
 from ..plan import SECRETS_DIR, LaunchPlan
 from ..policy import Policy
@@ -39,6 +36,9 @@ from ..policy import compile as compile_policy
 from . import _filesave, reaper
 from .pausing import Pausing, ProxyHook, RestoreFrom
 from .snapshots import SnapshotStore
+
+if TYPE_CHECKING:  # the broker (cryptography) and the redactor load with a credential
+    from ..credentials import Issued
 
 _reaped_once = threading.Lock()
 #: How long destroy waits for a pause/snapshot/fork in progress before ending the sandbox.
@@ -205,6 +205,8 @@ class Supervised(Pausing):
     # -- credentials ----------------------------------------------------------
 
     def _issue_credentials(self) -> None:
+        from ..credentials import issue as issue_credential
+
         limit = self.policy.resources.max_runtime_s
         for i, cred in enumerate(self.policy.credentials):
             self._issued.append(issue_credential(cred, i, self.id, limit))
@@ -282,6 +284,8 @@ class Supervised(Pausing):
         if not proxied:
             self._proxy_hook.current = None
             return
+        from ..credentials._proxy_inject import header_hook
+
         creds = {c.name: c for c in self.policy.credentials}
         self._proxy_hook.current = header_hook(
             proxied,

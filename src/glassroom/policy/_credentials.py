@@ -68,7 +68,7 @@ CredentialHost = Annotated[str, AfterValidator(_host)]
 
 
 class CredentialPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     #: What the task asks for; also the file name / env var suffix.
     name: str

@@ -61,7 +61,7 @@ def _no_duplicates(values: list[str]) -> list[str]:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, defer_build=True)
 
 
 class FilesystemPolicy(_Section):
