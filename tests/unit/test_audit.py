@@ -228,6 +228,64 @@ def test_two_writers_in_one_process_interleave(tmp_path: Path) -> None:
     assert verify(path).ok and verify(path).last_seq == 20
 
 
+def test_concurrent_writers_share_fsyncs_and_each_returns_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: writers of one file (eight logs here, as a server's
+    sandboxes each have one) share fsyncs, and every append returns only after
+    an fsync that began once its record was written."""
+    path = tmp_path / "audit.jsonl"
+    logs = [AuditLog(path) for _ in range(8)]
+    real_write, real_fsync = os.write, os.fsync
+    lock = threading.Lock()
+    state = {"written": 0, "durable": 0, "fsyncs": 0}
+    fds = {log._fd for log in logs}
+
+    def write(f: int, data: Any) -> int:
+        n = real_write(f, data)
+        if f in fds:
+            with lock:
+                state["written"] += n
+        return n
+
+    def fsync(f: int) -> None:
+        with lock:
+            upto = state["written"]
+        real_fsync(f)
+        if f in fds:
+            with lock:
+                state["durable"] = max(state["durable"], upto)
+                state["fsyncs"] += 1
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
+    late: list[int] = []
+    start = threading.Barrier(len(logs))
+
+    def writer(log: AuditLog, i: int) -> None:
+        start.wait()
+        for j in range(25):
+            rec = log.append(f"sb-{i}", "x", {"j": j})
+            data = path.read_bytes()
+            end = data.index(b"\n", data.index(rec["hash"].encode())) + 1
+            with lock:
+                if state["durable"] < end:
+                    late.append(rec["seq"])
+
+    threads = [threading.Thread(target=writer, args=(log, i)) for i, log in enumerate(logs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for log in logs:
+        log.close()
+    result = verify(path)
+    assert result.ok, result.problems
+    assert result.last_seq == 200
+    assert not late  # no append returned before its record was fsync'd
+    assert state["fsyncs"] <= 200  # at most one per batch
+
+
 def test_torn_tail_is_terminated_and_chain_resumes(tmp_path: Path) -> None:
     path = make_log(tmp_path / "audit.jsonl", 5)
     last = json.loads(lines_of(path)[-1])

@@ -284,6 +284,117 @@ def test_two_writers_never_lower_the_anchor(tmp_path: Path) -> None:
     assert verify(path).ok
 
 
+def test_close_covered_by_a_later_anchor_signs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers closing together: the first anchors the head; one whose records
+    that anchor covers does not sign again, and the anchor still ends up at the
+    head, which verifies."""
+    from glassroom.audit import _anchor
+
+    path = tmp_path / "audit.jsonl"
+    a, b, c = AuditLog(path, fsync=False), AuditLog(path, fsync=False), AuditLog(path, fsync=False)
+    a.append("-", "a1")
+    b.append("-", "b1")
+    writes: list[int] = []
+    real = _anchor.stage_anchor
+
+    def counting(p: Path, anchor: dict[str, Any], *, fsync: bool = True) -> str:
+        writes.append(anchor["seq"])
+        return real(p, anchor, fsync=fsync)
+
+    monkeypatch.setattr(_anchor, "stage_anchor", counting)
+    b.close()  # anchors seq 2, which covers a1 as well
+    a.close()
+    assert writes == [2]
+    c.append("-", "c1")  # after that anchor: c's close must sign again
+    c.close()
+    assert writes == [2, 3]
+    assert read_anchor(path)["seq"] == 3  # type: ignore[index]
+    assert verify(path).ok
+
+
+def test_anchor_is_made_durable_outside_the_log_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new anchor's fsyncs happen without the log's flock: appends of other
+    writers do not wait for them.  The rename is under the lock."""
+    import fcntl
+
+    from glassroom.audit import _anchor
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append("-", "a")
+    log.append("-", "b")
+    other = os.open(path, os.O_RDONLY)
+    real = _anchor.stage_anchor
+    free: list[bool] = []
+
+    def staging(p: Path, anchor: dict[str, Any], *, fsync: bool = True) -> str:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            free.append(False)
+        else:
+            fcntl.flock(other, fcntl.LOCK_UN)
+            free.append(True)
+        return real(p, anchor, fsync=fsync)
+
+    monkeypatch.setattr(_anchor, "stage_anchor", staging)
+    got = log.anchor()
+    os.close(other)
+    assert free == [True]
+    assert got is not None and got["seq"] == 2 and read_anchor(path) == got
+    log.close()
+    assert verify(path).ok
+    assert not list(tmp_path.glob(".*.tmp"))  # no staged file left behind
+
+
+def test_anchor_staged_while_another_writer_anchors_further_keeps_the_higher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between staging its anchor and renaming it in place, another writer
+    anchored a later head: the later anchor stays (never lowered)."""
+    from glassroom.audit import _anchor
+
+    path = tmp_path / "audit.jsonl"
+    a, b = AuditLog(path, fsync=False), AuditLog(path, fsync=False)
+    a.append("-", "a1")
+    real = _anchor.stage_anchor
+    raced: list[int] = []
+
+    def staging(p: Path, anchor: dict[str, Any], *, fsync: bool = True) -> str:
+        tmp = real(p, anchor, fsync=fsync)
+        if not raced:
+            raced.append(anchor["seq"])
+            b.append("-", "b1")
+            assert b.anchor()["seq"] == 3  # type: ignore[index]
+        return tmp
+
+    monkeypatch.setattr(_anchor, "stage_anchor", staging)
+    a.append("-", "a2")  # seq 2; b1 (in the race) is seq 3
+    got = a.anchor()
+    assert raced == [2]
+    assert got is not None and got["seq"] == 3 == read_anchor(path)["seq"]  # type: ignore[index]
+    a.close()
+    b.close()
+    assert verify(path).ok
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_close_signs_again_when_the_anchor_file_changed(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    a, b = AuditLog(path, fsync=False), AuditLog(path, fsync=False)
+    a.append("-", "a1")
+    b.append("-", "b1")
+    b.close()
+    anchor_path(path).unlink()  # what the cached anchor said is no longer on disk
+    a.close()
+    assert read_anchor(path)["seq"] == 2  # type: ignore[index]
+    assert verify(path).ok
+
+
 def _append_and_close(path: str, n: int) -> None:
     with AuditLog(path, fsync=False) as log:
         for i in range(25):

@@ -374,6 +374,40 @@ def signature_problem(anchor: dict[str, Any], public: Ed25519PublicKey) -> str |
     return None
 
 
+def stage_anchor(path: Path, anchor: dict[str, Any], *, fsync: bool = True) -> str:
+    """The first half of :func:`write_anchor`: the anchor in a temporary file
+    next to ``path``, durable (fsync'd) but not yet in place; returns its path.
+    The writer does this without holding the log's lock, then renames it in
+    place under the lock (a rename, no fsync) and fsyncs the directory."""
+    data = canonical_json(anchor) + b"\n"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise AuditError(f"cannot write audit anchor {path}: {exc.strerror}") from exc
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise AuditError(f"cannot write audit anchor {path}: {exc.strerror}") from exc
+        raise
+    return tmp
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort, as for every anchor)."""
+    _fsync_dir(directory)
+
+
 def write_anchor(path: Path, anchor: dict[str, Any], *, fsync: bool = True) -> None:
     """Replace the anchor file atomically (temporary file, fsync, rename, fsync dir)."""
     try:

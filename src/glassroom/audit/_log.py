@@ -9,8 +9,12 @@ Why ``flock`` + ``O_APPEND`` + one ``os.write``: several processes (the
 supervisor, a reaper, the CLI) may append to the same file.  The exclusive
 lock makes "read the tail, compute the next seq and hash, write" atomic
 across processes; ``O_APPEND`` plus a single write keeps each line whole.
-``fsync`` after every record means a crash loses at most the record being
-written, and the writer repairs a torn last line before chaining on.
+An append returns only after an ``fsync`` that covers its record, so a
+crash loses at most the records being written, and the writer repairs a torn
+last line before chaining on.  Concurrent writers of one file in a process
+(a server's sandboxes) share that write and fsync: group commit, see
+:class:`_Group`.  An anchor is made durable outside the ``flock`` and only
+renamed in place under it, so appends never wait for the anchor's fsyncs.
 
 Why :meth:`AuditLog.append_many`: a traced sandbox produces hundreds of file
 events a second; one lock, one write and one fsync per *batch* keeps the log
@@ -34,7 +38,7 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -308,6 +312,90 @@ def _check_item(event: str, details: Mapping[str, Any] | None, decision: str,
     return event, _normalize_details(details, event), decision, rule
 
 
+class _Request:
+    """One caller's records, waiting for the batch that writes them."""
+
+    __slots__ = ("done", "end", "error", "items", "lines", "records", "sandbox")
+
+    def __init__(self, sandbox: str, items: list[_Item]) -> None:
+        self.sandbox = sandbox
+        self.items = items
+        self.done = False
+        self.end = 0  # the file's size after the batch that wrote these records
+        self.records: list[dict[str, Any]] = []
+        self.lines: list[bytes] = []
+        self.error: AuditError | None = None
+
+
+class _Group:
+    """The writers of one log file in this process (group commit).
+
+    Concurrent appends (a server's sandboxes all write to its one log) used to
+    take the ``flock`` one after the other, each with its own ``fsync``: the
+    lock was held for an fsync per record, and the log became the server's
+    queue.  Now a writer queues its records here and takes ``lock``; whoever
+    holds it writes *every* queued record in one ``write`` under the ``flock``
+    and makes them durable with one ``fsync``, then marks them done.  A writer
+    whose records a previous holder wrote finds them done and returns at once.
+    Nobody returns before the fsync that covers its records, and the ``flock``
+    is still held from reading the tail until after that fsync, so what other
+    processes see, and what a crash can leave, is exactly as before: at most a
+    torn last batch, which the next writer repairs.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held by the writer of the current batch
+        self.queue_lock = threading.Lock()  # guards pending
+        self.pending: list[_Request] = []
+        #: (file size after the last batch, its seq, its hash), shared by the
+        #: writers of this file: skips reading the tail when nobody else appended.
+        self.cache: tuple[int, int, str] | None = None
+        #: Held by a writer anchoring at close: the writers closing meanwhile
+        #: wait, then find their records under that anchor (see ``AuditLog.close``).
+        self.anchor_lock = threading.Lock()
+        #: (offset just past the anchored record, key id, the anchor): the newest
+        #: anchor this process wrote or found current.
+        self.anchored: tuple[int, str, dict[str, Any]] | None = None
+        #: Open writers using it; at 0 it is forgotten, so a later file that
+        #: happens to get the same inode number starts with no stale cache.
+        self.users = 0
+
+
+_groups: dict[tuple[int, int, bool], _Group] = {}
+_groups_lock = threading.Lock()
+
+
+def _group_for(fd: int, fsync: bool) -> _Group:
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino, fsync)
+    with _groups_lock:
+        group = _groups.get(key)
+        if group is None:
+            group = _groups[key] = _Group()
+        group.users += 1
+        return group
+
+
+def _release_group(group: _Group) -> None:
+    with _groups_lock:
+        group.users -= 1
+        if group.users <= 0:
+            for key, g in list(_groups.items()):
+                if g is group:
+                    del _groups[key]
+
+
+def _forget_groups() -> None:
+    """In a forked child: the parent's groups (and their locks, maybe held by a
+    thread that does not exist here) are not the child's."""
+    global _groups_lock
+    _groups_lock = threading.Lock()
+    _groups.clear()
+
+
+os.register_at_fork(after_in_child=_forget_groups)
+
+
 class AuditLog:
     """Appends hash-chained records to one JSONL file; safe across threads and processes.
 
@@ -337,9 +425,6 @@ class AuditLog:
         self._fsync = fsync
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        # (file size after our last write, its seq, its hash): lets us skip reading
-        # the tail when nobody else appended since.
-        self._cache: tuple[int, int, str] | None = None
         self._sink_urls = list(_config.audit_sinks() if sinks is None else sinks)
         for url in self._sink_urls:
             _sinks.parse_sink_url(url)  # a bad URL fails here, before anything is opened
@@ -353,7 +438,14 @@ class AuditLog:
         self._anchored: tuple[int, dict[str, Any]] | None = None
         self._anchor_seen = False  # has an anchor file been seen since we opened?
         self._fd: int | None = self._open()
+        self._group = _group_for(self._fd, fsync)
+        #: The file's size after the batch that held this writer's last record.
+        self._end: int | None = None
         self._sinks = _sinks.open_sinks(self._sink_urls)
+
+    @property
+    def _cache(self) -> tuple[int, int, str] | None:
+        return self._group.cache
 
     def _open(self) -> int:
         make_dirs(self.path.parent)
@@ -386,11 +478,11 @@ class AuditLog:
         The parent's sink threads do not exist here: start the child's own."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._cache = None
         self._anchored = None
         if self._fd is not None:
             inherited, self._fd = self._fd, self._open()
             os.close(inherited)
+            self._group = _group_for(self._fd, self._fsync)
             self._sinks = _sinks.open_sinks(self._sink_urls)
         else:
             self._sinks = []
@@ -454,35 +546,75 @@ class AuditLog:
             self._after_fork()
         with self._lock:
             fd = self._open_fd()
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as exc:
-                raise AuditError(f"cannot lock audit log {self.path}: {exc.strerror}") from exc
-            try:
-                records, lines = self._append_locked(fd, sandbox, items)
-                self._first_anchor_locked(fd)
-            except OSError as exc:
-                raise AuditError(f"cannot write audit log {self.path}: {exc.strerror}") from exc
-            finally:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+            req = _Request(sandbox, items)
+            group = self._group
+            with group.queue_lock:
+                group.pending.append(req)
+            with group.lock:
+                if not req.done:  # nobody wrote it while we waited: write the batch
+                    with group.queue_lock:
+                        batch, group.pending = group.pending, []
+                    self._commit(fd, batch)
+            if req.error is not None:
+                raise req.error
+            records, lines = req.records, req.lines
+            self._end = req.end
+            if self._key is not None and not self._anchor_seen:
+                self._first_anchor(fd)
             # Still under self._lock, so every sink sees this writer's records in order.
             for sink in self._sinks:
                 for record, line in zip(records, lines, strict=True):
                     sink.submit(line[:-1], record["event"], record["decision"], record["ts"])
             return records
 
+    def _commit(self, fd: int, batch: list[_Request]) -> None:
+        """Write ``batch`` (this process's queued records, in order) as one write
+        and one fsync under the ``flock``; call holding ``self._group.lock``.
+        Every request ends done, with its records or the error."""
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise AuditError(f"cannot lock audit log {self.path}: {exc.strerror}") from exc
+            try:
+                entries = [(r.sandbox, item) for r in batch for item in r.items]
+                records, lines = self._append_locked(fd, entries)
+            except OSError as exc:
+                raise AuditError(f"cannot write audit log {self.path}: {exc.strerror}") from exc
+            finally:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+        except BaseException as exc:
+            error = exc if isinstance(exc, AuditError) else AuditError(
+                f"cannot write audit log {self.path}: {exc!r}"
+            )  # fmt: skip
+            for r in batch:
+                r.error, r.done = error, True
+            if not isinstance(exc, AuditError | OSError):
+                raise
+            return
+        at = 0
+        end = self._group.cache[0] if self._group.cache is not None else 0
+        for r in batch:
+            n = len(r.items)
+            r.records, r.lines = records[at : at + n], lines[at : at + n]
+            r.end = end
+            r.done = True
+            at += n
+
     def _append_locked(
-        self, fd: int, sandbox: str, items: list[_Item]
+        self, fd: int, entries: list[tuple[str, _Item]]
     ) -> tuple[list[dict[str, Any]], list[bytes]]:
+        group = self._group
         size = os.fstat(fd).st_size
-        if self._cache is not None and self._cache[0] == size:
-            torn, seq, prev = False, self._cache[1], self._cache[2]
+        cache = group.cache
+        if cache is not None and cache[0] == size:
+            torn, seq, prev = False, cache[1], cache[2]
         else:
             torn, seq, prev = read_tail(fd, size)
         records: list[dict[str, Any]] = []
         lines: list[bytes] = []
-        for event, details, decision, rule in items:
+        for sandbox, (event, details, decision, rule) in entries:
             seq += 1
             base = {
                 "seq": seq,
@@ -500,7 +632,7 @@ class AuditLog:
         # Terminate a torn line first, in the same write, so it stays one bad line.
         blob = b"".join([b"\n" if torn else b"", *lines])
         data = memoryview(blob)
-        self._cache = None  # unknown until the write and fsync succeed
+        group.cache = None  # unknown until the write and fsync succeed
         while data:  # one write in practice; loop only on a short write
             written = os.write(fd, data)
             if written == 0:
@@ -508,24 +640,31 @@ class AuditLog:
             data = data[written:]
         if self._fsync:
             os.fsync(fd)
-        self._cache = (size + len(blob), seq, prev)
+        group.cache = (size + len(blob), seq, prev)
         return records, lines
 
     # -- anchoring -------------------------------------------------------------
 
-    def _first_anchor_locked(self, fd: int) -> None:
+    def _first_anchor(self, fd: int) -> None:
         """After this writer's first append: anchor now if the log has no anchor yet.
 
         So that a non-empty log always has an anchor once a key exists (the
-        verifier treats a missing one as deleted).  One ``stat`` per writer;
-        a failure here is not the append's failure (the record is written) and
-        is raised by the next :meth:`anchor` or :meth:`close` instead.
+        verifier treats a missing one as deleted).  One ``stat`` per writer
+        (and the ``flock`` only when there is no anchor); a failure here is not
+        the append's failure (the record is written) and is raised by the next
+        :meth:`anchor` or :meth:`close` instead.  Call under ``self._lock``.
         """
         if self._key is None or self._anchor_seen:
             return
         try:
             if not self._anchor_file.exists():
-                self._anchor_locked(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    if not self._anchor_file.exists():
+                        self._anchor_locked(fd)
+                finally:
+                    with contextlib.suppress(OSError):
+                        fcntl.flock(fd, fcntl.LOCK_UN)
             self._anchor_seen = True
         except (AuditError, OSError):
             pass
@@ -551,21 +690,88 @@ class AuditLog:
             return self._anchor_fd(self._open_fd())
 
     def _anchor_fd(self, fd: int) -> dict[str, Any] | None:
+        """Anchor the head, holding the ``flock`` only to read the head and check
+        the old anchor, and again for the rename: the fsyncs of the new anchor
+        happen outside it, so appends (which need the lock) do not wait for them."""
+        from . import _anchor
+
         try:
             if self._anchored is not None and os.fstat(fd).st_size == self._anchored[0]:
                 return dict(self._anchored[1])
+        except OSError as exc:
+            raise AuditError(f"cannot lock audit log {self.path}: {exc.strerror}") from exc
+        with self._flocked(fd, "anchor"):
+            done, pending = self._prepare_anchor_locked(fd)
+        if pending is None:
+            return done
+        new, size, end = pending
+        tmp = _anchor.stage_anchor(self._anchor_file, new, fsync=self._fsync)
+        try:
+            with self._flocked(fd, "anchor"):
+                existing = _anchor.read_anchor(self._anchor_file)
+                if isinstance(existing, str):
+                    raise AuditError(
+                        f"audit anchor {self._anchor_file} is not a valid anchor ({existing}); "
+                        "not replacing it: check the log with `glassroom audit verify`"
+                    )
+                if existing is not None and existing["seq"] >= new["seq"]:
+                    # Another writer anchored at or past this head meanwhile (and
+                    # checked the log to get there): keep it, never lower it.
+                    os.unlink(tmp)
+                    result = existing
+                else:
+                    os.rename(tmp, self._anchor_file)
+                    result = new
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self._fsync:
+            _anchor.fsync_dir(self._anchor_file.parent)
+        if result is new:
+            assert self._key is not None
+            self._anchored = (size, new)
+            self._group.anchored = (end, self._key.key_id, new)
+            self._anchor_seen = True
+        return dict(result)
+
+    @contextlib.contextmanager
+    def _flocked(self, fd: int, what: str) -> Iterator[None]:
+        """The log's ``flock``; an ``OSError`` inside is an :class:`AuditError`."""
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
             raise AuditError(f"cannot lock audit log {self.path}: {exc.strerror}") from exc
         try:
-            return self._anchor_locked(fd)
+            yield
         except OSError as exc:
-            raise AuditError(f"cannot anchor audit log {self.path}: {exc.strerror}") from exc
+            raise AuditError(f"cannot {what} audit log {self.path}: {exc.strerror}") from exc
         finally:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _anchor_locked(self, fd: int) -> dict[str, Any] | None:
+        """Anchor the head, all under the ``flock`` the caller holds."""
+        from . import _anchor
+
+        done, pending = self._prepare_anchor_locked(fd)
+        if pending is None:
+            return done
+        new, size, end = pending
+        assert self._key is not None
+        _anchor.write_anchor(self._anchor_file, new, fsync=self._fsync)
+        self._anchored = (size, new)
+        self._group.anchored = (end, self._key.key_id, new)
+        self._anchor_seen = True
+        return dict(new)
+
+    def _prepare_anchor_locked(
+        self, fd: int
+    ) -> tuple[dict[str, Any] | None, tuple[dict[str, Any], int, int] | None]:
+        """Under the ``flock``: ``(anchor, None)`` when there is nothing to sign (an
+        empty log: ``None``; the anchor is current: it), else ``(None, (new
+        anchor, log size, offset past the head))`` for the caller to write.
+        Raises when the existing anchor is malformed or the log no longer matches it."""
         from . import _anchor
 
         key = self._key
@@ -576,7 +782,7 @@ class AuditLog:
         else:
             _, seq, head, end = find_head(fd, size)
         if seq == 0:
-            return None
+            return None, None
         existing = _anchor.read_anchor(self._anchor_file)
         if isinstance(existing, str):
             raise AuditError(
@@ -592,15 +798,13 @@ class AuditLog:
                 )
             if existing["seq"] == seq and existing["key_id"] == key.key_id:
                 self._anchored = (size, existing)
-                return dict(existing)
+                self._group.anchored = (end, key.key_id, existing)
+                return dict(existing), None
         new = key.sign(
             {"v": _anchor.ANCHOR_VERSION, "log": self.path.name, "seq": seq, "hash": head,
              "offset": end, "ts": _now()}
         )  # fmt: skip
-        _anchor.write_anchor(self._anchor_file, new, fsync=self._fsync)
-        self._anchored = (size, new)
-        self._anchor_seen = True
-        return dict(new)
+        return None, (new, size, end)
 
     @staticmethod
     def _continuity(
@@ -642,14 +846,37 @@ class AuditLog:
                 return
             try:
                 if self._key is not None:
-                    self._anchor_fd(fd)
+                    # Writers closing together (a server's sandboxes each close
+                    # their log at destroy) queue here; the first anchors the head,
+                    # and those whose records that anchor covers need no other.
+                    with self._group.anchor_lock:
+                        if not self._covered():
+                            self._anchor_fd(fd)
             except AuditError as exc:
                 error = exc
             finally:
                 os.close(fd)
+                _release_group(self._group)
                 _sinks.close_sinks(self._sinks)
         if error is not None:
             raise error
+
+    def _covered(self) -> bool:
+        """Is every record this writer wrote under an anchor signed with its key
+        that is still the anchor file's?  (Then closing need not sign again: the
+        anchor covers the chain up to a record at or past this writer's last.)"""
+        from . import _anchor
+
+        got, key = self._group.anchored, self._key
+        if self._end is None or got is None or key is None:
+            return False
+        end, key_id, anchor = got
+        if key_id != key.key_id or end < self._end:
+            return False
+        try:
+            return _anchor.read_anchor(self._anchor_file) == anchor
+        except AuditError:
+            return False
 
     def __enter__(self) -> Self:
         return self
