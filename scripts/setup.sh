@@ -11,6 +11,9 @@ command -v bwrap >/dev/null || need+=(bubblewrap)
 [ -x /usr/bin/python3 ] || need+=(python3)
 [ -d /etc/ssl/certs ] || need+=(ca-certificates)
 command -v ip >/dev/null || need+=(iproute2)
+# The namespaces tier's compiled in-sandbox init (static C, src/glassroom/_sys/agent).
+command -v cc >/dev/null || need+=(gcc)
+dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)
 # The other tiers, needed by the tests (scripts/test.sh sets GLASSROOM_SETUP_TIERS=1);
 # the demo runs on the default backend and skips them.
 tiers=${GLASSROOM_SETUP_TIERS:-0}
@@ -57,6 +60,10 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[test]"
+# The compiled in-sandbox init of the namespaces and gvisor tiers, into
+# /var/lib/glassroom/init (as root); a no-op while current.  Without it
+# those tiers run the Python init, and say so in each sandbox's walls.
+.venv/bin/glassroom init build >/dev/null
 # The microvm guest kernel (built from Debian's kernel source, which is fetched with
 # apt-get download and never installed), root image and booted-idle snapshot;
 # cached, so a no-op when done.

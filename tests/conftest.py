@@ -65,6 +65,7 @@ def glassroom_state_dir() -> Iterator[Path]:
     os.environ["GLASSROOM_SNAPSHOT_DIR"] = str(state / "snapshots")
     # The microvm tier under emulation (no real KVM on CI hosts): test only.
     os.environ["GLASSROOM_MICROVM_ALLOW_TCG"] = "1"
+    build_compiled_init(state)
     try:
         yield state
     finally:
@@ -74,6 +75,30 @@ def glassroom_state_dir() -> Iterator[Path]:
             else:
                 os.environ[name] = value
         shutil.rmtree(state, ignore_errors=True)
+
+
+def build_compiled_init(state: Path) -> None:
+    """The namespaces tier's compiled init (``_sys/agent``), in the session's state
+    dir, so ``GLASSROOM_INIT=auto`` runs it.  Under CI a failed build is a
+    failure (setup.sh installs gcc and libc6-dev); elsewhere the Python init
+    runs, and tests/security/test_compiled_init.py skips."""
+    from glassroom._sys import agent_build
+
+    global _BUILT_INIT
+    if _BUILT_INIT is not None and _BUILT_INIT.name == agent_build.binary_path(state).name:
+        dest = agent_build.binary_path(state)  # built once this session: a copy will do
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        os.chmod(dest.parent, 0o755)
+        shutil.copy2(_BUILT_INIT, dest)
+        return
+    try:
+        _BUILT_INIT = agent_build.build(state)
+    except agent_build.BuildError:
+        if os.environ.get("CI") == "true":
+            raise
+
+
+_BUILT_INIT: Path | None = None
 
 
 @pytest.fixture

@@ -55,6 +55,19 @@ def snapshot_dir() -> Path:
     return audit_log_path().parent / "snapshots"
 
 
+def init_build_dir() -> Path:
+    """Where the compiled in-sandbox init is built (``glassroom init build``):
+    beside the audit log, on disk, so a build outlives a reboot (the root
+    state dir, /run/glassroom, is a tmpfs).  ``$GLASSROOM_INIT_DIR`` moves it."""
+    env = os.environ.get("GLASSROOM_INIT_DIR")
+    if env:
+        return Path(env)
+    if is_root():
+        return Path("/var/lib/glassroom/init")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "glassroom" / "init"
+
+
 def template_dir() -> Path:
     """Where templates (read-only root filesystems, ``docs/templates.md``) are
     kept: ``$GLASSROOM_TEMPLATE_DIR``, else beside the audit log."""

@@ -11,6 +11,7 @@ the helpers run with no supplementary groups, and glassroom sets no ACLs.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -49,3 +50,26 @@ def blocker(path: Path, uid: int, gid: int, *, write: bool = False,
 def reachable_by(path: Path, uid: int, gid: int, *, write: bool) -> bool:
     """Whether ``uid``/``gid`` may reach ``path`` (see :func:`blocker`)."""
     return blocker(path, uid, gid, write=write) is None
+
+
+def make_traversable(root: Path) -> None:
+    """Let every uid *search* (not list) ``root`` and each of its ancestors
+    that root owns: a sandbox's uid (bwrap, a template build step, gVisor's
+    gofer) must reach what glassroom keeps there (templates, the compiled
+    init).  The default dirs sit in the audit log's dir, which is 0700: it
+    becomes 0711, and the log and its anchor stay 0600 files that no other
+    uid can open.  Not run unprivileged: there the sandbox's uid is this
+    user's own, and a home dir stays as it is."""
+    if os.geteuid() != 0:
+        return
+    cur = root.resolve()
+    while True:
+        try:
+            st = os.stat(cur)
+        except FileNotFoundError:
+            st = None
+        if st is not None and st.st_uid == 0 and not st.st_mode & 0o001:
+            os.chmod(cur, stat.S_IMODE(st.st_mode) | 0o011)
+        if cur.parent == cur:
+            return
+        cur = cur.parent

@@ -38,6 +38,7 @@ import pytest
 
 import glassroom
 import glassroom.backends.namespaces
+from conftest import build_compiled_init
 from glassroom import BackendUnavailable, Sandbox, WallError
 from glassroom._sys import cgroups, proc
 from glassroom.audit import read_records, verify
@@ -113,6 +114,7 @@ def gr_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     )
     for key, value in env.vars().items():
         monkeypatch.setenv(key, value)
+    build_compiled_init(env.state)  # the session's init
     try:
         yield env
     finally:

@@ -13,6 +13,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -186,6 +187,39 @@ def test_lies_inside_valid_frames_are_dropped_and_logged(attach: Any) -> None:
     found = anomalies(events)
     assert any("unknown request id" in a for a in found), found
     assert any("out of range" in a for a in found), found
+
+
+def test_frames_after_exit_are_dropped_and_logged(attach: Any) -> None:
+    """A second exit, output and a ``started`` after the exit: logged, dropped; the
+    result already given stays right and the channel stays up."""
+    rids: list[int] = []
+    late = threading.Event()
+
+    def reply(h: dict[str, Any], s: socket.socket) -> None:
+        if h["op"] != "exec":
+            return
+        rid = h["id"]
+        rids.append(rid)
+        s.sendall(frame({"op": "started", "id": rid, "pid": 7}))
+        s.sendall(frame({"op": "out", "id": rid, "stream": "stdout"}, b"hi\n"))
+        s.sendall(frame({"op": "exit", "id": rid, "code": 0, "signal": None}))
+        if len(rids) == 1:
+            late.wait(5)  # until the host has the result
+            s.sendall(frame({"op": "exit", "id": rid, "code": 3, "signal": None}))
+            s.sendall(frame({"op": "out", "id": rid, "stream": "stdout"}, b"late"))
+            s.sendall(frame({"op": "started", "id": rid, "pid": 8}))
+
+    inst, events = attach(reply)
+    res = inst.exec(req(["true"]))
+    late.set()
+    assert (res.exit_code, res.stdout) == (0, b"hi\n")
+    end = time.monotonic() + 5
+    while len([a for a in anomalies(events) if "unknown request id" in a]) < 3:
+        assert time.monotonic() < end, anomalies(events)
+        time.sleep(0.01)
+    assert (res.exit_code, res.stdout) == (0, b"hi\n")
+    assert inst.dead_reason is None
+    assert inst.exec(req(["true"])).stdout == b"hi\n"
 
 
 def test_read_with_more_data_than_asked_is_refused(attach: Any) -> None:

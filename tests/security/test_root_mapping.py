@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from conftest import build_compiled_init
 from glassroom import Sandbox
 from glassroom._sys import cgroups
 
@@ -43,6 +44,7 @@ def sandbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Sandbox, str]]:
     monkeypatch.setenv("GLASSROOM_CGROUP_PARENT", parent)
     monkeypatch.delenv("GLASSROOM_SANDBOX_UID", raising=False)
     monkeypatch.delenv("GLASSROOM_SANDBOX_GID", raising=False)
+    build_compiled_init(root / "state")  # the session's init
     sb = Sandbox()
     try:
         yield sb, parent

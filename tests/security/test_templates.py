@@ -135,17 +135,24 @@ def test_a_template_file_not_in_tools_allow_does_not_run(
 def test_the_hosts_usr_for_the_init_is_hidden(store: TemplateStore, name: str, tier: str) -> None:
     """namespaces and microVM: neither readable nor runnable (no Landlock rule;
     on the microVM it is the copy of the host's python3 runtime in its image).
-    gVisor has no Landlock: the host's installed software there is readable, as
-    it is on that tier without a template (/usr is required), but nothing in it
-    runs."""
+    gVisor has no Landlock: with the Python init the host's installed software
+    there is readable, as it is on that tier without a template (/usr is
+    required), but nothing in it runs.  The compiled init (either tier) is
+    static: the host's /usr is not there at all."""
     with Sandbox(policy(name), backend=tier) as sb:
+        compiled = sb.walls.get("init") == "compiled" if tier != "microvm" else False
         r = sb.run(["sh", "-c", "cat /.glassroom-host/usr/lib/python3.11/os.py"])
-        if tier == "gvisor":
+        if compiled:  # the static init needs none of the host's /usr: not even there
+            assert r.exit_code != 0 and "No such file or directory" in r.stderr, r.stderr
+        elif tier == "gvisor":
             assert r.exit_code == 0 and "OS routines" in r.stdout
         else:
             assert r.exit_code != 0 and "Permission denied" in r.stderr, r.stderr
         r = sb.run(["sh", "-c", f"{HOST_PY} -c 1"])
-        assert r.exit_code == 126 and "Permission denied" in r.stderr
+        if compiled:
+            assert r.exit_code == 127 and "not found" in r.stderr, r.stderr
+        else:
+            assert r.exit_code == 126 and "Permission denied" in r.stderr
         r = sb.run(["python3", "-c", "1"])  # the template has none: the host's is not used
         assert r.exit_code == 127 and r.stderr == "glassroom: python3: command not found\n"
 

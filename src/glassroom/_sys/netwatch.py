@@ -302,7 +302,17 @@ def attach(bwrap_child_pid: int, fd_in_init: int, on_attempt: Callable[[dict[str
     pid = init_host_pid(bwrap_child_pid)
     if pid is None:
         raise OSError(errno.ESRCH, "cannot find the sandbox's init")
-    watch = NetWatch(pidfd_getfd(pid, fd_in_init), on_attempt, name,
-                     denied_calls(profile), on_refused)  # fmt: skip
+    fd = pidfd_getfd(pid, fd_in_init)
+    # The fd number is the (untrusted) init's word: what it names must be a
+    # seccomp listener, or the real one would stay with the init.
+    try:
+        what = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        what = "?"
+    if what != "anon_inode:seccomp notify":
+        os.close(fd)
+        raise OSError(errno.EBADF, f"fd {fd_in_init} of the init is not a seccomp listener "
+                                   f"({what[:60]})")  # fmt: skip
+    watch = NetWatch(fd, on_attempt, name, denied_calls(profile), on_refused)
     watch.start()
     return watch

@@ -25,6 +25,7 @@ import pyseccomp
 
 from .._errors import WallError
 from ..audit._events import syscalls_for, to_record
+from . import proc
 from .seccomp import export_bpf
 
 TRACER = Path(__file__).with_name("tracer.py")
@@ -109,12 +110,10 @@ class TraceWatch:
     def _spawn(
         python: str, program: Path, run_as: tuple[int, int] | None
     ) -> subprocess.Popen[bytes]:
+        argv, as_ids = proc.as_user([python, "-I", "-S", str(program)], run_as)
         return subprocess.Popen(
-            [python, "-I", "-S", str(program)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            close_fds=True, env={},
-            user=run_as[0] if run_as else None, group=run_as[1] if run_as else None,
-            extra_groups=[] if run_as else None,
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            close_fds=True, env={}, **as_ids,
         )  # fmt: skip
 
     def attach(self, pid: int) -> None:

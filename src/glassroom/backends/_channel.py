@@ -32,6 +32,28 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "landlock_abi": (int,),
     "netwatch_fd": (int,),
 }
+#: Fields each op must carry (the host reads them without a default).
+_REQUIRED: dict[str, frozenset[str]] = {
+    "ready": frozenset({"landlock_abi"}),
+    "started": frozenset({"id", "pid"}),
+    "exit": frozenset({"id"}),
+    "error": frozenset({"id", "errno", "error"}),
+    "statfs": frozenset({"id", "used", "total"}),
+}
+#: The range of each integer field, wherever it appears: an exit code, a
+#: signal, an errno or a pid outside these is a lie, not a figure to pass on.
+_RANGES: dict[str, tuple[int, int]] = {
+    "id": (0, (1 << 62) - 1),
+    "pid": (1, (1 << 31) - 1),
+    "code": (0, 255),
+    "signal": (1, 64),
+    "errno": (0, 4095),
+    "landlock_abi": (0, 1 << 16),
+    "netwatch_fd": (0, (1 << 31) - 1),
+    "used": (0, (1 << 63) - 1),
+    "total": (0, (1 << 63) - 1),
+}
+MAX_STR = 4096
 
 
 class ProtocolViolation(Exception):
@@ -44,28 +66,44 @@ def parse_reply(
     ops: set[str] | frozenset[str] = frozenset(_OPS),
     fields: dict[str, tuple[type, ...]] = _FIELD_TYPES,
     max_len: int = MAX_REPLY,
+    required: dict[str, frozenset[str]] = _REQUIRED,
+    ranges: dict[str, tuple[int, int]] = _RANGES,
 ) -> dict[str, Any]:
     """Validate one JSON reply of the (untrusted) init against a small schema.
 
     Backends with a richer protocol pass their own ``ops``/``fields``; the
-    checks (size, JSON, known op, typed fields, bounded strings) are shared.
+    checks (size, JSON, known op, typed fields in range, required fields,
+    bounded and encodable strings) are shared.  Raises only ProtocolViolation.
     """
     if len(raw) > max_len:
         raise ProtocolViolation(f"reply of {len(raw)} bytes exceeds {max_len}")
     try:
         msg = json.loads(raw)
-    except ValueError as exc:
-        raise ProtocolViolation(f"malformed reply: {exc}") from None
-    if not isinstance(msg, dict) or msg.get("op") not in ops:
+    except (ValueError, RecursionError) as exc:  # RecursionError: deep nesting
+        raise ProtocolViolation(f"malformed reply: {str(exc)[:200]}") from None
+    # ``op`` may be any JSON value: a list is not even hashable (``in ops``).
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str) or msg["op"] not in ops:
         raise ProtocolViolation("reply is not an object with a known op")
     for key, value in msg.items():
         if key == "op":
             continue
         types = fields.get(key)
         if types is None or not isinstance(value, types) or isinstance(value, bool):
-            raise ProtocolViolation(f"reply field {key!r} has an unexpected value")
-        if isinstance(value, str) and len(value) > 4096:
-            raise ProtocolViolation(f"reply field {key!r} is too long")
+            raise ProtocolViolation(f"reply field {key[:40]!r} has an unexpected value")
+        if isinstance(value, int):
+            lo, hi = ranges.get(key, (-(1 << 62), 1 << 62))
+            if not lo <= value <= hi:
+                raise ProtocolViolation(f"reply field {key!r} is out of range")
+        if isinstance(value, str):
+            if len(value) > MAX_STR:
+                raise ProtocolViolation(f"reply field {key!r} is too long")
+            try:
+                value.encode()
+            except UnicodeEncodeError:  # a lone surrogate: it would fail later, in the caller
+                raise ProtocolViolation(f"reply field {key!r} is not valid text") from None
+    missing = required.get(msg["op"], frozenset()) - msg.keys()
+    if missing:
+        raise ProtocolViolation(f"{msg['op']} reply lacks {', '.join(sorted(missing))}")
     return msg
 
 

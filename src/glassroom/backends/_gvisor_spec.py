@@ -13,7 +13,10 @@ differs, and where it does the reason is written here:
   ``noexec``.  Every bind and tmpfs is ``noexec``; each allowed tool (its
   resolved file) and its ELF loader is then bound again on top of itself
   *without* ``noexec``.  execve of anything else fails with EACCES, from a
-  shell too, exactly as Landlock's EXECUTE rule makes it fail.
+  shell too, exactly as Landlock's EXECUTE rule makes it fail.  The init
+  itself is the compiled one (``INIT_BIN_INSIDE``, static: no loader, no
+  /usr; it runs only as the container's pid 1) or the Python one, started
+  through its interpreter's loader (``init_argv``).
 * **Identity.** The container process is uid/gid 1000 inside the sentry.
   That uid exists only in gVisor's kernel: the sentry itself runs as host
   uid 65534 in a new user namespace (runsc does this whenever it is
@@ -52,6 +55,9 @@ from ..plan import EGRESS_DIR_INSIDE, LaunchPlan, Mount
 from ..policy._template import HOST_USR_INSIDE, INIT_ENV_UNDER_TEMPLATE
 
 INIT_DIR_INSIDE = "/.glassroom"
+#: Where the compiled init (``_sys/agent``, static; run as ``--stream``) is bound,
+#: read-only and executable, when it runs (``GLASSROOM_INIT``, as on namespaces).
+INIT_BIN_INSIDE = "/.glassroom-init"
 PYTHON_FOR_INIT = "/usr/bin/python3"
 #: Every runsc call has a timeout: a wedged runsc (kvm on PVM) must never hang us.
 PROBE_TIMEOUT_S = 10.0
@@ -259,17 +265,21 @@ def _build_shim(dest: Path) -> bool:
     return res.returncode == 0
 
 
-def check_plan(plan: LaunchPlan) -> None:
-    """Rules this tier cannot honour are refused at compile time, by name."""
-    if plan.root is not None:  # a template: the init's interpreter is the host's, hidden
+def check_plan(plan: LaunchPlan, *, compiled: bool = False) -> None:
+    """Rules this tier cannot honour are refused at compile time, by name.
+
+    ``compiled``: the init is the static ``glassroom-init --stream``, which
+    needs nothing of the sandbox's /usr."""
+    if plan.root is not None or compiled:  # a template: the init's python3 is the host's
         return
     if not any(
         r.access == "read" and (r.path == "/usr" or PYTHON_FOR_INIT.startswith(r.path + "/"))
         for r in plan.fs_rules
     ):
         raise PlanError(
-            "filesystem.read: the gvisor tier runs glassroom's init with the sandbox's "
-            f"own {PYTHON_FOR_INIT}, so it must be visible; add /usr to filesystem.read",
+            "filesystem.read: the gvisor tier runs glassroom's Python init with the sandbox's "
+            f"own {PYTHON_FOR_INIT}, so it must be visible; add /usr to filesystem.read "
+            "(the compiled init needs none of it: `glassroom init build`)",
             rule="filesystem.read",
         )
 
@@ -294,8 +304,13 @@ def init_loader() -> str:
     return _init_exe()[1]
 
 
+def compiled_argv() -> list[str]:
+    """How the compiled init starts: static, so no loader and no /usr."""
+    return [INIT_BIN_INSIDE, "--stream"]
+
+
 def init_argv(launch: str, template: bool = False) -> list[str]:
-    """How the init starts.  With a template as ``/`` the host's /usr is bound
+    """How the Python init starts.  With a template as ``/`` the host's /usr is bound
     at HOST_USR_INSIDE (no exec but its loader): the init's python3 is mapped by
     the host's loader with the host's library dir, so it needs nothing of the
     template's libc (as on the namespaces tier)."""
@@ -366,8 +381,13 @@ def _bind(source: str, target: str, *, rw: bool = False, exe: bool = False) -> d
 
 def spec_mounts(plan: LaunchPlan, init_dir: Path, scratch_dirs: dict[str, str] | None = None,
                 gates: dict[str, str] | None = None, boot_id: Path | None = None,
+                init_bin: Path | None = None,
                 ) -> tuple[list[dict[str, Any]], list[Mount]]:  # fmt: skip
     """OCI mounts for the plan, plus the plan entries realised in the root dir itself.
+
+    ``init_bin``: the compiled init, bound read-only (and executable) at
+    ``INIT_BIN_INSIDE``; it is static, so neither the Python init's loader
+    nor (under a template) the host's /usr at HOST_USR_INSIDE is bound.
 
     ``scratch_dirs``: the host dirs (on the sandbox's scratch disk) behind
     each ``scratch`` mount.  A gVisor tmpfs lives in the sentry's memory,
@@ -409,15 +429,19 @@ def spec_mounts(plan: LaunchPlan, init_dir: Path, scratch_dirs: dict[str, str] |
             raise PlanError(f"mounts: gvisor cannot realise mount kind {m.kind!r} at {m.target}",
                             rule=m.rule)  # fmt: skip
     # Executable: exactly the allowed tools and their loader (see the module docstring),
-    # plus the loader that starts the init (``init_argv``).
+    # plus what starts the init: the compiled one, or the Python one's loader (``init_argv``).
+    init_exe = set() if init_bin is not None else {init_loader()}
     if plan.root is None:
-        for path in sorted({t.path for t in plan.tools} | set(plan.loaders) | {init_loader()}):
+        for path in sorted({t.path for t in plan.tools} | set(plan.loaders) | init_exe):
             mounts.append(_bind(path, path, exe=True))
-    else:  # the tools are the template's; the init's loader is the host's, hidden
+    else:  # the tools are the template's; the Python init's loader is the host's, hidden
         for path in sorted({t.path for t in plan.tools} | set(plan.loaders)):
             mounts.append(_bind(os.path.join(plan.root, path.lstrip("/")), path, exe=True))
-        mounts.append(_bind("/usr", HOST_USR_INSIDE))
-        mounts.append(_bind(init_loader(), _hidden(init_loader()), exe=True))
+        if init_bin is None:
+            mounts.append(_bind("/usr", HOST_USR_INSIDE))
+            mounts.append(_bind(init_loader(), _hidden(init_loader()), exe=True))
+    if init_bin is not None:
+        mounts.append(_bind(str(init_bin), INIT_BIN_INSIDE, exe=True))
     if plan.network.host_dir:  # the egress proxy's socket and CA (runsc --host-uds=open)
         mounts.append(_bind(plan.network.host_dir, EGRESS_DIR_INSIDE))
     mounts.append(_tmpfs("/sys", 4096, 0o555, ro=True))
@@ -470,7 +494,8 @@ def _make_root(root: Path, mounts: list[dict[str, Any]], in_root: list[Mount]) -
 def bundle(plan: LaunchPlan, state: Path, init_dir: Path, argv: list[str],
            own_dir: Path, extra_gids: tuple[int, ...] = (),
            scratch_dirs: dict[str, str] | None = None,
-           gates: dict[str, str] | None = None, boot_id: str = "") -> Path:  # fmt: skip
+           gates: dict[str, str] | None = None, boot_id: str = "",
+           init_bin: Path | None = None) -> Path:  # fmt: skip
     """The OCI bundle for ``plan``, built once per plan content and reused.
 
     The bundle holds nothing per sandbox (its root is read-only), so every
@@ -485,8 +510,9 @@ def bundle(plan: LaunchPlan, state: Path, init_dir: Path, argv: list[str],
         boot_file = own_dir / "boot_id"
         boot_file.write_text(boot_id + "\n")
         boot_file.chmod(0o444)
-    mounts, in_root = spec_mounts(plan, init_dir, scratch_dirs, gates, boot_file)
+    mounts, in_root = spec_mounts(plan, init_dir, scratch_dirs, gates, boot_file, init_bin)
     lim = plan.limits
+    py_tpl = plan.root is not None and init_bin is None
     spec: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": {
@@ -497,8 +523,9 @@ def bundle(plan: LaunchPlan, state: Path, init_dir: Path, argv: list[str],
                 "additionalGids": list(extra_gids),
             },
             "args": argv,
-            # under a template: the init's own C locale and TZ rule (policy/_template.py)
-            "env": [f"{k}={v}" for k, v in INIT_ENV_UNDER_TEMPLATE] if plan.root else [],
+            # under a template: the Python init's own C locale and TZ rule
+            # (policy/_template.py); the compiled init reads no locale or zone file
+            "env": [f"{k}={v}" for k, v in INIT_ENV_UNDER_TEMPLATE] if py_tpl else [],
             "cwd": plan.workspace,
             "capabilities": {},
             "noNewPrivileges": True,

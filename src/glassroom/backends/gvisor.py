@@ -12,8 +12,10 @@ Construction order, and why:
 3. ``runsc run`` gets the OCI bundle (``_gvisor_spec``: read-only root,
    the plan's binds, noexec everywhere but the allowed tools, tmpfs
    workspace, ``--network=none``) with a private ``--root`` state dir, and
-   execs glassroom's init inside in *stream* mode (``_sys/init_stream``):
-   the control channel is the container's stdin/stdout, framed.
+   execs glassroom's init inside in *stream* mode: the compiled static
+   ``glassroom-init --stream`` (``_sys/agent/stream.c``) when it is built
+   (``GLASSROOM_INIT``, as on namespaces), else ``_sys/init_stream.py``.
+   The control channel is the container's stdin/stdout, framed.
 4. The init loads the seccomp programs and rlimits, and reports ready.
 5. runsc's ``--strace`` (exec/open/connect/fork, plus every file call of
    ``[audit] level`` ``files``/``syscalls``) is written, one JSON record a
@@ -174,6 +176,9 @@ class GvisorInstance(FileOps):
         self._reqs: dict[int, _Req] = {}
         self._reqs_lock = threading.Lock()
         self._next_id = 1
+        #: The latest requests that got their last reply (exit, error, statfs):
+        #: any frame for one of them after that is a lie, logged (``_dispatch``).
+        self._ended: dict[int, None] = {}
         self._closed = False
         self._ready: queue.Queue[dict[str, Any]] = queue.Queue()
         self._reader: threading.Thread | None = None
@@ -194,6 +199,8 @@ class GvisorInstance(FileOps):
         #: Set by a checkpoint that stops the sandbox (a pause): why it ended.
         self._checkpointed = False
         self._ckpt_lock = threading.Lock()
+        #: The compiled init this sandbox runs (None: the Python one).
+        self._init_bin: Path | None = None
 
     # -- construction ------------------------------------------------------
 
@@ -209,7 +216,14 @@ class GvisorInstance(FileOps):
                 rule="backend.gvisor",
             )
         self.platform = spec.choose_platform()
-        spec.check_plan(self.plan)
+        from .namespaces import choose_init
+
+        # The compiled init (``glassroom-init --stream``, static) or the Python one
+        # (``_sys/init_stream.py``): GLASSROOM_INIT, as on namespaces (fail closed).
+        init_bin = choose_init(self.state) if saved is None else _saved_init(saved, self.state)
+        self.walls["init"] = "compiled" if init_bin is not None else "python"
+        self._init_bin = init_bin
+        spec.check_plan(self.plan, compiled=init_bin is not None)
         _path, version, _known = spec.runsc_info()
         if saved is not None:
             _check_saved(saved, version, self.platform)
@@ -244,7 +258,10 @@ class GvisorInstance(FileOps):
             "paths": list(self.cg.paths), "memory_bytes": mem, "cpus": lim.cpus,
             "host_pids_backstop": HOST_PIDS_BACKSTOP,
         }  # fmt: skip
-        argv = spec.init_argv(_LAUNCH, template=self.plan.root is not None)
+        if init_bin is not None:
+            argv = spec.compiled_argv()
+        else:
+            argv = spec.init_argv(_LAUNCH, template=self.plan.root is not None)
         net = self.plan.network
         self._proxied = net.mode == "proxy" and bool(net.host_dir)
         extra_gids: tuple[int, ...] = ()
@@ -266,7 +283,8 @@ class GvisorInstance(FileOps):
         self._boot_id = str(saved.details.get("boot_id", "")) if saved is not None else ""
         self._boot_id = self._boot_id or str(uuid.uuid4())
         self._bundle = spec.bundle(self.plan, self.state, init_dir, argv, self.sbdir, extra_gids,
-                                   scratch_dirs, self._gates.staging, self._boot_id)  # fmt: skip
+                                   scratch_dirs, self._gates.staging, self._boot_id,
+                                   init_bin)  # fmt: skip
         t0 = time.monotonic()
         if restore is None:
             self.proc = self._launch("run", "--bundle", str(self._bundle), self.sandbox_id)
@@ -613,6 +631,9 @@ class GvisorInstance(FileOps):
         if kind != _K_JSON:
             if rid <= 0 or rid >= self._next_id:
                 raise ProtocolViolation(f"output for unknown request id {rid}")
+            if rid in self._ended:  # logged and dropped, as on the other tiers
+                self._violation(f"output for request {rid} after its end")
+                return
             with self._reqs_lock:
                 req = self._reqs.get(rid)
             if req is not None and req.on_data is not None:
@@ -623,12 +644,19 @@ class GvisorInstance(FileOps):
             self._ready.put(msg)
             return
         mid = msg.get("id")
+        if mid in self._ended:
+            self._violation(f"{msg['op']!r} reply for request {mid} after its end")
+            return
         with self._reqs_lock:
             req = self._reqs.get(mid) if isinstance(mid, int) else None
         if req is None:
             if not isinstance(mid, int) or mid <= 0 or mid >= self._next_id:
                 raise ProtocolViolation(f"reply for unknown request id {mid!r}")
             return
+        if msg["op"] in ("exit", "error", "statfs") and isinstance(mid, int):
+            self._ended[mid] = None
+            if len(self._ended) > 4096:  # bounded: the oldest are forgotten
+                del self._ended[next(iter(self._ended))]
         req.q.put(msg)
 
     def _closed_error(self) -> SandboxClosed:
@@ -851,6 +879,9 @@ class GvisorInstance(FileOps):
                     + flushed,
             "next_request_id": next_id, "egress_gid": self._egress_gid,
             "leave_running": leave_running, "boot_id": self._boot_id,
+            # the restore runs the very init that was saved (its binary by path)
+            "init": self.walls.get("init", "python"),
+            **({"init_binary": self._init_bin.name} if self._init_bin is not None else {}),
         }  # fmt: skip
         if leave_running:
             for f in (old.stdin, old.stderr):
@@ -1065,6 +1096,23 @@ def _check_saved(saved: Checkpoint, version: str, platform: str) -> None:
     if made_by != version:  # runsc restores only images of its own build
         raise SnapshotError(f"gvisor: the checkpoint was made by {made_by}, this is {version}",
                             rule="snapshot.memory")  # fmt: skip
+
+
+def _saved_init(saved: Checkpoint, state: Path) -> Path | None:
+    """The init a checkpoint's processes run: the same on restore (its gofer re-opens
+    the saved files by path), whatever ``GLASSROOM_INIT`` says now.  A checkpoint
+    from before the compiled init names none: the Python one."""
+    from .._sys import agent_build
+
+    if saved.details.get("init", "python") != "compiled":
+        return None
+    name = str(saved.details.get("init_binary", ""))
+    path = agent_build.locate(name, state)
+    if path is None:
+        raise SnapshotError(f"gvisor: the checkpoint runs the compiled init {name!r}, which is "
+                            "not built here (the sources changed since?)",
+                            rule="snapshot.state")  # fmt: skip
+    return path
 
 
 def _e2image() -> str:

@@ -58,7 +58,10 @@ if TYPE_CHECKING:
 
 INIT_FILES = ("sandbox_init.py", "landlock.py", "init_net.py", "tracer.py")
 INIT_DIR_INSIDE = "/.glassroom"
+#: Where the compiled init (``_sys/agent``, static) is bound, read-only, and run.
+INIT_BIN_INSIDE = "/.glassroom-init"
 PYTHON_FOR_INIT = "/usr/bin/python3"
+INIT_CHOICES = ("auto", "compiled", "python")
 START_TIMEOUT_S = 10.0
 EXIT_GRACE_S = 0.1
 
@@ -71,6 +74,33 @@ def _bwrap() -> str:
             rule="backend.namespaces",
         )
     return path
+
+
+def choose_init(state: Path) -> Path | None:
+    """The compiled init to run, or None for the Python one (``GLASSROOM_INIT``).
+
+    ``auto`` (the default): the compiled init if it was built from the
+    current sources (``glassroom init build``, scripts/setup.sh), else the
+    Python init.  ``compiled``: that one or a WallError (fail closed: never
+    silently the other).  ``python``: the Python init.  Which one ran is in
+    the sandbox's walls (``init``), so in its ``sandbox.created`` record."""
+    from .._sys import agent_build
+
+    want = os.environ.get("GLASSROOM_INIT", "auto").strip().lower() or "auto"
+    if want not in INIT_CHOICES:
+        raise WallError(f"init: GLASSROOM_INIT={want!r} is not one of {', '.join(INIT_CHOICES)}",
+                        rule="init")  # fmt: skip
+    if want == "python":
+        return None
+    found = agent_build.find(state)
+    if found is None and want == "compiled":
+        raise WallError(
+            "init: GLASSROOM_INIT=compiled but the compiled init is not built for these sources "
+            f"(looked in {state / 'agent'} and {_config.init_build_dir()}); build it with "
+            "`glassroom init build`, which needs gcc and libc6-dev",
+            rule="init",
+        )
+    return found
 
 
 def install_init(state: Path) -> Path:
@@ -170,7 +200,10 @@ def _mount_args(m: Mount, scratch_dirs: dict[str, str] | None = None,
 
 def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int],
                scratch_dirs: dict[str, str] | None = None,
-               gates: dict[str, str] | None = None) -> list[str]:  # fmt: skip
+               gates: dict[str, str] | None = None,
+               init_bin: Path | None = None) -> list[str]:  # fmt: skip
+    """bwrap's argv; ``init_bin``: the compiled init (static: it needs no /usr),
+    else the Python init is run by the host's /usr/bin/python3."""
     argv = [
         _bwrap(),
         "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
@@ -193,8 +226,10 @@ def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int],
             # own; a new sandbox from a files-only snapshot gets a new one.
             argv += ["--ro-bind-data", str(fds["boot_id"]), f"{m.target}/sys/kernel/random/boot_id"]
     argv += ["--ro-bind", str(init_dir), INIT_DIR_INSIDE]
+    if init_bin is not None:
+        argv += ["--ro-bind", str(init_bin), INIT_BIN_INSIDE]
     if plan.root is not None:
-        return argv + _template_tail(plan, init_dir)
+        return argv + _template_tail(plan, init_dir, compiled=init_bin is not None)
     if not Path("/etc/passwd").exists() or not any(
         r.path in ("/etc", "/etc/passwd") for r in plan.fs_rules
     ):
@@ -202,7 +237,9 @@ def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int],
             "--ro-bind", str(init_dir / "passwd"), "/etc/passwd",
             "--ro-bind", str(init_dir / "group"), "/etc/group",
         ]  # fmt: skip
-    if not any(r.path == "/usr" or PYTHON_FOR_INIT.startswith(r.path + "/") for r in plan.fs_rules):
+    if init_bin is None and not any(
+        r.path == "/usr" or PYTHON_FOR_INIT.startswith(r.path + "/") for r in plan.fs_rules
+    ):
         # The init's interpreter must exist inside even when the policy hides
         # /usr; it is bound but NOT given a Landlock read rule, so sandboxed
         # code cannot read it (the init imports everything before Landlock).
@@ -213,13 +250,15 @@ def bwrap_argv(plan: LaunchPlan, init_dir: Path, fds: dict[str, int],
     if plan.network.host_dir:  # the egress proxy's socket and CA (see docs/network.md)
         argv += ["--ro-bind", plan.network.host_dir, EGRESS_DIR_INSIDE]
     argv += ["--remount-ro", "/", "--chdir", plan.workspace]
+    if init_bin is not None:
+        return [*argv, "--", INIT_BIN_INSIDE]
     # A one-line launcher, so the init itself loads from its cached .pyc.
     launch = f"import sys;sys.path.insert(0,{INIT_DIR_INSIDE!r});import sandbox_init as m;m.main()"
     argv += ["--", PYTHON_FOR_INIT, "-I", "-S", "-c", launch]
     return argv
 
 
-def _template_tail(plan: LaunchPlan, init_dir: Path) -> list[str]:
+def _template_tail(plan: LaunchPlan, init_dir: Path, *, compiled: bool = False) -> list[str]:
     """The rest of bwrap's argv when a template is the sandbox's ``/``.
 
     The init is the host's Python, but the template's ``/usr`` and libc are
@@ -228,7 +267,10 @@ def _template_tail(plan: LaunchPlan, init_dir: Path) -> list[str]:
     /usr above), and the init is started through the host's own dynamic
     loader with the host's library dir, so it needs nothing of the template.
     ``--library-path`` is the loader's option, not an env variable: the
-    commands the init starts do not inherit it."""
+    commands the init starts do not inherit it.
+
+    The compiled init (``compiled``) is static: none of the host's /usr is
+    bound at all, and it reads no locale or zone file."""
     assert plan.root is not None
     root = Path(plan.root)
     argv: list[str] = []
@@ -238,6 +280,10 @@ def _template_tail(plan: LaunchPlan, init_dir: Path) -> list[str]:
         argv += ["--ro-bind", str(init_dir / "passwd"), "/etc/passwd"]
         if (etc / "group").is_file() or not os.path.lexists(etc):
             argv += ["--ro-bind", str(init_dir / "group"), "/etc/group"]
+    if compiled:
+        if plan.network.host_dir:
+            argv += ["--ro-bind", plan.network.host_dir, EGRESS_DIR_INSIDE]
+        return [*argv, "--remount-ro", "/", "--chdir", plan.workspace, "--", INIT_BIN_INSIDE]
     host_usr = HOST_USR_INSIDE
     argv += ["--ro-bind", "/usr", host_usr]
     # glibc and Python would read the template's locale files and
@@ -390,13 +436,17 @@ class NamespacesInstance(FileOps):
             raise
 
     def _build(self) -> None:
+        init_bin = choose_init(self.state)
         init_dir = install_init(self.state)
+        self.walls["init"] = "compiled" if init_bin is not None else "python"
         if _config.is_root():
             # bwrap runs as the sandbox uid and binds the init from here: a
             # 0700 dir above the state dir (any mktemp -d) stops it, and the
             # failure would otherwise surface as a cgroup error once it died.
             uid, gid = _config.sandbox_ids()
             why = _reach.blocker(init_dir / INIT_FILES[0], uid, gid)
+            if why is None and init_bin is not None:
+                why = _reach.blocker(init_bin, uid, gid)
             if why is not None:
                 raise WallError(f"state dir {self.state} is not reachable by the sandbox: {why} "
                                 "(set GLASSROOM_STATE_DIR to a dir it can search)",
@@ -442,23 +492,22 @@ class NamespacesInstance(FileOps):
         if self._gates.needed:  # writable host dirs: through their gates only
             self._write_record()
             self.walls["write_gate"] = self._gates.start()
-        argv = bwrap_argv(self.plan, init_dir, fds, scratch_dirs, self._gates.staging)
+        argv = bwrap_argv(self.plan, init_dir, fds, scratch_dirs, self._gates.staging, init_bin)
         argv.append(str(child_sock.fileno()))
         uid, gid = _config.sandbox_ids()
         as_root = _config.is_root()
         try:
+            run_argv, as_ids = proc.as_user(argv, (uid, gid) if as_root else None)
             self.proc = subprocess.Popen(
-                argv,
+                run_argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 env={},
                 cwd="/",
                 pass_fds=(info_w, block_r, sec_fd, boot_fd, child_sock.fileno()),
-                user=uid if as_root else None,
-                group=gid if as_root else None,
-                extra_groups=[] if as_root else None,
                 close_fds=True,
+                **as_ids,
             )
         except BaseException:
             close_quietly(info_r, block_w)
@@ -1066,7 +1115,7 @@ class NamespacesInstance(FileOps):
                 self._frozen_at = None
             if self.proc is not None and self.proc.poll() is None:
                 try:
-                    self.proc.wait(timeout=2.0 if self.child_pid else 0)
+                    proc.wait_exit(self.proc, 2.0 if self.child_pid else 0)
                 except subprocess.TimeoutExpired:
                     with contextlib.suppress(OSError):
                         self.proc.kill()
@@ -1083,7 +1132,7 @@ class NamespacesInstance(FileOps):
         self.kill()
         if self.proc is not None:
             try:
-                self.proc.wait(timeout=5)
+                proc.wait_exit(self.proc, 5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)

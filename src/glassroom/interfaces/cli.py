@@ -311,6 +311,24 @@ def cmd_microvm(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(ns: argparse.Namespace) -> int:
+    """``init build``: compile the in-sandbox init (docs/operations.md), or say where it is."""
+    from .. import _config
+    from .._sys import agent_build
+
+    state = _config.state_dir()
+    found = agent_build.find(state)
+    if ns.init_cmd == "build":  # into the build dir, which outlives a reboot
+        try:
+            found = agent_build.build()
+        except agent_build.BuildError as exc:
+            return _fail(f"init build: {exc}")
+    print(json.dumps({"compiled": str(found) if found else None,
+                      "source_digest": agent_build.source_digest(),
+                      "selected_by": "GLASSROOM_INIT=auto|compiled|python"}, indent=2))  # fmt: skip
+    return 0 if found else 1
+
+
 def cmd_approvals(ns: argparse.Namespace) -> int:
     """``approvals list|allow|deny ID``: decide requests held by ``network.ask``."""
     from ..egress import _approvals
@@ -518,6 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
     mvp = mvs.add_parser("prepare", help="fetch the guest kernel, build and cache the images")
     mvp.add_argument("--no-snapshot", action="store_true", help="skip the booted-idle snapshot")
     mvp.set_defaults(func=cmd_microvm)
+
+    it = sub.add_parser("init", help="the compiled in-sandbox init (namespaces and gvisor tiers)")
+    its = it.add_subparsers(dest="init_cmd", required=True)
+    its.add_parser("build", help="compile it into the build dir (a no-op when current)")
+    its.add_parser("status", help="where the current build is, if any (exit 1: none)")
+    it.set_defaults(func=cmd_init)
 
     de = sub.add_parser(
         "demo", help="a demo agent task: real work, one blocked action, the audit trail"

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import _reach
 from .._config import template_dir
 from .._errors import TemplateError
 
@@ -177,28 +178,6 @@ def _writable(root: Path) -> None:
             os.chmod(root / rel, stat.S_IMODE(st.st_mode) | 0o700)
 
 
-def _traversable(root: Path) -> None:
-    """Let every uid *search* (not list) the store's own dir and each of its
-    ancestors that this process owns: a sandbox's uid (bwrap, the build step,
-    gVisor's gofer) must reach the trees.  The default store sits in the audit
-    log's dir, which is 0700: it becomes 0711, and the log and its anchor stay
-    0600 files that no other uid can open.  Not run unprivileged: there the
-    sandbox's uid is this user's own, and a home dir stays as it is."""
-    if os.geteuid() != 0:
-        return
-    cur = root.resolve()
-    while True:
-        try:
-            st = os.stat(cur)
-        except FileNotFoundError:
-            st = None
-        if st is not None and st.st_uid == 0 and not st.st_mode & 0o001:
-            os.chmod(cur, stat.S_IMODE(st.st_mode) | 0o011)
-        if cur.parent == cur:
-            return
-        cur = cur.parent
-
-
 class TemplateStore:
     """Templates on disk under ``root`` (default: :func:`glassroom._config.template_dir`)."""
 
@@ -218,7 +197,7 @@ class TemplateStore:
         (so the final move is a rename)."""
         base = self.root / "staging"
         base.mkdir(parents=True, exist_ok=True)
-        _traversable(self.root)
+        _reach.make_traversable(self.root)
         # 0711: a build step's sandbox uid must reach its tree here (not list others)
         os.chmod(base, 0o711)
         return Path(tempfile.mkdtemp(dir=base))

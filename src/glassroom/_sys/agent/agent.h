@@ -1,0 +1,93 @@
+/* glassroom-init: the compiled in-sandbox init of the namespaces tier.
+ *
+ * A drop-in for _sys/sandbox_init.py (with landlock.py and init_net.py): the
+ * same wire protocol on the same fd (marshal dicts in, JSON objects out, one
+ * SOCK_SEQPACKET datagram each), the same walls in the same order, the same
+ * replies and error texts.  Static: it needs nothing of the sandbox's /usr.
+ */
+#ifndef GLASSROOM_AGENT_H
+#define GLASSROOM_AGENT_H
+
+#define _GNU_SOURCE
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define MAX_MSG (1 << 20)
+#define MAX_DEPTH 32
+#define MAX_FDS 8
+
+/* ---- values decoded from marshal (marshal.c) ---- */
+enum vkind { V_NONE, V_BOOL, V_INT, V_STR, V_BYTES, V_LIST, V_DICT, V_OTHER };
+
+typedef struct value {
+    enum vkind kind;
+    int64_t i;        /* V_INT, V_BOOL; a long beyond int64 saturates, `big` set */
+    int big;
+    char *s;          /* V_STR: file-system bytes (lone surrogates U+DC80..DCFF -> the byte) */
+    size_t len;       /* V_STR/V_BYTES bytes; V_LIST/V_DICT items */
+    struct value **items; /* V_LIST: len items; V_DICT: 2*len (key, value) */
+} value;
+
+/* Parse one marshal datagram; NULL if malformed (bounded: size, depth, counts). */
+value *marshal_load(const unsigned char *buf, size_t n);
+void marshal_free_all(void); /* frees every value of the last load */
+value *dict_get(const value *d, const char *key);
+int v_int(const value *v, int64_t *out); /* 0 ok, -1 not an int */
+const char *v_str(const value *v);        /* NUL-terminated, or NULL */
+
+/* ---- output buffer and JSON (json.c) ---- */
+typedef struct buf {
+    char *p;
+    size_t len, cap;
+    int oom;
+} buf;
+
+void b_put(buf *b, const void *s, size_t n);
+void b_puts(buf *b, const char *s);
+void b_printf(buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void b_free(buf *b);
+/* JSON string of bytes, as Python's encode_basestring_ascii of a str.
+ * surrogateescape: undecodable bytes become \udcXX (os.fsdecode); else U+FFFD
+ * (bytes.decode(errors="replace")). */
+void json_str(buf *b, const char *s, size_t n, int surrogateescape);
+/* Python's repr() of a str given as file-system bytes (surrogateescape). */
+void py_repr(buf *b, const char *s, size_t n);
+/* Python's repr() of a marshal value (for "unknown op ..."). */
+void py_repr_value(buf *b, const value *v);
+
+/* ---- an OSError, as Python's str(exc) ---- */
+typedef struct oserr {
+    int err;
+    char text[4096]; /* str(exc) */
+} oserr;
+
+void oserr_set(oserr *e, int err, const char *filename); /* strerror + filename repr */
+void oserr_msg(oserr *e, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* ---- main.c ---- */
+extern int ctl_fd;
+void send_json(buf *b); /* sends and frees; on failure: shutdown */
+void close_range_from(int low, int high); /* close [low, high) */
+
+/* ---- walls.c ---- */
+int landlock_restrict(const value *cfg, oserr *e);  /* ABI, or -1 with e set */
+int apply_rlimits(const value *rl, buf *why);       /* 0, or -1 with why = "NAME: error" */
+int seccomp_install(const value *bpf, unsigned flags, oserr *e); /* fd (or 0), -1 */
+
+/* ---- net.c ---- */
+pid_t start_forwarder(int port, const char *path);
+
+/* ---- run.c ---- */
+/* Child bodies: return only on an error before the op started (e set, or
+ * e->err == -1: a non-OSError failure, exit 127). */
+void exec_body(const value *msg, int errw, const int *fds, int nfds, oserr *e);
+void pty_body(const value *msg, int errw, const int *fds, int nfds, oserr *e);
+
+/* ---- files.c ---- */
+void file_body(const value *msg, int errw, const int *fds, int nfds, oserr *e);
+
+/* ---- stream.c: the gVisor tier's init (fd 0/1 framed, as _sys/init_stream.py) ---- */
+int stream_main(void);
+
+#endif
