@@ -20,6 +20,11 @@ from typing import Any
 from .._errors import SandboxClosed
 
 MAX_REPLY = 64 * 1024
+#: After a command's timeout the init is asked to SIGKILL it; an init that
+#: gives no exit in this long is not answering (stopped by a command, which
+#: shares its uid, or lying): the backends then kill the sandbox, so that
+#: ``run(timeout_s=)`` returns near its timeout and not at max runtime.
+UNANSWERED_KILL_S = 5.0
 _OPS = {"ready", "started", "exit", "error", "fatal"}
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "id": (int,),

@@ -51,6 +51,7 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import termios
@@ -67,7 +68,7 @@ from .._sys import cgroups, proc, scratch, seccomp
 from ..audit import _events
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan
 from . import _gvisor_spec as spec
-from ._channel import ProtocolViolation
+from ._channel import UNANSWERED_KILL_S, ProtocolViolation
 from ._channel import parse_reply as _parse_reply
 from ._files import FileOps, FileOpStalled
 from ._gates import Gates
@@ -372,12 +373,33 @@ class GvisorInstance(FileOps):
         script = 'for f in "$@"; do echo $$ > "$f" || exit 125; done; exec ' + shlex.join(
             self._runsc(*command)
         )
-        return subprocess.Popen(
-            ["/bin/sh", "-c", script, "sh", *procs],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, cwd="/", close_fds=True,
-            start_new_session=True,
-        )  # fmt: skip
+        # The channel is a pair of sockets, not pipes: inside gVisor, code of the
+        # sandbox running as the init's uid can reopen the init's pipes through
+        # /proc/1/fd (gVisor lets it, non-dumpable or not) and read the host's
+        # frames or write forged ones; a socket cannot be opened by path (ENXIO).
+        host_in, init_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        host_out, init_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            init_in.shutdown(socket.SHUT_WR)  # one way each, as the pipes were
+            host_in.shutdown(socket.SHUT_RD)
+            init_out.shutdown(socket.SHUT_RD)
+            host_out.shutdown(socket.SHUT_WR)
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", script, "sh", *procs],
+                stdin=init_in.fileno(), stdout=init_out.fileno(), stderr=subprocess.PIPE,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, cwd="/", close_fds=True,
+                start_new_session=True,
+            )  # fmt: skip
+        except BaseException:
+            host_in.close()
+            host_out.close()
+            raise
+        finally:
+            init_in.close()
+            init_out.close()
+        proc.stdin = os.fdopen(host_in.detach(), "wb")
+        proc.stdout = os.fdopen(host_out.detach(), "rb")
+        return proc
 
     def _configure(self, preload: str) -> None:
         """Send a fresh init its walls (seccomp, rlimits, the proxy bridge); wait for ready."""
@@ -686,9 +708,26 @@ class GvisorInstance(FileOps):
         if res is None:
             p.signal(int(signal.SIGKILL))
             p.timed_out = True
-            res = p.wait()
+            res = p.wait(UNANSWERED_KILL_S)
+            if res is None:  # the init is stopped (SIGSTOP from a command) or lying
+                self._unanswered(req.timeout_s)
+                res = p.wait()
         assert res is not None
         return res
+
+    def _unanswered(self, timeout_s: float | None) -> None:
+        """The init did not end a timed-out command: it is stopped (a command
+        can SIGSTOP pid 1: same uid) or lying.  Nothing in the sandbox can be
+        driven any more, so the sandbox ends (as on namespaces)."""
+        self.on_event(
+            "anomaly",
+            {"reason": "the init did not end a timed-out command; sandbox killed",
+             "timeout_s": timeout_s, "waited_s": UNANSWERED_KILL_S},
+            "deny", "init.unresponsive",
+        )  # fmt: skip
+        if self.dead_reason is None:
+            self.dead_reason = "the init stopped answering"
+        self.kill()
 
     def cgroup_stats(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -1194,7 +1233,12 @@ class GvisorProcess:
         if self.req.pty is not None:  # made inside the container (init_stream.py)
             msg["pty"] = list(pty_size(*self.req.pty))
         self._rid, req = self._inst._request(msg, self._on_data)
-        first = req.q.get()
+        limit = self.req.timeout_s
+        try:  # an init stopped before its "started" would hold this forever
+            first = req.q.get(timeout=limit + UNANSWERED_KILL_S if limit else None)
+        except queue.Empty:
+            self._inst._unanswered(limit)
+            first = req.q.get()  # "closed": the kill ends the channel
         if first["op"] == "closed":
             self._inst._forget(self._rid)
             raise self._inst._closed_error()

@@ -48,7 +48,13 @@ from .._errors import (
 from .._sys import cgroups, netwatch, proc, scratch, seccomp, tracewatch
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan, Mount
 from ..policy._template import HOST_USR_INSIDE, INIT_ENV_UNDER_TEMPLATE
-from ._channel import Channel, ProtocolViolation, close_quietly, release_quietly
+from ._channel import (
+    UNANSWERED_KILL_S,
+    Channel,
+    ProtocolViolation,
+    close_quietly,
+    release_quietly,
+)
 from ._files import FileOps, FileOpStalled
 from ._gates import Gates
 from .base import Checkpoint, EventSink, ExecRequest, ExecResult, Receipt
@@ -777,6 +783,20 @@ class NamespacesInstance(FileOps):
     def _anomaly(self, what: str) -> None:
         self._violation(what)
 
+    def _unanswered(self, timeout_s: float | None) -> None:
+        """The init did not end a timed-out command: it is stopped (a command
+        can SIGSTOP it: same uid, same Landlock domain) or lying.  Nothing in
+        the sandbox can be driven any more, so the sandbox ends."""
+        self.on_event(
+            "anomaly",
+            {"reason": "the init did not end a timed-out command; sandbox killed",
+             "timeout_s": timeout_s, "waited_s": UNANSWERED_KILL_S},
+            "deny", "init.unresponsive",
+        )  # fmt: skip
+        if self.dead_reason is None:
+            self.dead_reason = "the init stopped answering"
+        self.kill()
+
     def _violation(self, what: str) -> None:
         self.on_event(
             "anomaly",
@@ -877,7 +897,11 @@ class NamespacesInstance(FileOps):
         close_quietly(in_r, out_w, err_w)
         assert self.channel is not None
         try:
-            first = q.get()
+            try:  # an init stopped before its "started" would hold this forever
+                first = q.get(timeout=req.timeout_s + UNANSWERED_KILL_S if req.timeout_s else None)
+            except queue.Empty:
+                self._unanswered(req.timeout_s)
+                first = q.get()  # "closed": the kill ends the channel
             if first["op"] == "closed":
                 raise self._closed_error()
             if first["op"] == "error":
@@ -930,6 +954,10 @@ class NamespacesInstance(FileOps):
                 with contextlib.suppress(SandboxClosed):
                     assert self.channel is not None
                     self.channel.send({"op": "signal", "target": rid, "sig": int(signal.SIGKILL)})
+            if (timed_out and exit_msg is None and run_deadline
+                    and now > run_deadline + UNANSWERED_KILL_S):  # fmt: skip
+                self._unanswered(req.timeout_s)
+                run_deadline = None  # once: the channel's close is the exit now
             if exit_msg is None and not open_fds and in_w < 0:
                 # Only the exit is missing: block on it (bounded by the timeout).
                 wait = 1.0 if run_deadline is None else max(0.0, run_deadline - now) + 0.01

@@ -164,10 +164,27 @@ void py_repr(buf *b, const char *str, size_t n) {
     b_put(b, &q, 1);
 }
 
-void py_repr_value(buf *b, const value *v) {
+/* repr() of a marshal value.  Bounded like Python's own repr of a container
+ * that holds itself ("[...]"): marshal back-references can make a list that
+ * contains itself, or a shared list reached 2^32 times through 32 levels, so
+ * the containers being printed are tracked and the text stops at REPR_MAX. */
+#define REPR_MAX 4096
+static const value *repr_stack[MAX_DEPTH + 2];
+
+static void repr_at(buf *b, const value *v, int depth) {
+    if (b->len > REPR_MAX) return;
     if (!v) {
         b_puts(b, "None");
         return;
+    }
+    if (v->kind == V_LIST || v->kind == V_DICT) {
+        int seen = depth > MAX_DEPTH;
+        for (int i = 0; i < depth && !seen; i++) seen = repr_stack[i] == v;
+        if (seen) {
+            b_puts(b, v->kind == V_LIST ? "[...]" : "{...}");
+            return;
+        }
+        repr_stack[depth] = v;
     }
     switch (v->kind) {
     case V_NONE: b_puts(b, "None"); break;
@@ -180,23 +197,32 @@ void py_repr_value(buf *b, const value *v) {
         break;
     case V_LIST:
         b_puts(b, "[");
-        for (size_t i = 0; i < v->len; i++) {
+        for (size_t i = 0; i < v->len && b->len <= REPR_MAX; i++) {
             if (i) b_puts(b, ", ");
-            py_repr_value(b, v->items[i]);
+            repr_at(b, v->items[i], depth + 1);
         }
         b_puts(b, "]");
         break;
     case V_DICT:
         b_puts(b, "{");
-        for (size_t i = 0; i < v->len; i++) {
+        for (size_t i = 0; i < v->len && b->len <= REPR_MAX; i++) {
             if (i) b_puts(b, ", ");
-            py_repr_value(b, v->items[2 * i]);
+            repr_at(b, v->items[2 * i], depth + 1);
             b_puts(b, ": ");
-            py_repr_value(b, v->items[2 * i + 1]);
+            repr_at(b, v->items[2 * i + 1], depth + 1);
         }
         b_puts(b, "}");
         break;
     default: b_puts(b, "<object>");
+    }
+}
+
+void py_repr_value(buf *b, const value *v) {
+    size_t start = b->len;
+    repr_at(b, v, 0);
+    if (b->len - start > REPR_MAX) {
+        b->len = start + REPR_MAX;
+        b_puts(b, "...");
     }
 }
 
