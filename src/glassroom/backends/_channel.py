@@ -15,7 +15,7 @@ import queue
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .._errors import SandboxClosed
 
@@ -59,6 +59,29 @@ _RANGES: dict[str, tuple[int, int]] = {
     "total": (0, (1 << 63) - 1),
 }
 MAX_STR = 4096
+
+
+class _Killable(Protocol):
+    on_event: Any
+    dead_reason: str | None
+
+    def kill(self) -> None: ...
+
+
+def end_unanswered(inst: _Killable, timeout_s: float | None) -> None:
+    """The init did not end a timed-out command within ``UNANSWERED_KILL_S``:
+    it is stopped (a command shares its uid and can SIGSTOP it) or lying.
+    Nothing in the sandbox can be driven any more, so the sandbox ends, with
+    a record; the same on every tier that has an init."""
+    inst.on_event(
+        "anomaly",
+        {"reason": "the init did not end a timed-out command; sandbox killed",
+         "timeout_s": timeout_s, "waited_s": UNANSWERED_KILL_S},
+        "deny", "init.unresponsive",
+    )  # fmt: skip
+    if inst.dead_reason is None:
+        inst.dead_reason = "the init stopped answering"
+    inst.kill()
 
 
 class ProtocolViolation(Exception):

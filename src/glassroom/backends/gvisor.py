@@ -68,7 +68,7 @@ from .._sys import cgroups, proc, scratch, seccomp
 from ..audit import _events
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan
 from . import _gvisor_spec as spec
-from ._channel import UNANSWERED_KILL_S, ProtocolViolation
+from ._channel import UNANSWERED_KILL_S, ProtocolViolation, end_unanswered
 from ._channel import parse_reply as _parse_reply
 from ._files import FileOps, FileOpStalled
 from ._gates import Gates
@@ -716,18 +716,7 @@ class GvisorInstance(FileOps):
         return res
 
     def _unanswered(self, timeout_s: float | None) -> None:
-        """The init did not end a timed-out command: it is stopped (a command
-        can SIGSTOP pid 1: same uid) or lying.  Nothing in the sandbox can be
-        driven any more, so the sandbox ends (as on namespaces)."""
-        self.on_event(
-            "anomaly",
-            {"reason": "the init did not end a timed-out command; sandbox killed",
-             "timeout_s": timeout_s, "waited_s": UNANSWERED_KILL_S},
-            "deny", "init.unresponsive",
-        )  # fmt: skip
-        if self.dead_reason is None:
-            self.dead_reason = "the init stopped answering"
-        self.kill()
+        end_unanswered(self, timeout_s)
 
     def cgroup_stats(self) -> dict[str, int]:
         out: dict[str, int] = {}

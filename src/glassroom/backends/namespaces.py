@@ -53,6 +53,7 @@ from ._channel import (
     Channel,
     ProtocolViolation,
     close_quietly,
+    end_unanswered,
     release_quietly,
 )
 from ._files import FileOps, FileOpStalled
@@ -784,18 +785,7 @@ class NamespacesInstance(FileOps):
         self._violation(what)
 
     def _unanswered(self, timeout_s: float | None) -> None:
-        """The init did not end a timed-out command: it is stopped (a command
-        can SIGSTOP it: same uid, same Landlock domain) or lying.  Nothing in
-        the sandbox can be driven any more, so the sandbox ends."""
-        self.on_event(
-            "anomaly",
-            {"reason": "the init did not end a timed-out command; sandbox killed",
-             "timeout_s": timeout_s, "waited_s": UNANSWERED_KILL_S},
-            "deny", "init.unresponsive",
-        )  # fmt: skip
-        if self.dead_reason is None:
-            self.dead_reason = "the init stopped answering"
-        self.kill()
+        end_unanswered(self, timeout_s)
 
     def _violation(self, what: str) -> None:
         self.on_event(
