@@ -86,11 +86,16 @@ def _raw(img: Any, accel: Any, snapshot: str | None) -> float:
 
 def series(runs: int = 3) -> dict[str, Any]:
     os.environ.setdefault("GLASSROOM_MICROVM_ALLOW_TCG", "1")
+    import dataclasses
+
     from glassroom.backends.microvm import image, qemu
+    from glassroom.backends.microvm._instance import choose_agent
     from glassroom.backends.microvm.prepare import prepare
 
     prep = prepare(snapshot=True)
     img = image.prepare()
+    # the raw runs boot the agent the sandboxes boot (GLASSROOM_INIT, as they do)
+    img = dataclasses.replace(img, agent=choose_agent(img, "actions")[0])
     accel = qemu.choose_accel()
     log = os.path.join(tempfile.mkdtemp(prefix="glassroom-bench-mvm-"), "audit.jsonl")
     saved = os.environ.get("GLASSROOM_MICROVM_SNAPSHOT")
@@ -140,9 +145,10 @@ def series(runs: int = 3) -> dict[str, Any]:
             "snapshot": prep.get("snapshot_bytes"),
         },
         "kernel": img.kernel_release,
-        "goals_tcg": {
-            "cold_ms<=1500": med["cold"] <= 1500,
-            "restored_ms<=500": med["restored"] <= 500,
+        "agent": img.agent,
+        "goals_tcg": {  # issue 18's
+            "cold_ms<=1000": med["cold"] <= 1000,
+            "restored_ms<=200": med["restored"] <= 200,
         },
     }
 

@@ -8,6 +8,7 @@ thread that waits for them.
 
 from __future__ import annotations
 
+import errno
 import json
 import marshal
 import os
@@ -17,9 +18,14 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .._errors import SandboxClosed
+from .._errors import SandboxClosed, SandboxError
 
 MAX_REPLY = 64 * 1024
+#: The largest request the init reads (``MAX_MSG`` of ``_sys/sandbox_init.py``
+#: and ``_sys/agent/agent.h``): a longer one would reach it cut, and it stops.
+MAX_REQUEST = 1 << 20
+#: What a unix datagram carries at most: the socket's SO_SNDBUF less this.
+_DGRAM_OVERHEAD = 32
 #: After a command's timeout the init is asked to SIGKILL it; an init that
 #: gives no exit in this long is not answering (stopped by a command, which
 #: shares its uid, or lying): the backends then kill the sandbox, so that
@@ -84,6 +90,21 @@ def end_unanswered(inst: _Killable, timeout_s: float | None) -> None:
     inst.kill()
 
 
+class RequestTooLarge(SandboxError):
+    """A request does not fit in one message to the init: nothing was sent, and
+    the sandbox runs on."""
+
+    def __init__(self, op: str, size: int, limit: int) -> None:
+        what = " (argv, env and cwd together)" if op == "exec" else ""
+        super().__init__(
+            f"{op} request of {size} bytes exceeds the {limit}-byte limit of one "
+            f"message to the sandbox's init{what}",
+            rule="init.max_message",
+        )
+        self.size = size
+        self.limit = limit
+
+
 class ProtocolViolation(Exception):
     """The init sent something outside the protocol: a sign of compromise."""
 
@@ -145,6 +166,13 @@ class Channel:
         self._waiters: dict[int, queue.Queue[dict[str, Any]]] = {}
         self._closed = False
         self._on_violation = on_violation
+        #: The largest request that reaches the init whole: MAX_REQUEST, or less
+        #: when one datagram of this socket cannot carry that much.
+        try:
+            sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        except OSError:
+            sndbuf = MAX_REQUEST + _DGRAM_OVERHEAD
+        self.max_request = min(MAX_REQUEST, sndbuf - _DGRAM_OVERHEAD)
 
     def new_request(self) -> tuple[int, queue.Queue[dict[str, Any]]]:
         with self._lock:
@@ -160,13 +188,18 @@ class Channel:
             self._waiters.pop(rid, None)
 
     def send(self, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Raises RequestTooLarge (nothing sent) or SandboxClosed."""
         data = marshal.dumps(msg)
+        if len(data) > self.max_request:
+            raise RequestTooLarge(str(msg.get("op")), len(data), self.max_request)
         try:
             if fds:
                 socket.send_fds(self.sock, [data], list(fds))
             else:
                 self.sock.send(data)
         except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:  # the socket's buffer shrank under us
+                raise RequestTooLarge(str(msg.get("op")), len(data), self.max_request) from None
             raise SandboxClosed(f"the sandbox is no longer running ({exc.strerror})") from None
 
     def recv_one(self) -> dict[str, Any] | None:

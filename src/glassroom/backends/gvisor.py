@@ -68,7 +68,13 @@ from .._sys import cgroups, proc, scratch, seccomp
 from ..audit import _events
 from ..plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, LaunchPlan
 from . import _gvisor_spec as spec
-from ._channel import UNANSWERED_KILL_S, ProtocolViolation, end_unanswered
+from ._channel import (
+    MAX_REQUEST,
+    UNANSWERED_KILL_S,
+    ProtocolViolation,
+    RequestTooLarge,
+    end_unanswered,
+)
 from ._channel import parse_reply as _parse_reply
 from ._files import FileOps, FileOpStalled
 from ._gates import Gates
@@ -555,8 +561,16 @@ class GvisorInstance(FileOps):
     ) -> tuple[int, _Req]:
         rid, req = self._new_req(on_data)
         msg["id"] = rid
+        data = marshal.dumps(msg)
+        if len(data) > MAX_REQUEST:
+            # Both inits stop on a message over their bound (the stream cannot
+            # be resynchronized): refused here, nothing sent, and the init runs
+            # on; answered as the init answers an op it cannot start (E2BIG).
+            exc = RequestTooLarge(str(msg.get("op")), len(data), MAX_REQUEST)
+            req.q.put({"op": "error", "id": rid, "errno": errno.E2BIG, "error": str(exc)})
+            return rid, req
         try:
-            self._send(_K_MSG, 0, marshal.dumps(msg))
+            self._send(_K_MSG, 0, data)
         except SandboxClosed:
             self._forget(rid)
             raise self._closed_error() from None

@@ -52,6 +52,7 @@ from ._channel import (
     UNANSWERED_KILL_S,
     Channel,
     ProtocolViolation,
+    RequestTooLarge,
     close_quietly,
     end_unanswered,
     release_quietly,
@@ -554,7 +555,10 @@ class NamespacesInstance(FileOps):
             "network": "private netns, loopback only",
         })  # fmt: skip
         self.channel = Channel(parent_sock, self._violation)
-        self.channel.send(init_config(self.plan))
+        try:
+            self.channel.send(init_config(self.plan))
+        except RequestTooLarge as exc:  # a policy of very many paths
+            raise WallError(f"init: {exc}", rule="init") from None
         ready = self._await_ready(parent_sock)
         self.walls["landlock"] = {
             "abi": ready["landlock_abi"],
@@ -855,7 +859,12 @@ class NamespacesInstance(FileOps):
             raise SandboxClosed("the sandbox has been destroyed")
         rid, q = self.channel.new_request()
         msg["id"] = rid
-        self.channel.send(msg, list(fds))
+        try:
+            self.channel.send(msg, list(fds))
+        except RequestTooLarge as exc:
+            # Nothing reached the init, which runs on: answered here as the init
+            # answers an op it cannot start (an exec: as execve's E2BIG).
+            q.put({"op": "error", "id": rid, "errno": errno.E2BIG, "error": str(exc)})
         return rid, q
 
     def _closed_error(self) -> SandboxClosed:

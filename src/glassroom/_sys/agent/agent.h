@@ -77,6 +77,7 @@ int seccomp_install(const value *bpf, unsigned flags, oserr *e); /* fd (or 0), -
 
 /* ---- net.c ---- */
 pid_t start_forwarder(int port, const char *path);
+pid_t start_forwarder_tcp(int port, const char *host, int hport);
 
 /* ---- run.c ---- */
 /* Child bodies: return only on an error before the op started (e set, or
@@ -86,8 +87,31 @@ void pty_body(const value *msg, int errw, const int *fds, int nfds, oserr *e);
 
 /* ---- files.c ---- */
 void file_body(const value *msg, int errw, const int *fds, int nfds, oserr *e);
+/* Its pieces, for the guest agent's file ops (guest.c). */
+int open_regular(const char *path, int flags, mode_t mode, oserr *e); /* fd, or -1 */
+int list_dir(const char *path, buf *out, oserr *e); /* a JSON list of {name, type, size} */
+int makedirs(const char *name, oserr *e);             /* exist_ok */
+int remove_tree(const char *path, oserr *e);          /* a file, a link, or a whole tree */
+int fd_write_all(int fd, const char *p, size_t n);
 
 /* ---- stream.c: the gVisor tier's init (fd 0/1 framed, as _sys/init_stream.py) ---- */
 int stream_main(void);
+
+/* ---- guest.c: the microVM tier's guest agent, pid 1 (as guest/agent.py) ---- */
+int guest_main(void);
+
+/* ---- jsonin.c: JSON text to values (the microVM host's frames; trusted, bounded) ---- */
+/* A JSON float becomes V_OTHER with s = its text.  Strings: \udc80..\udcff
+ * alone is that byte (os.fsdecode's surrogateescape), as marshal.c does. */
+value *json_load(const char *text, size_t n);
+void json_free_all(void);
+void json_keep(void); /* what was loaded so far is never freed */
+
+/* ---- walls.c: what the Python inits raise past their handlers ---- */
+/* type(v).__name__ of a marshal value */
+const char *py_type(const value *v);
+/* The traceback CPython prints for an exception the init does not catch (its
+ * last line is `fmt`: the host shows it), then exit status 1, no reply. */
+void py_raise(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 
 #endif

@@ -14,7 +14,7 @@ static int clean(const value *v) { return v && v->kind == V_STR && strlen(v->s) 
 
 /* open_regular: O_NONBLOCK open (a FIFO never blocks it), then the type of
  * what was opened, from the fd; only a regular file goes on. */
-static int open_regular(const char *path, int flags, mode_t mode, oserr *e) {
+int open_regular(const char *path, int flags, mode_t mode, oserr *e) {
     flags |= O_NONBLOCK | O_CLOEXEC | O_NOCTTY;
     int fd = open(path, flags, mode);
     if (fd < 0) {
@@ -53,7 +53,7 @@ static int open_regular(const char *path, int flags, mode_t mode, oserr *e) {
     return fd;
 }
 
-static int write_all(int fd, const char *p, size_t n) {
+int fd_write_all(int fd, const char *p, size_t n) {
     while (n) {
         ssize_t w = write(fd, p, n);
         if (w < 0) {
@@ -86,7 +86,7 @@ static const char *entry_type(mode_t mode) {
     }
 }
 
-static int list_dir(const char *path, buf *out, oserr *e) {
+int list_dir(const char *path, buf *out, oserr *e) {
     DIR *d = opendir(path);
     if (!d) {
         oserr_set(e, errno, path);
@@ -156,7 +156,7 @@ static void split(const char *p, char **head, char **tail) {
 }
 
 /* os.makedirs(name, exist_ok=True) */
-static int makedirs(const char *name, oserr *e) {
+int makedirs(const char *name, oserr *e) {
     char *head, *tail;
     split(name, &head, &tail);
     if (!head || !tail) {
@@ -201,7 +201,7 @@ static int makedirs(const char *name, oserr *e) {
 }
 
 /* rmtree without following symlinks */
-static int remove_tree(const char *path, oserr *e) {
+int remove_tree(const char *path, oserr *e) {
     if (unlink(path) == 0) return 0;
     int err = errno;
     if (err == EPERM || err == EACCES) {
@@ -289,7 +289,7 @@ void file_body(const value *msg, int errw, const int *fds, int nfds, oserr *e) {
             if (r < 0) _exit(errno & 0xFF);
             if (r == 0) break;
             limit -= r;
-            if (write_all(pipe, chunk, (size_t)r)) _exit(errno & 0xFF);
+            if (fd_write_all(pipe, chunk, (size_t)r)) _exit(errno & 0xFF);
         }
         _exit(0);
     } else if (!strcmp(k, "write")) {
@@ -303,7 +303,7 @@ void file_body(const value *msg, int errw, const int *fds, int nfds, oserr *e) {
             ssize_t r = read(pipe, chunk, sizeof chunk);
             if (r < 0) _exit(errno & 0xFF);
             if (r == 0) break;
-            if (write_all(fd, chunk, (size_t)r)) _exit(errno & 0xFF);
+            if (fd_write_all(fd, chunk, (size_t)r)) _exit(errno & 0xFF);
         }
         if (close(fd) != 0) _exit(errno & 0xFF);
         _exit(0);
@@ -311,7 +311,7 @@ void file_body(const value *msg, int errw, const int *fds, int nfds, oserr *e) {
         buf out = {0};
         if (list_dir(path, &out, e)) return;
         close(errw);
-        if (write_all(pipe, out.p, out.len)) _exit(errno & 0xFF);
+        if (fd_write_all(pipe, out.p, out.len)) _exit(errno & 0xFF);
         _exit(0);
     } else if (!strcmp(k, "mkdir")) {
         if (makedirs(path, e)) return;

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <grp.h>
 #include <unistd.h>
 #include <arpa/inet.h>
 
@@ -59,7 +60,7 @@ static short mask(pair *p, int k) {
     return m;
 }
 
-static void serve(int port, const char *path) {
+static void serve(int port, const struct sockaddr *up, socklen_t uplen, uid_t drop) {
     int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (lfd < 0) return;
     int one = 1;
@@ -69,10 +70,8 @@ static void serve(int port, const char *path) {
     sin.sin_port = htons((uint16_t)port);
     sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (bind(lfd, (struct sockaddr *)&sin, sizeof sin) || listen(lfd, 128)) return;
-    struct sockaddr_un sun = {0};
-    sun.sun_family = AF_UNIX;
-    if (strlen(path) >= sizeof sun.sun_path) return;
-    strcpy(sun.sun_path, path);
+    /* The guest's forwarder starts as root (pid 1's child): bound, it needs nothing more. */
+    if (drop && (setgroups(0, NULL) || setgid(drop) || setuid(drop))) return;
     static struct pollfd pfd[2 * MAX_CONNS + 1];
     for (;;) {
         nfds_t n = 0;
@@ -99,8 +98,8 @@ static void serve(int port, const char *path) {
                         close(c);
                         break;
                     }
-                    int u = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-                    if (u < 0 || u >= MAX_FD || connect(u, (struct sockaddr *)&sun, sizeof sun)) {
+                    int u = socket(up->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+                    if (u < 0 || u >= MAX_FD || connect(u, up, uplen)) {
                         if (u >= 0) close(u);
                         close(c);
                         continue;
@@ -169,10 +168,29 @@ static void serve(int port, const char *path) {
 }
 
 pid_t start_forwarder(int port, const char *path) {
+    struct sockaddr_un sun = {0};
+    sun.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof sun.sun_path) return -1;
+    strcpy(sun.sun_path, path);
     pid_t pid = fork();
     if (pid != 0) return pid;
     close_range_from(3, 1 << 16);
     setsid();
-    serve(port, path);
+    serve(port, (struct sockaddr *)&sun, sizeof sun, 0);
+    _exit(0);
+}
+
+/* The microVM's bridge: 127.0.0.1:PORT in the guest to the host's proxy over
+ * the guest's NIC (TCP), as nobody once listening. */
+pid_t start_forwarder_tcp(int port, const char *host, int hport) {
+    struct sockaddr_in up = {0};
+    up.sin_family = AF_INET;
+    up.sin_port = htons((uint16_t)hport);
+    if (inet_pton(AF_INET, host, &up.sin_addr) != 1) return -1;
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    close_range_from(3, 1 << 16);
+    setsid();
+    serve(port, (struct sockaddr *)&up, sizeof up, 65534);
     _exit(0);
 }

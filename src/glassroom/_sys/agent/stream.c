@@ -238,12 +238,8 @@ static void configure(const value *cfg) {
     const value *pre = dict_get(cfg, "preload");
     if (pre && pre->kind == V_STR && pre->len < sizeof preload) memcpy(preload, pre->s, pre->len + 1);
     buf why = {0};
-    const value *rl = dict_get(cfg, "rlimits");
-    if (!rl) {
-        send_fatal("rlimits", "'rlimits'");
-        _exit(125);
-    }
-    if (apply_rlimits(rl, &why)) {
+    /* as init_stream.py: cfg["rlimits"] (walls.c, shared with the namespaces init) */
+    if (apply_rlimits(dict_get(cfg, "rlimits"), &why)) {
         send_fatal("rlimits", why.p ? why.p : "rlimits");
         _exit(125);
     }

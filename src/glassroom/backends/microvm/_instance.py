@@ -47,6 +47,7 @@ is never checkpointed (``snapshot.memory``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -105,6 +106,40 @@ STATE_FILE = "vm.state"
 DISK_FILE = "scratch.img"
 #: How long a guest agent gets to hold still (``quiesced``) for a checkpoint.
 QUIESCE_TIMEOUT_S = 30.0
+
+
+AGENT_CHOICES = ("auto", "compiled", "python")
+
+
+def choose_agent(img: _image.Image, audit_level: str) -> tuple[str, str]:
+    """Which guest agent a VM boots, and why: ``GLASSROOM_INIT``, as on the other tiers.
+
+    ``auto`` (the default): the compiled agent (``_sys/agent``, ``--guest``)
+    when the image holds it and the plan needs no file audit, else the Python
+    agent (``guest/agent.py``), whose tracer follows each command; the reason
+    is recorded in the sandbox's walls.  ``compiled``: that agent or a
+    WallError (fail closed: a file audit it cannot give is refused, never
+    silently given by the other).  ``python``: the Python agent."""
+    want = os.environ.get("GLASSROOM_INIT", "auto").strip().lower() or "auto"
+    if want not in AGENT_CHOICES:
+        raise WallError(f"init: GLASSROOM_INIT={want!r} is not one of {', '.join(AGENT_CHOICES)}",
+                        rule="init")  # fmt: skip
+    if want == "python":
+        return "python", "GLASSROOM_INIT=python"
+    if audit_level != "actions":
+        if want == "compiled":
+            raise WallError(
+                f"init: GLASSROOM_INIT=compiled, but [audit] level {audit_level!r} needs the "
+                "guest's tracer, which only the Python guest agent has", rule="init")  # fmt: skip
+        return "python", f"[audit] level {audit_level!r}: the tracer runs in the Python agent"
+    if not img.compiled:
+        if want == "compiled":
+            raise WallError(
+                "init: GLASSROOM_INIT=compiled, but this guest image has no compiled agent: "
+                "build it with `glassroom init build` (gcc and libc6-dev), and the image is "
+                "built again with it", rule="init")  # fmt: skip
+        return "python", "the compiled agent is not built (glassroom init build)"
+    return "compiled", ""
 
 
 def snapshots_enabled() -> bool:
@@ -356,6 +391,15 @@ class MicrovmInstance(FileOps):
                                         self.plan.template.rpartition("@")[2])  # fmt: skip
         # Before any VM exists: a tool the guest image lacks is refused, naming its rule.
         _image.check_tools(img, self.plan)
+        if restore is not None:  # the agent in the saved memory is the one that goes on
+            agent = str((restore[1].details.get("shape") or {}).get("agent", "python"))
+            why = "restored"
+        else:
+            agent, why = choose_agent(img, self.plan.audit_level)
+        img = dataclasses.replace(img, agent=agent)
+        self.walls["init"] = agent
+        if why:
+            self.walls["init_reason"] = why
         lim = self.plan.limits
         ram, vcpus = qemu.vm_size(lim.memory_bytes, lim.disk_bytes, lim.cpus)
         proxy_sock = None
@@ -366,7 +410,8 @@ class MicrovmInstance(FileOps):
         snap = None
         disk_mib = -(-lim.disk_bytes // (1 << 20))
         self.shape = {"image": img.image_id, "accel": accel.name, "ram_mib": ram, "vcpus": vcpus,
-                      "disk_mib": disk_mib, "nic": proxy_sock is not None}  # fmt: skip
+                      "disk_mib": disk_mib, "nic": proxy_sock is not None,
+                      "agent": agent}  # fmt: skip
         cfg, walls_payload = self._guest_walls()
         self.walls_sha256 = _walls_digest(cfg, walls_payload)
         if restore is not None:

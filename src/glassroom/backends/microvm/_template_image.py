@@ -135,12 +135,14 @@ def build(base: _image.Image, tree: Path, digest: str) -> _image.Image:
     cache = base.rootfs.parent
     py = os.stat(os.path.realpath("/usr/bin/python3"))
     host = f"{py.st_size}:{py.st_mtime_ns}:{os.stat(_image.PYTHON_LIB).st_mtime_ns}"
+    binary = _image.compiled_agent() if base.compiled else None
     key = _image._digest(base.image_id.encode(), digest.encode(), LAUNCH.encode(),
-                         Path(__file__).read_bytes(), host.encode())  # fmt: skip
+                         Path(__file__).read_bytes(), host.encode(),
+                         _image.agent_key(binary))  # fmt: skip
     dest = cache / f"rootfs-tpl-{key}.ext4"
     with _image.lock_file(cache / ".lock"):
         if not (dest.exists() and _image._manifest_path(dest).exists()):
-            _build(tree, dest)
+            _build(tree, dest, binary)
     # The id names this very file: a booted-idle snapshot is only ever paired
     # with the image it booted.  (An image rebuilt under the same key -- after a
     # prune -- differs in its block layout, and a guest restored from the old
@@ -149,10 +151,10 @@ def build(base: _image.Image, tree: Path, digest: str) -> _image.Image:
     built = f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}".encode()
     return _image.Image(base.kernel, base.initrd, dest,
                         _image._digest(base.image_id.encode(), key.encode(), built),
-                        base.kernel_release)  # fmt: skip
+                        base.kernel_release, compiled=binary is not None)  # fmt: skip
 
 
-def _build(tree: Path, dest: Path) -> None:
+def _build(tree: Path, dest: Path, binary: Path | None = None) -> None:
     mke2fs = shutil.which("mke2fs", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if not mke2fs:
         raise _image._unavailable("mke2fs is missing: apt-get install e2fsprogs")
@@ -162,6 +164,9 @@ def _build(tree: Path, dest: Path) -> None:
         shutil.copy2(_static_busybox(), stage / ".glassroom" / "busybox")
         for src in _image._guest_sources():
             shutil.copy2(src, stage / ".glassroom" / src.name)
+        if binary is not None:  # static: it needs nothing of the template's /usr
+            shutil.copyfile(binary, stage / ".glassroom" / _image.GUEST_AGENT)
+            os.chmod(stage / ".glassroom" / _image.GUEST_AGENT, 0o755)
         loader, libdir, python = _host_python(stage)
         init = stage / ".glassroom" / "init"
         init.write_text(LAUNCH.format(loader=loader, libdir=libdir, python=python))

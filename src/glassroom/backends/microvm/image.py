@@ -19,7 +19,9 @@
   host's python3 and stdlib, coreutils, dash, bash, grep, sed, findutils,
   diffutils, git, curl, ncurses' tools and their shared libraries,
   terminfo, ``/etc/ssl/certs``, and the agent (with ``landlock.py`` and
-  ``tracer.py``, copied from ``_sys``).
+  ``tracer.py``, copied from ``_sys``), and beside it the compiled agent
+  (``/.glassroom/guest-agent``, static) when ``glassroom init build`` has
+  built it: its sources' digest is part of the image's key.
   Tools are copied from the host at the same paths, so the plan's tool
   paths mean the same inside.  Next to it, ``rootfs-<id>.files.json``
   lists what the image holds: a sandbox whose plan names a tool the image
@@ -94,6 +96,9 @@ PYTHON_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3
 GUEST_FILES = ("agent.py", "protocol.py", "cjson.py")
 #: From ``_sys``: the Landlock wrapper, and the ptrace tracer of the file audit.
 SYS_FILES = ("landlock.py", "tracer.py")
+#: The compiled guest agent (``_sys/agent``, ``--guest``) in ``/.glassroom``,
+#: beside the Python one, when ``glassroom init build`` has built it.
+GUEST_AGENT = "guest-agent"
 #: Mount points the read-only root must already have.
 GUEST_DIRS = (
     "dev",
@@ -126,7 +131,9 @@ while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do $B usleep 10000; i=$((i+1)); done
 $B mount -t ext4 -o ro,noatime /dev/vda /newroot || $B poweroff -f
 $B mount --move /dev /newroot/dev
 $B umount /proc
-exec $B switch_root /newroot /.glassroom/init
+# glassroom_init: the kernel passes an unknown name=value to init as its
+# environment (qemu.cmdline sets it for the compiled guest agent).
+exec $B switch_root /newroot /.glassroom/${glassroom_init:-init}
 """
 
 #: pid 1 of the guest: a launcher, so that the agent itself loads from its
@@ -154,6 +161,11 @@ class Image:
     rootfs: Path
     image_id: str
     kernel_release: str
+    #: The root image holds the compiled guest agent (:data:`GUEST_AGENT`).
+    compiled: bool = False
+    #: Which agent a VM of this image boots: "compiled" or "python" (chosen
+    #: per sandbox, ``_instance.choose_agent``; part of the snapshot's name).
+    agent: str = "python"
 
     @property
     def direct(self) -> bool:
@@ -190,6 +202,21 @@ def _guest_sources() -> list[Path]:
     """The agent and the stdlib-only host modules it imports (copied as they are)."""
     here = Path(__file__).resolve().parent.parent.parent
     return [here / "guest" / n for n in GUEST_FILES] + [here / "_sys" / n for n in SYS_FILES]
+
+
+def compiled_agent() -> Path | None:
+    """The compiled agent built from the current sources (``glassroom init build``), or None."""
+    from ... import _config
+    from ..._sys import agent_build
+
+    return agent_build.find(_config.state_dir())
+
+
+def agent_key(binary: Path | None) -> bytes:
+    """What an image's key takes of the compiled agent: its sources' digest, or none."""
+    from ..._sys import agent_build
+
+    return f"guest-agent:{agent_build.source_digest() if binary else 'none'}".encode()
 
 
 def _digest(*parts: bytes) -> str:
@@ -378,7 +405,7 @@ def _copy_into(root: Path, path: str) -> None:
         shutil.copy2(path, dest)
 
 
-def _build_rootfs(dest: Path) -> None:
+def _build_rootfs(dest: Path, binary: Path | None = None) -> None:
     mke2fs = shutil.which("mke2fs", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if not mke2fs:
         raise _unavailable("mke2fs is missing: apt-get install e2fsprogs")
@@ -428,6 +455,9 @@ def _build_rootfs(dest: Path) -> None:
         os.symlink("/run/glassroom-net", stage / ".glassroom-net")
         for src in _guest_sources():
             shutil.copy2(src, stage / ".glassroom" / src.name)
+        if binary is not None:
+            shutil.copyfile(binary, stage / ".glassroom" / GUEST_AGENT)
+            os.chmod(stage / ".glassroom" / GUEST_AGENT, 0o755)
         (stage / ".glassroom" / "init").write_text(AGENT_INIT)
         os.chmod(stage / ".glassroom" / "init", 0o755)
         subprocess.run(["/usr/bin/python3", "-I", "-m", "compileall", "-q",
@@ -604,7 +634,8 @@ def _prepare(cache: Path, fetch: bool, choice: str | None = None) -> Image:
     vmlinuz, mods, release, direct = _kernel(cache, fetch, choice)
     # The recipe (this file) is part of the key: a changed file list rebuilds.
     recipe = [p.read_bytes() for p in [*_guest_sources(), Path(__file__)]]
-    guest = _digest(*recipe, _host_packages())
+    binary = compiled_agent()
+    guest = _digest(*recipe, _host_packages(), agent_key(binary))
     kstat = vmlinuz.stat()
     kkey = _digest(f"{vmlinuz}:{kstat.st_size}:{kstat.st_mtime_ns}".encode(), INIT_SCRIPT.encode())
     initrd = None if direct else cache / f"initramfs-{kkey}.cpio"
@@ -620,8 +651,9 @@ def _prepare(cache: Path, fetch: bool, choice: str | None = None) -> Image:
             if path != rootfs:
                 _build_initrd(mods, path)
             else:
-                _build_rootfs(rootfs)
-    return Image(vmlinuz, initrd, rootfs, _digest(kkey.encode(), guest.encode()), release)
+                _build_rootfs(rootfs, binary)
+    return Image(vmlinuz, initrd, rootfs, _digest(kkey.encode(), guest.encode()), release,
+                 compiled=binary is not None)  # fmt: skip
 
 
 def prune(img: Image, keep: tuple[Path, ...] = ()) -> list[str]:

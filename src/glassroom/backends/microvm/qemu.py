@@ -37,6 +37,7 @@ from ... import _config
 from ..._errors import BackendUnavailable, WallError
 from ..._sys import probe
 from ...guest import protocol
+from . import image as _image
 from .image import Image, cache_dir
 
 ALLOW_TCG_ENV = "GLASSROOM_MICROVM_ALLOW_TCG"
@@ -117,6 +118,10 @@ def _tsc_khz() -> int:
     return 0
 
 
+#: The compiled guest agent, as the built kernel's init (its name selects ``--guest``).
+GUEST_AGENT_INIT = f"/.glassroom/{_image.GUEST_AGENT}"
+
+
 def cmdline(image: Image, accel: Accel) -> str:
     """Trimmed: no console chatter, no delay-loop or TSC calibration, exit on panic.
 
@@ -132,10 +137,13 @@ def cmdline(image: Image, accel: Accel) -> str:
     if image.direct:
         # no_timer_check: skip probing the timer interrupt through the IO-APIC
         # (30-50 ms of spinning under TCG; the VMM's timer is known to work).
-        parts += ["root=/dev/vda", "ro", "rootfstype=ext4", "init=/.glassroom/init",
+        init = GUEST_AGENT_INIT if image.agent == "compiled" else "/.glassroom/init"
+        parts += ["root=/dev/vda", "ro", "rootfstype=ext4", f"init={init}",
                   "no_timer_check"]  # fmt: skip
     else:
         parts.append("rdinit=/init")
+        if image.agent == "compiled":  # the initramfs's /init reads it (image.INIT_SCRIPT)
+            parts.append(f"glassroom_init={_image.GUEST_AGENT}")
     if accel.emulated and image.direct:
         # Without a TSC-deadline timer (TCG has none; KVM passes the host's) the
         # kernel calibrates the local APIC timer against the PIT and then
@@ -308,7 +316,7 @@ def snapshot_path(image: Image, ram_mib: int, vcpus: int, accel: Accel,
         cache_dir()
         / "snapshots"
         / (f"{image.image_id}-v{ARGV_VERSION}-{accel.name}-m{ram_mib}-c{vcpus}"
-           f"-d{disk_mib}.vmstate")
+           f"-d{disk_mib}{'-compiled' if image.agent == 'compiled' else ''}.vmstate")
     )
 
 

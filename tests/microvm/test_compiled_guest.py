@@ -1,0 +1,132 @@
+"""The microVM's compiled guest agent (``_sys/agent``, ``guest.c``) is a drop-in
+for ``guest/agent.py``.
+
+Which agent a VM boots is never silent: ``walls.init`` (and the
+``sandbox.created`` record) names it, with the reason when it is the Python
+one.  Under ``auto`` the compiled agent runs every sandbox whose plan needs
+no file audit (the rest of the suite runs on it); a plan that does gets the
+Python agent, whose tracer follows each command.  ``GLASSROOM_INIT=compiled``
+with a file audit is refused before any VM starts (fail closed).  Each
+harmless request here works and its malicious twin is refused, on both
+agents, with the same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import records
+from glassroom import Sandbox, SandboxError, WallError
+from glassroom._config import state_dir
+from glassroom._sys import agent_build
+from glassroom.backends.microvm import qemu
+
+AGENTS = ["compiled", "python"]
+POLICY: dict[str, Any] = {"risk": "maximum"}
+
+
+@pytest.fixture(autouse=True)
+def _built() -> None:
+    if qemu.qemu_binary() is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    if agent_build.find(state_dir()) is None:
+        pytest.skip("the compiled agent is not built (no C compiler); CI builds it")
+
+
+@pytest.fixture(params=AGENTS)
+def agent(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("GLASSROOM_INIT", str(request.param))
+    yield str(request.param)
+
+
+def _created(log: Path, sid: str) -> dict[str, Any]:
+    rec = next(r for r in records(log, sid) if r["event"] == "sandbox.created")
+    details: dict[str, Any] = rec["details"]
+    return details
+
+
+def test_the_record_names_the_agent_and_its_walls_hold(agent: str, audit_log: Path) -> None:
+    """One VM per agent, many pairs: each harmless request works, its twin is refused."""
+    with Sandbox(POLICY, audit_log=audit_log) as sb:
+        assert sb.walls["init"] == agent
+        pid1 = sb.run(["cat", "/proc/1/cmdline"]).stdout
+        assert ("guest-agent" in pid1) == (agent == "compiled"), pid1
+        r = sb.run(["sh", "-c", "echo hi; echo err >&2; id -u; exit 3"])
+        assert (r.exit_code, r.stdout, r.stderr) == (3, "hi\n1000\n", "err\n")
+        # files: the workspace is the task's; /etc is not
+        sb.files.write("/workspace/a.txt", b"data\n")
+        assert sb.files.read("/workspace/a.txt") == b"data\n"
+        names = {e.name for e in sb.files.list("/workspace")}
+        assert "a.txt" in names
+        w = sb.run(["sh", "-c", "echo x > /etc/evil"])
+        assert w.exit_code != 0 and ("Read-only" in w.stderr or "denied" in w.stderr), w
+        with pytest.raises(SandboxError):
+            sb.files.write("/etc/evil", b"x")
+        # a FIFO where a file op expects a file: refused, never a hang
+        assert sb.run(["python3", "-c", "import os; os.mkfifo('/workspace/p')"]).exit_code == 0
+        with pytest.raises(SandboxError) as info:
+            sb.files.read("/workspace/p")
+        assert "not a regular file" in str(info.value) or "ENXIO" in str(info.value).upper()
+        # stdin streams in; a missing tool is an error, not a crash of the agent
+        assert sb.run(["cat"], stdin=b"in\n").stdout == "in\n"
+        r = sb.run(["/workspace/no-such-tool"])
+        assert r.exit_code != 0
+        # no capability over the guest: the kernel log and mounts are not the task's
+        k = sb.run(["cat", "/dev/kmsg"])
+        assert k.exit_code != 0 and "No such file" in k.stderr, k
+        assert sb.run(["ls", "/dev"]).stdout.split() == [
+            "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout",
+            "tty", "urandom", "zero"]  # fmt: skip
+        m = sb.run(["sh", "-c", "echo 1 > /proc/sys/kernel/dmesg_restrict"])
+        assert m.exit_code != 0, m
+        sid = sb.id
+    created = _created(audit_log, sid)
+    assert created["walls"]["init"] == agent
+    if agent == "python":
+        assert created["walls"]["init_reason"] == "GLASSROOM_INIT=python"
+
+
+def test_a_pty_and_a_signal_on_the_compiled_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLASSROOM_INIT", "compiled")
+    with Sandbox(POLICY) as sb:
+        p = sb.spawn(["sh", "-c", "test -t 0 && test -t 1 && echo on-a-tty"], pty=(30, 100))
+        res = p.wait(60)
+        assert res is not None and res.exit_code == 0, res
+        out = b"".join(d for _s, d in p.events)
+        assert b"on-a-tty" in out and {s for s, _d in p.events} == {"pty"}, p.events
+        p = sb.spawn(["sleep", "60"])
+        p.signal(9)
+        res = p.wait(60)
+        assert res is not None and res.signal == 9, res
+
+
+def test_compiled_with_a_file_audit_fails_closed(monkeypatch: pytest.MonkeyPatch,
+                                                 audit_log: Path) -> None:  # fmt: skip
+    """The compiled agent has no tracer: required with a file audit, no VM starts."""
+    policy = {**POLICY, "audit": {"level": "files"}}
+    monkeypatch.setenv("GLASSROOM_INIT", "compiled")
+    with pytest.raises(WallError) as info:
+        Sandbox(policy, audit_log=audit_log)
+    assert info.value.rule == "init"
+    assert "GLASSROOM_INIT=compiled" in str(info.value) and "tracer" in str(info.value)
+    # the harmless twin: auto boots the Python agent for it, and says why
+    monkeypatch.setenv("GLASSROOM_INIT", "auto")
+    with Sandbox(policy, audit_log=audit_log) as sb:
+        assert sb.walls["init"] == "python"
+        assert "tracer" in sb.walls["init_reason"]
+        assert sb.run(["echo", "ok"]).stdout == "ok\n"
+    # and without a file audit, auto is the compiled agent
+    with Sandbox(POLICY, audit_log=audit_log) as sb:
+        assert sb.walls["init"] == "compiled"
+        assert "init_reason" not in sb.walls
+
+
+def test_an_unknown_choice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLASSROOM_INIT", "fast")
+    with pytest.raises(WallError) as info:
+        Sandbox(POLICY)
+    assert info.value.rule == "init" and "'fast'" in str(info.value)
