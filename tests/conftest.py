@@ -169,6 +169,24 @@ def venv_tool(name: str) -> str | None:
     return shutil.which(name)
 
 
+#: The two in-sandbox inits (GLASSROOM_INIT): the compiled one and the Python one.
+INITS = ["compiled", "python"]
+
+
+@pytest.fixture(params=INITS)
+def init(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The test runs once on each init, chosen as a user chooses it."""
+    monkeypatch.setenv("GLASSROOM_INIT", str(request.param))
+    yield str(request.param)
+
+
+def created_details(log: str | Path, sid: str) -> dict[str, Any]:
+    """The details of ``sid``'s ``sandbox.created`` record (its walls, its init)."""
+    rec = next(r for r in records(log, sid) if r["event"] == "sandbox.created")
+    details: dict[str, Any] = rec["details"]
+    return details
+
+
 def records(log: str | Path, sandbox: str | None = None) -> list[dict[str, Any]]:
     """The parsed records of ``log`` in file order, optionally only one sandbox's."""
     path = Path(log)

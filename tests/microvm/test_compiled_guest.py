@@ -13,19 +13,17 @@ agents, with the same result.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import records
+from conftest import created_details
 from glassroom import Sandbox, SandboxError, WallError
 from glassroom._config import state_dir
 from glassroom._sys import agent_build
 from glassroom.backends.microvm import qemu
 
-AGENTS = ["compiled", "python"]
 POLICY: dict[str, Any] = {"risk": "maximum"}
 
 
@@ -37,24 +35,12 @@ def _built() -> None:
         pytest.skip("the compiled agent is not built (no C compiler); CI builds it")
 
 
-@pytest.fixture(params=AGENTS)
-def agent(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("GLASSROOM_INIT", str(request.param))
-    yield str(request.param)
-
-
-def _created(log: Path, sid: str) -> dict[str, Any]:
-    rec = next(r for r in records(log, sid) if r["event"] == "sandbox.created")
-    details: dict[str, Any] = rec["details"]
-    return details
-
-
-def test_the_record_names_the_agent_and_its_walls_hold(agent: str, audit_log: Path) -> None:
+def test_the_record_names_the_agent_and_its_walls_hold(init: str, audit_log: Path) -> None:
     """One VM per agent, many pairs: each harmless request works, its twin is refused."""
     with Sandbox(POLICY, audit_log=audit_log) as sb:
-        assert sb.walls["init"] == agent
+        assert sb.walls["init"] == init
         pid1 = sb.run(["cat", "/proc/1/cmdline"]).stdout
-        assert ("guest-agent" in pid1) == (agent == "compiled"), pid1
+        assert ("guest-agent" in pid1) == (init == "compiled"), pid1
         r = sb.run(["sh", "-c", "echo hi; echo err >&2; id -u; exit 3"])
         assert (r.exit_code, r.stdout, r.stderr) == (3, "hi\n1000\n", "err\n")
         # files: the workspace is the task's; /etc is not
@@ -84,9 +70,9 @@ def test_the_record_names_the_agent_and_its_walls_hold(agent: str, audit_log: Pa
         m = sb.run(["sh", "-c", "echo 1 > /proc/sys/kernel/dmesg_restrict"])
         assert m.exit_code != 0, m
         sid = sb.id
-    created = _created(audit_log, sid)
-    assert created["walls"]["init"] == agent
-    if agent == "python":
+    created = created_details(audit_log, sid)
+    assert created["walls"]["init"] == init
+    if init == "python":
         assert created["walls"]["init_reason"] == "GLASSROOM_INIT=python"
 
 

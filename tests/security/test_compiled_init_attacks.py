@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,11 @@ from glassroom import Sandbox, SandboxError
 from glassroom._config import state_dir
 from glassroom._sys import agent_build
 
-INITS = ["compiled", "python"]
-
 
 @pytest.fixture(autouse=True)
 def _built() -> None:
     if agent_build.find(state_dir()) is None:
         pytest.skip("the compiled init is not built (no C compiler); CI builds it")
-
-
-@pytest.fixture(params=INITS)
-def init(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("GLASSROOM_INIT", str(request.param))
-    yield str(request.param)
 
 
 @pytest.fixture

@@ -37,7 +37,6 @@ import select
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,6 @@ from glassroom.backends._channel import MAX_REQUEST, Channel, RequestTooLarge
 
 SYS = os.path.dirname(os.path.abspath(sysdir.__file__))
 PYTHON = "/usr/bin/python3"
-INITS = ["compiled", "python"]
 Outcome = tuple[str, int, str]  # (reply, exit status, last line on stderr)
 
 
@@ -62,12 +60,6 @@ def _built() -> None:
         pytest.skip("the compiled init is not built (no C compiler); CI builds it")
     if not os.path.exists(PYTHON):
         pytest.skip("no /usr/bin/python3 for the Python init")
-
-
-@pytest.fixture(params=INITS)
-def init(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("GLASSROOM_INIT", str(request.param))
-    yield str(request.param)
 
 
 def _compiled() -> str:
@@ -420,7 +412,7 @@ def test_the_limit_is_the_socket_s_or_the_init_s() -> None:
     assert _channel.MAX_REQUEST == 1 << 20  # MAX_MSG of sandbox_init.py and agent.h
 
 
-@pytest.mark.parametrize("which", INITS)
+@pytest.mark.parametrize("which", ["compiled", "python"])
 def test_a_request_of_the_init_s_limit_reaches_it_whole(which: str, tmp_path: Path) -> None:
     """With a socket buffer past 1 MiB, MAX_REQUEST is the limit: a request of that
     size is read whole by both inits; one byte more would stop them both, which is

@@ -17,13 +17,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import records
+from conftest import created_details
 from glassroom import PlanError, Sandbox, SandboxError, WallError
 from glassroom._config import state_dir
 from glassroom._sys import agent_build
@@ -41,19 +40,6 @@ def _gvisor() -> None:
         pytest.skip("the compiled init is not built (no C compiler); CI builds it")
 
 
-INITS = ["compiled", "python"]
-
-
-@pytest.fixture(params=INITS)
-def init(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("GLASSROOM_INIT", str(request.param))
-    yield str(request.param)
-
-
-def _created(log: Path, sid: str) -> dict[str, Any]:
-    rec = next(r for r in records(log, sid) if r["event"] == "sandbox.created")
-    details: dict[str, Any] = rec["details"]
-    return details
 
 
 def test_the_record_names_the_init_that_ran(init: str, audit_log: Path) -> None:
@@ -63,7 +49,7 @@ def test_the_record_names_the_init_that_ran(init: str, audit_log: Path) -> None:
         sid = sb.id
     assert (r.exit_code, r.stdout, r.stderr) == (3, "hi\n", "err\n")
     assert walls["init"] == init
-    assert _created(audit_log, sid)["walls"]["init"] == init
+    assert created_details(audit_log, sid)["walls"]["init"] == init
 
 
 def test_compiled_required_but_not_built_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:

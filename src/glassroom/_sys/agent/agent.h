@@ -32,6 +32,8 @@ typedef struct value {
 /* Parse one marshal datagram; NULL if malformed (bounded: size, depth, counts). */
 value *marshal_load(const unsigned char *buf, size_t n);
 void marshal_free_all(void); /* frees every value of the last load */
+void *arena_alloc(size_t n);  /* zeroed, n + 1 bytes; freed by marshal_free_all */
+void arena_keep(void);        /* what was allocated so far is never freed */
 value *dict_get(const value *d, const char *key);
 int v_int(const value *v, int64_t *out); /* 0 ok, -1 not an int */
 const char *v_str(const value *v);        /* NUL-terminated, or NULL */

@@ -13,28 +13,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-struct jchunk { struct jchunk *next; };
-static struct jchunk *arena;
+#define alloc arena_alloc /* marshal.c's arena */
 
-static void *alloc(size_t n) {
-    struct jchunk *c = malloc(sizeof *c + n + 1);
-    if (!c) return NULL;
-    c->next = arena;
-    arena = c;
-    memset(c + 1, 0, n + 1);
-    return c + 1;
-}
-
-void json_free_all(void) {
-    while (arena) {
-        struct jchunk *n = arena->next;
-        free(arena);
-        arena = n;
-    }
-}
+void json_free_all(void) { marshal_free_all(); }
 
 /* What was loaded so far stays (the guest's config lives as long as the agent). */
-void json_keep(void) { arena = NULL; }
+void json_keep(void) { arena_keep(); }
 
 typedef struct {
     const char *p, *end;

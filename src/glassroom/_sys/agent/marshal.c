@@ -7,10 +7,12 @@
 #define FLAG_REF 0x80
 #define MAX_REFS 65536
 
+/* Every value of a load comes from one arena, freed at once after the message
+ * (jsonin.c's loads share it). */
 struct chunk { struct chunk *next; };
 static struct chunk *arena;
 
-static void *alloc(size_t n) {
+void *arena_alloc(size_t n) {
     struct chunk *c = malloc(sizeof *c + n + 1);
     if (!c) return NULL;
     c->next = arena;
@@ -19,6 +21,8 @@ static void *alloc(size_t n) {
     return c + 1;
 }
 
+void arena_keep(void) { arena = NULL; }
+
 void marshal_free_all(void) {
     while (arena) {
         struct chunk *n = arena->next;
@@ -26,6 +30,8 @@ void marshal_free_all(void) {
         arena = n;
     }
 }
+
+#define alloc arena_alloc
 
 typedef struct {
     const unsigned char *p, *end;
