@@ -171,3 +171,33 @@ def test_a_build_in_the_build_dir_is_found_and_other_names_are_not(
     for name in ("../init/" + built.name, "x" + built.name, built.name + "/", ".."):
         assert agent_build.locate(name, state) is None
     assert agent_build.locate(built.name, state) == builds / built.name
+
+
+def test_a_user_finds_roots_build_only_as_root_left_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user who has not built it runs root's build (the microVM image root made
+    holds it); never one that anybody but root could have written."""
+    from glassroom import _config
+
+    top = Path(tempfile.mkdtemp(prefix="glassroom-sysinit-", dir="/tmp"))
+    os.chmod(top, 0o755)
+    system = top / "init"
+    system.mkdir(mode=0o755)
+    built = agent_build.find(state_dir())
+    assert built is not None
+    shutil.copyfile(built, system / built.name)
+    os.chmod(system / built.name, 0o755)
+    monkeypatch.setattr(agent_build, "SYSTEM_DIR", system)
+    monkeypatch.setattr(_config, "is_root", lambda: False)
+    monkeypatch.setenv("GLASSROOM_INIT_DIR", str(top / "mine"))  # the user's own: empty
+    empty = top / "state"
+    empty.mkdir()
+    try:
+        if os.geteuid() == 0:
+            assert agent_build.find(empty) == system / built.name
+        os.chmod(system, 0o775)  # writable by a group: not root's alone
+        assert agent_build.find(empty) is None
+        os.chmod(system, 0o755)
+        os.chmod(system / built.name, 0o757)
+        assert agent_build.find(empty) is None
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

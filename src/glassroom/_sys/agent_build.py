@@ -69,12 +69,21 @@ def binary_path(state_dir: Path) -> Path:
     return Path(state_dir) / "agent" / f"{NAME}-{source_digest()}"
 
 
-def _dirs(state_dir: Path) -> tuple[Path, Path]:
+#: Where root builds it (``_config.init_build_dir`` as root).
+SYSTEM_DIR = Path("/var/lib/glassroom/init")
+
+
+def _dirs(state_dir: Path) -> tuple[Path, ...]:
     """Where a build is looked for: the state dir's copy, then the build dir
-    (``_config.init_build_dir``: on disk, so it survives a reboot)."""
+    (``_config.init_build_dir``: on disk, so it survives a reboot); for a
+    user, then root's build (one machine, one microVM image: a user who has
+    not built it boots the image root made, which holds root's build)."""
     from .. import _config
 
-    return Path(state_dir) / "agent", _config.init_build_dir()
+    dirs: tuple[Path, ...] = (Path(state_dir) / "agent", _config.init_build_dir())
+    if not _config.is_root() and SYSTEM_DIR not in dirs:
+        dirs += (SYSTEM_DIR,)
+    return dirs
 
 
 def locate(name: str, state_dir: Path) -> Path | None:
@@ -90,8 +99,12 @@ def locate(name: str, state_dir: Path) -> Path | None:
 def _usable(path: Path) -> bool:
     try:
         st = path.stat()
+        top = path.parent.stat()
     except OSError:
         return False
+    if path.parent == SYSTEM_DIR and (st.st_uid != 0 or top.st_uid != 0
+                                      or (st.st_mode | top.st_mode) & 0o022):  # fmt: skip
+        return False  # root's build only as root left it: nobody else could have written it
     return stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o111) and st.st_size > 0
 
 

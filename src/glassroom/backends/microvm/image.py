@@ -636,6 +636,14 @@ def _prepare(cache: Path, fetch: bool, choice: str | None = None) -> Image:
     recipe = [p.read_bytes() for p in [*_guest_sources(), Path(__file__)]]
     binary = compiled_agent()
     guest = _digest(*recipe, _host_packages(), agent_key(binary))
+    held = False  # the image holds the compiled agent though this caller has no build of it
+    if binary is None:
+        # A user who cannot read root's build still boots root's image of
+        # these very sources, compiled agent and all, rather than need a new one.
+        other = _digest(*recipe, _host_packages(), agent_key(Path(GUEST_AGENT)))
+        rootfs_other = cache / f"rootfs-{other}.ext4"
+        if rootfs_other.exists() and _manifest_path(rootfs_other).exists():
+            guest, held = other, True
     kstat = vmlinuz.stat()
     kkey = _digest(f"{vmlinuz}:{kstat.st_size}:{kstat.st_mtime_ns}".encode(), INIT_SCRIPT.encode())
     initrd = None if direct else cache / f"initramfs-{kkey}.cpio"
@@ -653,7 +661,7 @@ def _prepare(cache: Path, fetch: bool, choice: str | None = None) -> Image:
             else:
                 _build_rootfs(rootfs, binary)
     return Image(vmlinuz, initrd, rootfs, _digest(kkey.encode(), guest.encode()), release,
-                 compiled=binary is not None)  # fmt: skip
+                 compiled=binary is not None or held)  # fmt: skip
 
 
 def prune(img: Image, keep: tuple[Path, ...] = ()) -> list[str]:
