@@ -67,6 +67,15 @@ SCRATCH_SERIAL = "glassroom-scratch"
 #: /dev is a minimal tmpfs made at boot (``_task_dev``).
 AGENT_DEV = "/run/glassroom-dev"
 SCRATCH_MNT = "/run/glassroom-scratch"
+#: noinit_itable: the disk is made with lazy_itable_init (``_sys/scratch.py``);
+#: without it the guest kernel's ext4lazyinit thread zeroes the inode tables
+#: in the background, on the task's one vCPU (a table's unused part is never
+#: read: the group descriptors say how much of it is in use).
+SCRATCH_OPTS = "nosuid,nodev,noatime,noinit_itable"
+#: Read at boot, before the booted-idle snapshot is taken, so that a restored
+#: guest's first command finds the loader and libc in its page cache (under
+#: TCG, reading them from the image is most of a first command's ~0.3 s).
+WARM_FILES = ("/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6")
 #: The task's /dev: character devices (major, minor), then links.  No kmsg,
 #: mem, port, virtio ports, block devices, vsock, tty* or console.
 TASK_DEV_NODES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
@@ -86,6 +95,14 @@ EXIT_GRACE_S = 0.1
 TIOCSWINSZ = 0x5414
 #: Input typed into a pty waits here while the terminal does not take it.
 PTY_PENDING_MAX = 1 << 20
+#: A command's stdin pipe is non-blocking too: what it has not read yet waits
+#: here (a command that never reads must not stop the agent in write(2)), up to
+#: this much of the agent's memory; past it, its stdin is closed.
+STDIN_PENDING_MAX = 64 << 20
+#: After a command's exit, at most this much is still sent per stream: a
+#: descendant that left its process group and keeps writing must not keep
+#: the agent in that drain for ever.
+DRAIN_MAX = (1 << 20) + (64 << 10)
 #: How long a tracer may take to seize a new child (TCG guests are slow).
 ATTACH_TIMEOUT_S = 20.0
 #: After the command ended, how long its tracer may go on following
@@ -168,6 +185,21 @@ def _boot_mounts() -> None:
                 raise
 
 
+def _warm() -> None:
+    for path in WARM_FILES:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            while os.read(fd, 1 << 20):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def _task_dev() -> None:
     """Cover the kernel's devtmpfs with a minimal /dev for the task.
 
@@ -218,7 +250,7 @@ def _scratch_mounts(dirs: "tuple[tuple[str, str], ...]") -> None:
     finally:
         os.close(fd)
     os.makedirs(SCRATCH_MNT, mode=0o700, exist_ok=True)
-    _mount(dev, SCRATCH_MNT, "ext4", "nosuid,nodev,noatime")
+    _mount(dev, SCRATCH_MNT, "ext4", SCRATCH_OPTS)
     for target, mode in dirs:
         src = f"{SCRATCH_MNT}/{target.strip('/')}"
         os.mkdir(src)
@@ -396,7 +428,8 @@ class Proc:
         self.fds = fds
         self.stdin_w = stdin_w
         self.tty = -1  # a pty's master (resize), or -1
-        self.pending = bytearray()  # pty input not yet taken (stdin_w is non-blocking)
+        self.pending = bytearray()  # input not yet taken (stdin_w is non-blocking)
+        self.stdin_eof = False  # close stdin_w once pending is written
         self.status: int | None = None
         self.exited_at = 0.0
         self.trace: Trace | None = None
@@ -588,14 +621,15 @@ class Agent:
                     p.pending += payload
                 self._feed(p)
             elif p is not None and p.stdin_w >= 0:
-                try:
-                    if payload:
-                        os.write(p.stdin_w, payload)
-                except OSError:
-                    pass
+                if len(p.pending) + len(payload) > STDIN_PENDING_MAX:
+                    _log(f"stdin of request {p.rid}: more than {STDIN_PENDING_MAX >> 20} MiB "
+                         "not taken; closed")  # fmt: skip
+                    self._close_stdin(p)
+                    return
+                p.pending += payload
                 if m.get("eof"):
-                    os.close(p.stdin_w)
-                    p.stdin_w = -1
+                    p.stdin_eof = True
+                self._feed(p)
         elif op == "resize":
             p = self.procs.get(m["id"])
             if p is not None and p.tty >= 0:
@@ -722,9 +756,21 @@ class Agent:
             while p.pending:
                 del p.pending[: os.write(p.stdin_w, p.pending[: protocol.CHUNK])]
         except BlockingIOError:
-            pass
+            return
         except OSError:
             p.pending.clear()
+            if p.tty < 0:  # EPIPE: nobody reads it any more
+                self._close_stdin(p)
+                return
+        if p.stdin_eof and p.stdin_w >= 0:
+            self._close_stdin(p)
+
+    @staticmethod
+    def _close_stdin(p: Proc) -> None:
+        if p.stdin_w >= 0:
+            os.close(p.stdin_w)
+        p.stdin_w = -1
+        p.pending.clear()
 
     def _wall(self, tty: int = -1) -> None:
         """In a freshly forked child: enter every in-guest wall, or die.
@@ -1002,6 +1048,7 @@ class Agent:
             return
         report = b""
         while True:
+            self._wait_serving_watch(st_r)
             try:
                 chunk = os.read(st_r, 4096)
             except InterruptedError:
@@ -1019,7 +1066,7 @@ class Agent:
             err, text = json.loads(report)
             self.send({"op": "error", "id": rid, "errno": int(err), "error": str(text)})
             return
-        for fd in (out_r, err_r):
+        for fd in (out_r, err_r, in_w):
             os.set_blocking(fd, False)
         if slave >= 0:  # one output stream; err_r is a spare master, kept to resize
             p = Proc(rid, pid, {out_r: "pty"}, in_w)
@@ -1034,6 +1081,20 @@ class Agent:
             self.by_tfd[trace.fd] = p
         self.send({"op": "started", "id": rid, "pid": pid})
         self._reap()
+
+    def _wait_serving_watch(self, fd: int) -> None:
+        """Before a read that blocks the main loop (a command's start): wait
+        until ``fd`` is readable, answering the watch meanwhile (the child may
+        make a watched call, a setuid mode, that only this agent answers)."""
+        while self.watch >= 0:
+            try:
+                ready = select.select([fd, self.watch], [], [])[0]
+            except InterruptedError:
+                continue
+            if self.watch in ready:
+                self._watch_one()
+            if fd in ready:
+                return
 
     def _watch_one(self) -> None:
         import fcntl
@@ -1107,17 +1168,18 @@ class Agent:
 
     def _finish(self, p: Proc) -> None:
         for fd in list(p.fds):
-            while True:  # drain what is left
+            drained = 0
+            while drained < DRAIN_MAX:  # drain what is left, bounded
                 try:
                     chunk = os.read(fd, protocol.CHUNK)
                 except OSError:
                     break
                 if not chunk:
                     break
+                drained += len(chunk)
                 self.send({"op": "out", "id": p.rid, "stream": p.fds[fd]}, chunk)
             self._close_fd(p, fd)
-        if p.stdin_w >= 0:
-            os.close(p.stdin_w)
+        self._close_stdin(p)
         if p.tty >= 0:
             os.close(p.tty)
         del self.procs[p.rid]
@@ -1174,15 +1236,19 @@ class Agent:
                        "error": str(exc.strerror or exc)[:200], "wall": "audit.level"})  # fmt: skip
             return
         while True:
-            if trace is not None and trace.fd >= 0:
-                try:  # the tracer's pipe must not fill while the child writes
-                    ready = select.select([r, trace.fd], [], [])[0]
-                except InterruptedError:
-                    continue
-                if trace.fd in ready:
-                    self._trace_read(rid, trace)
-                if r not in ready:
-                    continue
+            # The tracer's pipe must not fill while the child writes, and the
+            # child's watched calls (a setuid mode) only this agent answers.
+            tfd = trace.fd if trace is not None and trace.fd >= 0 else -1
+            try:
+                ready = select.select([fd for fd in (r, tfd, self.watch) if fd >= 0], [], [])[0]
+            except InterruptedError:
+                continue
+            if self.watch >= 0 and self.watch in ready:
+                self._watch_one()
+            if tfd >= 0 and tfd in ready and trace is not None:
+                self._trace_read(rid, trace)
+            if r not in ready:
+                continue
             try:
                 chunk = os.read(r, protocol.CHUNK)
             except InterruptedError:
@@ -1473,6 +1539,7 @@ def main() -> None:
         _boot_mounts()
         agent = Agent()
         _task_dev()  # the port is open: its name can go
+        _warm()
     except OSError as exc:
         _log(f"boot failed: {exc}")
         # RB_AUTOBOOT: with reboot=t and -no-reboot QEMU exits, so the host sees

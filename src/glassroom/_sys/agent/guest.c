@@ -45,6 +45,7 @@
 #include <sys/sysmacros.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -63,6 +64,18 @@
 #define SCRATCH_MNT "/run/glassroom-scratch"
 #define EXIT_GRACE_MS 100
 #define PTY_PENDING_MAX (1 << 20)
+/* A command's stdin pipe is non-blocking, like a pty's master: what it does
+ * not read yet waits here (a command that never reads must not stop the agent,
+ * whose main loop would then hang in write(2) with every other request).
+ * Past this, its stdin is closed (the rest is dropped, as by a reader gone). */
+#define STDIN_PENDING_MAX (64 << 20) /* of the agent's memory, outside the task's cgroup */
+/* After its exit, what is left in a command's pipe is sent (a pipe holds at
+ * most pipe-max-size, 1 MiB); a descendant that left the process group and
+ * keeps writing must not keep the agent in that drain for ever. */
+#define DRAIN_MAX ((1 << 20) + CHUNK)
+/* How often a blocking wait on a child (a file op, a command's start) looks
+ * whether it was stopped (SIGSTOP from the task, uid 1000 like the child). */
+#define CHILD_POLL_MS 200
 #define MAX_PROCS 256
 #define MAX_WRITES 64
 #define MAX_REFUSE 16
@@ -73,8 +86,9 @@ typedef struct proc {
     int fd[2];            /* stdout, stderr (or the pty master, then -1) */
     const char *name[2];  /* "stdout"/"stderr" or "pty" */
     int stdin_w, tty;
-    char *pending;        /* pty input not yet taken */
-    size_t plen;
+    char *pending;        /* input not yet taken: pending[poff, plen) */
+    size_t poff, plen, pcap;
+    int stdin_eof;        /* close stdin_w once pending is written */
     int exited, status;
     struct timespec exited_at;
 } proc;
@@ -420,7 +434,10 @@ static int scratch_mounts(oserr *e) {
     }
     close(fd);
     mkdir(SCRATCH_MNT, 0700);
-    if (do_mount(dev, SCRATCH_MNT, "ext4", "nosuid,nodev,noatime", e)) return -1;
+    /* noinit_itable: the disk is made with lazy_itable_init (_sys/scratch.py);
+     * without it the kernel's ext4lazyinit thread zeroes the inode tables in
+     * the background, on the task's one vCPU, and fills the sparse file. */
+    if (do_mount(dev, SCRATCH_MNT, "ext4", "nosuid,nodev,noatime,noinit_itable", e)) return -1;
     for (size_t i = 0; i < sizeof DIRS / sizeof DIRS[0]; i++) {
         char src[256];
         snprintf(src, sizeof src, SCRATCH_MNT "%s", DIRS[i].target);
@@ -811,6 +828,30 @@ static void exec_child(const value *m, int st_w, int tty) {
 }
 
 static void reap(void);
+static void watch_one(void);
+
+/* Before a read of a child's pipe that blocks the main loop (a file op, a
+ * command's start): wait until the pipe has something, serving the watch
+ * meanwhile (the child may make a watched call, a setuid mode: only this
+ * agent can answer it).  A child that is stopped (SIGSTOP or SIGTSTP from the
+ * task, whose uid it has; Landlock's signal scope, ABI 6, forbids that, older
+ * kernels do not) is killed: 1, else 0. */
+static int wait_child(int fd, pid_t pid) {
+    for (;;) {
+        struct pollfd pf[2] = {{fd, POLLIN, 0}, {watch, POLLIN, 0}};
+        int r = poll(pf, watch >= 0 ? 2 : 1, CHILD_POLL_MS);
+        if (r < 0 && errno != EINTR) return 0;
+        if (r > 0 && pf[0].revents) return 0;
+        if (r > 0 && watch >= 0 && pf[1].revents) watch_one();
+        siginfo_t si;
+        memset(&si, 0, sizeof si);
+        if (waitid(P_PID, (id_t)pid, &si, WSTOPPED | WNOHANG | WNOWAIT) == 0 && si.si_pid == pid) {
+            glog("child %d was stopped (by the task) during a request; killed", (int)pid);
+            kill(pid, SIGKILL);
+            return 1;
+        }
+    }
+}
 
 static void exec_op(value *m, int64_t rid) {
     if (!cfg) {
@@ -847,15 +888,25 @@ static void exec_op(value *m, int64_t rid) {
         in_r = slave, in_w = dup_cloexec(master), out_r = master, out_w = dup_cloexec(slave);
         err_r = dup_cloexec(master), err_w = dup_cloexec(slave);
     } else {
-        int a[2], b[2], c[2];
+        int a[2] = {-1, -1}, b[2] = {-1, -1}, c[2] = {-1, -1};
         if (pipe2(a, O_CLOEXEC) || pipe2(b, O_CLOEXEC) || pipe2(c, O_CLOEXEC)) {
-            send_error(rid, errno, strerror(errno));
+            int err = errno;
+            for (int i = 0; i < 2; i++) { /* none of them leaks */
+                if (a[i] >= 0) close(a[i]);
+                if (b[i] >= 0) close(b[i]);
+                if (c[i] >= 0) close(c[i]);
+            }
+            send_error(rid, err, strerror(err));
             return;
         }
         in_r = a[0], in_w = a[1], out_r = b[0], out_w = b[1], err_r = c[0], err_w = c[1];
     }
     if (pipe2(st, O_CLOEXEC)) {
-        send_error(rid, errno, strerror(errno));
+        int err = errno;
+        int fds[6] = {in_r, in_w, out_r, out_w, err_r, err_w};
+        for (int i = 0; i < 6; i++)
+            if (fds[i] >= 0) close(fds[i]);
+        send_error(rid, err, strerror(err));
         return;
     }
     pid_t pid = fork();
@@ -881,7 +932,9 @@ static void exec_op(value *m, int64_t rid) {
     }
     char rep[4400];
     size_t rn = 0;
+    int stopped = 0;
     for (;;) {
+        stopped |= wait_child(st[0], pid);
         ssize_t r = read(st[0], rep + rn, sizeof rep - 1 - rn);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) break;
@@ -889,6 +942,9 @@ static void exec_op(value *m, int64_t rid) {
         if (rn >= sizeof rep - 1) break;
     }
     close(st[0]);
+    if (stopped && !rn) { /* it never started: killed where it was stopped */
+        rn = (size_t)snprintf(rep, sizeof rep, "[%d,\"stopped before it started\"]", EINTR);
+    }
     if (rn) {
         close(in_w);
         close(out_r);
@@ -911,11 +967,11 @@ static void exec_op(value *m, int64_t rid) {
     p->rid = rid;
     p->pid = pid;
     p->stdin_w = in_w;
+    fcntl(in_w, F_SETFL, fcntl(in_w, F_GETFL) | O_NONBLOCK);
     fcntl(out_r, F_SETFL, fcntl(out_r, F_GETFL) | O_NONBLOCK);
     fcntl(err_r, F_SETFL, fcntl(err_r, F_GETFL) | O_NONBLOCK);
     if (slave >= 0) { /* one output stream; err_r is a spare master, kept to resize */
         p->fd[0] = out_r, p->name[0] = "pty", p->fd[1] = -1, p->tty = err_r;
-        fcntl(in_w, F_SETFL, fcntl(in_w, F_GETFL) | O_NONBLOCK);
     } else {
         p->fd[0] = out_r, p->name[0] = "stdout", p->fd[1] = err_r, p->name[1] = "stderr";
         p->tty = -1;
@@ -928,17 +984,52 @@ static void exec_op(value *m, int64_t rid) {
     reap();
 }
 
-/* Type a pty's pending input as far as the terminal takes it now. */
+static void close_stdin(proc *p) {
+    if (p->stdin_w >= 0) close(p->stdin_w);
+    p->stdin_w = -1;
+    free(p->pending);
+    p->pending = NULL;
+    p->poff = p->plen = p->pcap = 0;
+}
+
+/* Type a command's pending input as far as its pty or pipe takes it now
+ * (stdin_w is non-blocking); then close it if the host said eof. */
 static void feed(proc *p) {
-    while (p->plen) {
-        ssize_t w = write(p->stdin_w, p->pending, p->plen > CHUNK ? CHUNK : p->plen);
+    while (p->stdin_w >= 0 && p->plen > p->poff) {
+        size_t left = p->plen - p->poff;
+        ssize_t w = write(p->stdin_w, p->pending + p->poff, left > CHUNK ? CHUNK : left);
         if (w < 0) {
-            if (errno != EAGAIN && errno != EINTR) p->plen = 0;
-            return;
+            if (errno == EAGAIN || errno == EINTR) return;
+            if (p->tty < 0) { /* EPIPE: no one reads it any more */
+                close_stdin(p);
+                return;
+            }
+            break; /* a pty: dropped, as agent.py does */
         }
-        memmove(p->pending, p->pending + w, p->plen - (size_t)w);
-        p->plen -= (size_t)w;
+        p->poff += (size_t)w;
     }
+    p->poff = p->plen = 0;
+    if (p->stdin_eof && p->stdin_w >= 0) close_stdin(p);
+}
+
+/* Append to a command's pending input; -1 if it would pass max. */
+static int queue_input(proc *p, const unsigned char *d, size_t n, size_t max) {
+    if (p->poff && p->poff >= p->plen - p->poff) { /* amortized: at most half moves */
+        memmove(p->pending, p->pending + p->poff, p->plen - p->poff);
+        p->plen -= p->poff;
+        p->poff = 0;
+    }
+    if (p->plen - p->poff + n > max) return -1;
+    if (p->plen + n > p->pcap) {
+        size_t cap = (p->plen + n) + (p->plen + n) / 2 + CHUNK;
+        char *more = realloc(p->pending, cap);
+        if (!more) return -1;
+        p->pending = more;
+        p->pcap = cap;
+    }
+    if (n) memcpy(p->pending + p->plen, d, n);
+    p->plen += n;
+    return 0;
 }
 
 static void reap(void) {
@@ -991,14 +1082,16 @@ static void finish(int i) {
     proc *p = procs[i];
     static char chunk[CHUNK];
     for (int k = 0; k < 2; k++) {
-        while (p->fd[k] >= 0) { /* drain what is left */
+        size_t drained = 0;
+        while (p->fd[k] >= 0 && drained < DRAIN_MAX) { /* drain what is left, bounded */
             ssize_t r = read(p->fd[k], chunk, sizeof chunk);
             if (r <= 0) break;
+            drained += (size_t)r;
             send_out(p->rid, p->name[k], chunk, (size_t)r);
         }
         if (p->fd[k] >= 0) close(p->fd[k]);
     }
-    if (p->stdin_w >= 0) close(p->stdin_w);
+    close_stdin(p);
     if (p->tty >= 0) close(p->tty);
     buf b = {0};
     head_start(&b);
@@ -1018,7 +1111,6 @@ static void finish(int i) {
                  total - (unsigned long long)st.f_bavail * st.f_frsize, total);
     }
     b_puts(&b, "}");
-    free(p->pending);
     free(p);
     procs[i] = NULL;
     send_head(&b, NULL, 0);
@@ -1084,6 +1176,7 @@ static void file_op(int64_t rid, const char *kind, const char *path, int64_t max
     }
     static char chunk[CHUNK];
     for (;;) {
+        wait_child(pfd[0], pid);
         ssize_t r = read(pfd[0], chunk, sizeof chunk);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) break;
@@ -1140,22 +1233,26 @@ static int read_mem(pid_t pid, uint64_t addr, void *out, size_t n) {
     return (int)r;
 }
 
+/* The socket's protocol, from its sockfs xattr through /proc/PID/fd/N: never
+ * a copy of the task's fd (pidfd_getfd) here.  The task may close its own
+ * while the agent holds the copy; the agent's close is then the last one,
+ * and a TCP socket with SO_LINGER and unsent data blocks that close for as
+ * long as the task set (the whole agent with it). */
 static const char *sock_proto(pid_t pid, int fd, char *other) {
-    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-    if (pidfd < 0) return "unknown";
-    int dup = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
-    close(pidfd);
-    if (dup < 0) return "unknown";
-    int type = 0;
-    socklen_t tl = sizeof type;
-    int ok = getsockopt(dup, SOL_SOCKET, SO_TYPE, &type, &tl) == 0;
-    close(dup);
-    if (!ok) return "unknown";
-    if (type == SOCK_STREAM) return "tcp";
-    if (type == SOCK_DGRAM) return "udp";
-    if (type == SOCK_RAW) return "raw";
-    sprintf(other, "%d", type);
-    return other;
+    static const char *const MAP[][2] = {
+        {"TCP", "tcp"}, {"TCPv6", "tcp"}, {"MPTCP", "tcp"}, {"MPTCPv6", "tcp"},
+        {"UDP", "udp"}, {"UDPv6", "udp"}, {"UDP-Lite", "udp"}, {"UDPLITEv6", "udp"},
+        {"PING", "udp"}, {"PINGv6", "udp"}, {"RAW", "raw"}, {"RAWv6", "raw"},
+    };
+    char p[64], name[32];
+    (void)other;
+    snprintf(p, sizeof p, "/proc/%d/fd/%d", (int)pid, fd);
+    ssize_t n = getxattr(p, "system.sockprotoname", name, sizeof name - 1);
+    if (n <= 0) return "unknown";
+    name[n] = 0;
+    for (size_t i = 0; i < sizeof MAP / sizeof MAP[0]; i++)
+        if (!strcmp(name, MAP[i][0])) return MAP[i][1];
+    return "unknown";
 }
 
 /* Describe a watched call FOR LOGGING ONLY (the host treats it as a claim). */
@@ -1291,24 +1388,20 @@ static void handle(value *m, const unsigned char *payload, size_t plen) {
     } else if (!strcmp(op, "stdin")) {
         proc *p = find_proc(rid);
         if (!p || p->stdin_w < 0) return;
-        if (p->tty >= 0) {
-            if (p->plen + plen <= PTY_PENDING_MAX) {
-                char *more = realloc(p->pending, p->plen + plen + 1);
-                if (more) {
-                    memcpy(more + p->plen, payload, plen);
-                    p->pending = more;
-                    p->plen += plen;
-                }
-            }
+        if (p->tty >= 0) { /* a pty: a chunk past the bound is dropped (agent.py) */
+            if (plen) queue_input(p, payload, plen, PTY_PENDING_MAX);
             feed(p);
             return;
         }
-        if (plen) fd_write_all(p->stdin_w, (const char *)payload, plen);
-        const value *eof = dict_get(m, "eof");
-        if (eof && eof->kind == V_BOOL && eof->i) {
-            close(p->stdin_w);
-            p->stdin_w = -1;
+        if (plen && queue_input(p, payload, plen, STDIN_PENDING_MAX)) {
+            glog("stdin of request %lld: more than %d MiB not taken; closed", (long long)rid,
+                 STDIN_PENDING_MAX >> 20);
+            close_stdin(p);
+            return;
         }
+        const value *eof = dict_get(m, "eof");
+        if (eof && eof->kind == V_BOOL && eof->i) p->stdin_eof = 1;
+        feed(p);
     } else if (!strcmp(op, "resize")) {
         proc *p = find_proc(rid);
         if (p && p->tty >= 0) set_winsize(p->tty, dict_get(m, "rows"), dict_get(m, "cols"));
@@ -1354,7 +1447,7 @@ static void handle(value *m, const unsigned char *payload, size_t plen) {
             return;
         }
         if ((*w)->len + plen > (*w)->cap) {
-            size_t cap = ((*w)->len + plen) * 2;
+            size_t cap = ((*w)->len + plen) + ((*w)->len + plen) / 2 + CHUNK;
             char *more = realloc((*w)->data, cap);
             if (!more) {
                 drop_write(w);
@@ -1458,7 +1551,7 @@ static void loop(void) {
                     who[n] = p, what[n] = k;
                     pfd[n++] = (struct pollfd){p->fd[k], POLLIN, 0};
                 }
-            if (p->plen && p->stdin_w >= 0) {
+            if (p->plen > p->poff && p->stdin_w >= 0) {
                 who[n] = p, what[n] = 2;
                 pfd[n++] = (struct pollfd){p->stdin_w, POLLOUT, 0};
             }
@@ -1495,6 +1588,21 @@ static void loop(void) {
     }
 }
 
+/* Read at boot, before the booted-idle snapshot is taken, so that a restored
+ * guest's first command finds the loader and libc in its page cache (under
+ * TCG, reading them from the image is most of a first command's ~0.3 s). */
+static void warm(void) {
+    static const char *FILES[] = {"/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6"};
+    static char chunk[1 << 16];
+    for (size_t i = 0; i < sizeof FILES / sizeof FILES[0]; i++) {
+        int fd = open(FILES[i], O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        while (read(fd, chunk, sizeof chunk) > 0) {
+        }
+        close(fd);
+    }
+}
+
 int guest_main(void) {
     clearenv();
     umask(022);
@@ -1514,6 +1622,7 @@ int guest_main(void) {
         reboot(RB_AUTOBOOT);
         _exit(1);
     }
+    warm();
     int sp[2];
     if (pipe2(sp, O_CLOEXEC | O_NONBLOCK)) _exit(1);
     sig_r = sp[0], sig_w = sp[1];
