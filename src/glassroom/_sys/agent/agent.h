@@ -71,6 +71,7 @@ void oserr_msg(oserr *e, int err, const char *fmt, ...) __attribute__((format(pr
 extern int ctl_fd;
 void send_json(buf *b); /* sends and frees; on failure: shutdown */
 void close_range_from(int low, int high); /* close [low, high) */
+int set_winsize(int master, const value *rows, const value *cols); /* TIOCSWINSZ; EINVAL out of range */
 
 /* ---- walls.c ---- */
 int landlock_restrict(const value *cfg, oserr *e);  /* ABI, or -1 with e set */

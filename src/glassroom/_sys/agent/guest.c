@@ -758,16 +758,6 @@ static void keep_only(int a, int b) {
 
 static int dup_cloexec(int fd) { return fcntl(fd, F_DUPFD_CLOEXEC, 3); }
 
-static int set_winsize(int fd, const value *rows, const value *cols) {
-    int64_t r, c;
-    if (v_int(rows, &r) || v_int(cols, &c) || r < 0 || c < 0 || r > 0xFFFF || c > 0xFFFF) {
-        errno = EINVAL;
-        return -1;
-    }
-    struct winsize ws = {(unsigned short)r, (unsigned short)c, 0, 0};
-    return ioctl(fd, TIOCSWINSZ, &ws);
-}
-
 static const char *which(const char *name, const char *path) {
     static char cand[8192];
     if (strchr(name, '/')) return name;

@@ -269,7 +269,7 @@ static ptyent *find_pty(int64_t rid) {
     return NULL;
 }
 
-static int set_winsize(int master, const value *rows, const value *cols) {
+int set_winsize(int master, const value *rows, const value *cols) {
     int64_t r, c;
     if (v_int(rows, &r) || v_int(cols, &c) || r < 0 || c < 0 || r > 0xFFFF || c > 0xFFFF) {
         errno = EINVAL;
