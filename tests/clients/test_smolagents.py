@@ -87,12 +87,19 @@ def on_tier(served: Server, backend: str) -> Iterator[Server]:
         served.cfg.templates["code-interpreter-v1"] = saved
 
 
+#: The sandbox's lifetime, as a user passes it (smolagents hands these to
+#: E2B's ``Sandbox.create``): without it E2B's default of 15 s applies, which
+#: a microVM under TCG on a slow machine spends starting the kernel.
+EXECUTOR_KWARGS = {"timeout": 600}
+
+
 def _run(*actions: str) -> tuple[Any, list[ActionStep]]:
     """A CodeAgent run whose code actions are ``actions``, the last of which
     calls final_answer: (the final answer, the run's steps)."""
     agent = CodeAgent(
-        tools=[], model=ScriptedModel(list(actions)), executor_type="e2b", max_steps=len(actions)
-    )
+        tools=[], model=ScriptedModel(list(actions)), executor_type="e2b",
+        max_steps=len(actions), executor_kwargs=EXECUTOR_KWARGS,
+    )  # fmt: skip
     try:
         answer = agent.run("Do the task.")
     finally:
@@ -190,7 +197,8 @@ def test_an_error_reaches_the_model_as_the_cells_traceback(on_tier: Server) -> N
     on (with its line), not the kernel's frames; the next action still runs in
     the same kernel."""
     model = ScriptedModel(["x = 41\ny = 1 / 0", "final_answer(x + 1)"])
-    agent = CodeAgent(tools=[], model=model, executor_type="e2b", max_steps=2)
+    agent = CodeAgent(tools=[], model=model, executor_type="e2b", max_steps=2,
+                      executor_kwargs=EXECUTOR_KWARGS)  # fmt: skip
     try:
         answer = agent.run("Do the task.")
     finally:
