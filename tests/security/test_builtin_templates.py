@@ -25,7 +25,8 @@ from glassroom.templates._builtin import current
 TIERS = ["namespaces", "gvisor", "microvm"]
 BASE_TOOLS = ["bash", "sh", "git", "curl", "tar", "base64", "python3", "node", "npm", "ls",
               "cat", "su", "id", "env", "gzip", "head", "cut"]  # fmt: skip
-RES = {"memory_mib": 1024}
+#: Room for npm and numpy/pandas/matplotlib under TCG on a slow machine (60 s by default).
+RES = {"memory_mib": 1024, "max_runtime_s": 600}
 
 
 @pytest.fixture(scope="module")
