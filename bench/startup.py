@@ -158,6 +158,10 @@ def cli_series(runs: int, log: str) -> dict[str, object]:
     """``glassroom run -- true`` from a shell's point of view: a new process each time."""
     script = os.path.join(os.path.dirname(sys.executable), "glassroom")
     env = dict(os.environ, GLASSROOM_AUDIT_LOG=log)
+    # As a user's shell runs it: with .pyc files.  A caller's PYTHONDONTWRITEBYTECODE
+    # (set in some CI and agent shells) would make every run compile every module
+    # again, about 0.25 s more than a user ever pays.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     series: dict[str, list[str]] = {
         "glassroom_run_true": [script, "run", "--audit-log", log, "--", "true"],
         "python_startup": [sys.executable, "-c", "pass"],

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -421,23 +421,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return run_demo(audit_log=ns.audit_log)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--audit-log", default=argparse.SUPPRESS,
-        help="audit log file (default: $GLASSROOM_AUDIT_LOG or the system one)",
-    )  # fmt: skip
-    p = argparse.ArgumentParser(
-        prog=PROG, parents=[common], description="Run agent code in a disposable, audited sandbox."
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    _add = sub.add_parser
-
-    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
-        return _add(name, parents=[common], **kw)
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
-
+def _add_run(sub: Any) -> None:
     r = sub.add_parser("run", help="run one command in a fresh sandbox")
     r.add_argument("--policy", help="policy TOML file (default: the built-in strict policy)")
     r.add_argument(
@@ -464,10 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     r.set_defaults(func=cmd_run)
 
+
+def _add_template(sub: Any) -> None:
     from . import cli_templates
 
     cli_templates.add_parser(sub)
 
+
+def _add_snapshot(sub: Any) -> None:
     sn = sub.add_parser("snapshot", help="the local snapshot store (docs/snapshots.md)")
     sns = sn.add_subparsers(dest="snapshot_cmd", required=True)
     snl = sns.add_parser("list", help="every snapshot in the store")
@@ -485,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         sv.add_argument("--json", action="store_true")
         sv.set_defaults(func=cmd_snapshot)
 
+
+def _add_policy(sub: Any) -> None:
     pol = sub.add_parser("policy", help="policy tools").add_subparsers(
         dest="policy_cmd", required=True
     )
@@ -493,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--backend")
     pc.set_defaults(func=cmd_policy_check)
 
+
+def _add_audit(sub: Any) -> None:
     au = sub.add_parser("audit", help="the audit log").add_subparsers(
         dest="audit_cmd", required=True
     )
@@ -522,32 +514,44 @@ def build_parser() -> argparse.ArgumentParser:
                         help="every node of the fleet (with --ray ADDRESS)")  # fmt: skip
         sp.add_argument("--ray", metavar="ADDRESS", help="the Ray cluster of the fleet")
 
+
+def _add_doctor(sub: Any) -> None:
     d = sub.add_parser("doctor", help="what this host supports")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
 
+
+def _add_drill(sub: Any) -> None:
     dr = sub.add_parser("drill", help="try every escape; each beside its harmless twin")
     dr.add_argument("--backend")
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=cmd_drill)
 
+
+def _add_microvm(sub: Any) -> None:
     mv = sub.add_parser("microvm", help="the microvm tier's guest kernel and images")
     mvs = mv.add_subparsers(dest="microvm_cmd", required=True)
     mvp = mvs.add_parser("prepare", help="fetch the guest kernel, build and cache the images")
     mvp.add_argument("--no-snapshot", action="store_true", help="skip the booted-idle snapshot")
     mvp.set_defaults(func=cmd_microvm)
 
+
+def _add_init(sub: Any) -> None:
     it = sub.add_parser("init", help="the compiled in-sandbox init (namespaces and gvisor tiers)")
     its = it.add_subparsers(dest="init_cmd", required=True)
     its.add_parser("build", help="compile it into the build dir (a no-op when current)")
     its.add_parser("status", help="where the current build is, if any (exit 1: none)")
     it.set_defaults(func=cmd_init)
 
+
+def _add_demo(sub: Any) -> None:
     de = sub.add_parser(
         "demo", help="a demo agent task: real work, one blocked action, the audit trail"
     )
     de.set_defaults(func=cmd_demo)
 
+
+def _add_approvals(sub: Any) -> None:
     ap = sub.add_parser("approvals", help="network requests held for a decision (network.ask)")
     aps = ap.add_subparsers(dest="approvals_cmd", required=True)
     apl = aps.add_parser("list", help="pending requests")
@@ -558,10 +562,20 @@ def build_parser() -> argparse.ArgumentParser:
         apv.add_argument("id")
         apv.set_defaults(func=cmd_approvals)
 
-    for name, func, text in (
-        ("serve", cmd_serve, "HTTP API (own /v1 + E2B-compatible) for sandboxes"),
-        ("mcp", cmd_mcp, "MCP server (stdio; --http for streamable HTTP)"),
-    ):
+
+_SERVERS = (
+    ("serve", cmd_serve, "HTTP API (own /v1 + E2B-compatible) for sandboxes"),
+    ("mcp", cmd_mcp, "MCP server (stdio; --http for streamable HTTP)"),
+)
+
+
+_SERVER_NAMES = frozenset(name for name, _, _ in _SERVERS)
+
+
+def _add_servers(sub: Any, names: tuple[str, ...] = ("serve", "mcp")) -> None:
+    for name, func, text in _SERVERS:
+        if name not in names:
+            continue
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--config", help="TOML: host, port, data_dir, tenants, templates")
         sp.add_argument("--host", help="listen address (default 127.0.0.1)")
@@ -588,12 +602,86 @@ def build_parser() -> argparse.ArgumentParser:
                                  "tenant may hold (default 20; config: "
                                  "max_handle_sandboxes)")  # fmt: skip
         sp.set_defaults(func=func)
+
+
+#: Each command's subparser, in ``--help``'s order.
+_COMMANDS: dict[str, Callable[[Any], None]] = {
+    "run": _add_run,
+    "template": _add_template,
+    "snapshot": _add_snapshot,
+    "policy": _add_policy,
+    "audit": _add_audit,
+    "doctor": _add_doctor,
+    "drill": _add_drill,
+    "microvm": _add_microvm,
+    "init": _add_init,
+    "demo": _add_demo,
+    "approvals": _add_approvals,
+    "serve": lambda sub: _add_servers(sub, ("serve",)),
+    "mcp": lambda sub: _add_servers(sub, ("mcp",)),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``only`` the top level and that one command.
+
+    Why ``only``: ``main`` knows the command from argv before parsing, and the
+    others' 30-odd subparsers cost about 25 ms to build, on every ``glassroom
+    run``.  A command's own usage, help and errors are the same either way; the
+    top level's (``glassroom --help``, an unknown command) get the whole parser.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--audit-log", default=argparse.SUPPRESS,
+        help="audit log file (default: $GLASSROOM_AUDIT_LOG or the system one)",
+    )  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog=PROG, parents=[common], description="Run agent code in a disposable, audited sandbox."
+    )
+    # With ``only``, the metavar still names every command, so that the top level's
+    # usage (printed with an error such as an unknown option) is the same.
+    every = "{" + ",".join(_COMMANDS) + "}" if only else None
+    sub = p.add_subparsers(dest="command", required=True, metavar=every)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    for name, add in _COMMANDS.items():
+        if only is None or name == only:
+            add(sub)
     return p
+
+
+def _command_named(args: Sequence[str]) -> str | None:
+    """The command ``args`` name, if argparse would reach it: the first word
+    after the top level's own options (``--audit-log X``); None for ``-h``,
+    an unknown word or none."""
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--audit-log":
+            i += 2
+            continue
+        if a.startswith("--audit-log="):
+            i += 1
+            continue
+        return a if a in _COMMANDS else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    command = _command_named(args)
+    if command not in _SERVER_NAMES:
+        # pydantic looks for plugins when it first builds a model: it reads the
+        # entry points of every installed distribution, about 30 ms of each
+        # ``glassroom run`` in a venv of 150 packages.  glassroom's own models have
+        # no use for them; a long-lived server keeps them, and a caller's setting wins.
+        os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    parser = build_parser(command)
     try:
         ns = parser.parse_args(args)
     except SystemExit as exc:  # argparse misuse: a clear message was printed

@@ -205,6 +205,8 @@ class Supervised(Pausing):
     # -- credentials ----------------------------------------------------------
 
     def _issue_credentials(self) -> None:
+        if not self.policy.credentials:  # the broker's import is paid only with a credential
+            return
         from ..credentials import issue as issue_credential
 
         limit = self.policy.resources.max_runtime_s
