@@ -76,14 +76,15 @@ from ._channel import (
     end_unanswered,
 )
 from ._channel import parse_reply as _parse_reply
+from ._failures import exec_message, path_error
 from ._files import FileOps, FileOpStalled
 from ._gates import Gates
+from ._lifecycle import InstanceBase, started
 from .base import (
     Checkpoint,
     EventSink,
     ExecRequest,
     ExecResult,
-    Receipt,
     pty_size,
     resize_message,
 )
@@ -131,24 +132,14 @@ class GvisorBackend:
 
     def start(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> GvisorInstance:
         inst = GvisorInstance(plan, sandbox_id, on_event)
-        try:
-            inst.build()
-        except BaseException:
-            inst.destroy()
-            raise
-        return inst
+        return started(inst, inst.build)
 
     def restore(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink, src: Path,
                 checkpoint: Checkpoint) -> GvisorInstance:  # fmt: skip
         """``runsc restore`` of ``src`` (see :meth:`GvisorInstance.checkpoint`) in walls
         built from ``plan`` as :meth:`start` builds them, under ``sandbox_id``."""
         inst = GvisorInstance(plan, sandbox_id, on_event)
-        try:
-            inst.build(restore=src, saved=checkpoint)
-        except BaseException:
-            inst.destroy()
-            raise
-        return inst
+        return started(inst, lambda: inst.build(restore=src, saved=checkpoint))
 
 
 class _Req:
@@ -159,23 +150,12 @@ class _Req:
         self.on_data = on_data
 
 
-class GvisorInstance(FileOps):
+class GvisorInstance(InstanceBase, FileOps):
     """One running sandbox: runsc + the stream-mode init + cgroups."""
 
     def __init__(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> None:
-        self.plan = plan
-        self.sandbox_id = sandbox_id
-        self.on_event = on_event
-        self.walls: dict[str, Any] = {}
-        self.state = _config.state_dir()
-        self.record_path = self.state / "sandboxes" / f"{sandbox_id}.json"
+        super().__init__(plan, sandbox_id, on_event)
         self.sbdir = self.state / "gvisor" / "run" / sandbox_id
-        self.cg: cgroups.CgroupSet | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.deadline = time.monotonic() + plan.limits.max_runtime_s
-        self.dead_reason: str | None = None
-        self.killed_by_deadline = False
-        self._destroyed: Receipt | None = None
         self._lock = threading.Lock()
         # Reentrant: a checkpoint holds it throughout (nothing new may reach the
         # init while it is saved) and sends on the restored channel itself.
@@ -506,28 +486,15 @@ class GvisorInstance(FileOps):
         return " ".join(data.split())[:400] or f"exit status {self.proc.returncode}"
 
     def _write_record(self) -> None:
-        """What the reaper needs if this supervisor dies without cleaning up."""
-        sup = os.getpid()
-        pids = []
-        if self.proc is not None:
-            pids.append({"pid": self.proc.pid, "start": proc.process_start_time(self.proc.pid)})
-        rec = {
-            "sandbox_id": self.sandbox_id,
-            "backend": "gvisor",
-            "supervisor": {"pid": sup, "start": proc.process_start_time(sup)},
-            "pids": pids,
-            "cgroup": {"name": self.sandbox_id, "parent": _config.cgroup_parent()},
-            "gates": self._gates.dirs(),  # unmounted and rmdir'ed, never deleted through
-            "paths": [str(self.sbdir)]
+        self._save_record(
+            "gvisor", [self.proc.pid if self.proc else None],
+            cgroup={"name": self.sandbox_id, "parent": _config.cgroup_parent()},
+            gates=self._gates.dirs(),  # unmounted and rmdir'ed, never deleted through
+            paths=[str(self.sbdir)]
             + ([self.plan.network.host_dir] if self.plan.network.host_dir else []),
             # The scratch disk's host mount, until the gofer holds its own.
-            "scratch": [str(self._disk.mountpoint)] if self._disk is not None else [],
-            "created": time.time(),
-        }
-        self.record_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, self.record_path)
+            scratch=[str(self._disk.mountpoint)] if self._disk is not None else [],
+        )  # fmt: skip
 
     # -- the channel ---------------------------------------------------------
 
@@ -631,12 +598,9 @@ class GvisorInstance(FileOps):
         while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
-                self.killed_by_deadline = True
-                self.on_event("anomaly", {"reason": "max runtime exceeded; sandbox killed",
-                                          "max_runtime_s": self.plan.limits.max_runtime_s},
-                              "deny", "resources.max_runtime_s")  # fmt: skip
+                said = self._expired()
                 self.kill()
-                return "max_runtime exceeded"
+                return said
             r, _, _ = select.select([fd], [], [], min(remaining, 3600))
             if not r:
                 continue
@@ -694,15 +658,6 @@ class GvisorInstance(FileOps):
             if len(self._ended) > 4096:  # bounded: the oldest are forgotten
                 del self._ended[next(iter(self._ended))]
         req.q.put(msg)
-
-    def _closed_error(self) -> SandboxClosed:
-        if self.killed_by_deadline:
-            return SandboxClosed(
-                f"sandbox {self.sandbox_id} was killed at its max runtime "
-                f"({self.plan.limits.max_runtime_s:g}s)",
-                rule="resources.max_runtime_s",
-            )
-        return SandboxClosed(f"sandbox {self.sandbox_id} is no longer running ({self.dead_reason})")
 
     # -- commands -------------------------------------------------------------
 
@@ -762,8 +717,6 @@ class GvisorInstance(FileOps):
 
     def _file_op(self, kind: str, path: str, *, data: bytes | None = None,
                  max_bytes: int = 0, mode: int = 0o644) -> bytes:  # fmt: skip
-        from .namespaces import _path_error
-
         if not path.startswith("/"):
             path = f"{self.plan.workspace}/{path}"
         out = bytearray()
@@ -789,14 +742,14 @@ class GvisorInstance(FileOps):
             if first["op"] == "closed":
                 raise self._closed_error()
             if first["op"] == "error":
-                raise _path_error(kind, path, int(first["errno"]), str(first["error"]))
+                raise path_error(kind, path, int(first["errno"]), str(first["error"]))
             done = self._file_reply(req.q, kind, path, progress=lambda: moved[0],
                                     size=len(data or b""))  # fmt: skip
             if done["op"] == "closed":
                 raise self._closed_error()
             code = done.get("code") or 0
             if code:
-                raise _path_error(kind, path, int(code), os.strerror(int(code)))
+                raise path_error(kind, path, int(code), os.strerror(int(code)))
         except SandboxClosed:
             raise self._closed_error() from None
         except FileOpStalled:  # its child, if it got one, goes too
@@ -1064,11 +1017,7 @@ class GvisorInstance(FileOps):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=5)
 
-    def destroy(self) -> Receipt:
-        if self._destroyed is not None:
-            return self._destroyed
-        removed: dict[str, Any] = {}
-        self.kill()
+    def _teardown(self, removed: dict[str, Any]) -> None:
         if self.proc is not None:
             for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
                 with contextlib.suppress(OSError):
@@ -1099,11 +1048,6 @@ class GvisorInstance(FileOps):
             removed["write_gate"] = self._gates.close()
             if self._gate_denied:
                 removed["write_gate"]["denied"] += self._gate_denied
-        if self.record_path.exists():
-            self.record_path.unlink()
-            removed["state"] = str(self.record_path)
-        self._destroyed = Receipt(self.sandbox_id, removed, self._leftovers())
-        return self._destroyed
 
     def _leftovers(self) -> dict[str, list[str]]:
         left: dict[str, list[str]] = {"processes": [], "cgroups": [], "mounts": [], "state": []}
@@ -1246,11 +1190,9 @@ class GvisorProcess:
             self._inst._forget(self._rid)
             raise self._inst._closed_error()
         if first["op"] == "error":
-            from .namespaces import _exec_message
-
             self._inst._forget(self._rid)
             err = int(first["errno"])
-            stderr = _exec_message(self.req.argv[0], first).encode()
+            stderr = exec_message(self.req.argv[0], err, str(first["error"])).encode()
             self.events.append(("stderr", stderr))
             self._finish(ExecResult(
                 exit_code=126 if err == errno.EACCES else 127, signal=None, stdout=b"",

@@ -40,8 +40,6 @@ from .. import _config, _reach
 from .._errors import (
     BackendUnavailable,
     SandboxClosed,
-    SandboxError,
-    SandboxPathError,
     SnapshotError,
     WallError,
 )
@@ -57,9 +55,11 @@ from ._channel import (
     end_unanswered,
     release_quietly,
 )
+from ._failures import exec_message, path_error
 from ._files import FileOps, FileOpStalled
 from ._gates import Gates
-from .base import Checkpoint, EventSink, ExecRequest, ExecResult, Receipt
+from ._lifecycle import InstanceBase, started
+from .base import Checkpoint, EventSink, ExecRequest, ExecResult
 
 if TYPE_CHECKING:
     from ._spawn import NamespacesProcess
@@ -378,13 +378,7 @@ class NamespacesBackend:
 
     def start(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> NamespacesInstance:
         inst = NamespacesInstance(plan, sandbox_id, on_event)
-        try:
-            inst.build()
-        except BaseException:
-            inst.kill()
-            inst.destroy()
-            raise
-        return inst
+        return started(inst, inst.build)
 
     def restore(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink, src: Path,
                 checkpoint: Checkpoint) -> NamespacesInstance:  # fmt: skip
@@ -400,30 +394,19 @@ NO_PROCESS_STATE = (
 )
 
 
-class NamespacesInstance(FileOps):
+class NamespacesInstance(InstanceBase, FileOps):
     """One running sandbox: bwrap + init + cgroups, driven over the channel."""
 
     def __init__(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> None:
-        self.plan = plan
-        self.sandbox_id = sandbox_id
-        self.on_event = on_event
-        self.walls: dict[str, Any] = {}
-        self.state = _config.state_dir()
-        self.record_path = self.state / "sandboxes" / f"{sandbox_id}.json"
-        self.cg: cgroups.CgroupSet | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(plan, sandbox_id, on_event)
         self.child_pid: int | None = None
         self.channel: Channel | None = None
-        self.deadline = time.monotonic() + plan.limits.max_runtime_s
-        self.dead_reason: str | None = None
-        self.killed_by_deadline = False
         #: When freeze() stopped it (a pause), or None.
         self._frozen_at: float | None = None
         self._reader: threading.Thread | None = None
         self._pidfd: int | None = None
         self._netwatch: netwatch.NetWatch | None = None
         self._trace: tracewatch.TraceWatch | None = None
-        self._destroyed: Receipt | None = None
         self._said: str | None = None  # bwrap's last words, once read
         self._lock = threading.Lock()
         self._disk: scratch.ScratchMount | None = None
@@ -759,29 +742,15 @@ class NamespacesInstance(FileOps):
         return msg
 
     def _write_record(self) -> None:
-        """What the reaper needs if this supervisor dies without cleaning up."""
-        sup = os.getpid()
-        pids = []
-        for pid in (self.proc.pid if self.proc else None, self.child_pid):
-            if pid:
-                pids.append({"pid": pid, "start": proc.process_start_time(pid)})
-        rec = {
-            "sandbox_id": self.sandbox_id,
-            "backend": "namespaces",
-            "supervisor": {"pid": sup, "start": proc.process_start_time(sup)},
-            "pids": pids,
-            "cgroup": {"name": self.sandbox_id, "parent": _config.cgroup_parent()},
+        self._save_record(
+            "namespaces", [self.proc.pid if self.proc else None, self.child_pid],
+            cgroup={"name": self.sandbox_id, "parent": _config.cgroup_parent()},
             # The egress dir (proxy socket, CA cert) goes with the sandbox.
-            "paths": [self.plan.network.host_dir] if self.plan.network.host_dir else [],
-            "gates": self._gates.dirs(),  # unmounted and rmdir'ed, never deleted through
+            paths=[self.plan.network.host_dir] if self.plan.network.host_dir else [],
+            gates=self._gates.dirs(),  # unmounted and rmdir'ed, never deleted through
             # The scratch disk's host mount, until the sandbox holds its own.
-            "scratch": [str(self._disk.mountpoint)] if self._disk is not None else [],
-            "created": time.time(),
-        }
-        self.record_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, self.record_path)
+            scratch=[str(self._disk.mountpoint)] if self._disk is not None else [],
+        )  # fmt: skip
 
     # -- the reader thread: replies, deadline -------------------------------
 
@@ -827,14 +796,7 @@ class NamespacesInstance(FileOps):
             if self._frozen_at is not None:  # frozen time does not count (thaw moves it)
                 remaining = max(remaining, 0.5)
             if remaining <= 0:
-                self.killed_by_deadline = True
-                self.on_event(
-                    "anomaly",
-                    {"reason": "max runtime exceeded; sandbox killed",
-                     "max_runtime_s": self.plan.limits.max_runtime_s},
-                    "deny", "resources.max_runtime_s",
-                )  # fmt: skip
-                return "max_runtime exceeded"
+                return self._expired()
             try:
                 r, _, _ = select.select([sock], [], [], min(remaining, 3600))
             except (OSError, ValueError):
@@ -867,15 +829,6 @@ class NamespacesInstance(FileOps):
             q.put({"op": "error", "id": rid, "errno": errno.E2BIG, "error": str(exc)})
         return rid, q
 
-    def _closed_error(self) -> SandboxClosed:
-        if self.killed_by_deadline:
-            return SandboxClosed(
-                f"sandbox {self.sandbox_id} was killed at its max runtime "
-                f"({self.plan.limits.max_runtime_s:g}s)",
-                rule="resources.max_runtime_s",
-            )
-        return SandboxClosed(f"sandbox {self.sandbox_id} is no longer running ({self.dead_reason})")
-
     def spawn(self, req: ExecRequest) -> NamespacesProcess:
         """A background process (see ``_spawn``); ``exec`` stays the fast blocking path."""
         from ._spawn import spawn
@@ -904,9 +857,10 @@ class NamespacesInstance(FileOps):
             if first["op"] == "closed":
                 raise self._closed_error()
             if first["op"] == "error":
+                said = exec_message(req.argv[0], first["errno"], first["error"])
                 return ExecResult(
                     exit_code=126 if first["errno"] == errno.EACCES else 127,
-                    signal=None, stdout=b"", stderr=_exec_message(req.argv[0], first).encode(),
+                    signal=None, stdout=b"", stderr=said.encode(),
                     duration_ms=(time.monotonic() - start) * 1000, truncated=False,
                     exec_errno=first["errno"], exec_error=first["error"],
                 )  # fmt: skip
@@ -1050,7 +1004,7 @@ class NamespacesInstance(FileOps):
             if first["op"] == "closed":
                 raise self._closed_error()
             if first["op"] == "error":
-                raise _path_error(kind, path, first["errno"], first["error"])
+                raise path_error(kind, path, first["errno"], first["error"])
             os.set_blocking(keep, False)
             if kind == "write":
                 view = memoryview(data or b"")
@@ -1078,7 +1032,7 @@ class NamespacesInstance(FileOps):
                 raise self._closed_error()
             code = done.get("code") or 0
             if code:
-                raise _path_error(kind, path, code, os.strerror(code))
+                raise path_error(kind, path, code, os.strerror(code))
         except FileOpStalled:
             if self.channel is not None:  # its child, if it got one, goes too
                 with contextlib.suppress(SandboxClosed):
@@ -1152,11 +1106,7 @@ class NamespacesInstance(FileOps):
                 with contextlib.suppress(OSError, WallError):
                     self.cg.kill_all(timeout=5.0)
 
-    def destroy(self) -> Receipt:
-        if self._destroyed is not None:
-            return self._destroyed
-        removed: dict[str, Any] = {}
-        self.kill()
+    def _teardown(self, removed: dict[str, Any]) -> None:
         if self.proc is not None:
             try:
                 proc.wait_exit(self.proc, 5)
@@ -1190,11 +1140,6 @@ class NamespacesInstance(FileOps):
         removed["mounts"] = "private mount namespace, released when its last process exited"
         if self._gates.needed:
             removed["write_gate"] = self._gates.close()
-        if self.record_path.exists():
-            self.record_path.unlink()
-            removed["state"] = str(self.record_path)
-        self._destroyed = Receipt(self.sandbox_id, removed, self._leftovers())
-        return self._destroyed
 
     def _leftovers(self) -> dict[str, list[str]]:
         left: dict[str, list[str]] = {"processes": [], "cgroups": [], "mounts": [], "state": []}
@@ -1215,36 +1160,8 @@ def _profile_size(name: str) -> int:
     return len(seccomp.load_profile(name))
 
 
-def _exec_message(argv0: str, reply: dict[str, Any]) -> str:
-    if reply["errno"] == errno.EACCES:
-        return f"glassroom: {argv0}: exec denied by the policy (tools.allow)\n"
-    if reply["errno"] == errno.ENOENT:
-        return f"glassroom: {argv0}: command not found\n"
-    return f"glassroom: {argv0}: {reply['error']}\n"
-
-
 def _as_exit(msg: dict[str, Any]) -> dict[str, Any]:
     """A "closed" wake-up means the whole sandbox died: report it as SIGKILL."""
     if msg["op"] == "closed":
         return {"op": "exit", "code": None, "signal": int(signal.SIGKILL), "closed": True}
     return msg
-
-
-def _path_error(kind: str, path: str, err: int, text: str) -> SandboxError:
-    if err in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOTDIR, errno.EXDEV):
-        why = {
-            errno.EACCES: "outside the sandbox's view or not allowed by the policy",
-            errno.EPERM: "not allowed by the policy",
-            errno.ENOENT: "no such file in the sandbox",
-            errno.EROFS: "read-only in the sandbox",
-            errno.ENOTDIR: "a path component is not a directory",
-            errno.EXDEV: "crosses a mount the policy keeps apart",
-        }[err]
-        exc: SandboxError = SandboxPathError(
-            f"{kind} {path}: {why} ({errno.errorcode.get(err, err)})",
-            rule="filesystem.write" if kind in ("write", "mkdir", "remove") else "filesystem.read",
-        )
-    else:
-        exc = SandboxError(f"{kind} {path}: {text} ({errno.errorcode.get(err, err)})")
-    exc.errno = err  # type: ignore[attr-defined]
-    return exc

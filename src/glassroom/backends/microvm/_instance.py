@@ -67,13 +67,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ... import _config
-from ..._errors import SandboxClosed, SandboxError, SandboxPathError, SnapshotError, WallError
+from ..._errors import SandboxClosed, SandboxError, SnapshotError, WallError
 from ..._reach import reachable_by
 from ..._sys import cgroups, netwatch, proc, seccomp, tracewatch
 from ...audit._events import MAX_ARGV, MAX_PATH, syscalls_for, to_record
 from ...guest import protocol
 from ...plan import EGRESS_DIR_INSIDE, PROXY_PORT_INSIDE, SECRETS_DIR, LaunchPlan
+from .._failures import exec_message, path_error
 from .._files import FileOps
+from .._lifecycle import InstanceBase, started
 from ..base import (
     Checkpoint,
     EventSink,
@@ -81,7 +83,6 @@ from ..base import (
     ExecResult,
     Instance,
     Process,
-    Receipt,
     pty_size,
 )
 from . import image as _image
@@ -152,12 +153,7 @@ class MicrovmBackend:
 
     def start(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> MicrovmInstance:
         inst = MicrovmInstance(plan, sandbox_id, on_event)
-        try:
-            inst.build()
-        except BaseException:
-            inst.destroy()
-            raise
-        return inst
+        return started(inst, inst.build)
 
     def restore(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink, src: Path,
                 checkpoint: Checkpoint) -> MicrovmInstance:  # fmt: skip
@@ -167,12 +163,7 @@ class MicrovmBackend:
             raise SnapshotError(f"microvm: cannot restore a {checkpoint.tier!r} checkpoint",
                                 rule="snapshot.restore")  # fmt: skip
         inst = MicrovmInstance(plan, sandbox_id, on_event)
-        try:
-            inst.build(restore=(src, checkpoint))
-        except BaseException:
-            inst.destroy()
-            raise
-        return inst
+        return started(inst, lambda: inst.build(restore=(src, checkpoint)))
 
 
 class MicrovmProcess:
@@ -248,7 +239,7 @@ class MicrovmProcess:
             if exit_msg is None:  # exec failed in the guest
                 err = self._error or {"errno": errno.EIO, "error": "failed"}
                 e = int(err["errno"])
-                text = _exec_message(self.req.argv[0] if self.req.argv else "", e, err["error"])
+                text = exec_message(self.req.argv[0] if self.req.argv else "", e, str(err["error"]))
                 self.events.append(("stderr", text.encode()))
                 self.result = ExecResult(
                     exit_code=126 if e == errno.EACCES else 127, signal=None, stdout=b"",
@@ -330,32 +321,21 @@ class MicrovmProcess:
         self.signal(int(signal.SIGKILL))
 
 
-class MicrovmInstance(FileOps):
+class MicrovmInstance(InstanceBase, FileOps):
     """One running microVM, driven over its control channel."""
 
     _listing_kw: ClassVar[dict[str, Any]] = {"limit": MAX_LISTING}
 
     def __init__(self, plan: LaunchPlan, sandbox_id: str, on_event: EventSink) -> None:
-        self.plan = plan
-        self.sandbox_id = sandbox_id
-        self.on_event = on_event
-        self.walls: dict[str, Any] = {}
-        self.state = _config.state_dir()
-        self.record_path = self.state / "sandboxes" / f"{sandbox_id}.json"
+        super().__init__(plan, sandbox_id, on_event)
         self.vmdir = self.state / "microvm" / sandbox_id
-        self.proc: subprocess.Popen[bytes] | None = None
         self.channel: GuestChannel | None = None
-        self.deadline = time.monotonic() + plan.limits.max_runtime_s
-        self.killed_by_deadline = False
-        self.dead_reason: str | None = None
         self.boot: dict[str, Any] = {}
         self._pidfd: int | None = None
-        self.cg: cgroups.CgroupSet | None = None
         self._reader: threading.Thread | None = None
         self._untagged: queue.Queue[dict[str, Any]] = queue.Queue()
         self._stats: dict[str, int] = {"oom_kill": 0, "pids_max_hits": 0}
         self._workspace: tuple[int, int] | None = None
-        self._destroyed: Receipt | None = None
         #: The flock'ed slot of QEMU's own host uid (as root), held until QEMU is gone.
         self._uid_lock: int | None = None
         #: QEMU's monitor (our end of a socketpair), spoken to for checkpoints only.
@@ -754,26 +734,13 @@ class MicrovmInstance(FileOps):
             return ""
 
     def _write_record(self) -> None:
-        sup = os.getpid()
-        pids = []
-        if self.proc is not None:
-            pids.append({"pid": self.proc.pid, "start": proc.process_start_time(self.proc.pid)})
-        rec = {
-            "sandbox_id": self.sandbox_id,
-            "backend": "microvm",
-            "supervisor": {"pid": sup, "start": proc.process_start_time(sup)},
-            "pids": pids,
-            "cgroup": {"name": self.sandbox_id, "parent": _config.cgroup_parent()}
-            if self.cg is not None
-            else None,
-            "paths": [str(self.vmdir)]
+        self._save_record(
+            "microvm", [self.proc.pid if self.proc else None],
+            cgroup={"name": self.sandbox_id, "parent": _config.cgroup_parent()}
+            if self.cg is not None else None,
+            paths=[str(self.vmdir)]
             + ([self.plan.network.host_dir] if self.plan.network.host_dir else []),
-            "created": time.time(),
-        }
-        self.record_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, self.record_path)
+        )  # fmt: skip
 
     # -- the reader thread ----------------------------------------------------------------
 
@@ -924,11 +891,7 @@ class MicrovmInstance(FileOps):
         while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
-                self.killed_by_deadline = True
-                self.on_event("anomaly", {"reason": "max runtime exceeded; VM killed",
-                                          "max_runtime_s": self.plan.limits.max_runtime_s},
-                              "deny", "resources.max_runtime_s")  # fmt: skip
-                return "max_runtime exceeded"
+                return self._expired("VM")
             try:
                 r, _, _ = select.select([sock], [], [], min(remaining, 3600))
             except (OSError, ValueError):
@@ -960,15 +923,6 @@ class MicrovmInstance(FileOps):
     def channel_forget(self, rid: int) -> None:
         if self.channel is not None and rid:
             self.channel.forget(rid)
-
-    def _closed_error(self) -> SandboxClosed:
-        if self.killed_by_deadline:
-            return SandboxClosed(
-                f"sandbox {self.sandbox_id} was killed at its max runtime "
-                f"({self.plan.limits.max_runtime_s:g}s)",
-                rule="resources.max_runtime_s",
-            )
-        return SandboxClosed(f"sandbox {self.sandbox_id} is no longer running ({self.dead_reason})")
 
     def _stats_from(self, msg: dict[str, Any]) -> None:
         for key in ("oom_kill", "pids_max_hits"):
@@ -1067,14 +1021,14 @@ class MicrovmInstance(FileOps):
                 elif op == "done":
                     code = int(msg["code"])
                     if code:
-                        raise _path_error(kind, path, code)
+                        raise path_error(kind, path, code)
                     return bytes(out)
                 elif op == "error":
                     wall = msg.get("wall")
                     if wall:
                         why = f"{msg.get('error', '')} (in the guest); {kind} {path} did not run"
                         raise WallError(f"{wall}: {why}", rule=str(wall))
-                    raise _path_error(kind, path, int(msg["errno"]))
+                    raise path_error(kind, path, int(msg["errno"]))
                 else:
                     self._anomaly(f"{kind} {path}: unexpected {op!r} frame")
                     raise SandboxError(f"{kind} {path}: malformed reply from the sandbox")
@@ -1260,11 +1214,7 @@ class MicrovmInstance(FileOps):
                 with contextlib.suppress(OSError, WallError):
                     self.cg.kill_all(timeout=5.0)
 
-    def destroy(self) -> Receipt:
-        if self._destroyed is not None:
-            return self._destroyed
-        removed: dict[str, Any] = {}
-        self.kill()
+    def _teardown(self, removed: dict[str, Any]) -> None:
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=10)
@@ -1294,11 +1244,6 @@ class MicrovmInstance(FileOps):
                                 "of the supervisor's) held, freed with them")
         if self._trace_calls:
             removed["file_audit"] = {"events": self.trace_events, "dropped": self.trace_dropped}
-        if self.record_path.exists():
-            self.record_path.unlink()
-            removed["state"] = str(self.record_path)
-        self._destroyed = Receipt(self.sandbox_id, removed, self._leftovers())
-        return self._destroyed
 
     def _leftovers(self) -> dict[str, list[str]]:
         left: dict[str, list[str]] = {"processes": [], "cgroups": [], "state": []}
@@ -1320,35 +1265,6 @@ def _text(value: str) -> str:
     except UnicodeEncodeError:  # lone surrogates
         cut = cut.encode("utf-8", "replace").decode()
     return cut
-
-
-def _exec_message(argv0: str, err: int, text: str) -> str:
-    if err == errno.EACCES:
-        return f"glassroom: {argv0}: exec denied by the policy (tools.allow)\n"
-    if err == errno.ENOENT:
-        return f"glassroom: {argv0}: command not found\n"
-    return f"glassroom: {argv0}: {text}\n"
-
-
-def _path_error(kind: str, path: str, err: int) -> SandboxError:
-    name = errno.errorcode.get(err, str(err))
-    whys = {
-        errno.EACCES: "outside the sandbox's view or not allowed by the policy",
-        errno.EPERM: "not allowed by the policy",
-        errno.ENOENT: "no such file in the sandbox",
-        errno.EROFS: "read-only in the sandbox",
-        errno.ENOTDIR: "a path component is not a directory",
-        errno.EXDEV: "crosses a mount the policy keeps apart",
-    }
-    if err in whys:
-        exc: SandboxError = SandboxPathError(
-            f"{kind} {path}: {whys[err]} ({name})",
-            rule="filesystem.write" if kind in ("write", "mkdir", "remove") else "filesystem.read",
-        )
-    else:
-        exc = SandboxError(f"{kind} {path}: {os.strerror(err) if 0 < err < 200 else err} ({name})")
-    exc.errno = err  # type: ignore[attr-defined]
-    return exc
 
 
 def _walls_digest(cfg: dict[str, Any], payload: bytes) -> str:
