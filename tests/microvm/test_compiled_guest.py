@@ -3,12 +3,11 @@ for ``guest/agent.py``.
 
 Which agent a VM boots is never silent: ``walls.init`` (and the
 ``sandbox.created`` record) names it, with the reason when it is the Python
-one.  Under ``auto`` the compiled agent runs every sandbox whose plan needs
-no file audit (the rest of the suite runs on it); a plan that does gets the
-Python agent, whose tracer follows each command.  ``GLASSROOM_INIT=compiled``
-with a file audit is refused before any VM starts (fail closed).  Each
-harmless request here works and its malicious twin is refused, on both
-agents, with the same result.
+one.  Under ``auto`` the compiled agent runs every sandbox when the image
+holds it (the rest of the suite runs on it), a file audit included: each
+request gets its own tracer (``tracer.c``; test_microvm_file_audit.py runs
+on both agents).  Each harmless request here works and its malicious twin
+is refused, on both agents, with the same result.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import created_details
+from conftest import created_details, records
 from glassroom import Sandbox, SandboxError, WallError
 from glassroom._config import state_dir
 from glassroom._sys import agent_build
@@ -90,25 +89,19 @@ def test_a_pty_and_a_signal_on_the_compiled_agent(monkeypatch: pytest.MonkeyPatc
         assert res is not None and res.signal == 9, res
 
 
-def test_compiled_with_a_file_audit_fails_closed(monkeypatch: pytest.MonkeyPatch,
-                                                 audit_log: Path) -> None:  # fmt: skip
-    """The compiled agent has no tracer: required with a file audit, no VM starts."""
+def test_auto_boots_the_compiled_agent_also_for_a_file_audit(audit_log: Path) -> None:
+    """It has a tracer too (tracer.c): auto boots it for every plan, and says so."""
     policy = {**POLICY, "audit": {"level": "files"}}
-    monkeypatch.setenv("GLASSROOM_INIT", "compiled")
-    with pytest.raises(WallError) as info:
-        Sandbox(policy, audit_log=audit_log)
-    assert info.value.rule == "init"
-    assert "GLASSROOM_INIT=compiled" in str(info.value) and "tracer" in str(info.value)
-    # the harmless twin: auto boots the Python agent for it, and says why
-    monkeypatch.setenv("GLASSROOM_INIT", "auto")
     with Sandbox(policy, audit_log=audit_log) as sb:
-        assert sb.walls["init"] == "python"
-        assert "tracer" in sb.walls["init_reason"]
-        assert sb.run(["echo", "ok"]).stdout == "ok\n"
-    # and without a file audit, auto is the compiled agent
-    with Sandbox(POLICY, audit_log=audit_log) as sb:
-        assert sb.walls["init"] == "compiled"
-        assert "init_reason" not in sb.walls
+        assert sb.walls["init"] == "compiled" and "init_reason" not in sb.walls
+        assert sb.walls["file_audit"]["level"] == "files"
+        assert sb.run(["cat", "/workspace/none"]).exit_code == 1
+        sid = sb.id
+    recs = [r for r in records(audit_log) if r["sandbox"] == sid]
+    miss = [r for r in recs if r["event"] == "file.open"
+            and r["details"].get("path") == "/workspace/none"]  # fmt: skip
+    assert miss and miss[0]["details"]["result"] == "ENOENT"
+    assert miss[0]["details"]["untrusted"] is True
 
 
 def test_an_unknown_choice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,7 @@
 """The microVM tier's file audit: every file access and exec in the guest, logged.
 
-In the guest a tracer (a fork of the agent running ``_sys/tracer.py``)
+In the guest a tracer (a fork of the agent: ``_sys/agent/tracer.c`` in the
+compiled agent, ``_sys/tracer.py`` in the Python one; both are tested here)
 follows each command and each Files-API operation; the agent forwards what
 it saw, and the host logs each report through the shared schema, marked as
 the guest's claim (``source: "guest agent (untrusted)"``, ``untrusted: true``).
@@ -39,10 +40,11 @@ def _has(flag: str) -> Any:
     return lambda f: isinstance(f, str) and flag in f.split("|")
 
 
-def test_files_api_and_syscalls_level(audit_log: Path) -> None:
+def test_files_api_and_syscalls_level(audit_log: Path, init: str) -> None:
     """Files-API operations are traced too; ``syscalls`` adds the metadata calls."""
     policy = parse_policy('[audit]\nlevel = "syscalls"\n')
     with Sandbox(policy, backend="microvm", audit_log=audit_log) as sb:
+        assert sb.walls["init"] == init and sb.walls["file_audit"]["level"] == "syscalls"
         sb.files.write("/workspace/api.txt", "data")
         assert sb.files.read("/workspace/api.txt") == b"data"
         with pytest.raises(Exception):  # noqa: B017 - any refusal; the log says which
@@ -78,10 +80,11 @@ if os.fork() == 0:
 """
 
 
-def test_escaped_descendant_is_followed_then_ended(audit_log: Path) -> None:
+def test_escaped_descendant_is_followed_then_ended(audit_log: Path, init: str) -> None:
     """A descendant that left the process group is still traced, and it does not
     keep the command (or its tracer) alive past a short grace."""
     with Sandbox(FILES, backend="microvm", audit_log=audit_log) as sb:
+        assert sb.walls["init"] == init
         t0 = time.monotonic()
         assert sb.run(["python3", "-c", DAEMON]).exit_code == 0
         took = time.monotonic() - t0
@@ -95,11 +98,12 @@ def test_escaped_descendant_is_followed_then_ended(audit_log: Path) -> None:
     assert late < ended
 
 
-def test_many_calls_and_a_huge_argv(audit_log: Path) -> None:
+def test_many_calls_and_a_huge_argv(audit_log: Path, init: str) -> None:
     """Thousands of reports travel in bounded frames; a huge argv is cut, not fatal."""
     n = 3000
     loop = f"import os\nfor i in range({n}):\n    try: os.open('/workspace/none-%d' % i, 0)\n    except OSError: pass\n"
     with Sandbox(FILES, backend="microvm", audit_log=audit_log) as sb:
+        assert sb.walls["init"] == init
         assert sb.run(["python3", "-c", loop]).exit_code == 0
         # The host's own exec frame is bounded, so the huge argv is built inside.
         # Control characters: six bytes each once JSON-escaped, the worst case.

@@ -79,9 +79,12 @@ class TraceWatch:
         python: str = sys.executable,
         on_fail: Callable[[str], None] | None = None,
         run_as: tuple[int, int] | None = None,
+        compiled: Path | None = None,
     ) -> None:
         """``program``/``python``: a copy of tracer.py and an interpreter that a
         non-root supervisor can read (the package may live under /root).
+        ``compiled``: the compiled init, whose ``--tracer`` mode is a drop-in
+        for tracer.py (``_sys/agent/tracer.c``); it is run instead.
         ``run_as``: (uid, gid) for the tracer.  As root, glassroom passes the
         sandbox's own host uid: it owns the sandbox's user namespaces, so it
         may trace them, and a tracer fed hostile memory holds nothing more
@@ -96,7 +99,8 @@ class TraceWatch:
         self._closing = False
         self._failed = False
         try:
-            self._proc = self._spawn(python, program, run_as)
+            argv = [str(compiled), "--tracer"] if compiled else [python, "-I", "-S", str(program)]
+            self._proc = self._spawn(argv, run_as)
         except OSError as exc:
             raise WallError(f"audit: level {level!r}: cannot start the tracer: {exc}",
                             rule="audit.level") from exc  # fmt: skip
@@ -107,10 +111,8 @@ class TraceWatch:
         self._cond = threading.Condition()
 
     @staticmethod
-    def _spawn(
-        python: str, program: Path, run_as: tuple[int, int] | None
-    ) -> subprocess.Popen[bytes]:
-        argv, as_ids = proc.as_user([python, "-I", "-S", str(program)], run_as)
+    def _spawn(command: list[str], run_as: tuple[int, int] | None) -> subprocess.Popen[bytes]:
+        argv, as_ids = proc.as_user(command, run_as)
         return subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             close_fds=True, env={}, **as_ids,

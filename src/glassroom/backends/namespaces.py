@@ -447,6 +447,7 @@ class NamespacesInstance(InstanceBase, FileOps):
             self._trace = tracewatch.TraceWatch(
                 self.plan.audit_level, self._trace_sink(), self.sandbox_id,
                 program=init_dir / "tracer.py", python=PYTHON_FOR_INIT,
+                compiled=init_bin,  # its --tracer mode with the compiled init
                 on_fail=self._audit_failed,
                 run_as=_config.sandbox_ids() if _config.is_root() else None,
             )  # fmt: skip
@@ -655,6 +656,7 @@ class NamespacesInstance(InstanceBase, FileOps):
         self.walls["file_audit"] = {
             "level": self.plan.audit_level,
             "how": "ptrace on seccomp RET_TRACE (observe only; EXITKILL)",
+            "tracer": self.walls["init"],
             "syscalls": names,
             "cpus": cpus,
         }

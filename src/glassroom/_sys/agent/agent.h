@@ -53,6 +53,10 @@ void b_free(buf *b);
  * surrogateescape: undecodable bytes become \udcXX (os.fsdecode); else U+FFFD
  * (bytes.decode(errors="replace")). */
 void json_str(buf *b, const char *s, size_t n, int surrogateescape);
+/* JSON string of bytes.decode("utf-8", "backslashreplace") (the tracer's one
+ * decoding of names), cut to `limit` characters of that text unless limit < 0. */
+void json_str_text(buf *b, const char *s, size_t n, long limit);
+size_t text_chars(const char *s, size_t n); /* the length of that text */
 /* Python's repr() of a str given as file-system bytes (surrogateescape). */
 void py_repr(buf *b, const char *s, size_t n);
 /* Python's repr() of a marshal value (for "unknown op ..."). */
@@ -100,8 +104,33 @@ int fd_write_all(int fd, const char *p, size_t n);
 /* ---- stream.c: the gVisor tier's init (fd 0/1 framed, as _sys/init_stream.py) ---- */
 int stream_main(void);
 
+/* ---- tracer.c: the file audit's tracer (as _sys/tracer.py), selected by --tracer ---- */
+int tracer_main(void);
+/* In a fork of the guest agent (fds: only out and ctl): follow target's tree,
+ * one JSON line per call to out; EOF on ctl kills every tracee left.  The
+ * exit status for the agent. */
+int tracer_guest(pid_t target, const value *names, int out, int ctl);
+
 /* ---- guest.c: the microVM tier's guest agent, pid 1 (as guest/agent.py) ---- */
 int guest_main(void);
+/* One frame to the host: the JSON header head + more, no payload. */
+void guest_frame(const char *head, size_t hn, const char *more, size_t mn);
+
+/* ---- guest_trace.c: the guest's file audit, one tracer per request ---- */
+typedef struct gtrace gtrace;
+int gtrace_config(const char *bpf, size_t n, const value *names); /* the audit is on */
+int gtrace_install(oserr *e); /* in a child, after its other walls: the trace filter */
+int gate_open(int g[2]);      /* (-1, -1) without an audit */
+void gate_wait(int g[2]);     /* in the child: until the tracer holds it, or _exit(125) */
+/* The parent's side: fork the tracer, wait until it seized pid, open the gate.
+ * 0 (*out: the tracer, or NULL untraced) or -1 with why. */
+int gtrace_start(pid_t pid, int g[2], gtrace **out, char *why, size_t cap);
+int gtrace_fd(const gtrace *t);
+int gtrace_read(int64_t rid, gtrace *t);      /* forward what it wrote; 1: it ended (freed) */
+int gtrace_nudge(gtrace *t, long since_ms);   /* after the exit; 1: give up waiting */
+void gtrace_end(int64_t rid, gtrace *t);      /* reap it, say if it ended badly; frees */
+void gtrace_drain(int64_t rid, gtrace *t);    /* until it ends (bounded); frees */
+int gtrace_reaped(pid_t pid, int status);     /* reap(): 1 if pid was a tracer */
 
 /* ---- jsonin.c: JSON text to values (the microVM host's frames; trusted, bounded) ---- */
 /* A JSON float becomes V_OTHER with s = its text.  Strings: \udc80..\udcff

@@ -8,10 +8,9 @@
  * the same watch of direct network attempts, the proxy bridge and the
  * checkpoint handshake (quiesce/resume, with a reseed of the kernel's RNG).
  *
- * What it does not do: the file audit's tracer.  A config asking for an audit
- * level other than "actions" is refused (fatal, wall audit.level); the host
- * starts the Python agent for those sandboxes and records which one ran
- * (walls.init).  It never runs a command it cannot trace.
+ * The file audit (an audit level other than "actions"): each request gets
+ * its own tracer, a fork of this agent running tracer.c (guest_trace.c).  It
+ * never runs a command it cannot trace.
  *
  * Why C: the Python agent's interpreter start and imports are most of a
  * microVM's cold boot under TCG, and the image needs no python3 for it.
@@ -91,6 +90,7 @@ typedef struct proc {
     int stdin_eof;        /* close stdin_w once pending is written */
     int exited, status;
     struct timespec exited_at;
+    gtrace *tr; /* its tracer (the file audit), until it has ended */
 } proc;
 
 typedef struct wreq {
@@ -219,6 +219,14 @@ static void send_head(buf *b, const void *payload, size_t n) {
     b_free(b);
 }
 
+void guest_frame(const char *head, size_t hn, const char *more, size_t mn) {
+    buf b = {0};
+    head_start(&b);
+    b_put(&b, head, hn);
+    b_put(&b, more, mn);
+    send_head(&b, NULL, 0);
+}
+
 static void send_simple(const char *json) {
     buf b = {0};
     head_start(&b);
@@ -243,6 +251,16 @@ static void send_error(int64_t rid, long err, const char *text) {
     b_printf(&b, "{\"op\":\"error\",\"id\":%lld,\"errno\":%ld,\"error\":", (long long)rid, err);
     json_str(&b, text, strlen(text) > 200 ? 200 : strlen(text), 1);
     b_puts(&b, "}");
+    send_head(&b, NULL, 0);
+}
+
+/* A request that did not run: its tracer could not attach (no tracer, no run). */
+static void send_untraced(int64_t rid, const char *why) {
+    buf b = {0};
+    head_start(&b);
+    b_printf(&b, "{\"op\":\"error\",\"id\":%lld,\"errno\":%d,\"error\":", (long long)rid, EPERM);
+    json_str(&b, why, strlen(why) > 200 ? 200 : strlen(why), 1);
+    b_puts(&b, ",\"wall\":\"audit.level\"}");
     send_head(&b, NULL, 0);
 }
 
@@ -644,10 +662,14 @@ static void configure(value *m, const unsigned char *payload, size_t plen) {
     }
     const value *audit = dict_get(m, "audit");
     const char *level = audit && audit->kind == V_DICT ? v_str(dict_get(audit, "level")) : NULL;
-    if (level && strcmp(level, "actions")) {
-        send_fatal("audit.level", "the compiled guest agent has no tracer (the host starts the "
-                                  "Python agent for a file audit)");
-        return;
+    if (!level) level = "actions";
+    if (strcmp(level, "actions")) {
+        const value *names = dict_get(audit, "syscalls");
+        if (!t || !names || names->kind != V_DICT || !names->len ||
+            gtrace_config((const char *)payload + plen - t, (size_t)t, names)) {
+            send_fatal("audit.level", "the guest cannot trace (no tracer or no filter)");
+            return;
+        }
     }
     const value *rf = dict_get(m, "refuse");
     for (size_t i = 0; rf && rf->kind == V_DICT && i < rf->len && nrefuse < MAX_REFUSE; i++) {
@@ -680,7 +702,9 @@ static void configure(value *m, const unsigned char *payload, size_t plen) {
     head_start(&b);
     b_printf(&b, "{\"op\":\"configured\",\"landlock_abi\":%ld,\"kernel\":", landlock_abi());
     json_str(&b, u.release, strlen(u.release), 1);
-    b_puts(&b, ",\"audit\":\"actions\"}");
+    b_puts(&b, ",\"audit\":");
+    json_str(&b, level, strlen(level), 1);
+    b_puts(&b, "}");
     send_head(&b, NULL, 0);
 }
 
@@ -723,7 +747,7 @@ static int enter_walls(int tty, oserr *e) {
         return -1;
     }
     if (bpf_main.len && seccomp_install(&bpf_main, 0, e) < 0) return -1;
-    return 0;
+    return gtrace_install(e);
 }
 
 /* ---- commands ---------------------------------------------------------------- */
@@ -826,11 +850,15 @@ static void watch_one(void);
  * agent can answer it).  A child that is stopped (SIGSTOP or SIGTSTP from the
  * task, whose uid it has; Landlock's signal scope, ABI 6, forbids that, older
  * kernels do not) is killed: 1, else 0. */
-static int wait_child(int fd, pid_t pid) {
+static int wait_child(int fd, pid_t pid, int64_t rid, gtrace **tr) {
     for (;;) {
-        struct pollfd pf[2] = {{fd, POLLIN, 0}, {watch, POLLIN, 0}};
-        int r = poll(pf, watch >= 0 ? 2 : 1, CHILD_POLL_MS);
+        /* A traced child's reports are forwarded meanwhile: a full pipe would
+         * stop its tracer, and so the child. */
+        int tfd = tr && *tr ? gtrace_fd(*tr) : -1;
+        struct pollfd pf[3] = {{fd, POLLIN, 0}, {watch, POLLIN, 0}, {tfd, POLLIN, 0}};
+        int r = poll(pf, 3, CHILD_POLL_MS);
         if (r < 0 && errno != EINTR) return 0;
+        if (r > 0 && tfd >= 0 && pf[2].revents && gtrace_read(rid, *tr)) *tr = NULL;
         if (r > 0 && pf[0].revents) return 0;
         if (r > 0 && watch >= 0 && pf[1].revents) watch_one();
         siginfo_t si;
@@ -899,8 +927,18 @@ static void exec_op(value *m, int64_t rid) {
         send_error(rid, err, strerror(err));
         return;
     }
+    int gate[2];
+    if (gate_open(gate)) {
+        int err = errno;
+        int fds[8] = {in_r, in_w, out_r, out_w, err_r, err_w, st[0], st[1]};
+        for (int i = 0; i < 8; i++)
+            if (fds[i] >= 0) close(fds[i]);
+        send_error(rid, err, strerror(err));
+        return;
+    }
     pid_t pid = fork();
     if (pid == 0) {
+        gate_wait(gate); /* the file audit: until the tracer holds it */
         if (slave < 0 && (dup2(in_r, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0))
             _exit(127);
         /* nothing of the agent's: only 0/1/2, the status pipe and the pty's slave */
@@ -917,14 +955,27 @@ static void exec_op(value *m, int64_t rid) {
         close(out_r);
         close(err_r);
         close(st[0]);
+        if (gate[0] >= 0) close(gate[0]), close(gate[1]);
         send_error(rid, err, strerror(err));
+        return;
+    }
+    gtrace *tr = NULL;
+    char why[512];
+    if (gtrace_start(pid, gate, &tr, why, sizeof why)) {
+        close(in_w);
+        close(out_r);
+        close(err_r);
+        close(st[0]);
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) { /* it died at the closed gate */
+        }
+        send_untraced(rid, why);
         return;
     }
     char rep[4400];
     size_t rn = 0;
     int stopped = 0;
     for (;;) {
-        stopped |= wait_child(st[0], pid);
+        stopped |= wait_child(st[0], pid, rid, &tr);
         ssize_t r = read(st[0], rep + rn, sizeof rep - 1 - rn);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) break;
@@ -939,6 +990,7 @@ static void exec_op(value *m, int64_t rid) {
         close(in_w);
         close(out_r);
         close(err_r);
+        if (tr) gtrace_drain(rid, tr); /* its reports (the failed execve) come first */
         int status;
         while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
         }
@@ -956,6 +1008,7 @@ static void exec_op(value *m, int64_t rid) {
     if (!p) _exit(1);
     p->rid = rid;
     p->pid = pid;
+    p->tr = tr;
     p->stdin_w = in_w;
     fcntl(in_w, F_SETFL, fcntl(in_w, F_GETFL) | O_NONBLOCK);
     fcntl(out_r, F_SETFL, fcntl(out_r, F_GETFL) | O_NONBLOCK);
@@ -1027,6 +1080,7 @@ static void reap(void) {
         int status;
         pid_t pid = waitpid(-1, &status, WNOHANG);
         if (pid <= 0) return;
+        if (gtrace_reaped(pid, status)) continue;
         for (int i = 0; i < MAX_PROCS; i++) {
             proc *p = procs[i];
             if (p && p->pid == pid && !p->exited) {
@@ -1148,31 +1202,50 @@ static void file_op(int64_t rid, const char *kind, const char *path, int64_t max
         send_done(rid, EAGAIN);
         return;
     }
-    int pfd[2];
+    int pfd[2], gate[2];
     if (pipe2(pfd, O_CLOEXEC)) {
+        send_done(rid, errno);
+        return;
+    }
+    if (gate_open(gate)) {
+        close(pfd[0]);
+        close(pfd[1]);
         send_done(rid, errno);
         return;
     }
     pid_t pid = fork();
     if (pid == 0) {
+        gate_wait(gate); /* the file audit: until the tracer holds it */
         keep_only(pfd[1], -1);
         _exit(file_child(kind, path, max, mode, data, dlen, pfd[1]) & 0xFF);
     }
     close(pfd[1]);
     if (pid < 0) {
+        int err = errno;
         close(pfd[0]);
-        send_done(rid, errno);
+        if (gate[0] >= 0) close(gate[0]), close(gate[1]);
+        send_done(rid, err);
+        return;
+    }
+    gtrace *tr = NULL;
+    char why[512];
+    if (gtrace_start(pid, gate, &tr, why, sizeof why)) {
+        close(pfd[0]);
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) { /* it died at the closed gate */
+        }
+        send_untraced(rid, why);
         return;
     }
     static char chunk[CHUNK];
     for (;;) {
-        wait_child(pfd[0], pid);
+        wait_child(pfd[0], pid, rid, &tr);
         ssize_t r = read(pfd[0], chunk, sizeof chunk);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) break;
         send_out(rid, NULL, chunk, (size_t)r);
     }
     close(pfd[0]);
+    if (tr) gtrace_drain(rid, tr);
     int status = 0;
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
     }
@@ -1522,9 +1595,9 @@ static void on_sigchld(int sig) {
 }
 
 static void loop(void) {
-    static struct pollfd pfd[3 + 3 * MAX_PROCS];
-    static proc *who[3 + 3 * MAX_PROCS];
-    static int what[3 + 3 * MAX_PROCS];
+    static struct pollfd pfd[3 + 4 * MAX_PROCS];
+    static proc *who[3 + 4 * MAX_PROCS];
+    static int what[3 + 4 * MAX_PROCS];
     for (;;) {
         nfds_t n = 0;
         int pending = 0;
@@ -1545,6 +1618,10 @@ static void loop(void) {
                 who[n] = p, what[n] = 2;
                 pfd[n++] = (struct pollfd){p->stdin_w, POLLOUT, 0};
             }
+            if (p->tr) {
+                who[n] = p, what[n] = 3;
+                pfd[n++] = (struct pollfd){gtrace_fd(p->tr), POLLIN, 0};
+            }
         }
         if (quiesced) n = 1; /* only the host's resume until then */
         int r = poll(pfd, n, quiesced ? 1000 : pending ? EXIT_GRACE_MS / 2 : -1);
@@ -1564,15 +1641,23 @@ static void loop(void) {
                 for (int j = 0; j < MAX_PROCS; j++) live |= procs[j] == p;
                 if (!live) continue;
                 if (what[i] == 2) feed(p);
-                else if (p->fd[what[i]] == pfd[i].fd) pump(p, what[i]);
+                else if (what[i] == 3) {
+                    if (p->tr && gtrace_fd(p->tr) == pfd[i].fd && gtrace_read(p->rid, p->tr))
+                        p->tr = NULL;
+                } else if (p->fd[what[i]] == pfd[i].fd) pump(p, what[i]);
             }
             if (pfd[0].revents) read_port();
         }
         if (quiesced) continue;
         for (int i = 0; i < MAX_PROCS; i++) {
             proc *p = procs[i];
-            if (p && p->exited &&
-                ((p->fd[0] < 0 && p->fd[1] < 0) || ms_since(&p->exited_at) > EXIT_GRACE_MS))
+            if (!p || !p->exited) continue;
+            if (p->tr) { /* its calls are all reported before its exit is */
+                if (!gtrace_nudge(p->tr, ms_since(&p->exited_at))) continue;
+                gtrace_end(p->rid, p->tr);
+                p->tr = NULL;
+            }
+            if ((p->fd[0] < 0 && p->fd[1] < 0) || ms_since(&p->exited_at) > EXIT_GRACE_MS)
                 finish(i);
         }
     }

@@ -86,6 +86,26 @@ static void u_escape(buf *b, uint32_t cp) {
     }
 }
 
+/* One code point of a str, as encode_basestring_ascii writes it. */
+static void json_cp(buf *b, uint32_t cp) {
+    switch (cp) {
+    case '"': b_puts(b, "\\\""); break;
+    case '\\': b_puts(b, "\\\\"); break;
+    case '\n': b_puts(b, "\\n"); break;
+    case '\r': b_puts(b, "\\r"); break;
+    case '\t': b_puts(b, "\\t"); break;
+    case '\b': b_puts(b, "\\b"); break;
+    case '\f': b_puts(b, "\\f"); break;
+    default:
+        if (cp >= 0x20 && cp <= 0x7E) {
+            char c = (char)cp;
+            b_put(b, &c, 1);
+        } else {
+            u_escape(b, cp);
+        }
+    }
+}
+
 void json_str(buf *b, const char *str, size_t n, int surrogateescape) {
     const unsigned char *s = (const unsigned char *)str;
     b_put(b, "\"", 1);
@@ -101,22 +121,46 @@ void json_str(buf *b, const char *str, size_t n, int surrogateescape) {
             continue;
         }
         i += (size_t)k;
-        switch (cp) {
-        case '"': b_puts(b, "\\\""); break;
-        case '\\': b_puts(b, "\\\\"); break;
-        case '\n': b_puts(b, "\\n"); break;
-        case '\r': b_puts(b, "\\r"); break;
-        case '\t': b_puts(b, "\\t"); break;
-        case '\b': b_puts(b, "\\b"); break;
-        case '\f': b_puts(b, "\\f"); break;
-        default:
-            if (cp >= 0x20 && cp <= 0x7E) {
-                char c = (char)cp;
-                b_put(b, &c, 1);
-            } else {
-                u_escape(b, cp);
-            }
+        json_cp(b, cp);
+    }
+    b_put(b, "\"", 1);
+}
+
+size_t text_chars(const char *str, size_t n) {
+    const unsigned char *s = (const unsigned char *)str;
+    size_t chars = 0;
+    for (size_t i = 0; i < n; chars++) {
+        uint32_t cp;
+        int k = utf8_next(s + i, n - i, &cp);
+        if (k < 0) {
+            chars += 3; /* \xNN */
+            i++;
+        } else {
+            i += (size_t)k;
         }
+    }
+    return chars;
+}
+
+void json_str_text(buf *b, const char *str, size_t n, long limit) {
+    const unsigned char *s = (const unsigned char *)str;
+    long chars = 0;
+    b_put(b, "\"", 1);
+    for (size_t i = 0; i < n && (limit < 0 || chars < limit);) {
+        uint32_t cp;
+        int k = utf8_next(s + i, n - i, &cp);
+        if (k < 0) { /* each undecodable byte is the 4 characters \xNN */
+            char hex[5];
+            snprintf(hex, sizeof hex, "x%02x", s[i]);
+            json_cp(b, '\\');
+            chars++;
+            for (int j = 0; j < 3 && (limit < 0 || chars < limit); j++, chars++) json_cp(b, (uint32_t)hex[j]);
+            i++;
+            continue;
+        }
+        i += (size_t)k;
+        json_cp(b, cp);
+        chars++;
     }
     b_put(b, "\"", 1);
 }

@@ -448,6 +448,7 @@ static void loop(void) {
 
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--stream") == 0) return stream_main(); /* gVisor (stream.c) */
+    if (argc > 1 && strcmp(argv[1], "--tracer") == 0) return tracer_main(); /* file audit (tracer.c) */
     /* microVM (guest.c): pid 1 of the guest, started by the kernel as /.glassroom/guest-agent */
     const char *base = argc > 0 ? strrchr(argv[0], '/') : NULL;
     if ((argc > 1 && strcmp(argv[1], "--guest") == 0) ||

@@ -112,27 +112,20 @@ QUIESCE_TIMEOUT_S = 30.0
 AGENT_CHOICES = ("auto", "compiled", "python")
 
 
-def choose_agent(img: _image.Image, audit_level: str) -> tuple[str, str]:
+def choose_agent(img: _image.Image) -> tuple[str, str]:
     """Which guest agent a VM boots, and why: ``GLASSROOM_INIT``, as on the other tiers.
 
     ``auto`` (the default): the compiled agent (``_sys/agent``, ``--guest``)
-    when the image holds it and the plan needs no file audit, else the Python
-    agent (``guest/agent.py``), whose tracer follows each command; the reason
-    is recorded in the sandbox's walls.  ``compiled``: that agent or a
-    WallError (fail closed: a file audit it cannot give is refused, never
-    silently given by the other).  ``python``: the Python agent."""
+    when the image holds it, else the Python agent (``guest/agent.py``); the
+    reason is recorded in the sandbox's walls.  Both give the file audit (a
+    tracer per request).  ``compiled``: that agent or a WallError (fail
+    closed: never silently the other).  ``python``: the Python agent."""
     want = os.environ.get("GLASSROOM_INIT", "auto").strip().lower() or "auto"
     if want not in AGENT_CHOICES:
         raise WallError(f"init: GLASSROOM_INIT={want!r} is not one of {', '.join(AGENT_CHOICES)}",
                         rule="init")  # fmt: skip
     if want == "python":
         return "python", "GLASSROOM_INIT=python"
-    if audit_level != "actions":
-        if want == "compiled":
-            raise WallError(
-                f"init: GLASSROOM_INIT=compiled, but [audit] level {audit_level!r} needs the "
-                "guest's tracer, which only the Python guest agent has", rule="init")  # fmt: skip
-        return "python", f"[audit] level {audit_level!r}: the tracer runs in the Python agent"
     if not img.compiled:
         if want == "compiled":
             raise WallError(
@@ -375,7 +368,7 @@ class MicrovmInstance(InstanceBase, FileOps):
             agent = str((restore[1].details.get("shape") or {}).get("agent", "python"))
             why = "restored"
         else:
-            agent, why = choose_agent(img, self.plan.audit_level)
+            agent, why = choose_agent(img)
         img = dataclasses.replace(img, agent=agent)
         self.walls["init"] = agent
         if why:

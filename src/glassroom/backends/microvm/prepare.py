@@ -45,7 +45,7 @@ def prepare(snapshot: bool = True) -> dict[str, Any]:
         plan = compile_policy(validate_policy({"risk": "high"}), "microvm")
         lim = plan.limits
         # the agent the default policy boots (the compiled one when it is built)
-        img = dataclasses.replace(img, agent=choose_agent(img, plan.audit_level)[0])
+        img = dataclasses.replace(img, agent=choose_agent(img)[0])
         out["agent"] = img.agent
         ram, vcpus = qemu.vm_size(lim.memory_bytes, lim.disk_bytes, lim.cpus)
         path = qemu.ensure_snapshot(img, accel, ram, vcpus, _config.state_dir() / "microvm",
