@@ -55,6 +55,8 @@ try: os.close(os.open("d/tmp", os.O_TMPFILE | os.O_WRONLY, 0o600))
 except OSError: pass
 libc.syscall(257, -100, ctypes.c_void_p(1), 0)  # openat(AT_FDCWD, a bad pointer)
 libc.syscall(257, -100, ctypes.c_void_p(0), 0)  # and NULL
+libc.syscall(93, -100, 0, 0)  # fchown(AT_FDCWD): an fd argument, EBADF, never "the cwd"
+libc.syscall(91, -100, 0o600)  # fchmod(AT_FDCWD)
 buf = ctypes.create_string_buffer(b"d/c.txt")
 libc.syscall(87, buf)  # unlink, a buffer nobody rewrites
 os.unlink("d/hard"); os.unlink("d/link"); os.rmdir("d") if False else None
@@ -64,6 +66,7 @@ os.mkdir("d/" + "x" * 200)
 os.chdir("d"); os.open("a.txt", os.O_RDONLY); os.chdir("..")
 r = subprocess.run(["/bin/sh", "-c", "exec /bin/true one 'two words' $0", "caf\u00e9"], close_fds=True)
 subprocess.run([b"/bin/true", b"\xff\xfe"], close_fds=True)
+subprocess.run([b"/bin/true", b"\xfe" * 1100, b"y" * 1100], close_fds=True)  # past MAX_ARG
 try: subprocess.run(["/no/such/tool", "x"])
 except OSError: pass
 """
@@ -152,6 +155,10 @@ def test_what_the_records_show(both: dict[str, list[dict[str, Any]]]) -> None:
     assert any(r.get("argv") == ["/bin/true", "\\xff\\xfe"] for r in execs)
     assert all("ppid" in r and "parent" in r for r in execs)
     assert [r["result"] for r in recs if r.get("path") == "/no/such/tool"] == ["ENOENT"]
+    fd_calls = [r for r in recs if r["syscall"] in ("fchown", "fchmod") and r["result"] == "EBADF"]
+    assert [r["path"] for r in fd_calls] == ["<fd/4294967196>"] * 2, fd_calls
+    long = [r for r in execs if len(r.get("argv", [])) == 3 and r["argv"][2] == "y" * 1024]
+    assert long and long[0]["argv"][1] == "\\xfe" * 256 and "argv_arg" not in long[0], long
 
 
 def _tracer_says(argv: list[str], first: bytes) -> tuple[int, list[Any]]:

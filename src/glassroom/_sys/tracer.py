@@ -271,11 +271,14 @@ class Tracer:
             p = int.from_bytes(ptrs[i : i + 8], "little")
             if not p:
                 break
-            out.append(self._string(pid, p, MAX_ARG) or "")
+            # cut to MAX_ARG characters of its text, as _exec_truth cuts /proc's
+            out.append((self._string(pid, p, MAX_ARG) or "")[:MAX_ARG])
         return out
 
-    def _base(self, pid: int, dirfd: int) -> str:
-        link = "cwd" if dirfd & 0xFFFFFFFF == _AT_FDCWD else f"fd/{dirfd & 0xFFFFFFFF}"
+    def _base(self, pid: int, dirfd: int, is_fd: bool = False) -> str:
+        """``is_fd``: an fd argument (fchmod...), where AT_FDCWD is only EBADF."""
+        at_cwd = dirfd & 0xFFFFFFFF == _AT_FDCWD and not is_fd
+        link = "cwd" if at_cwd else f"fd/{dirfd & 0xFFFFFFFF}"
         try:
             return _readlink(f"/proc/{pid}/{link}")
         except OSError:
@@ -321,7 +324,7 @@ class Tracer:
                 ev[role] = text or ""
                 addrs.append((role, a, ev[role]))
             elif role == "fd":  # the file the fd names: already absolute (or <fd/N>)
-                ev["path"] = self._base(pid, a)
+                ev["path"] = self._base(pid, a, is_fd=True)
                 from_fd = True
             elif role == "rflags":
                 names = [n for bit, n in _RENAME_FLAGS if a & bit]
@@ -501,6 +504,10 @@ class Tracer:
                         lost["result"] = "unknown (thread group exec)"
                         self.emit(lost)
                     self.pending[pid] = self.pending.pop(former)
+                if former != pid:  # its id is gone without an exit, and may be reused
+                    self.known.discard(former)
+                    self.parent.pop(former, None)
+                    self.nspid.pop(former, None)
             self.nspid.pop(pid, None)
             ev = self.pending.get(pid)
             if ev is not None:
@@ -590,6 +597,7 @@ def main() -> None:
                         out.flush()
                 except OSError:
                     break
+        write_lock.acquire()  # no report is cut in half by the exit
         os._exit(3)
 
     threading.Thread(target=watch_stdin, daemon=True).start()

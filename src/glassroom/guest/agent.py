@@ -116,6 +116,7 @@ TRACE_FRAME_EVENTS = 512
 #: Per event: paths are cut like the host cuts them; argv gets a byte budget.
 TRACE_PATH_CHARS = 1024
 TRACE_ARGV_BYTES = 12 * 1024
+TRACE_ARGV_ARG_BYTES = 4 * 1024
 TRACE_LINE_BYTES = 32 * 1024
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -1270,15 +1271,20 @@ class Agent:
 
 
 def _trace_line(ev: "dict[str, Any]") -> bytes:
-    """One report as a JSON line, small enough for a frame (the host cuts further)."""
-    for key in ("path", "path2"):
+    """One report as a JSON line, small enough for a frame (the host cuts further).
+
+    Every name is cut (not only ``path``: an ``exe`` or an ``argv_arg`` that
+    the task made huge must not push the report past TRACE_LINE_BYTES, where
+    ``_trace_shrink`` would keep only the syscall and the path)."""
+    for key in ("path", "path2", "exe", "parent", "path_arg", "path_at_exit", "path2_at_exit"):
         v = ev.get(key)
         if isinstance(v, str) and len(v) > TRACE_PATH_CHARS:
             ev[key] = v[:TRACE_PATH_CHARS] + "…"
-    argv = ev.get("argv")
-    if argv:
+    for key, budget in (("argv", TRACE_ARGV_BYTES), ("argv_arg", TRACE_ARGV_ARG_BYTES)):
+        argv = ev.get(key)
+        if not argv:
+            continue
         kept: list[str] = []
-        budget = TRACE_ARGV_BYTES
         for a in argv:
             a = a[:TRACE_PATH_CHARS]
             budget -= len(json.dumps(a, ensure_ascii=False).encode()) + 1  # as sent
@@ -1286,7 +1292,7 @@ def _trace_line(ev: "dict[str, Any]") -> bytes:
                 kept.append(f"…({len(argv) - len(kept)} more arguments)")
                 break
             kept.append(a)
-        ev["argv"] = kept
+        ev[key] = kept
     return json.dumps(ev, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 

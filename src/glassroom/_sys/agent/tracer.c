@@ -75,9 +75,6 @@ typedef struct ev {
     int verify;   /* not an exec: the path is checked again at exit */
     buf *argv;    /* an exec's argv as read from memory: each item's JSON */
     size_t nargv;
-    buf praw[2];  /* the bytes of "path" and "path2" as logged (a guest cuts them) */
-    buf *araw;    /* the bytes of each item of "argv" as logged */
-    size_t naraw;
     buf path_raw; /* the bytes of "path" as logged (for the open's check) */
 } ev;
 
@@ -111,25 +108,6 @@ static void ev_path(ev *e, const char *s, size_t n) {
     ev_str(e, "path", s, n);
     e->path_raw.len = 0;
     b_put(&e->path_raw, s, n);
-    e->praw[0].len = 0;
-    b_put(&e->praw[0], s, n);
-}
-
-static void ev_path2(ev *e, const char *s, size_t n) {
-    ev_str(e, "path2", s, n);
-    e->praw[1].len = 0;
-    b_put(&e->praw[1], s, n);
-}
-
-/* The argv items as logged, raw (replacing what was kept). */
-static void keep_argv(ev *e, const char **items, const size_t *lens, size_t n) {
-    for (size_t i = 0; i < e->naraw; i++) b_free(&e->araw[i]);
-    free(e->araw);
-    e->naraw = 0;
-    e->araw = n ? calloc(n, sizeof *e->araw) : NULL;
-    if (!e->araw) return;
-    for (size_t i = 0; i < n; i++) b_put(&e->araw[i], items[i], lens[i]);
-    e->naraw = n;
 }
 
 static void ev_lit(ev *e, const char *key, const char *json) {
@@ -141,10 +119,6 @@ static void ev_free(ev *e) {
     if (!e) return;
     for (int i = 0; i < e->n; i++) b_free(&e->f[i].val);
     b_free(&e->path_raw);
-    b_free(&e->praw[0]);
-    b_free(&e->praw[1]);
-    for (size_t i = 0; i < e->naraw; i++) b_free(&e->araw[i]);
-    free(e->araw);
     for (size_t i = 0; i < e->nargv; i++) b_free(&e->argv[i]);
     free(e->argv);
     for (int i = 0; i < e->naddrs; i++) {
@@ -267,6 +241,7 @@ static void *watch_stdin(void *arg) {
         }
         if (have == sizeof line - 1) have = 0; /* a line too long to be a sync: dropped */
     }
+    pthread_mutex_lock(&write_lock); /* no report is cut in half by the exit */
     _exit(3);
     return NULL;
 }
@@ -364,11 +339,12 @@ static ssize_t readlink_at(const char *path, char *out, size_t cap) {
     return n >= (ssize_t)cap ? (ssize_t)cap : n;
 }
 
-/* /proc/PID/cwd or /proc/PID/fd/N, as text; "<cwd>" or "<fd/N>" when unreadable. */
-static size_t base_of(pid_t pid, unsigned long dirfd, char *out, size_t cap) {
+/* /proc/PID/cwd or /proc/PID/fd/N, as text; "<cwd>" or "<fd/N>" when unreadable.
+ * is_fd: an fd argument (fchmod...), where AT_FDCWD means nothing but EBADF. */
+static size_t base_of(pid_t pid, unsigned long dirfd, int is_fd, char *out, size_t cap) {
     char link[32], path[64];
     unsigned fd = (unsigned)(dirfd & 0xFFFFFFFFu);
-    if (fd == AT_FDCWD_U32) snprintf(link, sizeof link, "cwd");
+    if (fd == AT_FDCWD_U32 && !is_fd) snprintf(link, sizeof link, "cwd");
     else snprintf(link, sizeof link, "fd/%u", fd);
     snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, link);
     ssize_t n = readlink_at(path, out, cap);
@@ -476,19 +452,10 @@ static void argv_of(ev *e, pid_t pid, unsigned long addr) {
         if (!p) break;
         ssize_t len = mem_string(pid, p, arg, MAX_ARG);
         buf *item = &e->argv[e->nargv++];
-        json_str_text(item, arg, len < 0 ? 0 : (size_t)len, -1);
+        /* cut to MAX_ARG characters of its text, as exec_truth cuts /proc's */
+        json_str_text(item, arg, len < 0 ? 0 : (size_t)len, MAX_ARG);
         if (i) b_put(b, ",", 1);
         b_put(b, item->p, item->len);
-        if (guest) {
-            const char *one = arg;
-            size_t l = len < 0 ? 0 : (size_t)len;
-            buf *more = realloc(e->araw, (e->naraw + 1) * sizeof *more);
-            if (more) {
-                e->araw = more;
-                e->araw[e->naraw] = (buf){0};
-                b_put(&e->araw[e->naraw++], one, l);
-            }
-        }
     }
     b_put(b, "]", 1);
 }
@@ -560,7 +527,7 @@ static ev *entry(pid_t pid, unsigned long nr, const unsigned long *args) {
             }
             size_t got = len < 0 ? 0 : (size_t)len;
             if (roles[i] == 'p') ev_path(e, text, got);
-            else ev_path2(e, text, got);
+            else ev_str(e, role, text, got);
             if (e->naddrs < 2) {
                 addr_t *ad = &e->addrs[e->naddrs++];
                 ad->role = role;
@@ -572,7 +539,7 @@ static ev *entry(pid_t pid, unsigned long nr, const unsigned long *args) {
             break;
         }
         case 'F': { /* the file the fd names: already absolute (or <fd/N>) */
-            size_t len = base_of(pid, a, text, T_MAX_PATH);
+            size_t len = base_of(pid, a, 1, text, T_MAX_PATH);
             ev_path(e, text, len);
             from_fd = 1;
             break;
@@ -629,7 +596,7 @@ static ev *entry(pid_t pid, unsigned long nr, const unsigned long *args) {
         if (ad->unreadable || (ad->raw.len && ad->raw.p[0] == '/')) continue;
         if (path2 && !strncmp(name, "symlink", 7)) continue;
         if (!path2 && from_fd) continue;
-        size_t blen = base_of(pid, path2 ? dirfd2 : dirfd, text, T_MAX_PATH);
+        size_t blen = base_of(pid, path2 ? dirfd2 : dirfd, 0, text, T_MAX_PATH);
         buf joined = {0};
         b_put(&joined, text, blen);
         if (ad->raw.len) {
@@ -637,7 +604,7 @@ static ev *entry(pid_t pid, unsigned long nr, const unsigned long *args) {
             b_put(&joined, "/", 1);
             b_put(&joined, ad->raw.p, ad->raw.len);
         }
-        if (path2) ev_path2(e, joined.p ? joined.p : "", joined.len);
+        if (path2) ev_str(e, "path2", joined.p ? joined.p : "", joined.len);
         else ev_path(e, joined.p ? joined.p : "", joined.len);
         b_free(&joined);
     }
@@ -698,8 +665,6 @@ static void exec_truth(pid_t pid, ev *e) {
      * MAX_ARG characters of its text. */
     buf list = {0}, item = {0};
     size_t count = 0;
-    static const char *items[MAX_ARG * 8];
-    static size_t lens[MAX_ARG * 8];
     int differs = 0; /* argv != ev.get("argv", [])[: len(argv)] */
     b_put(&list, "[", 1);
     for (size_t a = 0; a < got;) {
@@ -712,8 +677,6 @@ static void exec_truth(pid_t pid, ev *e) {
         if (count >= e->nargv || e->argv[count].len != item.len ||
             memcmp(e->argv[count].p, item.p, item.len))
             differs = 1;
-        items[count] = raw + a;
-        lens[count] = (size_t)(nul - (raw + a));
         count++;
         a = (size_t)(nul - raw) + 1;
     }
@@ -729,7 +692,6 @@ static void exec_truth(pid_t pid, ev *e) {
         }
         b = ev_set(e, "argv");
         if (b) b_put(b, list.p, list.len);
-        if (guest) keep_argv(e, items, lens, count);
     }
     b_free(&list);
 }
@@ -881,6 +843,9 @@ static void stopped(pid_t pid, int status) {
                 if (t) t->pending = moved;
                 else ev_free(moved);
             }
+            /* The thread that ran exec now has the leader's id: its own id is
+             * gone without an exit to report, and may be reused. */
+            if (former != pid) forget(former);
         }
         tracee *t = find(pid, 0);
         if (t) t->nspid = 0;
@@ -979,52 +944,112 @@ int tracer_main(void) {
 
 /* ---- in a microVM guest: the agent's fork, reporting to a pipe ---- */
 
-#define G_PATH_CHARS 1024      /* as the host cuts a path */
-#define G_ARGV_BYTES (12 * 1024)
+#define G_PATH_CHARS 1024 /* as the host cuts a path */
 
-/* A guest's report fits one frame: paths cut to G_PATH_CHARS characters (and
- * a mark), argv to a byte budget (counted as sent, escapes included, so at
- * most what the Python agent keeps). */
-static void guest_shape(ev *e) {
-    static const char *keys[2] = {"path", "path2"};
-    for (int k = 0; k < 2; k++) {
-        field *f = ev_find(e, keys[k]);
-        if (!f || text_chars(e->praw[k].p ? e->praw[k].p : "", e->praw[k].len) <= G_PATH_CHARS)
-            continue;
-        f->val.len = 0;
-        json_str_text(&f->val, e->praw[k].p, e->praw[k].len, G_PATH_CHARS);
-        f->val.len--; /* the closing quote */
-        b_puts(&f->val, "\\u2026\"");
+/* A guest's report always fits one frame (G_LINE_BYTES): every name is cut to
+ * G_PATH_CHARS characters and G_STR_BYTES bytes as sent (with a mark), argv
+ * and argv_arg to a byte budget (with the count of what was left out).  Cut
+ * on the JSON text, never inside an escape or a surrogate pair. */
+#define G_STR_BYTES 2048
+#define G_ARGV_BYTES (12 * 1024)
+#define G_ARGV_ARG_BYTES (4 * 1024)
+
+/* The length of the JSON string literal at p (quote to quote), or 0. */
+static size_t json_lit_len(const char *p, size_t n) {
+    if (!n || p[0] != '"') return 0;
+    for (size_t i = 1; i < n; i++) {
+        if (p[i] == '\\') i++;
+        else if (p[i] == '"') return i + 1;
     }
-    field *a = ev_find(e, "argv");
-    if (!a || !e->naraw) return;
-    buf out = {0}, item = {0};
-    long budget = G_ARGV_BYTES;
+    return 0;
+}
+
+/* The literal at p (len n), cut to at most `chars` characters and `bytes`
+ * bytes, the cut marked with an ellipsis; appended to out. */
+static void json_lit_cut(buf *out, const char *p, size_t n, size_t chars, size_t bytes) {
+    size_t i = 1, count = 0;
+    while (i + 1 < n) {
+        size_t unit = 1;
+        if (p[i] == '\\') {
+            unit = p[i + 1] == 'u' ? 6 : 2;
+            if (unit == 6 && i + 12 <= n - 1 && p[i + 2] == 'd' && strchr("89ab", p[i + 3]) &&
+                p[i + 6] == '\\' && p[i + 7] == 'u')
+                unit = 12; /* a surrogate pair: one character */
+        }
+        if (count + 1 > chars || i + unit + 1 > bytes) break;
+        i += unit;
+        count++;
+    }
+    b_put(out, p, i);
+    if (i + 1 < n) b_puts(out, "\\u2026");
+    b_put(out, "\"", 1);
+}
+
+static void shape_str(field *f) {
+    size_t n = json_lit_len(f->val.p, f->val.len);
+    if (!n || (n <= G_STR_BYTES && n <= G_PATH_CHARS + 2)) return;
+    buf out = {0};
+    json_lit_cut(&out, f->val.p, n, G_PATH_CHARS, G_STR_BYTES);
+    b_free(&f->val);
+    f->val = out;
+}
+
+static void shape_list(field *f, long budget) {
+    const char *p = f->val.p;
+    size_t n = f->val.len, i = 1, total = 0, kept = 0;
+    for (size_t j = 1; j < n;) { /* count the items */
+        size_t l = json_lit_len(p + j, n - j);
+        if (!l) break;
+        total++;
+        j += l + 1;
+    }
+    buf out = {0};
     b_put(&out, "[", 1);
-    for (size_t i = 0; i < e->naraw; i++) {
-        item.len = 0;
-        json_str_text(&item, e->araw[i].p ? e->araw[i].p : "", e->araw[i].len, G_PATH_CHARS);
+    while (i < n) {
+        size_t l = json_lit_len(p + i, n - i);
+        if (!l) break;
+        buf item = {0};
+        json_lit_cut(&item, p + i, l, G_PATH_CHARS, G_STR_BYTES);
         budget -= (long)item.len + 1;
-        if (i) b_put(&out, ",", 1);
+        if (kept) b_put(&out, ",", 1);
         if (budget < 0) {
-            b_printf(&out, "\"\\u2026(%zu more arguments)\"", e->naraw - i);
+            b_printf(&out, "\"\\u2026(%zu more arguments)\"", total - kept);
+            b_free(&item);
             break;
         }
         b_put(&out, item.p, item.len);
+        b_free(&item);
+        kept++;
+        i += l + 1; /* the comma or the closing bracket */
     }
     b_put(&out, "]", 1);
-    b_free(&item);
-    b_free(&a->val);
-    a->val = out;
+    b_free(&f->val);
+    f->val = out;
 }
 
-/* A report that is still too large for a frame: what always fits (the call is still seen). */
+static void guest_shape(ev *e) {
+    static const char *strs[] = {"path", "path2", "exe", "parent", "path_arg", "path_at_exit",
+                                 "path2_at_exit"};
+    for (size_t k = 0; k < sizeof strs / sizeof strs[0]; k++) {
+        field *f = ev_find(e, strs[k]);
+        if (f) shape_str(f);
+    }
+    field *a = ev_find(e, "argv");
+    if (a) shape_list(a, G_ARGV_BYTES);
+    a = ev_find(e, "argv_arg");
+    if (a) shape_list(a, G_ARGV_ARG_BYTES);
+}
+
+/* Cannot happen once shaped (7 names of 2 KiB and 16 KiB of argv); kept so
+ * that a report is never dropped: what always fits. */
 static void guest_shrink(ev *e, buf *line) {
     line->len = 0;
     b_puts(line, "{\"syscall\": ");
-    json_str(line, e->name, strlen(e->name) > 256 ? 256 : strlen(e->name), 0);
+    json_str(line, e->name, strlen(e->name), 0);
     b_puts(line, ", \"path\": ");
-    if (ev_find(e, "path")) json_str_text(line, e->praw[0].p ? e->praw[0].p : "", e->praw[0].len, 256);
+    field *f = ev_find(e, "path");
+    size_t n = f ? json_lit_len(f->val.p, f->val.len) : 0;
+    if (n) json_lit_cut(line, f->val.p, n, 256, 1024);
     else b_puts(line, "\"?\"");
     b_puts(line, ", \"result\": ");
     field *r = ev_find(e, "result");
