@@ -245,24 +245,24 @@ static void send_fatal(const char *wall, const char *error) {
     send_head(&b, NULL, 0);
 }
 
-static void send_error(int64_t rid, long err, const char *text) {
+/* wall: the wall that stopped the request before it ran, or NULL. */
+static void send_error_at(int64_t rid, long err, const char *text, const char *wall) {
     buf b = {0};
     head_start(&b);
     b_printf(&b, "{\"op\":\"error\",\"id\":%lld,\"errno\":%ld,\"error\":", (long long)rid, err);
     json_str(&b, text, strlen(text) > 200 ? 200 : strlen(text), 1);
+    if (wall) {
+        b_puts(&b, ",\"wall\":");
+        json_str(&b, wall, strlen(wall), 0);
+    }
     b_puts(&b, "}");
     send_head(&b, NULL, 0);
 }
 
+static void send_error(int64_t rid, long err, const char *text) { send_error_at(rid, err, text, NULL); }
+
 /* A request that did not run: its tracer could not attach (no tracer, no run). */
-static void send_untraced(int64_t rid, const char *why) {
-    buf b = {0};
-    head_start(&b);
-    b_printf(&b, "{\"op\":\"error\",\"id\":%lld,\"errno\":%d,\"error\":", (long long)rid, EPERM);
-    json_str(&b, why, strlen(why) > 200 ? 200 : strlen(why), 1);
-    b_puts(&b, ",\"wall\":\"audit.level\"}");
-    send_head(&b, NULL, 0);
-}
+static void send_untraced(int64_t rid, const char *why) { send_error_at(rid, EPERM, why, "audit.level"); }
 
 static void send_done(int64_t rid, int code) {
     buf b = {0};
