@@ -72,6 +72,21 @@ def test_run_plain_output_passes_through(audit_log: Path) -> None:
     assert p.stderr == "err\n"
 
 
+def test_run_ends_without_teardown_and_loses_nothing(audit_log: Path) -> None:
+    """``run`` ends with os._exit after the atexit handlers and a flush of stdio
+    (cli._end_now): every byte of a large output, the command's status, and an
+    audit log that verifies, sandbox destroyed, are all still there."""
+    script = "i=0; while [ $i -lt 30000 ]; do echo line-$i; i=$((i+1)); done; echo end >&2; exit 7"
+    p = cli("run", "--", "sh", "-c", script, log=audit_log)
+    assert p.returncode == 7, p.stderr
+    assert p.stdout.splitlines() == [f"line-{i}" for i in range(30000)]
+    assert p.stderr == "end\n"
+    ok = cli("audit", "verify", str(audit_log), log=audit_log)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    events = [r["event"] for r in records(audit_log)]
+    assert events[0] == "sandbox.created" and events[-1] == "sandbox.destroyed", events
+
+
 def test_run_json(audit_log: Path) -> None:
     p = cli("run", "--json", "--", "echo", "hi", log=audit_log)
     assert p.returncode == 0, p.stderr
