@@ -95,7 +95,7 @@ def series(runs: int = 3) -> dict[str, Any]:
     prep = prepare(snapshot=True)
     img = image.prepare()
     # the raw runs boot the agent the sandboxes boot (GLASSROOM_INIT, as they do)
-    img = dataclasses.replace(img, agent=choose_agent(img, "actions")[0])
+    img = dataclasses.replace(img, agent=choose_agent(img)[0])
     accel = qemu.choose_accel()
     log = os.path.join(tempfile.mkdtemp(prefix="glassroom-bench-mvm-"), "audit.jsonl")
     saved = os.environ.get("GLASSROOM_MICROVM_SNAPSHOT")
